@@ -1,0 +1,46 @@
+"""Environment shims, kept in one place and applied once on `import pargo_dist`.
+
+torchvision from PyPI is built against CUDA; beside a CPU-only torch its import fails with
+"operator torchvision::nms does not exist" because its Python side registers fake kernels
+for C++ ops whose schemas were never loaded. transformers and mosaicml-streaming import
+torchvision, so one broken import breaks both. If (and only if) that exact failure happens,
+we define the missing operator schemas with torch.library and import again: the pure
+Python parts (transforms, io helpers) work; the C++ ops stay unavailable, which nothing in
+this project uses. Where torchvision imports normally nothing is changed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+
+_TORCHVISION_SCHEMAS = (
+    "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+)
+_library = None  # keeps the torch.library.Library alive (its definitions die with it)
+torchvision_patched = False
+
+
+def patch_torchvision() -> bool:
+    """Make `import torchvision` work beside a CPU torch. Returns True if a patch was needed."""
+    global _library, torchvision_patched
+    if torchvision_patched or importlib.util.find_spec("torchvision") is None:
+        return torchvision_patched
+    try:
+        importlib.import_module("torchvision")
+        return False
+    except RuntimeError as err:
+        if "torchvision::" not in str(err):
+            raise
+    import torch
+
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]
+    _library = torch.library.Library("torchvision", "DEF")
+    for schema in _TORCHVISION_SCHEMAS:
+        _library.define(schema)
+    importlib.import_module("torchvision")
+    torchvision_patched = True
+    return True

@@ -1,0 +1,296 @@
+"""ParGo multimodal LLM: vision tower -> projector -> visual tokens in the LLM's embeddings.
+
+`ParGoForConditionalGeneration` is a transformers `PreTrainedModel` with its own config
+class, registered with the Auto classes, so `save_pretrained` / `from_pretrained` and
+`AutoModelForImageTextToText` work as for any HF model. It knows nothing of ranks or data
+formats: backends spread it over devices, the data pipeline builds its inputs.
+
+Inputs follow the "expanded placeholder" convention: a prompt holds, for every image, as
+many `image_token_id` tokens as the projector emits (`num_image_tokens`); their embeddings
+are replaced by the visual tokens in order. Because the sequence length never changes
+inside the model, padding (left or right), labels and generation line up without bookkeeping.
+`insert_image_tokens` expands a single placeholder for callers that hold one per image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from pargo_dist.models.projector import (
+    MLPProjector,
+    ProjectorConfig,
+    QueryProjector,
+    build_projector,
+    init_projector_weights,
+)
+from pargo_dist.models.vision import VisionTower, vision_config_from
+
+IGNORE_INDEX = -100
+
+# Training stages as named presets: which top-level modules train (prismatic-style).
+STAGES: dict[str, tuple[str, ...]] = {
+    "align": ("projector",),  # stage 1: projector only; vision and LLM frozen
+    "finetune": ("projector", "language_model"),  # stage 2: projector + LLM
+    "full": ("projector", "language_model", "vision_tower"),  # everything
+}
+
+
+class ParGoConfig(PretrainedConfig):
+    """Config of a ParGo MLLM: a vision config, a text (causal LM) config and the projector.
+
+    Args:
+        vision_config: config (or dict with model_type) of the vision tower; default a tiny CLIP.
+        text_config: config (or dict with model_type) of the causal LM; default a tiny Llama.
+        projector: `ProjectorConfig` fields (type pargo | qformer | mlp, queries, depth, ...).
+        image_token_id: the placeholder token id in input_ids (must be < the LLM vocab size).
+        vision_feature_layer: which hidden state of the tower feeds the projector (-2: penultimate).
+        vision_drop_cls: drop the CLS token (None: if the tower has one).
+        vision_post_layernorm: apply the tower's final LayerNorm to the selected features.
+        vision_class: transformers class name of the tower when its model_type is not enough.
+        always_run_vision: in training, run tower + projector even on a batch without images
+            (contributing zero), so every rank runs the same modules every step. ZeRO-3 gathers
+            parameters per module; a rank that skips them while others gather hangs the job.
+    """
+
+    model_type = "pargo"
+    sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config: PretrainedConfig | dict | None = None,
+        text_config: PretrainedConfig | dict | None = None,
+        projector: dict | ProjectorConfig | None = None,
+        image_token_id: int | None = None,
+        vision_feature_layer: int = -2,
+        vision_drop_cls: bool | None = None,
+        vision_post_layernorm: bool = False,
+        vision_class: str | None = None,
+        always_run_vision: bool = True,
+        **kwargs: Any,
+    ):
+        self.vision_config = vision_config_from(vision_config or {"model_type": "clip_vision_model"})
+        if isinstance(text_config, dict):
+            values = dict(text_config)
+            text_config = AutoConfig.for_model(values.pop("model_type", "llama"), **values)
+        self.text_config = text_config or AutoConfig.for_model("llama")
+        if isinstance(projector, ProjectorConfig):
+            projector = projector.to_dict()
+        self.projector = ProjectorConfig.from_dict(projector or {}).to_dict()  # validated
+        self.image_token_id = image_token_id
+        self.vision_feature_layer = vision_feature_layer
+        self.vision_drop_cls = vision_drop_cls
+        self.vision_post_layernorm = vision_post_layernorm
+        self.vision_class = vision_class
+        self.always_run_vision = always_run_vision
+        kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
+        super().__init__(**kwargs)
+
+    @property
+    def projector_config(self) -> ProjectorConfig:
+        return ProjectorConfig.from_dict(self.projector)
+
+
+class ParGoPreTrainedModel(PreTrainedModel):
+    config_class = ParGoConfig
+    base_model_prefix = "pargo"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Vision tower and LLM were initialised by their own classes; only ours is left.
+        if isinstance(module, (QueryProjector, MLPProjector)):
+            init_projector_weights(module)
+
+
+class ParGoForConditionalGeneration(ParGoPreTrainedModel):
+    """Vision tower + ParGo projector + any AutoModelForCausalLM."""
+
+    def __init__(self, config: ParGoConfig):
+        super().__init__(config)
+        if config.image_token_id is None:
+            raise ValueError("ParGoConfig.image_token_id is not set: give the id of the image placeholder token")
+        vocab = config.text_config.vocab_size
+        if not 0 <= config.image_token_id < vocab:
+            raise ValueError(f"image_token_id={config.image_token_id} is outside the LLM vocabulary (size {vocab})")
+        self.vision_tower = VisionTower.build(
+            config.vision_config,
+            class_name=config.vision_class,
+            feature_layer=config.vision_feature_layer,
+            drop_cls=config.vision_drop_cls,
+            post_layernorm=config.vision_post_layernorm,
+        )
+        self.projector = build_projector(
+            config.projector_config,
+            self.vision_tower.width,
+            config.text_config.hidden_size,
+            self.vision_tower.grid,
+        )
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # -- construction from pretrained parts -----------------------------------------------
+
+    @classmethod
+    def from_components(
+        cls,
+        vision: str | Path | PretrainedConfig | dict,
+        llm: str | Path | PretrainedConfig | dict,
+        projector: dict | ProjectorConfig | None = None,
+        image_token_id: int | None = None,
+        **config_kwargs: Any,
+    ) -> "ParGoForConditionalGeneration":
+        """Assemble from a vision tower and an LLM, each a local directory (pretrained weights)
+        or a config (random weights). The projector always starts from its initialisation."""
+        llm_is_path = isinstance(llm, (str, Path))
+        text_config = AutoConfig.from_pretrained(str(llm)) if llm_is_path else llm
+        config = ParGoConfig(
+            vision_config=vision_config_from(vision),
+            text_config=text_config,
+            projector=projector,
+            image_token_id=image_token_id,
+            **config_kwargs,
+        )
+        model = cls(config)
+        if isinstance(vision, (str, Path)):
+            pretrained = VisionTower.build(config.vision_config, vision, config.vision_class).model
+            model.vision_tower.model.load_state_dict(pretrained.state_dict())
+        if llm_is_path:
+            pretrained = AutoModelForCausalLM.from_pretrained(str(llm), torch_dtype=torch.float32)
+            model.language_model.load_state_dict(pretrained.state_dict())
+        return model
+
+    # -- HF plumbing -----------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def freeze(self, stage: str) -> None:
+        """Set requires_grad for a training stage: align | finetune | full (see STAGES)."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; valid stages: {sorted(STAGES)}")
+        for name in ("vision_tower", "projector", "language_model"):
+            getattr(self, name).requires_grad_(name in STAGES[stage])
+
+    # -- forward ---------------------------------------------------------------------------
+
+    def num_image_tokens(self, crops: int = 1) -> int:
+        """Visual tokens one image of `crops` crops becomes (placeholders to put in input_ids)."""
+        return self.projector.num_tokens(crops * self.vision_tower.num_patches)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n, [crops,] 3, H, W) -> (n, tokens, llm_hidden)."""
+        return self.projector(self.vision_tower(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with the visual tokens spliced in at the image placeholders."""
+        embeds = self.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.config.image_token_id
+        if pixel_values is not None:
+            visual = self.encode_images(pixel_values)
+            n_slots, n_tokens = int(is_image.sum()), visual.shape[0] * visual.shape[1]
+            if n_slots != n_tokens:
+                raise ValueError(
+                    f"input_ids hold {n_slots} image placeholder tokens (id {self.config.image_token_id}) but "
+                    f"{visual.shape[0]} image(s) give {n_tokens} visual tokens ({visual.shape[1]} each): "
+                    "expand each image's placeholder with insert_image_tokens"
+                )
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
+        elif bool(is_image.any()):
+            raise ValueError("input_ids hold image placeholder tokens but no pixel_values were given")
+        elif self.training and self.config.always_run_vision:
+            side = self.vision_tower.image_size
+            dummy = embeds.new_zeros(1, 3, side, side)
+            embeds = embeds + 0.0 * self.encode_images(dummy).sum()
+        return embeds
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        **kwargs: Any,
+    ):
+        """As the LLM's forward, plus pixel_values. Labels on visual tokens are ignored.
+
+        Without position_ids, they are derived from attention_mask, so a left-padded batch
+        gives every sample the same positions (and logits) as it would alone.
+        """
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids, pixel_values)
+        if labels is not None and input_ids is not None:
+            labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
+        if position_ids is None and attention_mask is not None and past_key_values is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.LongTensor:
+        """Generate after the prompt (pad it on the left for batches). Returns the new tokens only.
+
+        Accepts every `GenerationMixin.generate` argument (num_beams=4, max_new_tokens=100 is
+        the ParGo release's decoding).
+        """
+        embeds = self.embed(input_ids, pixel_values)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.language_model.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs
+        )
+
+
+def insert_image_tokens(ids: Iterable[int], image_token_id: int, num_tokens: int) -> list[int]:
+    """Expand every single image placeholder in `ids` into `num_tokens` placeholders."""
+    out: list[int] = []
+    for tok in ids:
+        out.extend([tok] * num_tokens if tok == image_token_id else [tok])
+    return out
+
+
+AutoConfig.register(ParGoConfig.model_type, ParGoConfig, exist_ok=True)
+AutoModel.register(ParGoConfig, ParGoForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(ParGoConfig, ParGoForConditionalGeneration, exist_ok=True)

@@ -1,0 +1,408 @@
+"""Vision-to-language projectors: ParGo (Partial-Global) and its two baselines.
+
+All three share one interface, `build_projector(cfg, vision_width, llm_width, grid)`:
+a module mapping patch features (batch, patches, vision_width) to visual tokens
+(batch, tokens, llm_width), with `num_tokens(num_patches)` telling how many tokens come out.
+
+ParGo (see shared/PARGO.md): P partial + G global learned queries pass through N post-LN
+layers of masked self-attention, masked cross-attention to the patches, and an FFN. Each
+partial query sees only its own region of patches; each global query sees all of them.
+
+The partial cross-attention is computed *per region*: the patch sequence is permuted once so
+that every region is a contiguous run, keys/values are projected once, and each partial query
+attends over its own r = N/P keys. Memory and FLOPs of the partial part therefore grow with
+N (as the K/V projections already do), not with P x N as a dense masked attention would.
+The dense masked attention is kept as `cross_attn_impl="dense"`: it is the reference the
+tests compare against and the baseline the benchmark measures.
+"""
+
+from __future__ import annotations
+
+import math
+import difflib
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ALL = "all"
+
+
+@dataclass
+class ProjectorConfig:
+    """Settings of the projector. Defaults are the paper's (288 + 16 queries, BERT-small)."""
+
+    type: str = "pargo"  # pargo | qformer | mlp
+    num_partial: int = 288  # P: partial queries, one per region
+    num_global: int = 16  # G: global queries (for qformer: the number of queries)
+    depth: int = 4  # the release builds from a BERT-small config: 4 layers,
+    width: int = 512  # width 512,
+    heads: int = 8  # 8 heads,
+    ffn: int = 2048  # FFN 2048
+    dropout: float = 0.0  # hidden dropout (after query embedding and on each residual branch)
+    attn_dropout: float = 0.0  # dropout on attention probabilities
+    layer_norm_eps: float = 1e-12  # BERT's
+    # How the patch sequence is split into P regions:
+    #   raster: P contiguous runs of N/P patches in raster order (the released code);
+    #   window: h x w windows tiling each crop's patch grid (needs `grid` from the tower).
+    region: str = "raster"
+    window: list[int] | None = None  # [h, w] patches, region="window" only
+    # Self-attention among partial queries:
+    #   cascade: the paper's cascaded partial perception; layer l groups partial queries
+    #            in runs of cascade[l] (1 = each only itself, "all" = all partial queries);
+    #   block:   the release's fixed mask (partial <-> partial, global <-> global) in every layer.
+    # In both, global queries see exactly the global queries, partial and global never mix.
+    self_attn: str = "cascade"
+    cascade: list[int | str] | None = None  # default: 1, 2, 4, ... then "all" in the last layer
+    cross_attn_impl: str = "region"  # region (gathered, the fast path) | dense (masked reference)
+
+    def __post_init__(self) -> None:
+        choices = {
+            "type": ("pargo", "qformer", "mlp"),
+            "region": ("raster", "window"),
+            "self_attn": ("cascade", "block"),
+            "cross_attn_impl": ("region", "dense"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"projector.{key}={getattr(self, key)!r}: must be one of {allowed}")
+        if self.type == "mlp":
+            return
+        for key in ("depth", "width", "heads", "ffn", "num_global"):
+            if getattr(self, key) < (0 if key == "num_global" else 1):
+                raise ValueError(f"projector.{key}={getattr(self, key)} must be positive")
+        if self.width % self.heads:
+            raise ValueError(
+                f"projector.width={self.width} is not divisible by projector.heads={self.heads}"
+            )
+        if self.type == "qformer":
+            return
+        if self.num_partial < 1:
+            raise ValueError(f"projector.num_partial={self.num_partial}: ParGo needs >= 1 partial query")
+        if self.region == "window":
+            if self.window is None or len(self.window) != 2 or min(self.window) < 1:
+                raise ValueError(
+                    f"projector.region='window' needs projector.window=[h, w] (patches), got {self.window}"
+                )
+        elif self.window is not None:
+            raise ValueError(
+                f"projector.window={self.window} is only used with region='window' (region={self.region!r})"
+            )
+        if self.self_attn == "block" and self.cascade is not None:
+            raise ValueError("projector.cascade is only used with self_attn='cascade' (self_attn='block')")
+        self.cascade_schedule()  # validates
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ProjectorConfig":
+        """Build from a plain dict; an unknown key names the nearest valid ones."""
+        valid = [f.name for f in fields(cls)]
+        for key in values:
+            if key not in valid:
+                near = difflib.get_close_matches(key, valid, n=3) or valid
+                raise ValueError(f"unknown projector key {key!r}; did you mean one of {near}?")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def num_queries(self) -> int:
+        """Visual tokens per image for the query-based projectors."""
+        return self.num_global if self.type == "qformer" else self.num_partial + self.num_global
+
+    def cascade_schedule(self) -> list[int]:
+        """Partial-query group size for every layer (P for "all")."""
+        P = self.num_partial
+        if self.self_attn == "block":
+            return [P] * self.depth
+        if self.cascade is None:
+            return [min(2**i, P) for i in range(self.depth - 1)] + [P]
+        if len(self.cascade) != self.depth:
+            raise ValueError(
+                f"projector.cascade={list(self.cascade)} has {len(self.cascade)} entries "
+                f"but projector.depth={self.depth}: give one group size per layer"
+            )
+        sizes = []
+        for i, g in enumerate(self.cascade):
+            size = P if g == ALL else g
+            if not isinstance(size, int) or size < 1 or P % size:
+                raise ValueError(
+                    f"projector.cascade[{i}]={g!r}: a group size must be 'all' or a positive "
+                    f"divisor of num_partial={P}"
+                )
+            sizes.append(size)
+        return sizes
+
+
+# ----------------------------------------------------------------------------- regions
+
+
+def partial_regions(
+    num_patches: int,
+    num_partial: int,
+    region: str = "raster",
+    grid: Sequence[int] | None = None,
+    window: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Patch indices of every partial query's region: a (P, r) long tensor, r = N / P.
+
+    The rows partition range(N): every patch belongs to exactly one region. Several crops are
+    concatenated along the sequence (crop-major, raster order inside each crop).
+    """
+    N, P = num_patches, num_partial
+    if region == "raster":
+        if N % P:
+            raise ValueError(
+                f"{N} patches cannot be split into num_partial={P} raster regions: "
+                f"the number of patches must be a multiple of num_partial"
+            )
+        return torch.arange(N).view(P, N // P)
+    if grid is None:
+        raise ValueError("region='window' needs the patch grid (rows, cols) of the vision tower")
+    H, W = grid
+    h, w = window
+    if H % h or W % w:
+        raise ValueError(f"window {h}x{w} does not tile the {H}x{W} patch grid (rows/cols must divide)")
+    if N % (H * W):
+        raise ValueError(f"{N} patches are not a whole number of {H}x{W} crops")
+    crops, per_crop = N // (H * W), (H // h) * (W // w)
+    if crops * per_crop != P:
+        raise ValueError(
+            f"window {h}x{w} on a {H}x{W} grid gives {per_crop} regions per crop; with {crops} "
+            f"crop(s) that is {crops * per_crop} regions, but num_partial={P}"
+        )
+    # (crop, window-row, h, window-col, w) -> (crop, window-row, window-col, h, w)
+    idx = torch.arange(N).view(crops, H // h, h, W // w, w).permute(0, 1, 3, 2, 4)
+    return idx.reshape(P, h * w)
+
+
+def cross_attention_mask(regions: torch.Tensor, num_patches: int, num_global: int) -> torch.Tensor:
+    """Dense (P + G, N) boolean mask, True = may attend. The reference semantics."""
+    P = regions.shape[0]
+    mask = torch.zeros(P + num_global, num_patches, dtype=torch.bool)
+    mask[torch.arange(P).unsqueeze(1), regions] = True
+    mask[P:] = True
+    return mask
+
+
+def self_attention_mask(num_partial: int, num_global: int, group: int) -> torch.Tensor:
+    """(P + G, P + G) boolean mask: partial queries in runs of `group`, globals among themselves."""
+    P, G = num_partial, num_global
+    mask = torch.zeros(P + G, P + G, dtype=torch.bool)
+    ids = torch.arange(P) // group
+    mask[:P, :P] = ids.unsqueeze(0) == ids.unsqueeze(1)
+    mask[P:, P:] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    B, L, D = x.shape
+    return x.view(B, L, heads, D // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    B, H, L, d = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * d)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention among the queries with a fixed boolean mask."""
+
+    def __init__(self, width: int, heads: int, attn_dropout: float):
+        super().__init__()
+        self.heads, self.attn_dropout = heads, attn_dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
+        p = self.attn_dropout if self.training else 0.0
+        return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, mask, dropout_p=p)))
+
+
+class PartialGlobalCrossAttention(nn.Module):
+    """Queries -> patch features. Partial query i sees region i only; global queries see all.
+
+    `forward` takes the features already permuted region-major (see ParGoProjector), so each
+    region is a contiguous run of r patches and the partial keys are a free view, no gather.
+    """
+
+    def __init__(self, width: int, kv_width: int, heads: int, attn_dropout: float):
+        super().__init__()
+        self.heads, self.attn_dropout = heads, attn_dropout
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(kv_width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def _qkv(self, x, feats):
+        q = _split_heads(self.q(x), self.heads)
+        k, v = (_split_heads(t, self.heads) for t in self.kv(feats).chunk(2, dim=-1))
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, feats: torch.Tensor, num_partial: int) -> torch.Tensor:
+        q, k, v = self._qkv(x, feats)
+        p = self.attn_dropout if self.training else 0.0
+        P = num_partial
+        outs = []
+        if P:
+            B, H, N, d = k.shape
+            kp, vp = k.view(B, H, P, N // P, d), v.view(B, H, P, N // P, d)
+            scores = torch.einsum("bhpd,bhprd->bhpr", q[:, :, :P], kp) / math.sqrt(d)
+            probs = F.dropout(scores.softmax(dim=-1), p, self.training)
+            outs.append(torch.einsum("bhpr,bhprd->bhpd", probs, vp))
+        if q.shape[2] > P:  # global queries: ordinary attention over every patch
+            outs.append(F.scaled_dot_product_attention(q[:, :, P:], k, v, dropout_p=p))
+        return self.out(_merge_heads(torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]))
+
+    def forward_dense(self, x: torch.Tensor, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Reference: one dense (queries x patches) attention with a boolean mask."""
+        q, k, v = self._qkv(x, feats)
+        p = self.attn_dropout if self.training else 0.0
+        return self.out(_merge_heads(F.scaled_dot_product_attention(q, k, v, mask, dropout_p=p)))
+
+
+class ProjectorLayer(nn.Module):
+    """Post-LN (BERT / Q-Former style): self-attn, cross-attn, FFN, each + residual + LayerNorm."""
+
+    def __init__(self, cfg: ProjectorConfig, kv_width: int):
+        super().__init__()
+        W, eps = cfg.width, cfg.layer_norm_eps
+        self.self_attn = SelfAttention(W, cfg.heads, cfg.attn_dropout)
+        self.norm1 = nn.LayerNorm(W, eps=eps)
+        self.cross_attn = PartialGlobalCrossAttention(W, kv_width, cfg.heads, cfg.attn_dropout)
+        self.norm2 = nn.LayerNorm(W, eps=eps)
+        self.ffn = nn.Sequential(nn.Linear(W, cfg.ffn), nn.GELU(), nn.Linear(cfg.ffn, W))
+        self.norm3 = nn.LayerNorm(W, eps=eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, feats, self_mask, num_partial, cross_mask=None):
+        x = self.norm1(x + self.drop(self.self_attn(x, self_mask)))
+        if cross_mask is None:
+            cross = self.cross_attn(x, feats, num_partial)
+        else:
+            cross = self.cross_attn.forward_dense(x, feats, cross_mask)
+        x = self.norm2(x + self.drop(cross))
+        return self.norm3(x + self.drop(self.ffn(x)))
+
+
+# ----------------------------------------------------------------------------- projectors
+
+
+def init_projector_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BERT-style init: Linear N(0, std) with zero bias, LayerNorm identity, queries N(0, std).
+
+    A separate function (not only __init__) because models built under DeepSpeed's zero.Init
+    skip constructor-time initialisation and must be initialised explicitly afterwards.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, QueryProjector):
+            nn.init.normal_(m.queries, std=std)
+            nn.init.normal_(m.query_pos, std=std)
+
+
+class QueryProjector(nn.Module):
+    """ParGo (num_partial > 0) or Q-Former (num_partial == 0): learned queries over patches."""
+
+    def __init__(self, cfg: ProjectorConfig, vision_width: int, llm_width: int, grid=None):
+        super().__init__()
+        self.cfg, self.grid = cfg, tuple(grid) if grid is not None else None
+        self.num_partial = cfg.num_partial if cfg.type == "pargo" else 0
+        self.num_global = cfg.num_global
+        Q, W = self.num_partial + self.num_global, cfg.width
+        self.queries = nn.Parameter(torch.empty(Q, W))
+        self.query_pos = nn.Parameter(torch.empty(Q, W))
+        self.query_norm = nn.LayerNorm(W, eps=cfg.layer_norm_eps)
+        self.query_drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(ProjectorLayer(cfg, vision_width) for _ in range(cfg.depth))
+        self.proj = nn.Linear(W, llm_width)
+        if self.num_partial:
+            for i, group in enumerate(cfg.cascade_schedule()):
+                mask = self_attention_mask(self.num_partial, self.num_global, group)
+                self.register_buffer(f"self_mask_{i}", mask, persistent=False)
+        self._regions: dict[int, torch.Tensor] = {}
+        init_projector_weights(self)
+
+    def num_tokens(self, num_patches: int) -> int:
+        return self.num_partial + self.num_global
+
+    def regions(self, num_patches: int) -> torch.Tensor:
+        """(P, r) patch indices per partial query for an input of `num_patches` (cached)."""
+        if num_patches not in self._regions:
+            cfg = self.cfg
+            self._regions[num_patches] = partial_regions(
+                num_patches, self.num_partial, cfg.region, self.grid, cfg.window
+            )
+        return self._regions[num_patches]
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """(batch, patches, vision_width) -> (batch, P + G, llm_width)."""
+        B, N, _ = feats.shape
+        x = self.query_drop(self.query_norm(self.queries + self.query_pos))
+        x = x.unsqueeze(0).expand(B, -1, -1)
+        P, cross_mask = self.num_partial, None
+        if P:
+            regions = self.regions(N).to(feats.device)
+            if self.cfg.cross_attn_impl == "dense":
+                cross_mask = cross_attention_mask(regions, N, self.num_global).to(feats.device)
+            elif self.cfg.region != "raster":  # raster regions are already contiguous runs
+                feats = feats.index_select(1, regions.flatten())
+        for i, layer in enumerate(self.layers):
+            self_mask = getattr(self, f"self_mask_{i}") if P else None
+            x = layer(x, feats, self_mask, P, cross_mask)
+        return self.proj(x)
+
+
+class MLPProjector(nn.Module):
+    """LLaVA-1.5's projector: Linear, GELU, Linear; one visual token per patch."""
+
+    def __init__(self, cfg: ProjectorConfig, vision_width: int, llm_width: int, grid=None):
+        super().__init__()
+        self.cfg = cfg
+        self.net = nn.Sequential(
+            nn.Linear(vision_width, llm_width), nn.GELU(), nn.Linear(llm_width, llm_width)
+        )
+        init_projector_weights(self)
+
+    def num_tokens(self, num_patches: int) -> int:
+        return num_patches
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.net(feats)
+
+
+def build_projector(
+    cfg: ProjectorConfig | dict, vision_width: int, llm_width: int, grid: Sequence[int] | None = None
+) -> nn.Module:
+    """The projector named by `cfg.type`, mapping vision_width patches to llm_width tokens."""
+    if not isinstance(cfg, ProjectorConfig):
+        cfg = ProjectorConfig.from_dict(dict(cfg))
+    cls = MLPProjector if cfg.type == "mlp" else QueryProjector
+    return cls(cfg, vision_width, llm_width, grid)
+
+
+# The paper's name for the query projector with partial queries.
+ParGoProjector = QueryProjector
+
+__all__ = [
+    "ProjectorConfig",
+    "ParGoProjector",
+    "QueryProjector",
+    "MLPProjector",
+    "build_projector",
+    "partial_regions",
+    "cross_attention_mask",
+    "self_attention_mask",
+    "init_projector_weights",
+]
