@@ -1,0 +1,88 @@
+"""Shared tiny model settings: hidden 32-64, 1-2 layers, so the suite stays fast on 2 cores."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+VOCAB = 128
+IMAGE_TOKEN = VOCAB - 1
+
+TINY_VISION = {
+    "clip": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,  # 4 x 4 patch grid
+    },
+    "siglip": {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 32,
+        "patch_size": 8,
+    },
+}
+
+TINY_TEXT = {
+    "llama": {
+        "model_type": "llama",
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 256,
+    },
+    "qwen2": {
+        "model_type": "qwen2",
+        "hidden_size": 48,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 256,
+    },
+}
+
+TINY_PROJECTOR = {"num_partial": 8, "num_global": 2, "depth": 2, "width": 32, "heads": 4, "ffn": 64}
+
+
+def tiny_config(text: str = "llama", vision: str = "clip", **overrides):
+    from pargo_dist.models import ParGoConfig
+
+    values = dict(
+        vision_config=dict(TINY_VISION[vision]),
+        text_config=dict(TINY_TEXT[text]),
+        projector=dict(TINY_PROJECTOR),
+        image_token_id=IMAGE_TOKEN,
+    )
+    values.update(overrides)
+    return ParGoConfig(**values)
+
+
+def tiny_model(text: str = "llama", vision: str = "clip", seed: int = 0, **overrides):
+    from pargo_dist.models import ParGoForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return ParGoForConditionalGeneration(tiny_config(text, vision, **overrides)).eval()
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def text_type(request):
+    return request.param

@@ -1,0 +1,249 @@
+"""ParGo MLLM: splicing, padding, generation, HF round trip, vision tower, from_components."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import IMAGE_TOKEN, TINY_TEXT, TINY_VISION, tiny_config, tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+from pargo_dist.models import ParGoForConditionalGeneration, VisionTower, insert_image_tokens
+from pargo_dist.models.vision import vision_config_from
+
+PAD = 0
+
+
+def prompt(model, text_before, text_after, images=1):
+    ids = list(text_before) + [IMAGE_TOKEN] * images + list(text_after)
+    return insert_image_tokens(ids, IMAGE_TOKEN, model.num_image_tokens())
+
+
+def pad(seqs, side):
+    width = max(map(len, seqs))
+    ids, mask = [], []
+    for s in seqs:
+        fill = [PAD] * (width - len(s))
+        ids.append(fill + s if side == "left" else s + fill)
+        mask.append([0] * len(fill) + [1] * len(s) if side == "left" else [1] * len(s) + [0] * len(fill))
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def test_visual_tokens_reach_the_llm_causally(text_type):
+    model = tiny_model(text_type)
+    ids = torch.tensor([prompt(model, [5, 6, 7], [8, 9, 10])])
+    first_image = 3
+    px = torch.randn(1, 3, 32, 32)
+    a = model(input_ids=ids, pixel_values=px).logits
+    b = model(input_ids=ids, pixel_values=px + 1.0).logits
+    delta = (a - b).abs().amax(-1)[0]
+    assert torch.all(delta[:first_image] == 0)  # before the image: untouched
+    assert torch.all(delta[first_image:] > 1e-4)  # image and everything after it sees the image
+    # The spliced embeddings are exactly the projector's output, at the placeholder slots.
+    emb = model.embed(ids, px)
+    visual = model.encode_images(px)[0]
+    torch.testing.assert_close(emb[0, first_image:first_image + visual.shape[0]], visual)
+
+
+def test_labels_on_visual_tokens_are_ignored():
+    model = tiny_model()
+    ids = torch.tensor([prompt(model, [5, 6], [8, 9, 10, 11])])
+    px = torch.randn(1, 3, 32, 32)
+    labels = ids.clone()  # deliberately unmasked: the model must drop the image positions
+    out = model(input_ids=ids, pixel_values=px, labels=labels)
+    keep = (ids != IMAGE_TOKEN)[0, 1:]
+    logits, targets = out.logits[0, :-1], ids[0, 1:]
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(out.loss, expected)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_matches_each_sample_alone(text_type, side):
+    model = tiny_model(text_type)
+    seqs = [prompt(model, [5, 6, 7], [8, 9]), prompt(model, [11], [12, 13, 14, 15, 16, 17])]
+    px = torch.randn(2, 3, 32, 32)
+    ids, mask = pad(seqs, side)
+    batched = model(input_ids=ids, pixel_values=px, attention_mask=mask).logits
+    for i, s in enumerate(seqs):
+        alone = model(input_ids=torch.tensor([s]), pixel_values=px[i:i + 1]).logits[0]
+        rows = mask[i].bool()
+        torch.testing.assert_close(batched[i][rows], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_batched_greedy_generation_matches_single(text_type):
+    model = tiny_model(text_type)
+    seqs = [prompt(model, [5, 6, 7], [8]), prompt(model, [11], [12, 13, 14])]
+    px = torch.randn(2, 3, 32, 32)
+    ids, mask = pad(seqs, "left")
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    batched = model.generate(ids, px, attention_mask=mask, **kw)
+    assert batched.shape == (2, 6)  # new tokens only
+    for i, s in enumerate(seqs):
+        alone = model.generate(torch.tensor([s]), px[i:i + 1], **kw)
+        assert batched[i].tolist() == alone[0].tolist()
+        # Greedy means: every generated token is the argmax of a full forward pass.
+        full = torch.tensor([s + alone[0].tolist()])
+        logits = model(input_ids=full, pixel_values=px[i:i + 1]).logits[0]
+        assert logits[len(s) - 1:-1].argmax(-1).tolist() == alone[0].tolist()
+
+
+def test_beam_search_returns_the_best_scored_sequence():
+    model = tiny_model()
+    s = prompt(model, [5, 6], [7])
+    px = torch.randn(1, 3, 32, 32)
+    kw = dict(max_new_tokens=4, pad_token_id=PAD, eos_token_id=None)
+    beam = model.generate(torch.tensor([s]), px, num_beams=4, do_sample=False, **kw)[0].tolist()
+    greedy = model.generate(torch.tensor([s]), px, do_sample=False, **kw)[0].tolist()
+
+    def logprob(cont):
+        logits = model(input_ids=torch.tensor([s + cont]), pixel_values=px).logits[0]
+        lp = logits[len(s) - 1:-1].log_softmax(-1)
+        return lp.gather(1, torch.tensor(cont)[:, None]).sum().item()
+
+    assert logprob(beam) >= logprob(greedy) - 1e-5
+
+
+def test_save_and_load_roundtrip_gives_identical_logits(tmp_path, text_type):
+    model = tiny_model(text_type)
+    ids = torch.tensor([prompt(model, [5, 6], [8, 9])])
+    px = torch.randn(1, 3, 32, 32)
+    ref = model(input_ids=ids, pixel_values=px).logits
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    for loader in (ParGoForConditionalGeneration, AutoModelForImageTextToText):
+        loaded = loader.from_pretrained(tmp_path).eval()
+        assert type(loaded) is ParGoForConditionalGeneration
+        assert torch.equal(loaded(input_ids=ids, pixel_values=px).logits, ref)
+    assert AutoConfig.from_pretrained(tmp_path).projector == model.config.projector
+
+
+@pytest.mark.parametrize(
+    "projector,tokens",
+    [
+        ({"type": "mlp"}, 16),
+        ({"type": "qformer", "num_global": 6, "depth": 2, "width": 32, "heads": 4, "ffn": 64}, 6),
+        ({"num_partial": 4, "num_global": 2, "depth": 1, "width": 32, "heads": 4, "ffn": 64,
+          "region": "window", "window": [2, 2], "cascade": [1]}, 6),
+    ],
+)
+def test_projector_choice_by_config(tmp_path, projector, tokens):
+    model = tiny_model(projector=projector)
+    assert model.num_image_tokens() == tokens
+    ids = torch.tensor([prompt(model, [5], [6])])
+    px = torch.randn(1, 3, 32, 32)
+    ref = model(input_ids=ids, pixel_values=px).logits
+    model.save_pretrained(tmp_path)
+    loaded = ParGoForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(input_ids=ids, pixel_values=px).logits, ref)
+
+
+def test_placeholder_count_mismatch_is_a_clear_error():
+    model = tiny_model()
+    ids = torch.tensor([[5, IMAGE_TOKEN, 6]])  # one placeholder, not expanded to 10
+    with pytest.raises(ValueError, match="1 image placeholder tokens .* 1 image\\(s\\) give 10 visual tokens"):
+        model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=ids)
+
+
+def test_image_token_outside_vocab_is_rejected():
+    with pytest.raises(ValueError, match="image_token_id=500 is outside the LLM vocabulary"):
+        ParGoForConditionalGeneration(tiny_config(image_token_id=500))
+
+
+def test_clip_tower_selects_penultimate_layer_and_drops_cls():
+    config = vision_config_from(TINY_VISION["clip"])
+    torch.manual_seed(0)
+    tower = VisionTower.build(config, feature_layer=-2).eval()
+    px = torch.randn(2, 3, 32, 32)
+    feats = tower(px)
+    hidden = tower.model(pixel_values=px, output_hidden_states=True).hidden_states
+    assert feats.shape == (2, 16, 32)
+    torch.testing.assert_close(feats, hidden[-2][:, 1:])
+    normed = VisionTower(tower.model, feature_layer=-1, post_layernorm=True)(px)
+    torch.testing.assert_close(normed, tower.model.vision_model.post_layernorm(hidden[-1][:, 1:]))
+
+
+def test_siglip_tower_has_no_cls_to_drop():
+    torch.manual_seed(0)
+    tower = VisionTower.build(vision_config_from(TINY_VISION["siglip"]), feature_layer=-1).eval()
+    px = torch.randn(1, 3, 32, 32)
+    hidden = tower.model(pixel_values=px, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(tower(px), hidden[-1])
+    model = tiny_model(vision="siglip")
+    ids = torch.tensor([prompt(model, [5], [6])])
+    assert model(input_ids=ids, pixel_values=px).logits.shape == (1, 12, 128)
+
+
+def test_crops_are_concatenated_crop_major():
+    model = tiny_model()
+    crops = torch.randn(1, 3, 3, 32, 32)  # one image, three crops
+    feats = model.vision_tower(crops)
+    assert feats.shape == (1, 48, 32)
+    for c in range(3):
+        torch.testing.assert_close(feats[:, 16 * c:16 * (c + 1)], model.vision_tower(crops[:, c]))
+    assert model.encode_images(crops).shape == (1, 10, 48)  # 48 patches -> 8 regions of 6
+
+
+def test_from_components_loads_pretrained_parts(tmp_path):
+    torch.manual_seed(3)
+    llm = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_TEXT["qwen2"]))
+    llm.save_pretrained(tmp_path / "llm")
+    tower = VisionTower.build(vision_config_from(TINY_VISION["clip"]))
+    tower.model.save_pretrained(tmp_path / "vision")
+
+    model = ParGoForConditionalGeneration.from_components(
+        tmp_path / "vision", tmp_path / "llm", projector={"num_partial": 8, "num_global": 2, "depth": 1,
+        "width": 32, "heads": 4, "ffn": 64}, image_token_id=IMAGE_TOKEN).eval()
+    text = torch.tensor([[3, 4, 5, 6]])
+    torch.testing.assert_close(model(input_ids=text).logits, llm.eval()(input_ids=text).logits)
+    px = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(model.vision_tower.model(pixel_values=px).last_hidden_state,
+                               tower.model.eval()(pixel_values=px).last_hidden_state)
+
+
+def _trainable(model):
+    return {name.split(".")[0] for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize(
+    "stage,trains",
+    [("align", {"projector"}), ("finetune", {"projector", "language_model"}),
+     ("full", {"projector", "language_model", "vision_tower"})],
+)
+def test_stage_freezing_and_backward_reach(stage, trains):
+    model = tiny_model().train()
+    model.freeze(stage)
+    assert _trainable(model) == trains
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (name.split(".")[0] in trains), name
+    ids = torch.tensor([prompt(model, [5, 6], [7, 8, 9])])
+    model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32), labels=ids).loss.backward()
+    reached = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is not None}
+    assert reached == trains
+    for part in trains:  # each trainable part gets a real, non-zero gradient
+        grads = [p.grad.abs().sum() for n, p in model.named_parameters() if n.startswith(part) and p.grad is not None]
+        assert sum(grads) > 0
+
+
+def test_unknown_stage_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown stage 'stage1'; valid stages: \['align', 'finetune', 'full'\]"):
+        tiny_model().freeze("stage1")
+
+
+def test_text_only_training_batch_still_runs_vision_and_projector():
+    """ZeRO-3 safety: every rank must run the same modules, even on a batch with no image."""
+    model = tiny_model().train()
+    model.freeze("full")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    calls = []
+    model.projector.register_forward_hook(lambda *a: calls.append("projector"))
+    model.vision_tower.register_forward_hook(lambda *a: calls.append("vision"))
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert calls == ["vision", "projector"]
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in model.projector.parameters())
+    model.eval()  # inference skips the unnecessary work
+    calls.clear()
+    plain = model(input_ids=ids, labels=ids)
+    assert calls == [] and torch.allclose(plain.loss, out.loss)
