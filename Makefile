@@ -21,7 +21,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	@echo "make demo: the trainer lands with issue 4 (training loop on DeepSpeed ZeRO-3)."
 	@echo "For now it builds the tiny ParGo model and prints its summary:"
-	$(BIN)/pargo-dist model-summary
+	$(BIN)/pargo-dist model --preset tiny --run
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/projector.py

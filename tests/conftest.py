@@ -58,6 +58,16 @@ TINY_TEXT = {
         "vocab_size": VOCAB,
         "max_position_embeddings": 256,
     },
+    # Learned absolute positions (unlike RoPE, whose outputs ignore a common shift): shows that
+    # left padding gets the right position ids.
+    "gpt2": {
+        "model_type": "gpt2",
+        "n_embd": 48,
+        "n_layer": 2,
+        "n_head": 4,
+        "vocab_size": VOCAB,
+        "n_positions": 256,
+    },
 }
 
 TINY_PROJECTOR = {"num_partial": 8, "num_global": 2, "depth": 2, "width": 32, "heads": 4, "ffn": 64}

@@ -58,6 +58,7 @@ def test_labels_on_visual_tokens_are_ignored():
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("text_type", ["llama", "qwen2", "gpt2"])
 def test_padded_batch_matches_each_sample_alone(text_type, side):
     model = tiny_model(text_type)
     seqs = [prompt(model, [5, 6, 7], [8, 9]), prompt(model, [11], [12, 13, 14, 15, 16, 17])]
@@ -70,6 +71,7 @@ def test_padded_batch_matches_each_sample_alone(text_type, side):
         torch.testing.assert_close(batched[i][rows], alone, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("text_type", ["llama", "qwen2", "gpt2"])
 def test_batched_greedy_generation_matches_single(text_type):
     model = tiny_model(text_type)
     seqs = [prompt(model, [5, 6, 7], [8]), prompt(model, [11], [12, 13, 14])]
