@@ -249,3 +249,34 @@ def test_text_only_training_batch_still_runs_vision_and_projector():
     calls.clear()
     plain = model(input_ids=ids, labels=ids)
     assert calls == [] and torch.allclose(plain.loss, out.loss)
+
+
+def test_new_model_has_frozen_vision_tower_in_eval_mode():
+    model = tiny_model().train()
+    assert _trainable(model) == {"projector", "language_model"}
+    assert model.projector.training and not model.vision_tower.model.training
+    model.freeze("full")
+    assert model.vision_tower.model.training
+    model.freeze("align")
+    assert not model.vision_tower.model.training
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        model.freeze("finetune")
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": reentrant})
+            assert model.projector.gradient_checkpointing and model.language_model.model.gradient_checkpointing
+        calls = []
+        model.projector.layers[0].register_forward_pre_hook(lambda *a: calls.append(1))
+        ids = torch.tensor([prompt(model, [5, 6], [7, 8, 9])])
+        model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+              labels=ids).loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("projector") for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)

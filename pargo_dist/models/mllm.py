@@ -196,6 +196,7 @@ class ParGoForConditionalGeneration(ParGoPreTrainedModel):
             raise ValueError(f"unknown stage {stage!r}; valid stages: {sorted(STAGES)}")
         for name in ("vision_tower", "projector", "language_model"):
             getattr(self, name).requires_grad_(name in STAGES[stage])
+        self.vision_tower.train(self.vision_tower.training)  # a frozen tower drops to eval mode
 
     # -- forward ---------------------------------------------------------------------------
 

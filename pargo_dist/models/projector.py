@@ -340,6 +340,8 @@ class QueryProjector(nn.Module):
                 mask = self_attention_mask(self.num_partial, self.num_global, group)
                 self.register_buffer(f"self_mask_{i}", mask, persistent=False)
         self._regions: dict[int, torch.Tensor] = {}
+        # Set by transformers' gradient_checkpointing_enable(), like its own decoder stacks.
+        self.gradient_checkpointing = False
         init_projector_weights(self)
 
     def num_tokens(self, num_patches: int) -> int:
@@ -368,7 +370,10 @@ class QueryProjector(nn.Module):
                 feats = feats.index_select(1, regions.flatten())
         for i, layer in enumerate(self.layers):
             self_mask = getattr(self, f"self_mask_{i}") if P else None
-            x = layer(x, feats, self_mask, P, cross_mask)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = self._gradient_checkpointing_func(layer.__call__, x, feats, self_mask, P, cross_mask)
+            else:
+                x = layer(x, feats, self_mask, P, cross_mask)
         return self.proj(x)
 
 

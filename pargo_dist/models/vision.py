@@ -56,7 +56,11 @@ def vision_model_class(config: PretrainedConfig, class_name: str | None = None) 
 
 
 class VisionTower(nn.Module):
-    """A transformers vision model plus the feature selection ParGo needs. No parameters of its own."""
+    """A transformers vision model plus the feature selection ParGo needs. No parameters of its own.
+
+    Frozen by default; while frozen it runs in eval mode and without autograd, so it keeps no
+    activations and applies no dropout.
+    """
 
     def __init__(
         self,
@@ -64,9 +68,10 @@ class VisionTower(nn.Module):
         feature_layer: int = -2,
         drop_cls: bool | None = None,
         post_layernorm: bool = False,
+        trainable: bool = False,
     ):
         super().__init__()
-        self.model = model
+        self.model = model.requires_grad_(trainable)  # frozen unless asked (ParGo's setting)
         self.feature_layer = feature_layer
         self.drop_cls = drop_cls
         self.post_layernorm = post_layernorm
@@ -96,6 +101,17 @@ class VisionTower(nn.Module):
         return getattr(inner, "post_layernorm", None) or getattr(inner, "layernorm", None)
 
     @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.model.parameters())
+
+    def train(self, mode: bool = True) -> "VisionTower":
+        """A frozen tower stays in eval mode (no dropout, no activation checkpointing)."""
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()
+        return self
+
+    @property
     def num_patches(self) -> int:
         """Patches per crop after CLS removal."""
         return self.grid[0] * self.grid[1]
@@ -106,8 +122,7 @@ class VisionTower(nn.Module):
         if pixel_values.dim() == 5:
             n, crops = pixel_values.shape[:2]
             pixel_values = pixel_values.flatten(0, 1)
-        frozen = not any(p.requires_grad for p in self.model.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             dtype = next(self.model.parameters()).dtype
             out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
             feats = out.hidden_states[self.feature_layer]
