@@ -1,0 +1,1 @@
+"""Data: raw caption / instruction files -> MDS shards -> streamed, tokenized batches."""
