@@ -96,3 +96,21 @@ def tiny_model(text: str = "llama", vision: str = "clip", seed: int = 0, **overr
 @pytest.fixture(params=["llama", "qwen2"])
 def text_type(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on loopback for the whole session; S3 env vars point at it."""
+    from support.s3 import start_moto
+
+    server = start_moto()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    server.process.terminate()
+    server.process.wait(timeout=10)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

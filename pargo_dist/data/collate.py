@@ -1,0 +1,99 @@
+"""Batches from encoded samples: padding, or packing several samples into one row.
+
+Padding: rows padded to the longest sample (optionally to a multiple of N), with an
+attention mask; right padding for training, left for generation.
+
+Packing: the batch's samples, in order, are laid greedily into rows of at most `max_len`
+tokens. Position ids restart at 0 for every sample and no 2-D attention mask is passed, so
+transformers (>= 4.54 masking utils: Llama, Qwen2, Mistral, ...) builds a block-diagonal causal
+mask from the position ids: no token attends across a sample boundary. The number of samples
+per batch stays fixed (only the number of rows varies), which keeps the streaming loader's
+sample accounting, and therefore exact resume, correct.
+
+Every batch carries `num_samples`, the sample ids, and `skipped` (corrupt samples replaced on
+the way, with reasons) for the logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pargo_dist.models.mllm import IGNORE_INDEX
+
+
+@dataclass
+class Collator:
+    pad_id: int
+    padding_side: str = "right"
+    pack: bool = False
+    max_len: int | None = None  # row length when packing
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={self.padding_side!r}: must be 'left' or 'right'")
+        if self.pack and not self.max_len:
+            raise ValueError("packing needs max_len (the row length)")
+
+    def _width(self, longest: int) -> int:
+        m = self.pad_to_multiple_of
+        return -(-longest // m) * m if m else longest
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = self._pack(examples) if self.pack else [[ex] for ex in examples]
+        width = self._width(max(sum(len(ex["input_ids"]) for ex in row) for row in rows))
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            n = sum(len(ex["input_ids"]) for ex in row)
+            start = width - n if self.padding_side == "left" else 0
+            for ex in row:
+                k = len(ex["input_ids"])
+                ids[r, start:start + k] = torch.as_tensor(ex["input_ids"])
+                lab = torch.as_tensor(ex["labels"]).clone()
+                lab[0] = IGNORE_INDEX  # never predict a sample's first token from its neighbour
+                labels[r, start:start + k] = lab
+                mask[r, start:start + k] = 1
+                positions[r, start:start + k] = torch.arange(k)
+                start += k
+            if self.pack and n < width:  # trailing padding: a separate "sequence" of its own
+                positions[r, n:] = torch.arange(width - n)
+        images = [ex["pixel_values"] for ex in examples if ex.get("pixel_values") is not None]
+        batch: dict[str, Any] = {"input_ids": ids, "labels": labels}
+        if self.pack:
+            batch["position_ids"] = positions
+        else:
+            batch["attention_mask"] = mask
+        batch["pixel_values"] = torch.stack(images) if images else None
+        batch["num_samples"] = len(examples)
+        batch["num_tokens"] = int(mask.sum())
+        batch["sample_ids"] = [ex.get("id") for ex in examples]
+        batch["skipped"] = [s for ex in examples for s in ex.get("skipped", [])]
+        return batch
+
+    def _pack(self, examples: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        rows: list[list[dict[str, Any]]] = []
+        used = self.max_len
+        for ex in examples:
+            k = len(ex["input_ids"])
+            if k > self.max_len:
+                raise ValueError(f"sample {ex.get('id')} has {k} tokens > max_len {self.max_len}")
+            if used + k > self.max_len:
+                rows.append([])
+                used = 0
+            rows[-1].append(ex)
+            used += k
+        return rows
+
+
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a batch that the model's forward takes."""
+    return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}

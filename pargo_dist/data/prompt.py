@@ -1,0 +1,85 @@
+"""Turn a sample's text into input_ids and labels: chat template, image placeholder, masking.
+
+Captions (stage 1) become a two-turn chat: the user turn holds the image marker and a prompt,
+the assistant turn holds the caption. Conversations (stage 2) are used as they are. Labels
+are the assistant turns' tokens only (-100 everywhere else), found with the chat template
+itself: the tokens of messages[:i] + generation prompt are a prefix of messages[:i+1], and
+what lies between is turn i's answer. That works for any template that renders turns in
+order, and the prefix property is checked, not assumed.
+
+The single `<image>` token is then expanded to the projector's token count. Truncation cuts
+the tail, never into the image span; a sample that cannot fit its image plus at least one
+answer token is rejected (BadSample "too_long") instead of training on a broken sequence.
+"""
+
+from __future__ import annotations
+
+from pargo_dist.data.schema import IMAGE_MARKER, BadSample
+from pargo_dist.models.mllm import IGNORE_INDEX
+
+CAPTION_PROMPT = "Describe the image in detail."
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer, num_image_tokens: int, max_len: int, caption_prompt: str = CAPTION_PROMPT):
+        self.tokenizer = tokenizer
+        self.num_image_tokens = num_image_tokens
+        self.max_len = max_len
+        self.caption_prompt = caption_prompt
+        self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_MARKER)
+        if self.image_id is None or self.image_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {IMAGE_MARKER} token: load it with pargo_dist.data.tokenizer")
+
+    def messages(self, caption: str, messages: list[dict], has_image: bool) -> list[dict]:
+        """The conversation to train on, with exactly one image marker iff there is an image."""
+        if caption:
+            messages = [
+                {"role": "user", "content": f"{IMAGE_MARKER}\n{self.caption_prompt}"},
+                {"role": "assistant", "content": caption},
+            ]
+        markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
+        if markers > 1:
+            raise BadSample("several_images", f"{markers} {IMAGE_MARKER} markers; one image per sample")
+        if markers and not has_image:
+            raise BadSample("marker_without_image", f"{IMAGE_MARKER} in the text but the sample has no image")
+        if has_image and not markers:
+            first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages = [dict(m) for m in messages]
+            messages[first_user]["content"] = f"{IMAGE_MARKER}\n" + messages[first_user]["content"]
+        return messages
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=generation_prompt))
+
+    def __call__(self, caption: str, messages: list[dict], has_image: bool) -> tuple[list[int], list[int]]:
+        """-> (input_ids, labels), image placeholder expanded, at most max_len long."""
+        messages = self.messages(caption, messages, has_image)
+        ids = self._render(messages, False)
+        labels = [IGNORE_INDEX] * len(ids)
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prefix = self._render(messages[:i], True)
+            upto = self._render(messages[: i + 1], False)
+            if ids[: len(prefix)] != prefix or ids[: len(upto)] != upto:
+                raise ValueError("the chat template does not render turns as prefixes of each other; "
+                                 "labels cannot be located (use a standard template)")
+            labels[len(prefix): len(upto)] = ids[len(prefix): len(upto)]
+
+        out_ids, out_labels, image_end = [], [], 0
+        for tok, lab in zip(ids, labels):
+            if tok == self.image_id:
+                out_ids += [tok] * self.num_image_tokens
+                out_labels += [IGNORE_INDEX] * self.num_image_tokens
+                image_end = len(out_ids)
+            else:
+                out_ids.append(tok)
+                out_labels.append(lab)
+        if len(out_ids) > self.max_len:
+            if image_end > self.max_len:
+                raise BadSample("too_long", f"image tokens end at {image_end} > max_len {self.max_len}")
+            out_ids, out_labels = out_ids[: self.max_len], out_labels[: self.max_len]
+        if all(lab == IGNORE_INDEX for lab in out_labels):
+            raise BadSample("too_long", f"no answer token left within max_len {self.max_len}")
+        return out_ids, out_labels

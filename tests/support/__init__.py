@@ -1,0 +1,1 @@
+"""Real components the tests start themselves (object store, proxies, rank launchers)."""
