@@ -11,6 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+import pargo_dist  # noqa: E402,F401  (environment shims before any transformers import)
+
 torch.set_num_threads(1)
 
 VOCAB = 128

@@ -32,20 +32,23 @@ DEFAULT_CHAT_TEMPLATE = (
 def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over `words` (plus SPECIALS first, so <pad> is id 0).
 
-    Spaces are kept as a "▁" prefix (Metaspace) and punctuation is split off, so decoding
-    restores the original text exactly for in-vocabulary input.
+    Newlines count as spaces; spaces are kept as a "▁" prefix (Metaspace) and punctuation is
+    split off, so decoding restores in-vocabulary text (up to newlines). Each word is in the
+    vocabulary both with and without the prefix (after a space, or right after a special token).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     pre = pre_tokenizers.Sequence([
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
         pre_tokenizers.Punctuation(behavior="isolated"),
     ])
-    vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIALS)}
+    vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIALS + ["▁"])}
     for word in words:
-        for piece, _ in pre.pre_tokenize_str(word) + pre.pre_tokenize_str(" " + word)[1:]:
+        for piece, _ in pre.pre_tokenize_str(word):
             vocab.setdefault(piece, len(vocab))
+            vocab.setdefault(piece.lstrip("▁") or piece, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.normalizer = normalizers.Replace("\n", " ")
     core.pre_tokenizer = pre
     core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     tok = PreTrainedTokenizerFast(

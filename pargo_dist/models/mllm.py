@@ -245,14 +245,19 @@ class ParGoForConditionalGeneration(ParGoPreTrainedModel):
         """As the LLM's forward, plus pixel_values. Labels on visual tokens are ignored.
 
         Without position_ids, they are derived from attention_mask, so a left-padded batch
-        gives every sample the same positions (and logits) as it would alone.
+        gives every sample the same positions (and logits) as it would alone. Packed rows
+        (pargo_dist.data.collate) pass position_ids that restart per sample and no mask.
         """
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids, pixel_values)
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
-        if position_ids is None and attention_mask is not None and past_key_values is None:
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2 and past_key_values is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if use_cache is None and past_key_values is None and (self.training or attention_mask is None):
+            # No KV cache in training, nor for packed rows (position ids without a 2-D mask):
+            # transformers derives the block-diagonal mask of packed samples only without a cache.
+            use_cache = False
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
