@@ -26,8 +26,8 @@ from PIL import UnidentifiedImageError
 
 import pargo_dist  # noqa: F401  (environment shims before streaming imports torchvision)
 from pargo_dist.data.image import ImagePreprocessor
-from pargo_dist.data.prompt import CAPTION_PROMPT, PromptBuilder
-from pargo_dist.data.schema import BadSample
+from pargo_dist.data.prompt import PromptBuilder
+from pargo_dist.data.schema import CAPTION_PROMPT, BadSample
 from streaming import StreamingDataLoader, StreamingDataset
 
 log = logging.getLogger(__name__)

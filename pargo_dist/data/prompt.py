@@ -14,10 +14,8 @@ answer token is rejected (BadSample "too_long") instead of training on a broken 
 
 from __future__ import annotations
 
-from pargo_dist.data.schema import IMAGE_MARKER, BadSample
+from pargo_dist.data.schema import CAPTION_PROMPT, IMAGE_MARKER, BadSample
 from pargo_dist.models.mllm import IGNORE_INDEX
-
-CAPTION_PROMPT = "Describe the image in detail."
 
 
 class PromptBuilder:

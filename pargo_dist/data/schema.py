@@ -17,6 +17,9 @@ from typing import Any
 
 MDS_COLUMNS: dict[str, str] = {"id": "str", "image": "bytes", "caption": "str", "messages": "json"}
 IMAGE_MARKER = "<image>"
+# The user turn that turns a caption into a chat sample (prompt.py); the synthetic dataset's
+# vocabulary covers it.
+CAPTION_PROMPT = "Describe the image in detail."
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
