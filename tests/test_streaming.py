@@ -55,10 +55,20 @@ def write_mds(out, rows, size_limit=2048):
 
 @pytest.fixture(scope="module")
 def remote(s3_server, tmp_path_factory):
+    """Raw JSONL + PNG files, converted by `convert` straight into the S3 bucket."""
+    from pargo_dist.data.convert import convert
+
+    raw = tmp_path_factory.mktemp("raw")
+    with open(raw / "captions.jsonl", "w") as f:
+        for row in samples(N):
+            (raw / f"{row['id']}.png").write_bytes(row["image"])
+            f.write(json.dumps({"id": row["id"], "image": f"{row['id']}.png", "caption": row["caption"]}) + "\n")
     bucket = s3_server.make_bucket("stream-test")
     remote = f"{bucket}/pretrain"
-    write_mds((str(tmp_path_factory.mktemp("mds_stage")), remote), samples(N))
-    assert "stream-test/pretrain/index.json" in [f"stream-test/{k}" for k in s3_server.list_keys("stream-test")]
+    summary = convert([str(raw / "captions.jsonl")], remote, size_limit=1024, progress=False,
+                      report=str(raw / "report.jsonl"))
+    assert (summary.written, summary.skipped) == (N, {}) and summary.shards >= 6  # several shards
+    assert "pretrain/index.json" in s3_server.list_keys("stream-test")
     return remote
 
 

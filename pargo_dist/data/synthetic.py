@@ -303,3 +303,21 @@ def synthetic_samples(cfg: SyntheticConfig, start: int = 0, stop: int | None = N
     if not 0 <= start <= stop:
         raise ValueError(f"need 0 <= start <= stop (got start={start}, stop={stop})")
     return (synthetic_sample(index, cfg, kind) for index in range(start, stop))  # checked eagerly, made lazily
+
+
+def write_splits(out: str, cfg: SyntheticConfig, held_out_samples: int = 0, kind: str = "caption",
+                 size_limit: str | int = "16mb", progress: bool = True) -> dict[str, Any]:
+    """Write `<out>/train` (cfg.num_samples) and, if asked, `<out>/val` (the held-out split)
+    as MDS datasets, locally or to a remote such as s3://bucket/prefix. Returns the summaries."""
+    from pargo_dist.data.convert import write_dataset
+
+    splits = {"train": cfg}
+    if held_out_samples:
+        splits["val"] = held_out(cfg, held_out_samples)
+    summaries = {}
+    for name, split_cfg in splits.items():
+        target = out.rstrip("/") + "/" + name
+        rows = ((sample, None) for sample in synthetic_samples(split_cfg, kind=kind))
+        summaries[name] = write_dataset(rows, target, size_limit=size_limit, progress=progress,
+                                        desc=f"synth {name}")
+    return summaries
