@@ -14,7 +14,7 @@ answer token is rejected (BadSample "too_long") instead of training on a broken 
 
 from __future__ import annotations
 
-from pargo_dist.data.schema import CAPTION_PROMPT, IMAGE_MARKER, BadSample
+from pargo_dist.data.schema import CAPTION_PROMPT, IMAGE_MARKER, BadSample, place_image_marker
 from pargo_dist.models.mllm import IGNORE_INDEX
 
 
@@ -35,16 +35,7 @@ class PromptBuilder:
                 {"role": "user", "content": f"{IMAGE_MARKER}\n{self.caption_prompt}"},
                 {"role": "assistant", "content": caption},
             ]
-        markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
-        if markers > 1:
-            raise BadSample("several_images", f"{markers} {IMAGE_MARKER} markers; one image per sample")
-        if markers and not has_image:
-            raise BadSample("marker_without_image", f"{IMAGE_MARKER} in the text but the sample has no image")
-        if has_image and not markers:
-            first_user = next(i for i, m in enumerate(messages) if m["role"] == "user")
-            messages = [dict(m) for m in messages]
-            messages[first_user]["content"] = f"{IMAGE_MARKER}\n" + messages[first_user]["content"]
-        return messages
+        return place_image_marker(messages, has_image)
 
     def _render(self, messages: list[dict], generation_prompt: bool) -> list[int]:
         return list(self.tokenizer.apply_chat_template(

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 from PIL import Image
 
-from pargo_dist.data.schema import IMAGE_MARKER, BadSample, make_sample
+from pargo_dist.data.schema import IMAGE_MARKER, BadSample, make_sample, place_image_marker
 
 FORMATS = ("jsonl", "json", "parquet", "tar")
 FORMAT_ALIASES = {"llava": "json", "webdataset": "tar", "wds": "tar", "ndjson": "jsonl"}
@@ -338,17 +338,7 @@ def _check_marker(sample: dict, has_image: bool) -> None:
         if IMAGE_MARKER in sample["caption"]:
             raise BadSample("marker_in_caption", f"the caption contains {IMAGE_MARKER}")
         return
-    messages = sample["messages"]
-    markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
-    if markers > 1:
-        raise BadSample("several_images", f"{markers} {IMAGE_MARKER} markers; one image per sample")
-    if markers and not has_image:
-        raise BadSample("marker_without_image", f"{IMAGE_MARKER} in the text but no image")
-    if has_image and not markers:
-        users = [m for m in messages if m["role"] == "user"]
-        if not users:
-            raise BadSample("malformed_conversation", "an image but no user turn to place it in")
-        users[0]["content"] = f"{IMAGE_MARKER}\n" + users[0]["content"]
+    sample["messages"] = place_image_marker(sample["messages"], has_image)
 
 
 def _load_image(record: dict, rec: RawRecord) -> bytes | None:

@@ -55,6 +55,27 @@ def normalize_messages(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
     return out
 
 
+def place_image_marker(messages: list[dict[str, str]], has_image: bool) -> list[dict[str, str]]:
+    """Messages with exactly one IMAGE_MARKER if there is an image, none otherwise.
+
+    An image without a marker gets one at the start of the first user turn. Several markers
+    or a marker without an image raise BadSample. Used by the converter (reject early) and the
+    prompt builder (the same rule at read time). Returns a new list; the input is not changed.
+    """
+    markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
+    if markers > 1:
+        raise BadSample("several_images", f"{markers} {IMAGE_MARKER} markers; one image per sample")
+    if markers and not has_image:
+        raise BadSample("marker_without_image", f"{IMAGE_MARKER} in the text but the sample has no image")
+    messages = [dict(m) for m in messages]
+    if has_image and not markers:
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise BadSample("malformed_conversation", "an image but no user turn to place it in")
+        first_user["content"] = f"{IMAGE_MARKER}\n" + first_user["content"]
+    return messages
+
+
 def make_sample(
     sample_id: str, image: bytes | None, caption: str | None = None, messages: list | None = None
 ) -> dict[str, Any]:
