@@ -5,7 +5,11 @@
     pargo-dist synth --out data/synth --num-samples 2000 --held-out 64
     pargo-dist convert captions.jsonl --image-root imgs/ --out s3://bucket/pretrain --workers 8
 
-The training commands (train, export, plan, generate, eval) arrive with their issues.
+    pargo-dist train recipes/tiny-cpu.yaml --nproc 2 optim.lr=3e-4 backend.zero_stage=2
+    pargo-dist export runs/tiny-cpu --out runs/tiny-cpu/export
+    pargo-dist generate runs/tiny-cpu/export --held-out 0
+
+Exit codes of train: 0 done, 75 saved after SIGTERM/SIGUSR1 (requeue me), 2 bad recipe.
 """
 
 from __future__ import annotations
@@ -73,6 +77,56 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from pargo_dist.config import DEFAULT_RECIPE, load_config
+
+    if args.recipe and "=" in args.recipe:  # no recipe named: the first word is an override
+        args.overrides.insert(0, args.recipe)
+        args.recipe = None
+    cfg = load_config(args.recipe, args.overrides)  # fails here, before any rank starts
+    if "LOCAL_RANK" not in os.environ and args.nproc > 1:
+        from pargo_dist.launch import launch
+
+        return launch(args.nproc, [args.recipe or str(DEFAULT_RECIPE), *args.overrides])
+    from pargo_dist.launch import single_process_env
+
+    single_process_env()
+    from pargo_dist.train import train
+
+    return train(cfg)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pargo_dist.export import export
+
+    out = export(args.checkpoint, args.out)
+    print(f"exported {args.checkpoint} -> {out} (load with ParGoForConditionalGeneration.from_pretrained)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from pargo_dist.generate import caption_image, held_out_image, load_exported
+
+    model, tokenizer, cfg = load_exported(args.model)
+    truth = None
+    if args.image:
+        from PIL import Image
+
+        image = Image.open(args.image).convert("RGB")
+    else:
+        image, truth = held_out_image(cfg, args.held_out)
+    torch.manual_seed(0)
+    text = caption_image(model, tokenizer, cfg, image, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    print(f"generated: {text}")
+    if truth is not None:
+        print(f"truth:     {truth}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pargo-dist",
@@ -112,10 +166,45 @@ def build_parser() -> argparse.ArgumentParser:
                                           "listed in a report; the run never stops for one."))
     add_arguments(convert)
     convert.set_defaults(func=cmd_convert)
+
+    train = sub.add_parser("train", help="train (or resume) a recipe with DeepSpeed ZeRO",
+                           description="Train a recipe. RECIPE defaults to the embedded recipes/tiny-cpu.yaml; "
+                           "overrides are dotted key=value pairs (train.steps=50 optim.lr=1e-4). Resumes from the "
+                           "newest complete checkpoint in run.dir unless checkpoint.resume=none. Exit 75 after "
+                           "SIGTERM/SIGUSR1 means: checkpoint saved, requeue me.")
+    train.add_argument("recipe", nargs="?", help="recipe YAML (default: recipes/tiny-cpu.yaml)")
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    train.add_argument("--nproc", type=int, default=1, help="ranks on this machine (torchrun)")
+    train.set_defaults(func=cmd_train)
+
+    export = sub.add_parser("export", help="checkpoint -> one HF directory (from_pretrained on one process)")
+    export.add_argument("checkpoint", help="a run dir (newest complete checkpoint) or a checkpoint dir")
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=cmd_export)
+
+    generate = sub.add_parser("generate", help="caption an image with an exported model")
+    generate.add_argument("model", help="an exported directory (pargo-dist export)")
+    generate.add_argument("--image", help="image file; default: a held-out synthetic image")
+    generate.add_argument("--held-out", type=int, default=0, help="index of the held-out synthetic image")
+    generate.add_argument("--num-beams", type=int, default=1)
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.set_defaults(func=cmd_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # flags first, so key=value overrides may stand on either side of them
+        flags, rest, i = [], [], 1
+        while i < len(argv):
+            if argv[i].startswith("--"):
+                takes_value = "=" not in argv[i] and argv[i] not in ("--help",)
+                flags += argv[i:i + 1 + takes_value]
+                i += 1 + takes_value
+            else:
+                rest.append(argv[i])
+                i += 1
+        argv = ["train", *flags, *rest]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -44,3 +44,14 @@ def patch_torchvision() -> bool:
     importlib.import_module("torchvision")
     torchvision_patched = True
     return True
+
+
+def configure_deepspeed_env() -> None:
+    """DeepSpeed picks its accelerator at import: without a GPU, tell it to use the CPU one
+    (gloo, no IPEX / oneCCL needed). Must run before `import deepspeed`."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -40,7 +40,6 @@ class DataConfig:
     remote: str | None = None  # s3://bucket/prefix (or gs://, oci://, ...); None: local only
     local: str | None = None  # local shard dir / download cache; None: derived from remote
     split: str | None = None
-    tokenizer: str = "synthetic"  # "synthetic" or a local tokenizer directory
     max_len: int = 512
     pack: bool = False
     caption_prompt: str = CAPTION_PROMPT

@@ -1,0 +1,132 @@
+"""DeepSpeed backend: ZeRO stage 0-3 (optional CPU offload) around a plain torch model.
+
+It knows nothing of data formats: it receives model inputs and returns losses. The loop owns
+the optimizer choice (torch AdamW, param groups per model part) and the LR schedule; DeepSpeed
+owns sharding, gradient reduction, accumulation boundaries, clipping and checkpoint shards.
+
+Checkpoints: `engine.save_checkpoint` into the step directory the checkpoint manager gives it.
+In the `align` stage frozen parameters are excluded (the backbones are referenced by the
+recipe, not copied 7B times per checkpoint); loading is then non-strict for those.
+`export` consolidates any stage / rank count into one fp32 state dict (zero_to_fp32).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from pargo_dist.compat import configure_deepspeed_env
+
+configure_deepspeed_env()
+
+import deepspeed  # noqa: E402
+
+TAG = "ds"
+
+
+def init_distributed() -> tuple[int, int]:
+    """Start the process group (gloo on CPU, nccl on GPU) once; returns (rank, world size)."""
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def ds_config(cfg, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config from our recipe (batch sizes, ZeRO, precision, clipping)."""
+    zero: dict[str, Any] = {"stage": cfg.backend.zero_stage}
+    if cfg.backend.zero_stage >= 2:
+        zero.update(contiguous_gradients=True, overlap_comm=torch.cuda.is_available())
+    if cfg.backend.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    if cfg.backend.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.backend.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    out = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": cfg.train.micro_batch * cfg.train.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.clip_grad,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.train.precision == "bf16":
+        out["bf16"] = {"enabled": True}
+    return out
+
+
+class DeepSpeedBackend:
+    def __init__(self, cfg, world_size: int):
+        self.cfg = cfg
+        self.world_size = world_size
+        self.engine = None
+
+    def model_init_context(self):
+        """Where to build the model: under zero.Init when the recipe asks (too big for one rank)."""
+        if self.cfg.backend.zero_init and self.cfg.backend.zero_stage == 3:
+            return deepspeed.zero.Init(config_dict_or_path=ds_config(self.cfg, self.world_size))
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def setup(self, model: torch.nn.Module, optimizer, scheduler) -> None:
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=ds_config(self.cfg, self.world_size))
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def forward(self, **inputs):
+        return self.engine(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        """Called after every micro-batch; DeepSpeed steps the optimizer and LR scheduler at
+        accumulation boundaries (after clipping)."""
+        self.engine.step()
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save(self, step_dir, client_state: dict | None = None) -> None:
+        exclude = self.cfg.train.stage == "align"
+        self.engine.save_checkpoint(str(step_dir), tag=TAG, client_state=client_state or {},
+                                    exclude_frozen_parameters=exclude)
+
+    def load(self, step_dir) -> dict:
+        _, client = self.engine.load_checkpoint(
+            str(step_dir), tag=TAG, load_module_strict=self.cfg.train.stage != "align",
+            load_optimizer_states=True, load_lr_scheduler_states=True)
+        if client is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {step_dir}")
+        return client
+
+    def gathered_params(self, params):
+        """Context in which ZeRO-3-partitioned params are whole (for generation on all ranks)."""
+        import contextlib
+
+        if self.cfg.backend.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+        return contextlib.nullcontext()
+
+
+def consolidated_state_dict(step_dir) -> dict[str, torch.Tensor]:
+    """One fp32 state dict from a DeepSpeed checkpoint of any ZeRO stage and rank count."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=TAG)

@@ -1,0 +1,261 @@
+"""The recipe schema: typed sections, YAML files, dotted command-line overrides, validation.
+
+    cfg = load_config("recipes/tiny-cpu.yaml", ["optim.lr=1e-4", "backend.zero_stage=2"])
+
+OmegaConf parses the YAML and the `key.sub=value` overrides (values are YAML: numbers, lists,
+null). The result is checked against the dataclasses below *before* any process group
+starts: an unknown key names the nearest valid keys, a wrong type names the key, the value
+and the expected type, and the recipe file. The resolved config (`to_yaml`) is saved with
+every run and checkpoint, so a run is always reproducible from its own directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from pargo_dist.data.dataset import DataConfig
+
+DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the schema. The message says what to change."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # checkpoints/, tb/, config.yaml, export/ live here
+    seed: int = 0
+
+
+@dataclass
+class VisionConfig:
+    path: str | None = None  # local HF directory (CLIP, SigLIP, ...): pretrained weights
+    config: dict[str, Any] = field(default_factory=dict)  # or an HF config (model_type, sizes): random init
+    feature_layer: int = -2
+    drop_cls: bool | None = None
+    post_layernorm: bool = False
+    class_name: str | None = None
+
+
+@dataclass
+class LLMConfig:
+    path: str | None = None  # local HF causal-LM directory: pretrained weights
+    config: dict[str, Any] = field(default_factory=dict)  # or an HF config: random init (vocab from the tokenizer)
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    projector: dict[str, Any] = field(default_factory=dict)  # ProjectorConfig fields
+    tokenizer: str = "synthetic"  # "synthetic" or a local tokenizer dir (default: llm.path)
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Generate the built-in synthetic dataset into data.train.local (and data.eval.local) if absent."""
+
+    num_samples: int = 0  # 0: off
+    held_out: int = 0
+    image_size: int = 64
+    kind: str = "caption"
+    seed: int = 0
+
+
+@dataclass
+class DataSection:
+    train: DataConfig = field(default_factory=DataConfig)
+    eval: DataConfig | None = None
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4  # every trained part, unless its own lr is set
+    lr_projector: float | None = None
+    lr_llm: float | None = None
+    lr_vision: float | None = None
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at the last step
+    clip_grad: float = 1.0  # 0: off
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "finetune"  # align (projector) | finetune (+ LLM) | full (+ vision)
+    steps: int = 100  # optimizer steps
+    micro_batch: int = 4  # samples per rank per micro-step
+    grad_accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16
+    activation_checkpointing: bool = False
+    eval_every: int = 0  # steps; 0: only at the end (if data.eval is set)
+    eval_batches: int = 4
+    sample_every: int = 0  # steps between sample captions in TensorBoard; 0: only at the end
+    sample_count: int = 2
+    max_new_tokens: int = 48
+
+
+@dataclass
+class BackendConfig:
+    name: str = "deepspeed"
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    zero_init: bool = False  # build the model under zero.Init (models too large for one rank's memory)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps; 0: only at the end and on SIGTERM / SIGUSR1
+    keep_last: int = 3
+    resume: str = "auto"  # auto (newest complete in run.dir) | none | a checkpoint dir
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # progress line every N steps (TensorBoard and train_log.jsonl get every step)
+    tensorboard: bool = True
+    sample_ids: bool = False  # write each rank's consumed sample ids per step (data-order audits)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        """Cross-field rules that types alone cannot say."""
+        choices = {"train.stage": (self.train.stage, ("align", "finetune", "full")),
+                   "train.precision": (self.train.precision, ("fp32", "bf16")),
+                   "backend.name": (self.backend.name, ("deepspeed",)),
+                   "backend.zero_stage": (self.backend.zero_stage, (1, 2, 3)),
+                   "data.synthetic.kind": (self.data.synthetic.kind, ("caption", "qa", "mixed"))}
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ConfigError(f"{key}={value!r}: must be one of {list(allowed)}")
+        for key in ("train.steps", "train.micro_batch", "train.grad_accum", "checkpoint.keep_last"):
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) < 1:
+                raise ConfigError(f"{key} must be >= 1")
+        if not (self.model.vision.path or self.model.vision.config):
+            raise ConfigError("model.vision needs a path (pretrained) or a config (random init)")
+        if not (self.model.llm.path or self.model.llm.config):
+            raise ConfigError("model.llm needs a path (pretrained) or a config (random init)")
+        if self.data.synthetic.num_samples:
+            from pargo_dist.data.synthetic import SyntheticConfig
+
+            syn = self.data.synthetic
+            try:
+                SyntheticConfig(num_samples=syn.num_samples, image_size=syn.image_size, seed=syn.seed)
+            except ValueError as err:
+                raise ConfigError(f"data.synthetic: {err}") from None
+            if not self.data.train.local:
+                raise ConfigError("data.synthetic needs data.train.local (where to write the shards)")
+        from pargo_dist.models.projector import ProjectorConfig
+
+        try:
+            ProjectorConfig.from_dict(dict(self.model.projector))
+        except ValueError as err:
+            raise ConfigError(f"model.projector: {err}") from None
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` checked against the annotation `tp` (ints are accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a section (mapping), got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=3, cutoff=0.5)
+            hint = f"did you mean {' or '.join(repr(f'{prefix}.{n}' if prefix else n) for n in near)}? " if near else ""
+            where = f"section {prefix!r}" if prefix else "the top level"
+            raise ConfigError(f"unknown key {full!r}: {hint}valid keys in {where}: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix or 'config'}: {err}") from None
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Recipe YAML (default: the embedded tiny-cpu) + `key.sub=value` overrides -> Config."""
+    path = Path(recipe) if recipe else DEFAULT_RECIPE
+    if not path.exists():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        base = OmegaConf.load(path)
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides or [])))
+        values = OmegaConf.to_container(merged, resolve=True)
+    except Exception as err:  # YAML syntax, a malformed override
+        raise ConfigError(f"{path}: {err}") from None
+    try:
+        cfg = _build(Config, values or {})
+        cfg.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(dataclasses.asdict(cfg)))

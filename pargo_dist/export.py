@@ -1,0 +1,50 @@
+"""`pargo-dist export`: a DeepSpeed checkpoint (any ZeRO stage, any rank count) -> one HF
+directory that `ParGoForConditionalGeneration.from_pretrained` (or AutoModelForImageTextToText)
+loads on one process, with its tokenizer.
+
+The model is rebuilt from the checkpoint's own config.yaml (same seed, same pretrained
+paths), then the consolidated fp32 weights are loaded over it. In the `align` stage the
+checkpoint holds only the trained weights: the frozen backbones come from that rebuild, and
+any key missing for another reason is an error, not a silent random weight.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pargo_dist import build
+from pargo_dist.checkpoint import CheckpointManager
+from pargo_dist.config import load_config
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, or a run dir (its newest complete checkpoint)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        latest = CheckpointManager(path).latest()
+        if latest is None:
+            raise ValueError(f"{path} has no complete checkpoint to export")
+        return latest
+    return CheckpointManager(path.parent.parent).resolve(str(path))
+
+
+def export(checkpoint: str | Path, out: str | Path) -> Path:
+    from pargo_dist.backends.deepspeed import consolidated_state_dict
+
+    step_dir = resolve_checkpoint(checkpoint)
+    cfg = load_config(step_dir / "config.yaml")
+    tokenizer = build.build_tokenizer(cfg)
+    model = build.build_model(cfg, tokenizer)
+    state = consolidated_state_dict(step_dir)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.freeze(cfg.train.stage)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    lost = [k for k in missing if k in trained]
+    if lost or unexpected:
+        raise ValueError(f"checkpoint {step_dir} does not match the model: missing trained weights "
+                         f"{lost[:5]}, unexpected {list(unexpected)[:5]}")
+    out = Path(out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "config.yaml").write_text((step_dir / "config.yaml").read_text())  # the recipe it came from
+    return out

@@ -1,0 +1,352 @@
+"""The training loop: one loop over a backend, for every stage, rank count and ZeRO stage.
+
+Per optimizer step it takes `grad_accum` micro-batches from the streaming loader, counts the
+answer tokens of the whole global batch (all ranks, all micro-batches) and normalises every
+micro-batch's summed token loss by that count. The gradient is then exactly that of the
+global batch's mean token loss, however the batch is split over ranks and micro-batches:
+2 ranks x 4 samples and 1 rank x 8 samples follow the same loss curve (tests compare them).
+
+Resume is exact: a checkpoint holds model and optimizer shards (backend), the LR schedule,
+the step, the loader state (global samples consumed: rank-count independent) and every
+rank's RNG state; `train` picks the newest *complete* checkpoint in run.dir by itself.
+SIGTERM / SIGUSR1 (SLURM's warnings before a time limit or preemption) finish the current
+step on all ranks, save, and exit with REQUEUE_EXIT so a launcher knows to requeue.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pargo_dist import build
+from pargo_dist.backends.deepspeed import DeepSpeedBackend, init_distributed
+from pargo_dist.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from pargo_dist.config import Config, to_yaml
+from pargo_dist.data.collate import model_inputs
+from pargo_dist.metrics import MetricsLogger, StepTimer, model_flops_per_sample, mfu, peak_flops_per_device, \
+    peak_memory_gib
+from pargo_dist.models.mllm import IGNORE_INDEX
+
+REQUEUE_EXIT = 75  # EX_TEMPFAIL: "saved, please run me again"
+log = logging.getLogger("pargo_dist.train")
+
+
+def quiet_libraries() -> None:
+    """Keep the console to our progress lines: DeepSpeed calls torch.distributed APIs that warn
+    on every step, and logs INFO lines per rank."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\..*is deprecated", category=FutureWarning)
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1; the loop agrees across ranks before acting on it."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal = signum
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1 if self.signal else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def param_groups(model, cfg: Config) -> list[dict[str, Any]]:
+    """One AdamW group per trained part, each with its own learning rate."""
+    o = cfg.optim
+    lrs = {"projector": o.lr_projector, "language_model": o.lr_llm, "vision_tower": o.lr_vision}
+    groups = []
+    for part, lr in lrs.items():
+        params = [p for p in getattr(model, part).parameters() if p.requires_grad]
+        if params:
+            groups.append({"params": params, "lr": lr if lr is not None else o.lr, "name": part})
+    return groups
+
+
+def lr_lambda(cfg: Config):
+    """Linear warmup, then cosine decay to min_lr_ratio at the last step."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def prepare_synthetic(cfg: Config, rank: int) -> None:
+    """Generate the synthetic dataset into the recipe's local dirs once (rank 0), if absent."""
+    syn = cfg.data.synthetic
+    if not syn.num_samples:
+        return
+    train_dir = Path(cfg.data.train.local or "")
+    if rank == 0 and not (train_dir / "index.json").exists():
+        from pargo_dist.data.convert import write_dataset
+        from pargo_dist.data.synthetic import SyntheticConfig, held_out, synthetic_samples
+
+        base = SyntheticConfig(num_samples=syn.num_samples, image_size=syn.image_size, seed=syn.seed)
+        targets = [(train_dir, base)]
+        if syn.held_out and cfg.data.eval is not None and cfg.data.eval.local:
+            targets.append((Path(cfg.data.eval.local), held_out(base, syn.held_out)))
+        for out, scfg in targets:
+            if not (out / "index.json").exists():
+                rows = ((s, None) for s in synthetic_samples(scfg, kind=syn.kind))
+                write_dataset(rows, str(out), progress=False, desc="synth")
+    dist.barrier()
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rank, self.world = init_distributed()
+        self.run_dir = Path(cfg.run.dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_synthetic(cfg, self.rank)
+        self.tokenizer = build.build_tokenizer(cfg)
+        self.backend = DeepSpeedBackend(cfg, self.world)
+        with self.backend.model_init_context():
+            model = build.build_model(cfg, self.tokenizer)
+        model.freeze(cfg.train.stage)
+        if cfg.train.activation_checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": False})
+        self.flops_per_token = None
+        optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                      weight_decay=cfg.optim.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.backend.setup(model, optimizer, scheduler)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader = build.loader(cfg, cfg.data.train, model, self.tokenizer, cfg.train.micro_batch)
+        self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.checkpoint.keep_last, rank=self.rank,
+                                      world_size=self.world, barrier=dist.barrier)
+        self.metrics = MetricsLogger(self.run_dir / "tb", rank=self.rank, total_steps=cfg.train.steps,
+                                     every=cfg.logging.every, enabled_tensorboard=cfg.logging.tensorboard)
+        self.step, self.samples_seen, self.tokens_seen, self.skipped = 0, 0, 0, 0
+        self.stop = StopFlag()
+        if self.rank == 0:
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    # -- resume -------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        step_dir = self.ckpt.resolve(self.cfg.checkpoint.resume)
+        if step_dir is None:
+            return
+        meta = self.ckpt.load_meta(step_dir)
+        self.backend.load(step_dir)
+        self.step = meta["step"]
+        self.samples_seen, self.tokens_seen = meta["samples_seen"], meta["tokens_seen"]
+        self.skipped = meta.get("skipped", 0)
+        if meta.get("loader") is not None:
+            self.train_loader.load_state_dict(meta["loader"])
+        rank_state = self.ckpt.load_rank_state(step_dir)
+        if rank_state is not None and meta.get("world_size") == self.world:
+            restore_rng_state(rank_state["rng"])
+        if self.rank == 0:
+            print(f"resumed from {step_dir} at step {self.step} ({self.samples_seen:,} samples seen)", flush=True)
+
+    def save(self) -> Path:
+        step_dir = self.ckpt.begin(self.step)
+        meta = {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
+                "skipped": self.skipped, "world_size": self.world, "stage": self.cfg.train.stage,
+                "loader": self.train_loader.state_dict()}
+        self.backend.save(step_dir)
+        self.ckpt.save_rank_state(step_dir, {"rng": capture_rng_state()})
+        self.ckpt.save_meta(step_dir, meta, to_yaml(self.cfg))
+        self.ckpt.commit(step_dir, self.step)
+        return step_dir
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def _batches(self):
+        while True:  # epochs: a fresh iterator continues the streaming epoch count
+            yielded = False
+            for batch in self.train_loader:
+                yielded = True
+                yield batch
+            if not yielded:
+                raise RuntimeError(f"the training data at {self.cfg.data.train.local or self.cfg.data.train.remote} "
+                                   "gave no batch: fewer samples than one global batch?")
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        """One optimizer step over the micro-batches; returns the global mean token loss etc."""
+        counts = torch.tensor([float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)),
+                               float(sum(b["num_tokens"] for b in micro_batches)),
+                               float(sum(b["num_samples"] for b in micro_batches)),
+                               float(sum(len(b["skipped"]) for b in micro_batches))])
+        dist.all_reduce(counts)
+        targets, tokens, samples, skipped = counts.tolist()
+        # HF's loss with num_items_in_batch is sum / num_items. DeepSpeed divides by grad_accum
+        # (in backward) and by the world size (gradient all-reduce average), so this makes the
+        # gradient that of sum(global token losses) / targets.
+        num_items = torch.tensor(targets / (self.world * len(micro_batches)))
+        loss_sum = torch.zeros(())
+        for batch in micro_batches:
+            out = self.backend.forward(**model_inputs(batch), num_items_in_batch=num_items)
+            self.backend.backward(out.loss)
+            self.backend.step()
+            loss_sum += out.loss.detach().float() * num_items
+        dist.all_reduce(loss_sum)
+        self.samples_seen += int(samples)
+        self.tokens_seen += int(tokens)
+        self.skipped += int(skipped)
+        return {"loss": loss_sum.item() / max(targets, 1.0), "tokens": tokens, "samples": samples,
+                "skipped": skipped}
+
+    def run(self) -> int:
+        cfg = self.cfg
+        self.resume()
+        self.backend.train(True)
+        batches = self._batches()
+        timer = StepTimer()
+        model = self.backend.module
+        peak = peak_flops_per_device(cfg.train.precision)
+        exit_code = 0
+        while self.step < cfg.train.steps:
+            timer.start()
+            micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+            stats = self.train_step(micro)
+            self.step += 1
+            perf = timer.stop(int(stats["samples"]), int(stats["tokens"]))
+            scalars = {"train/loss": stats["loss"], "data/skipped": float(self.skipped),
+                       "perf/peak_mem_gib": peak_memory_gib(), **perf}
+            for group in self.optimizer.param_groups:
+                scalars[f"train/lr/{group.get('name', 'all')}"] = group["lr"]
+            norm = self.backend.grad_norm()
+            if norm is not None:
+                scalars["train/grad_norm"] = norm
+            if peak:
+                seq = stats["tokens"] / max(stats["samples"], 1)
+                flops = model_flops_per_sample(model, int(seq)) * stats["samples"] / self.world
+                scalars["perf/mfu"] = mfu(flops / perf["perf/step_time"], peak)
+            self.metrics.log(self.step, scalars)
+            self._record(micro, scalars)
+            last = self.step == cfg.train.steps
+            if cfg.data.eval is not None and ((cfg.train.eval_every and self.step % cfg.train.eval_every == 0) or last):
+                self.evaluate()
+            if cfg.data.eval is not None and ((cfg.train.sample_every and self.step % cfg.train.sample_every == 0)
+                                              or last):
+                self.sample_captions()
+            stopping = self.stop.agreed()
+            if last or stopping or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                path = self.save()
+                if self.rank == 0:
+                    print(f"saved checkpoint {path}", flush=True)
+            if stopping and not last:
+                if self.rank == 0:
+                    print(f"received signal {self.stop.signal}: saved at step {self.step}, exiting with "
+                          f"{REQUEUE_EXIT} for requeue", flush=True)
+                exit_code = REQUEUE_EXIT
+                break
+        self.metrics.close()
+        return exit_code
+
+    def _record(self, micro: list[dict], scalars: dict[str, float]) -> None:
+        """Append this step to train_log.jsonl (rank 0) and, if asked, the sample ids (every rank):
+        plain files a user, a resume check or a test can read without TensorBoard."""
+        import json
+
+        if self.rank == 0:
+            with open(self.run_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **scalars}) + "\n")
+        if self.cfg.logging.sample_ids:
+            with open(self.run_dir / f"sample_ids.rank{self.rank}.jsonl", "a") as f:
+                ids = [i for b in micro for i in b["sample_ids"]]
+                f.write(json.dumps({"step": self.step, "world": self.world, "ids": ids}) + "\n")
+
+    # -- evaluation -----------------------------------------------------------------------
+
+    def _eval_loader(self):
+        """One loader over the held-out split, reused (streaming allows one dataset per local dir)."""
+        if getattr(self, "_eval", None) is None:
+            data = replace(self.cfg.data.eval, shuffle=False)
+            self._eval = build.loader(self.cfg, data, self.backend.module, self.tokenizer, self.cfg.train.micro_batch)
+        return self._eval
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss on the held-out split (every rank takes its share)."""
+        self.backend.train(False)
+        total = torch.zeros(2)
+        for i, batch in enumerate(self._eval_loader()):
+            if i >= self.cfg.train.eval_batches:
+                break
+            out = self.backend.forward(**model_inputs(batch))
+            n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += torch.tensor([out.loss.float().item() * n, n])
+        dist.all_reduce(total)
+        loss = (total[0] / total[1].clamp(min=1)).item()
+        self.metrics.log(self.step, {"eval/loss": loss})
+        if self.rank == 0:
+            import json
+
+            with open(self.run_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, "eval/loss": loss}) + "\n")
+        self.backend.train(True)
+        return loss
+
+    @torch.no_grad()
+    def sample_captions(self) -> list[tuple[str, str]]:
+        """Greedy captions for the first held-out images, next to the truth, into TensorBoard.
+        All ranks generate together (ZeRO-3 gathers parameters collectively)."""
+        cfg = self.cfg
+        self.backend.train(False)
+        model = self.backend.module
+        batch = next(iter(self._eval_loader()))
+        n = min(cfg.train.sample_count, len(batch["input_ids"]))
+        prompts, truths = [], []
+        for ids, labels in zip(batch["input_ids"][:n], batch["labels"][:n]):
+            answer = (labels != IGNORE_INDEX).nonzero()
+            start = int(answer[0]) if len(answer) else len(ids)
+            prompts.append(ids[:start])
+            truths.append(self.tokenizer.decode(ids[labels != IGNORE_INDEX], skip_special_tokens=True))
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.stack([torch.cat([torch.full((width - len(p),), pad), p]) for p in prompts])
+        mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]) for p in prompts]).long()
+        pixels = batch["pixel_values"][:n] if batch["pixel_values"] is not None else None
+        new = model.generate(input_ids, pixels, attention_mask=mask, do_sample=False,
+                             max_new_tokens=cfg.train.max_new_tokens, pad_token_id=pad,
+                             eos_token_id=self.tokenizer.eos_token_id,
+                             synced_gpus=self.world > 1 and cfg.backend.zero_stage == 3)
+        pairs = [(self.tokenizer.decode(g, skip_special_tokens=True).strip(), t.strip())
+                 for g, t in zip(new, truths)]
+        text = "\n\n".join(f"**generated:** {g}  \n**truth:** {t}" for g, t in pairs)
+        self.metrics.log_text(self.step, "samples/captions", text)
+        if self.rank == 0:
+            g, t = pairs[0]
+            print(f"sample caption @ step {self.step}\n  generated: {g}\n  truth:     {t}", flush=True)
+        self.backend.train(True)
+        return pairs
+
+
+def train(cfg: Config) -> int:
+    """Run (or resume) the recipe's training; returns 0, or REQUEUE_EXIT after a signal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_libraries()
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()

@@ -1,0 +1,102 @@
+"""Run `pargo-dist train` for real (torchrun ranks over gloo) on a tiny recipe, and read what it left."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TEST_RECIPE = """
+run: {{dir: {run_dir}, seed: 0}}
+model:
+  vision:
+    config: {{model_type: clip_vision_model, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,
+             num_attention_heads: 4, image_size: 32, patch_size: 8}}
+    feature_layer: -1
+  llm:
+    config: {{model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
+             num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256}}
+  projector: {{num_partial: 8, num_global: 2, depth: 1, width: 32, heads: 4, ffn: 64}}
+  tokenizer: synthetic
+data:
+  synthetic: {{num_samples: 512, held_out: 32, image_size: 48}}
+  train: {{local: {data_dir}/train, max_len: 128, num_canonical_nodes: 1}}
+  eval: {{local: {data_dir}/val, max_len: 128, shuffle: false}}
+optim: {{lr: 3.0e-3, warmup_steps: 2}}
+train: {{stage: finetune, steps: 6, micro_batch: 4, eval_every: 0, eval_batches: 8, sample_count: 1,
+        max_new_tokens: 8}}
+backend: {{zero_stage: 3}}
+checkpoint: {{every: 2, keep_last: 5}}
+logging: {{every: 1, sample_ids: true}}
+"""
+
+
+def write_recipe(path: Path, run_dir: Path, data_dir: Path) -> Path:
+    path.write_text(TEST_RECIPE.format(run_dir=run_dir, data_dir=data_dir))
+    return path
+
+
+def train_cmd(recipe: Path, overrides: list[str], nproc: int) -> list[str]:
+    return [sys.executable, "-m", "pargo_dist.cli", "train", str(recipe), *overrides, "--nproc", str(nproc)]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def run_train(recipe: Path, overrides: list[str] = (), nproc: int = 2, timeout: float = 600,
+              expect: int = 0) -> subprocess.CompletedProcess:
+    out = subprocess.run(train_cmd(recipe, list(overrides), nproc), capture_output=True, text=True,
+                         timeout=timeout, env=env())
+    if out.returncode != expect:
+        raise AssertionError(f"train exited {out.returncode} (expected {expect}):\n"
+                             f"{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out
+
+
+def start_train(recipe: Path, overrides: list[str] = (), nproc: int = 2) -> subprocess.Popen:
+    """Started in its own process group, so the test can signal or kill every rank."""
+    return subprocess.Popen(train_cmd(recipe, list(overrides), nproc), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env(), start_new_session=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before {path} appeared:\n{proc.stdout.read()[-5000:]}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"{path} did not appear in {timeout}s")
+        time.sleep(0.05)
+
+
+def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    """step -> value from train_log.jsonl; a resumed step's later entry wins."""
+    out = {}
+    for line in (run_dir / "train_log.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if key in row:
+            out[row["step"]] = row[key]
+    return out
+
+
+def sample_ids(run_dir: Path) -> dict[int, list[str]]:
+    """step -> the global batch's sample ids (all ranks), last entry per (rank, step) wins."""
+    per = {}
+    for f in sorted(run_dir.glob("sample_ids.rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            row = json.loads(line)
+            per[(f.name, row["step"])] = row["ids"]
+    steps = {}
+    for (_, step), ids in sorted(per.items(), key=lambda kv: kv[0][1]):
+        steps.setdefault(step, []).extend(ids)
+    return steps
+
+
+def marker(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step:08d}" / "COMPLETE"
