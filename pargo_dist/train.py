@@ -118,49 +118,71 @@ def prepare_synthetic(cfg: Config, rank: int) -> None:
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.stop = StopFlag()  # first: a signal during start-up is honoured at the first step
         self.rank, self.world = init_distributed()
         self.run_dir = Path(cfg.run.dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         prepare_synthetic(cfg, self.rank)
         self.tokenizer = build.build_tokenizer(cfg)
         self.backend = DeepSpeedBackend(cfg, self.world)
+        self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.checkpoint.keep_last, rank=self.rank,
+                                      world_size=self.world, barrier=dist.barrier)
+        self.resume_dir = self.ckpt.resolve(cfg.checkpoint.resume)
+        self.resume_meta = self.ckpt.load_meta(self.resume_dir) if self.resume_dir else None
+        self.elastic = bool(self.resume_meta) and self.resume_meta["world_size"] != self.world
         with self.backend.model_init_context():
             model = build.build_model(cfg, self.tokenizer)
+        if self.elastic:
+            self._load_elastic_weights(model)
         model.freeze(cfg.train.stage)
         if cfg.train.activation_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
-        self.flops_per_token = None
         optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                       weight_decay=cfg.optim.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        if self.elastic:  # the schedule is a function of the step: put it there
+            scheduler.last_epoch = self.resume_meta["step"]
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * lr_lambda(cfg)(self.resume_meta["step"])
         self.backend.setup(model, optimizer, scheduler)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader = build.loader(cfg, cfg.data.train, model, self.tokenizer, cfg.train.micro_batch)
-        self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.checkpoint.keep_last, rank=self.rank,
-                                      world_size=self.world, barrier=dist.barrier)
         self.metrics = MetricsLogger(self.run_dir / "tb", rank=self.rank, total_steps=cfg.train.steps,
                                      every=cfg.logging.every, enabled_tensorboard=cfg.logging.tensorboard)
         self.step, self.samples_seen, self.tokens_seen, self.skipped = 0, 0, 0, 0
-        self.stop = StopFlag()
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     # -- resume -------------------------------------------------------------------------
 
+    def _load_elastic_weights(self, model) -> None:
+        """Resume on another rank count: ZeRO's optimizer shards are per rank, so the weights come
+        from the consolidated checkpoint and Adam's moments start again; step, LR schedule and
+        the data position (global samples consumed) continue exactly."""
+        from pargo_dist.backends.deepspeed import consolidated_state_dict
+
+        state = consolidated_state_dict(self.resume_dir)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or (missing and self.cfg.train.stage != "align"):
+            raise RuntimeError(f"checkpoint {self.resume_dir} does not fit the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+        if self.rank == 0:
+            print(f"elastic resume: checkpoint of {self.resume_meta['world_size']} rank(s) on {self.world}; "
+                  "weights, schedule and data position restored, optimizer moments re-initialised", flush=True)
+
     def resume(self) -> None:
-        step_dir = self.ckpt.resolve(self.cfg.checkpoint.resume)
+        step_dir, meta = self.resume_dir, self.resume_meta
         if step_dir is None:
             return
-        meta = self.ckpt.load_meta(step_dir)
-        self.backend.load(step_dir)
+        if not self.elastic:
+            self.backend.load(step_dir)
         self.step = meta["step"]
         self.samples_seen, self.tokens_seen = meta["samples_seen"], meta["tokens_seen"]
         self.skipped = meta.get("skipped", 0)
         if meta.get("loader") is not None:
             self.train_loader.load_state_dict(meta["loader"])
-        rank_state = self.ckpt.load_rank_state(step_dir)
-        if rank_state is not None and meta.get("world_size") == self.world:
-            restore_rng_state(rank_state["rng"])
+        if not self.elastic:
+            restore_rng_state(self.ckpt.load_rank_state(step_dir)["rng"])
         if self.rank == 0:
             print(f"resumed from {step_dir} at step {self.step} ({self.samples_seen:,} samples seen)", flush=True)
 

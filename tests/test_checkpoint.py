@@ -5,12 +5,10 @@ and a SIGKILL in the middle of a save."""
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import random
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -19,17 +17,6 @@ import pytest
 import torch
 
 from pargo_dist.checkpoint import COMPLETE, CheckpointManager, capture_rng_state, restore_rng_state
-
-MODULE = Path(__file__).resolve().parents[1] / "pargo_dist" / "checkpoint.py"
-
-# Child processes load checkpoint.py by file path: importing the `pargo_dist` package would
-# also import transformers/torchvision (seconds per process) for nothing this test needs.
-CHILD_PRELUDE = f"""
-import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("ckpt", {str(MODULE)!r})
-ckpt = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ckpt)
-"""
 
 
 def save(mgr: CheckpointManager, step: int, **meta) -> Path:
@@ -49,10 +36,6 @@ def crashed_save(mgr: CheckpointManager, step: int) -> Path:
     mgr.save_rank_state(path, {"loader": {"pos": step}})
     mgr.save_meta(path, {"step": step})
     return path
-
-
-def child_env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 # -- single process --------------------------------------------------------------------
@@ -196,34 +179,44 @@ def test_rng_capture_restore_reproduces_draws(tmp_path):
     assert torch.equal(first[2], again[2])
 
 
-# -- real processes --------------------------------------------------------------------
+# -- real processes ---------------------------------------------------------------------
+# Forked, not spawned: the children need nothing but torch, which this process has already
+# imported, and a fresh interpreter importing torch costs seconds per process. Every wait
+# has a timeout, so a wedged child fails the test instead of hanging the suite.
 
-RANK_WORKER = CHILD_PRELUDE + """
-import torch.distributed as dist
-run_dir, store, rank, world = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
-mgr = ckpt.CheckpointManager(run_dir, keep_last=2, rank=rank, world_size=world, barrier=dist.barrier)
-for step in (1, 2, 3):
-    path = mgr.begin(step)
-    if rank == 1:
-        time.sleep(0.3)  # the slow rank: rank 0 must not write the marker before this file exists
-    mgr.save_rank_state(path, {"rank": rank, "loader": {"pos": 100 * rank + step}})
-    mgr.save_meta(path, {"step": step, "world_size": world})
-    mgr.commit(path, step)
-dist.destroy_process_group()
-"""
+FORK = mp.get_context("fork")
+
+
+def _rank_worker(run_dir: str, store: str, rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    mgr = CheckpointManager(run_dir, keep_last=2, rank=rank, world_size=world, barrier=dist.barrier)
+    for step in (1, 2, 3):
+        path = mgr.begin(step)
+        if rank == 1:
+            time.sleep(0.2)  # the slow rank: rank 0 must not write the marker before this file exists
+        mgr.save_rank_state(path, {"rank": rank, "loader": {"pos": 100 * rank + step}})
+        mgr.save_meta(path, {"step": step, "world_size": world})
+        mgr.commit(path, step)
+    dist.destroy_process_group()
 
 
 def test_two_ranks_over_gloo(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(RANK_WORKER)
     run_dir = tmp_path / "run"
-    procs = [subprocess.Popen([sys.executable, str(script), str(run_dir), str(tmp_path / "store"), str(r), "2"],
-                              env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [FORK.Process(target=_rank_worker, args=(str(run_dir), str(tmp_path / "store"), r, 2))
              for r in range(2)]
     for proc in procs:
-        out, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0, out
+        proc.start()
+    try:
+        for proc in procs:
+            proc.join(timeout=60)
+            assert proc.exitcode == 0, f"rank process exited with {proc.exitcode}"
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
 
     mgr = CheckpointManager(run_dir)  # a later single-process reader (elastic resume, export)
     assert mgr.complete_steps() == [2, 3]  # keep_last=2 applied by rank 0 under the barrier
@@ -239,38 +232,33 @@ def test_two_ranks_over_gloo(tmp_path):
     assert mgr.load_rank_state(path, rank=3) is None  # 4-rank resume of a 2-rank checkpoint
 
 
-KILLED_WORKER = CHILD_PRELUDE + """
-import torch
-mgr = ckpt.CheckpointManager(sys.argv[1])
-for step, crash in ((1, False), (2, True)):
-    path = mgr.begin(step)
-    (path / "model_shard.bin").write_bytes(b"x" * 1024)
-    mgr.save_rank_state(path, {"rng": ckpt.capture_rng_state(), "loader": {"pos": step}})
-    mgr.save_meta(path, {"step": step, "world_size": 1})
-    if crash:
-        print("WRITTEN", flush=True)
-        time.sleep(120)  # killed here, before commit
-    mgr.commit(path, step)
-"""
+def _killed_worker(run_dir: str, written) -> None:
+    mgr = CheckpointManager(run_dir)
+    for step in (1, 2):
+        path = mgr.begin(step)
+        (path / "model_shard.bin").write_bytes(b"x" * 1024)
+        mgr.save_rank_state(path, {"rng": capture_rng_state(), "loader": {"pos": step}})
+        mgr.save_meta(path, {"step": step, "world_size": 1})
+        if step == 2:
+            written.set()
+            time.sleep(120)  # SIGKILLed here, before commit
+        mgr.commit(path, step)
 
 
 def test_sigkill_before_commit_leaves_previous_checkpoint_latest(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(KILLED_WORKER)
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    written = FORK.Event()
+    proc = FORK.Process(target=_killed_worker, args=(str(run_dir), written))
+    proc.start()
     try:
-        line = proc.stdout.readline()
-        assert line.strip() == "WRITTEN", line + proc.stdout.read()
+        assert written.wait(timeout=60), f"worker never reached the crash point (exit {proc.exitcode})"
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.join(timeout=30)
     finally:
-        if proc.poll() is None:
+        if proc.is_alive():
             proc.kill()
-            proc.wait()
-        proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
+            proc.join()
+    assert proc.exitcode == -signal.SIGKILL
 
     mgr = CheckpointManager(run_dir)
     killed = mgr.step_dir(2)
@@ -280,7 +268,6 @@ def test_sigkill_before_commit_leaves_previous_checkpoint_latest(tmp_path):
     assert mgr.load_rank_state(mgr.latest())["loader"] == {"pos": 1}
 
     # The rerun saves the same step again over the dead leftover.
-    start = time.time()
     path = save(mgr, 2)
     assert mgr.complete_steps() == [1, 2] and mgr.latest() == path
-    assert not (path / "model_shard.bin").read_bytes() == b"x" * 1024 or path.stat().st_mtime >= start - 1
+    assert (path / "model_shard.bin").stat().st_size == 64  # new files, not the killed save's
