@@ -63,8 +63,8 @@ class StopFlag:
     def _handle(self, signum, _frame) -> None:
         self.signal = signum
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1 if self.signal else 0])
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([1 if self.signal else 0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -214,16 +214,17 @@ class Trainer:
         counts = torch.tensor([float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)),
                                float(sum(b["num_tokens"] for b in micro_batches)),
                                float(sum(b["num_samples"] for b in micro_batches)),
-                               float(sum(len(b["skipped"]) for b in micro_batches))])
-        dist.all_reduce(counts)
+                               float(sum(len(b["skipped"]) for b in micro_batches))], device=self.backend.device)
+        dist.all_reduce(counts)  # on the backend's device: NCCL reduces only GPU tensors
         targets, tokens, samples, skipped = counts.tolist()
         # HF's loss with num_items_in_batch is sum / num_items. DeepSpeed divides by grad_accum
         # (in backward) and by the world size (gradient all-reduce average), so this makes the
         # gradient that of sum(global token losses) / targets.
-        num_items = torch.tensor(targets / (self.world * len(micro_batches)))
-        loss_sum = torch.zeros(())
+        device = self.backend.device
+        num_items = torch.tensor(targets / (self.world * len(micro_batches)), device=device)
+        loss_sum = torch.zeros((), device=device)
         for batch in micro_batches:
-            out = self.backend.forward(**model_inputs(batch), num_items_in_batch=num_items)
+            out = self.backend.forward(**model_inputs(batch, device), num_items_in_batch=num_items)
             self.backend.backward(out.loss)
             self.backend.step()
             loss_sum += out.loss.detach().float() * num_items
@@ -268,7 +269,7 @@ class Trainer:
             if cfg.data.eval is not None and ((cfg.train.sample_every and self.step % cfg.train.sample_every == 0)
                                               or last):
                 self.sample_captions()
-            stopping = self.stop.agreed()
+            stopping = self.stop.agreed(self.backend.device)
             if last or stopping or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
                 path = self.save()
                 if self.rank == 0:
@@ -308,13 +309,13 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean token loss on the held-out split (every rank takes its share)."""
         self.backend.train(False)
-        total = torch.zeros(2)
+        total = torch.zeros(2, device=self.backend.device)
         for i, batch in enumerate(self._eval_loader()):
             if i >= self.cfg.train.eval_batches:
                 break
-            out = self.backend.forward(**model_inputs(batch))
+            out = self.backend.forward(**model_inputs(batch, self.backend.device))
             n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            total += torch.tensor([out.loss.float().item() * n, n])
+            total += torch.tensor([out.loss.float().item() * n, n], device=total.device)
         dist.all_reduce(total)
         loss = (total[0] / total[1].clamp(min=1)).item()
         self.metrics.log(self.step, {"eval/loss": loss})
@@ -345,8 +346,9 @@ class Trainer:
         pad = self.tokenizer.pad_token_id
         input_ids = torch.stack([torch.cat([torch.full((width - len(p),), pad), p]) for p in prompts])
         mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]) for p in prompts]).long()
-        pixels = batch["pixel_values"][:n] if batch["pixel_values"] is not None else None
-        new = model.generate(input_ids, pixels, attention_mask=mask, do_sample=False,
+        device = self.backend.device
+        pixels = batch["pixel_values"][:n].to(device) if batch["pixel_values"] is not None else None
+        new = model.generate(input_ids.to(device), pixels, attention_mask=mask.to(device), do_sample=False,
                              max_new_tokens=cfg.train.max_new_tokens, pad_token_id=pad,
                              eos_token_id=self.tokenizer.eos_token_id,
                              synced_gpus=self.world > 1 and cfg.backend.zero_stage == 3)

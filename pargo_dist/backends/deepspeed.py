@@ -82,6 +82,10 @@ class DeepSpeedBackend:
             config=ds_config(self.cfg, self.world_size))
 
     @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
 

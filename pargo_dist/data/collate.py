@@ -94,6 +94,9 @@ class Collator:
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values")
 
 
-def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """The keys of a batch that the model's forward takes."""
-    return {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+def model_inputs(batch: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
+    """The keys of a batch that the model's forward takes (moved to `device` if given)."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
+    if device is not None:
+        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+    return inputs

@@ -114,7 +114,7 @@ class ParGoPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         # Vision tower and LLM were initialised by their own classes; only ours is left.
         if isinstance(module, (QueryProjector, MLPProjector)):
-            init_projector_weights(module)
+            init_projector_weights(module, module.cfg.init_std)
 
 
 class ParGoForConditionalGeneration(ParGoPreTrainedModel):

@@ -43,6 +43,7 @@ class ProjectorConfig:
     dropout: float = 0.0  # hidden dropout (after query embedding and on each residual branch)
     attn_dropout: float = 0.0  # dropout on attention probabilities
     layer_norm_eps: float = 1e-12  # BERT's
+    init_std: float = 0.02  # BERT's init; small widths train faster with ~1/sqrt(width)
     # How the patch sequence is split into P regions:
     #   raster: P contiguous runs of N/P patches in raster order (the released code);
     #   window: h x w windows tiling each crop's patch grid (needs `grid` from the tower).
@@ -342,7 +343,7 @@ class QueryProjector(nn.Module):
         self._regions: dict[int, torch.Tensor] = {}
         # Set by transformers' gradient_checkpointing_enable(), like its own decoder stacks.
         self.gradient_checkpointing = False
-        init_projector_weights(self)
+        init_projector_weights(self, cfg.init_std)
 
     def num_tokens(self, num_patches: int) -> int:
         return self.num_partial + self.num_global
@@ -386,7 +387,7 @@ class MLPProjector(nn.Module):
         self.net = nn.Sequential(
             nn.Linear(vision_width, llm_width), nn.GELU(), nn.Linear(llm_width, llm_width)
         )
-        init_projector_weights(self)
+        init_projector_weights(self, cfg.init_std)
 
     def num_tokens(self, num_patches: int) -> int:
         return num_patches

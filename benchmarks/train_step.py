@@ -1,0 +1,369 @@
+"""Training-step throughput and peak memory: pargo_dist vs a bare DeepSpeed loop vs HF Trainer.
+
+What is measured: samples/s, tokens/s and peak memory of one *optimizer step* (forward,
+backward, ZeRO gradient reduction, clipping, AdamW update) on one fixed synthetic batch, so no
+data loading is inside the timed region; rates come from the median step time (robust to other
+processes on a shared machine). Three contenders train the same model (same recipe, same seed,
+same frozen parts), on the same batch, under the same DeepSpeed config
+(`pargo_dist.backends.deepspeed.ds_config`):
+
+  pargo_dist      our loop: `Trainer.train_step` itself (global target-token count, its
+                  all-reduces, the loss normalisation), over DeepSpeedBackend with the optimizer
+                  and LR schedule built exactly as `Trainer.__init__` builds them.
+  bare deepspeed  `deepspeed.initialize(model, AdamW, config)`, then
+                  `loss = engine(**batch).loss; engine.backward(loss); engine.step()`.
+                  ours / bare is the *framework overhead* of pargo_dist (ideally 1.00).
+  hf trainer      `transformers.Trainer` with `TrainingArguments(deepspeed=<the same dict>)`:
+                  what a LLaVA-style training script gets. A step is timed from the end of
+                  the previous step to its own end (TrainerCallback.on_step_end), so
+                  the Trainer's own per-step work (batch fetch and device move, loss-kwarg
+                  counting, callbacks) is included, as it is in a real run.
+
+Model sizes: "tiny" is recipes/tiny-cpu.yaml as is; "small" (~56M parameters) and "1b" (a
+Llama-1B-shaped LLM with a CLIP-L/336-shaped tower and the paper's ParGo projector, CUDA only)
+are the same recipe with overrides (SIZES below). Vocabulary: the synthetic tokenizer's
+~100 ids for tiny, 32,000 (Llama-2's) for small and 1b, so the LM head costs what it really does.
+The recipe's stage (finetune: projector + LLM train, the tower is frozen) holds for all three.
+
+Every contender runs in its own subprocess (one rank: RANK=0, WORLD_SIZE=1; gloo on CPU, NCCL
+on CUDA), so peak memory (`metrics.peak_memory_gib`: CUDA max_memory_allocated, or the process
+peak RSS on CPU, imports included) and process-group state cannot leak between them. MFU
+(`metrics.model_flops_per_sample`, vision tower included) is shown where the GPU's peak
+FLOP/s is known. A contender that cannot run shows "n/a: <reason>" in its row.
+
+    python benchmarks/train_step.py                                # CPU: tiny + small, fp32
+    python benchmarks/train_step.py --sizes small --steps 20       # one size, more steps
+    python benchmarks/train_step.py --sizes tiny small 1b --precision bf16   # CUDA default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import pargo_dist  # noqa: E402,F401  (environment shims)
+
+RECIPE = ROOT / "recipes" / "tiny-cpu.yaml"
+CONTENDERS = ("pargo_dist", "bare deepspeed", "hf trainer")
+TEXT_TOKENS = 64  # per sample, besides the visual tokens: 32 prompt + 32 answer (the targets)
+VOCAB = 32000
+
+_LLM = "model.llm.config."
+_VIS = "model.vision.config."
+SIZES: dict[str, list[str]] = {
+    "tiny": [],
+    "small": [f"{_LLM}hidden_size=512", f"{_LLM}intermediate_size=1408", f"{_LLM}num_hidden_layers=6",
+              f"{_LLM}num_attention_heads=8", f"{_LLM}num_key_value_heads=4", f"{_LLM}max_position_embeddings=512",
+              f"{_LLM}vocab_size={VOCAB}",
+              f"{_VIS}hidden_size=256", f"{_VIS}intermediate_size=1024", f"{_VIS}num_hidden_layers=4",
+              f"{_VIS}num_attention_heads=4", f"{_VIS}image_size=64", f"{_VIS}patch_size=8",
+              "model.projector.width=256", "model.projector.heads=4", "model.projector.ffn=1024"],
+    "1b": [f"{_LLM}hidden_size=2048", f"{_LLM}intermediate_size=5632", f"{_LLM}num_hidden_layers=16",
+           f"{_LLM}num_attention_heads=16", f"{_LLM}num_key_value_heads=8", f"{_LLM}max_position_embeddings=2048",
+           f"{_LLM}vocab_size={VOCAB}",
+           f"{_VIS}hidden_size=1024", f"{_VIS}intermediate_size=4096", f"{_VIS}num_hidden_layers=24",
+           f"{_VIS}num_attention_heads=16", f"{_VIS}image_size=336", f"{_VIS}patch_size=14",
+           "model.vision.feature_layer=-2", "model.vision.post_layernorm=false"],
+}
+DEFAULT_PROJECTOR = {"1b"}  # sizes that use ProjectorConfig's defaults (the paper's 288 + 16 queries)
+
+
+# ----------------------------------------------------------------------------- one contender
+
+
+def load_size(size: str, args):
+    """The recipe with the size's overrides and the benchmark's batch / precision / ZeRO stage."""
+    from pargo_dist.config import load_config
+
+    overrides = SIZES[size] + [f"train.micro_batch={args.batch}", "train.grad_accum=1",
+                               f"train.precision={args.precision}", f"backend.zero_stage={args.zero}",
+                               f"train.steps={args.warmup + args.steps}", "logging.tensorboard=false"]
+    cfg = load_config(args.recipe, overrides)
+    if size in DEFAULT_PROJECTOR:
+        cfg.model.projector = {}
+        cfg.validate()
+    return cfg
+
+
+def fixed_batch(model, tokenizer, batch: int, seed: int = 0) -> dict:
+    """One collated batch: <s> <|user|> <image>*V prompt <|assistant|> answer </s>; loss on the answer."""
+    from pargo_dist.data.collate import Collator
+    from pargo_dist.data.tokenizer import ASSISTANT, USER, image_token_id
+    from pargo_dist.models.mllm import IGNORE_INDEX
+
+    gen = torch.Generator().manual_seed(seed)
+    words = [i for t, i in tokenizer.get_vocab().items() if t not in tokenizer.all_special_tokens]
+    words = torch.tensor(sorted(words))
+    side = model.vision_tower.image_size
+    n_visual = model.num_image_tokens()
+    user, assistant = tokenizer.convert_tokens_to_ids([USER, ASSISTANT])
+    n_prompt, n_answer = TEXT_TOKENS // 2 - 3, TEXT_TOKENS // 2 - 1  # + <s> <|user|> <|assistant|>, + </s>
+    examples = []
+    for i in range(batch):
+        pick = words[torch.randint(len(words), (n_prompt + n_answer,), generator=gen)].tolist()
+        prompt = [tokenizer.bos_token_id, user] + [image_token_id(tokenizer)] * n_visual + pick[:n_prompt] \
+            + [assistant]
+        answer = pick[n_prompt:] + [tokenizer.eos_token_id]
+        examples.append({"id": str(i), "input_ids": prompt + answer,
+                         "labels": [IGNORE_INDEX] * len(prompt) + answer,
+                         "pixel_values": torch.randn(3, side, side, generator=gen)})
+    return Collator(pad_id=tokenizer.pad_token_id)(examples)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def timed_loop(step, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` calls of step() after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_pargo(cfg, model, batch, args) -> float:
+    """Trainer.train_step on an object holding what it reads, set up as Trainer.__init__ does."""
+    from pargo_dist.backends.deepspeed import DeepSpeedBackend
+    from pargo_dist.train import Trainer, lr_lambda, param_groups
+
+    backend = DeepSpeedBackend(cfg, 1)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    backend.setup(model, optimizer, scheduler)
+    backend.train(True)
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.backend, trainer.world, trainer.rank = cfg, backend, 1, 0
+    trainer.optimizer, trainer.scheduler = optimizer, scheduler
+    trainer.step, trainer.samples_seen, trainer.tokens_seen, trainer.skipped = 0, 0, 0, 0
+    batch = to_device(batch, backend.engine.device)
+    return timed_loop(lambda: trainer.train_step([batch]), args.warmup, args.steps)
+
+
+def run_bare(cfg, model, batch, args) -> float:
+    import deepspeed
+
+    from pargo_dist.backends.deepspeed import ds_config
+    from pargo_dist.data.collate import model_inputs
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, 1))
+    engine.train()
+    inputs = model_inputs(to_device(batch, engine.device))
+
+    def step():
+        loss = engine(**inputs).loss
+        engine.backward(loss)
+        engine.step()
+
+    return timed_loop(step, args.warmup, args.steps)
+
+
+def run_hf(cfg, model, batch, args) -> float:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from pargo_dist.backends.deepspeed import ds_config
+    from pargo_dist.data.collate import model_inputs
+
+    inputs = model_inputs(batch)
+    n = len(batch["input_ids"])
+    marks: dict[int, float] = {}
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, _args, state, control, **kwargs):
+            sync()
+            marks[state.global_step] = time.perf_counter()
+
+    class Rows(torch.utils.data.Dataset):  # the fixed batch's rows; the collator returns the batch itself
+        def __len__(self):
+            return n * (args.warmup + args.steps)
+
+        def __getitem__(self, i):
+            return {"row": i % n}
+
+    def collate(rows):
+        assert len(rows) == n, "the Trainer's batch is not the benchmark batch"
+        return dict(inputs)
+
+    o = cfg.optim
+    out_dir = tempfile.TemporaryDirectory(prefix="hf-bench-")  # save_strategy="no": stays empty
+    targs = TrainingArguments(
+        output_dir=out_dir.name, deepspeed=ds_config(cfg, 1),
+        per_device_train_batch_size=n, gradient_accumulation_steps=1, max_steps=args.warmup + args.steps,
+        learning_rate=o.lr, weight_decay=o.weight_decay, adam_beta1=o.betas[0], adam_beta2=o.betas[1],
+        adam_epsilon=o.eps, max_grad_norm=o.clip_grad, lr_scheduler_type="cosine", optim="adamw_torch",
+        report_to=[], save_strategy="no", logging_strategy="no", eval_strategy="no", disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(), bf16=cfg.train.precision == "bf16", dataloader_num_workers=0,
+        remove_unused_columns=False, seed=cfg.run.seed, data_seed=cfg.run.seed)
+    trainer = Trainer(model=model, args=targs, train_dataset=Rows(), data_collator=collate,
+                      callbacks=[StepClock()])
+    trainer.train()
+    out_dir.cleanup()
+    engine = type(trainer.model_wrapped).__name__
+    if not trainer.is_deepspeed_enabled or engine != "DeepSpeedEngine":
+        raise RuntimeError(f"the HF Trainer did not train through DeepSpeed (model_wrapped: {engine})")
+    if len(marks) != args.warmup + args.steps:
+        raise RuntimeError(f"the HF Trainer ran {len(marks)} steps, expected {args.warmup + args.steps}")
+    # step k's time: end of step k-1 to end of step k (without warm-up, step 1 has no start: left out)
+    return [marks[k] - marks[k - 1] for k in range(max(args.warmup, 1) + 1, args.warmup + args.steps + 1)]
+
+
+def run_one(size: str, contender: str, args) -> dict:
+    """Build, time, measure one contender (in this process: the parent starts one per case)."""
+    from pargo_dist.launch import single_process_env
+
+    single_process_env()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from pargo_dist.backends.deepspeed import init_distributed
+    from pargo_dist.build import build_model
+    from pargo_dist.data.tokenizer import synthetic_tokenizer
+    from pargo_dist.metrics import model_flops_per_sample, mfu, peak_flops_per_device, peak_memory_gib
+    from pargo_dist.train import quiet_libraries
+
+    quiet_libraries()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    cfg = load_size(size, args)
+    init_distributed()
+    tokenizer = synthetic_tokenizer()
+    model = build_model(cfg, tokenizer)
+    model.freeze(cfg.train.stage)
+    batch = fixed_batch(model, tokenizer, args.batch, seed=cfg.run.seed)
+    seq = batch["input_ids"].shape[1]
+    flops = model_flops_per_sample(model, seq)
+    info = {"size": size, "contender": contender, "seq": seq, "tokens": batch["num_tokens"],
+            "params": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    run = {"pargo_dist": run_pargo, "bare deepspeed": run_bare, "hf trainer": run_hf}[contender]
+    times = run(cfg, model, batch, args)
+    median = statistics.median(times)
+    samples_per_s = args.batch / median
+    peak = peak_flops_per_device(cfg.train.precision)
+    info.update(samples_per_s=samples_per_s, tokens_per_s=batch["num_tokens"] / median, step_s=times,
+                mem_gib=peak_memory_gib(), mfu=mfu(flops * samples_per_s, peak) if peak else None)
+    return info
+
+
+# ----------------------------------------------------------------------------- the table
+
+MARK = "TRAIN_STEP_RESULT "
+
+
+def spawn(size: str, contender: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--one", size, contender, "--recipe", str(args.recipe), "--batch", str(args.batch),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--precision", args.precision,
+           "--zero", str(args.zero)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.case_timeout)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+    return {"size": size, "contender": contender, "error": f"exit {proc.returncode}: {tail[-1] if tail else '?'}"}
+
+
+def short(err: str, width: int = 110) -> str:
+    err = " ".join(err.split())
+    return err if len(err) <= width else err[: width - 3] + "..."
+
+
+def print_table(size: str, rows: list[dict], args) -> None:
+    ok = [r for r in rows if "error" not in r]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores, " \
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    ref = ok[0] if ok else {}
+    params = f"{ref['params'] / 1e6:.1f}M params ({ref['trainable'] / 1e6:.1f}M trained)" if ref else "params ?"
+    print(f"\n[{size}] {device} | {args.precision} | ZeRO-{args.zero} | batch {args.batch} x seq "
+          f"{ref.get('seq', '?')} | {params} | median of {args.steps} steps after {args.warmup} warm-up")
+    bare = next((r for r in ok if r["contender"] == "bare deepspeed"), None)
+    print(f"{'contender':<15} {'samples/s':>10} {'tokens/s':>10} {'peak mem GiB':>13} {'MFU':>7} {'vs bare ds':>11}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['contender']:<15} n/a: {short(r['error'])}")
+            continue
+        ratio = f"{r['samples_per_s'] / bare['samples_per_s']:.2f}" if bare else "-"
+        m = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        print(f"{r['contender']:<15} {r['samples_per_s']:>10.2f} {r['tokens_per_s']:>10,.0f} {r['mem_gib']:>13.2f}"
+              f" {m:>7} {ratio:>11}")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    cuda = torch.cuda.is_available()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None,
+                    help="default: tiny small (CPU), tiny small 1b (CUDA)")
+    ap.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 10 on CPU, 20 on CUDA)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on CPU, 3 on CUDA)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16" if cuda else "fp32")
+    ap.add_argument("--zero", type=int, choices=[1, 2, 3], default=2)
+    ap.add_argument("--recipe", type=Path, default=RECIPE)
+    ap.add_argument("--case-timeout", type=float, default=900, help="seconds per contender before giving up")
+    ap.add_argument("--one", nargs=2, metavar=("SIZE", "CONTENDER"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.steps = args.steps or (20 if cuda else 10)
+    args.warmup = (3 if cuda else 2) if args.warmup is None else args.warmup
+    args.sizes = args.sizes or (["tiny", "small", "1b"] if cuda else ["tiny", "small"])
+    if args.steps < 1:
+        ap.error("--steps must be >= 1")
+
+    if args.one:
+        size, contender = args.one
+        try:
+            out = run_one(size, contender, args)
+        except Exception as err:  # noqa: BLE001  reported in the table row
+            traceback.print_exc()
+            out = {"size": size, "contender": contender, "error": f"{type(err).__name__}: {err}"}
+        print(MARK + json.dumps(out), flush=True)
+        return
+
+    if "1b" in args.sizes and not cuda:
+        print("note: size 1b runs on CUDA only; skipped here", file=sys.stderr)
+        args.sizes = [s for s in args.sizes if s != "1b"]
+    for size in args.sizes:
+        rows = []
+        for contender in args.contenders:
+            try:
+                rows.append(spawn(size, contender, args))
+            except subprocess.TimeoutExpired:
+                rows.append({"size": size, "contender": contender,
+                             "error": f"timed out after {args.case_timeout:.0f}s"})
+        print_table(size, rows, args)
+    print("\nvs bare ds: samples/s relative to the bare DeepSpeed loop on the same model and batch "
+          "(pargo_dist / bare = framework overhead).\npeak mem: " +
+          ("torch.cuda.max_memory_allocated." if cuda else
+           "peak RSS of the contender's own process (imports of torch/deepspeed/transformers included)."))
+
+
+if __name__ == "__main__":
+    main()
