@@ -15,11 +15,11 @@ step on all ranks, save, and exit with REQUEUE_EXIT so a launcher knows to reque
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import signal
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,6 @@ from pargo_dist.metrics import MetricsLogger, StepTimer, model_flops_per_sample,
 from pargo_dist.models.mllm import IGNORE_INDEX
 
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: "saved, please run me again"
-log = logging.getLogger("pargo_dist.train")
 
 
 def quiet_libraries() -> None:
@@ -283,14 +282,15 @@ class Trainer:
         self.metrics.close()
         return exit_code
 
+    def _append_log(self, row: dict) -> None:
+        if self.rank == 0:
+            with open(self.run_dir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     def _record(self, micro: list[dict], scalars: dict[str, float]) -> None:
         """Append this step to train_log.jsonl (rank 0) and, if asked, the sample ids (every rank):
         plain files a user, a resume check or a test can read without TensorBoard."""
-        import json
-
-        if self.rank == 0:
-            with open(self.run_dir / "train_log.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **scalars}) + "\n")
+        self._append_log({"step": self.step, **scalars})
         if self.cfg.logging.sample_ids:
             with open(self.run_dir / f"sample_ids.rank{self.rank}.jsonl", "a") as f:
                 ids = [i for b in micro for i in b["sample_ids"]]
@@ -319,11 +319,7 @@ class Trainer:
         dist.all_reduce(total)
         loss = (total[0] / total[1].clamp(min=1)).item()
         self.metrics.log(self.step, {"eval/loss": loss})
-        if self.rank == 0:
-            import json
-
-            with open(self.run_dir / "train_log.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, "eval/loss": loss}) + "\n")
+        self._append_log({"step": self.step, "eval/loss": loss})
         self.backend.train(True)
         return loss
 
