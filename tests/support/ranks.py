@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from support.s3 import free_port
+from pargo_dist.launch import free_port, rank_env
 
 
 def run_ranks(script: str | Path, args: list[str], world_size: int, env: dict[str, str] | None = None,
@@ -16,12 +16,10 @@ def run_ranks(script: str | Path, args: list[str], world_size: int, env: dict[st
     port = free_port()
     procs = []
     for rank in range(world_size):
-        rank_env = {**os.environ, **(env or {}), "RANK": str(rank), "WORLD_SIZE": str(world_size),
-                    "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world_size),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
-                                                                os.environ.get("PYTHONPATH")]))}
-        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=rank_env,
+        env_r = {**rank_env(rank, world_size, 1, 0, f"127.0.0.1:{port}"), **(env or {}),
+                 "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
+                                                             os.environ.get("PYTHONPATH")]))}
+        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env_r,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = []
     for p in procs:

@@ -17,11 +17,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pargo_dist.launch import free_port  # noqa: F401  (re-exported for the tests)
 
 
 def wait_http(url: str, timeout: float = 30.0) -> None:
