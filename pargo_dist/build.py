@@ -43,7 +43,8 @@ def image_processor(cfg: Config) -> ImagePreprocessor:
     return ImagePreprocessor.for_tower(vision, cfg.model.vision.path)
 
 
-def loader(cfg: Config, data: DataConfig, model, tokenizer, batch_size: int, padding_side: str = "right"):
+def loader(cfg: Config, data: DataConfig, model, tokenizer, batch_size: int, padding_side: str = "right",
+           replication: int = 1):
     return build_loader(data, tokenizer=tokenizer, image_processor=image_processor(cfg),
                         num_image_tokens=model.num_image_tokens(), batch_size=batch_size,
-                        padding_side=padding_side)
+                        padding_side=padding_side, replication=replication)

@@ -109,11 +109,17 @@ class TrainConfig:
 
 @dataclass
 class BackendConfig:
-    name: str = "deepspeed"
+    name: str = "deepspeed"  # deepspeed (ZeRO data parallel) | megatron (tensor + pipeline parallel LLM)
+    # deepspeed
     zero_stage: int = 3
     offload_optimizer: bool = False
     offload_params: bool = False
     zero_init: bool = False  # build the model under zero.Init (models too large for one rank's memory)
+    # megatron: world size = tensor_parallel x pipeline_parallel x data-parallel replicas
+    tensor_parallel: int = 1  # splits every LLM layer over this many ranks (keep it within a node)
+    pipeline_parallel: int = 1  # splits the LLM's layers into this many consecutive stages
+    sequence_parallel: bool = False  # shard activations outside attention/MLP over TP ranks (GPU only)
+    distributed_optimizer: bool = True  # shard Adam state over data-parallel ranks (GPU only)
 
 
 @dataclass
@@ -145,16 +151,23 @@ class Config:
         """Cross-field rules that types alone cannot say."""
         choices = {"train.stage": (self.train.stage, ("align", "finetune", "full")),
                    "train.precision": (self.train.precision, ("fp32", "bf16")),
-                   "backend.name": (self.backend.name, ("deepspeed",)),
+                   "backend.name": (self.backend.name, ("deepspeed", "megatron")),
                    "backend.zero_stage": (self.backend.zero_stage, (1, 2, 3)),
                    "data.synthetic.kind": (self.data.synthetic.kind, ("caption", "qa", "mixed"))}
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r}: must be one of {list(allowed)}")
-        for key in ("train.steps", "train.micro_batch", "train.grad_accum", "checkpoint.keep_last"):
+        for key in ("train.steps", "train.micro_batch", "train.grad_accum", "checkpoint.keep_last",
+                    "backend.tensor_parallel", "backend.pipeline_parallel"):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
                 raise ConfigError(f"{key} must be >= 1")
+        if self.backend.name == "megatron" and self.data.train.pack:
+            raise ConfigError("data.train.pack=true is not supported by backend.name=megatron (RoPE positions "
+                              "run 0..s-1 per row): set data.train.pack=false")
+        if self.backend.name == "deepspeed" and (self.backend.tensor_parallel > 1 or self.backend.pipeline_parallel > 1):
+            raise ConfigError("backend.tensor_parallel / pipeline_parallel need backend.name=megatron "
+                              "(DeepSpeed ZeRO is data parallel only)")
         if not (self.model.vision.path or self.model.vision.config):
             raise ConfigError("model.vision needs a path (pretrained) or a config (random init)")
         if not (self.model.llm.path or self.model.llm.config):

@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 from pargo_dist import build
-from pargo_dist.backends.deepspeed import DeepSpeedBackend, init_distributed
 from pargo_dist.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from pargo_dist.config import Config, to_yaml
 from pargo_dist.data.collate import model_inputs
@@ -68,29 +67,15 @@ class StopFlag:
         return bool(flag.item())
 
 
-def param_groups(model, cfg: Config) -> list[dict[str, Any]]:
-    """One AdamW group per trained part, each with its own learning rate."""
-    o = cfg.optim
-    lrs = {"projector": o.lr_projector, "language_model": o.lr_llm, "vision_tower": o.lr_vision}
-    groups = []
-    for part, lr in lrs.items():
-        params = [p for p in getattr(model, part).parameters() if p.requires_grad]
-        if params:
-            groups.append({"params": params, "lr": lr if lr is not None else o.lr, "name": part})
-    return groups
+def make_backend(cfg: Config):
+    """The recipe's backend (imported lazily: each pulls in its own heavy library)."""
+    if cfg.backend.name == "megatron":
+        from pargo_dist.backends.megatron import MegatronBackend
 
+        return MegatronBackend(cfg)
+    from pargo_dist.backends.deepspeed import DeepSpeedBackend
 
-def lr_lambda(cfg: Config):
-    """Linear warmup, then cosine decay to min_lr_ratio at the last step."""
-    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+    return DeepSpeedBackend(cfg)
 
 
 def prepare_synthetic(cfg: Config, rank: int) -> None:
@@ -118,17 +103,21 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.stop = StopFlag()  # first: a signal during start-up is honoured at the first step
-        self.rank, self.world = init_distributed()
+        self.backend = make_backend(cfg)
+        self.rank, self.world = self.backend.init_distributed()
         self.run_dir = Path(cfg.run.dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         prepare_synthetic(cfg, self.rank)
         self.tokenizer = build.build_tokenizer(cfg)
-        self.backend = DeepSpeedBackend(cfg, self.world)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.checkpoint.keep_last, rank=self.rank,
                                       world_size=self.world, barrier=dist.barrier)
         self.resume_dir = self.ckpt.resolve(cfg.checkpoint.resume)
         self.resume_meta = self.ckpt.load_meta(self.resume_dir) if self.resume_dir else None
-        self.elastic = bool(self.resume_meta) and self.resume_meta["world_size"] != self.world
+        self._check_resume_backend()
+        # DeepSpeed's optimizer shards are per rank: another rank count resumes from consolidated
+        # weights. Megatron's distributed checkpoints reshard by themselves.
+        self.elastic = (bool(self.resume_meta) and self.resume_meta["world_size"] != self.world
+                        and self.backend.name == "deepspeed")
         with self.backend.model_init_context():
             model = build.build_model(cfg, self.tokenizer)
         if self.elastic:
@@ -136,16 +125,12 @@ class Trainer:
         model.freeze(cfg.train.stage)
         if cfg.train.activation_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
-        optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                      weight_decay=cfg.optim.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.backend.setup(model)
         if self.elastic:  # the schedule is a function of the step: put it there
-            scheduler.last_epoch = self.resume_meta["step"]
-            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = base * lr_lambda(cfg)(self.resume_meta["step"])
-        self.backend.setup(model, optimizer, scheduler)
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.train_loader = build.loader(cfg, cfg.data.train, model, self.tokenizer, cfg.train.micro_batch)
+            self.backend.position_schedule(self.resume_meta["step"])
+        self.flops_model = model  # the HF model (for megatron, its LLM now lives on the meta device)
+        self.train_loader = build.loader(cfg, cfg.data.train, model, self.tokenizer, cfg.train.micro_batch,
+                                         replication=self.backend.replication)
         self.metrics = MetricsLogger(self.run_dir / "tb", rank=self.rank, total_steps=cfg.train.steps,
                                      every=cfg.logging.every, enabled_tensorboard=cfg.logging.tensorboard)
         self.step, self.samples_seen, self.tokens_seen, self.skipped = 0, 0, 0, 0
@@ -169,6 +154,13 @@ class Trainer:
             print(f"elastic resume: checkpoint of {self.resume_meta['world_size']} rank(s) on {self.world}; "
                   "weights, schedule and data position restored, optimizer moments re-initialised", flush=True)
 
+    def _check_resume_backend(self) -> None:
+        meta = self.resume_meta
+        if meta and meta.get("backend", "deepspeed") != self.backend.name:
+            raise ValueError(f"checkpoint {self.resume_dir} was written by the {meta.get('backend', 'deepspeed')} "
+                             f"backend, this recipe uses {self.backend.name}: export it (`pargo-dist export`) "
+                             "and start from the export, or set checkpoint.resume=none")
+
     def resume(self) -> None:
         step_dir, meta = self.resume_dir, self.resume_meta
         if step_dir is None:
@@ -185,10 +177,17 @@ class Trainer:
         if self.rank == 0:
             print(f"resumed from {step_dir} at step {self.step} ({self.samples_seen:,} samples seen)", flush=True)
 
+    def layout(self) -> dict[str, int]:
+        b = self.cfg.backend
+        if self.backend.name == "megatron":
+            return {"tp": b.tensor_parallel, "pp": b.pipeline_parallel, "dp": self.world // self.backend.replication}
+        return {"dp": self.world, "zero_stage": b.zero_stage}
+
     def save(self) -> Path:
         step_dir = self.ckpt.begin(self.step)
         meta = {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
                 "skipped": self.skipped, "world_size": self.world, "stage": self.cfg.train.stage,
+                "backend": self.backend.name, "layout": self.layout(),
                 "loader": self.train_loader.state_dict()}
         self.backend.save(step_dir)
         self.ckpt.save_rank_state(step_dir, {"rng": capture_rng_state()})
@@ -215,18 +214,9 @@ class Trainer:
                                float(sum(b["num_samples"] for b in micro_batches)),
                                float(sum(len(b["skipped"]) for b in micro_batches))], device=self.backend.device)
         dist.all_reduce(counts)  # on the backend's device: NCCL reduces only GPU tensors
-        targets, tokens, samples, skipped = counts.tolist()
-        # HF's loss with num_items_in_batch is sum / num_items. DeepSpeed divides by grad_accum
-        # (in backward) and by the world size (gradient all-reduce average), so this makes the
-        # gradient that of sum(global token losses) / targets.
-        device = self.backend.device
-        num_items = torch.tensor(targets / (self.world * len(micro_batches)), device=device)
-        loss_sum = torch.zeros((), device=device)
-        for batch in micro_batches:
-            out = self.backend.forward(**model_inputs(batch, device), num_items_in_batch=num_items)
-            self.backend.backward(out.loss)
-            self.backend.step()
-            loss_sum += out.loss.detach().float() * num_items
+        # Ranks of one model replica (megatron TP x PP) read the same samples: count them once.
+        targets, tokens, samples, skipped = (c / self.backend.replication for c in counts.tolist())
+        loss_sum = self.backend.train_batch(micro_batches, targets, self.step)
         dist.all_reduce(loss_sum)
         self.samples_seen += int(samples)
         self.tokens_seen += int(tokens)
@@ -240,7 +230,7 @@ class Trainer:
         self.backend.train(True)
         batches = self._batches()
         timer = StepTimer()
-        model = self.backend.module
+        model = self.flops_model
         peak = peak_flops_per_device(cfg.train.precision)
         exit_code = 0
         while self.step < cfg.train.steps:
@@ -251,8 +241,8 @@ class Trainer:
             perf = timer.stop(int(stats["samples"]), int(stats["tokens"]))
             scalars = {"train/loss": stats["loss"], "data/skipped": float(self.skipped),
                        "perf/peak_mem_gib": peak_memory_gib(), **perf}
-            for group in self.optimizer.param_groups:
-                scalars[f"train/lr/{group.get('name', 'all')}"] = group["lr"]
+            for name, lr in self.backend.learning_rates().items():
+                scalars[f"train/lr/{name}"] = lr
             norm = self.backend.grad_norm()
             if norm is not None:
                 scalars["train/grad_norm"] = norm
@@ -302,7 +292,8 @@ class Trainer:
         """One loader over the held-out split, reused (streaming allows one dataset per local dir)."""
         if getattr(self, "_eval", None) is None:
             data = replace(self.cfg.data.eval, shuffle=False)
-            self._eval = build.loader(self.cfg, data, self.backend.module, self.tokenizer, self.cfg.train.micro_batch)
+            self._eval = build.loader(self.cfg, data, self.flops_model, self.tokenizer, self.cfg.train.micro_batch,
+                                      replication=self.backend.replication)
         return self._eval
 
     @torch.no_grad()
@@ -313,9 +304,9 @@ class Trainer:
         for i, batch in enumerate(self._eval_loader()):
             if i >= self.cfg.train.eval_batches:
                 break
-            out = self.backend.forward(**model_inputs(batch, self.backend.device))
-            n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            total += torch.tensor([out.loss.float().item() * n, n], device=total.device)
+            n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) / self.backend.replication
+            total += torch.stack([self.backend.eval_loss_sum(batch).float().reshape(()),
+                                  torch.tensor(n, device=total.device)])
         dist.all_reduce(total)
         loss = (total[0] / total[1].clamp(min=1)).item()
         self.metrics.log(self.step, {"eval/loss": loss})
@@ -328,6 +319,11 @@ class Trainer:
         """Greedy captions for the first held-out images, next to the truth, into TensorBoard.
         All ranks generate together (ZeRO-3 gathers parameters collectively)."""
         cfg = self.cfg
+        if self.backend.name != "deepspeed":
+            if self.rank == 0 and self.step == cfg.train.steps:
+                print("sample captions: generation runs on the exported HF model for the megatron backend "
+                      "(`pargo-dist export`, then `pargo-dist generate`)", flush=True)
+            return []
         self.backend.train(False)
         model = self.backend.module
         batch = next(iter(self._eval_loader()))

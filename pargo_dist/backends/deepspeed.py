@@ -1,8 +1,9 @@
 """DeepSpeed backend: ZeRO stage 0-3 (optional CPU offload) around a plain torch model.
 
-It knows nothing of data formats: it receives model inputs and returns losses. The loop owns
-the optimizer choice (torch AdamW, param groups per model part) and the LR schedule; DeepSpeed
-owns sharding, gradient reduction, accumulation boundaries, clipping and checkpoint shards.
+It knows nothing of data formats: it receives collated micro-batches and returns losses. It
+builds torch AdamW (one group per model part, `pargo_dist.optim`) and the LR schedule;
+DeepSpeed owns sharding, gradient reduction, accumulation boundaries, clipping and
+checkpoint shards.
 
 Checkpoints: `engine.save_checkpoint` into the step directory the checkpoint manager gives it.
 In the `align` stage frozen parameters are excluded (the backbones are referenced by the
@@ -22,6 +23,10 @@ from pargo_dist.compat import configure_deepspeed_env
 configure_deepspeed_env()
 
 import deepspeed  # noqa: E402
+
+from pargo_dist.data.collate import model_inputs  # noqa: E402
+from pargo_dist.models.mllm import IGNORE_INDEX  # noqa: E402
+from pargo_dist.optim import lr_lambda, param_groups  # noqa: E402
 
 TAG = "ds"
 
@@ -63,10 +68,17 @@ def ds_config(cfg, world_size: int) -> dict[str, Any]:
 
 
 class DeepSpeedBackend:
-    def __init__(self, cfg, world_size: int):
+    name = "deepspeed"
+    replication = 1  # every rank reads its own samples (pure data parallel)
+
+    def __init__(self, cfg):
         self.cfg = cfg
-        self.world_size = world_size
-        self.engine = None
+        self.world_size = 1
+        self.engine = self.optimizer = self.scheduler = None
+
+    def init_distributed(self) -> tuple[int, int]:
+        rank, self.world_size = init_distributed()
+        return rank, self.world_size
 
     def model_init_context(self):
         """Where to build the model: under zero.Init when the recipe asks (too big for one rank)."""
@@ -76,7 +88,13 @@ class DeepSpeedBackend:
 
         return contextlib.nullcontext()
 
-    def setup(self, model: torch.nn.Module, optimizer, scheduler) -> None:
+    def setup(self, model: torch.nn.Module) -> None:
+        """AdamW with one group per trained part, the warmup-cosine schedule, then DeepSpeed."""
+        o = self.cfg.optim
+        optimizer = torch.optim.AdamW(param_groups(model, self.cfg), betas=tuple(o.betas), eps=o.eps,
+                                      weight_decay=o.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg))
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=ds_config(self.cfg, self.world_size))
@@ -92,16 +110,42 @@ class DeepSpeedBackend:
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
+    def position_schedule(self, step: int) -> None:
+        """Put the LR schedule at `step` (an elastic resume, where no scheduler state is loaded)."""
+        self.scheduler.last_epoch = step
+        factor = lr_lambda(self.cfg)(step)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
+
+    def learning_rates(self) -> dict[str, float]:
+        return {g.get("name", "all"): g["lr"] for g in self.optimizer.param_groups}
+
     def forward(self, **inputs):
         return self.engine(**inputs)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)
+    def train_batch(self, micro_batches: list[dict], targets: float, step: int) -> torch.Tensor:
+        """Forward + backward of each micro-batch; DeepSpeed steps the optimizer and the LR
+        schedule at the accumulation boundary (after clipping). Returns this rank's summed
+        token loss.
 
-    def step(self) -> None:
-        """Called after every micro-batch; DeepSpeed steps the optimizer and LR scheduler at
-        accumulation boundaries (after clipping)."""
-        self.engine.step()
+        HF's loss with num_items_in_batch is sum / num_items. DeepSpeed divides by grad_accum
+        (in backward) and by the world size (gradient all-reduce average), so this makes the
+        gradient that of sum(global token losses) / targets."""
+        device = self.device
+        num_items = torch.tensor(targets / (self.world_size * len(micro_batches)), device=device)
+        loss_sum = torch.zeros((), device=device)
+        for batch in micro_batches:
+            out = self.engine(**model_inputs(batch, device), num_items_in_batch=num_items)
+            self.engine.backward(out.loss)
+            self.engine.step()
+            loss_sum += out.loss.detach().float() * num_items
+        return loss_sum
+
+    @torch.no_grad()
+    def eval_loss_sum(self, batch: dict) -> torch.Tensor:
+        out = self.engine(**model_inputs(batch, self.device))
+        n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return out.loss.detach().float() * n
 
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()

@@ -118,15 +118,20 @@ class ParGoLoader(StreamingDataLoader):
 
 
 def build_loader(cfg: DataConfig, *, tokenizer, image_processor: ImagePreprocessor, num_image_tokens: int,
-                 batch_size: int, padding_side: str = "right", drop_last: bool = True) -> ParGoLoader:
-    """Dataset + collator + resumable loader for this rank (ranks come from RANK/WORLD_SIZE env)."""
+                 batch_size: int, padding_side: str = "right", drop_last: bool = True,
+                 replication: int = 1) -> ParGoLoader:
+    """Dataset + collator + resumable loader for this rank (ranks come from RANK/WORLD_SIZE env).
+
+    `replication`: that many consecutive ranks receive the same samples (the ranks of one
+    tensor/pipeline-parallel model replica)."""
     from streaming.base.util import clean_stale_shared_memory
 
     from pargo_dist.data.collate import Collator
 
     clean_stale_shared_memory()
     dataset = ParGoDataset(cfg, tokenizer=tokenizer, image_processor=image_processor,
-                           num_image_tokens=num_image_tokens, batch_size=batch_size)
+                           num_image_tokens=num_image_tokens, batch_size=batch_size,
+                           replication=replication if replication > 1 else None)
     collate = Collator(pad_id=tokenizer.pad_token_id, padding_side=padding_side, pack=cfg.pack,
                        max_len=cfg.max_len if cfg.pack else None)
     return ParGoLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=cfg.num_workers,

@@ -210,25 +210,10 @@ class ParGoForConditionalGeneration(ParGoPreTrainedModel):
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with the visual tokens spliced in at the image placeholders."""
-        embeds = self.get_input_embeddings()(input_ids)
-        is_image = input_ids == self.config.image_token_id
-        if pixel_values is not None:
-            visual = self.encode_images(pixel_values)
-            n_slots, n_tokens = int(is_image.sum()), visual.shape[0] * visual.shape[1]
-            if n_slots != n_tokens:
-                raise ValueError(
-                    f"input_ids hold {n_slots} image placeholder tokens (id {self.config.image_token_id}) but "
-                    f"{visual.shape[0]} image(s) give {n_tokens} visual tokens ({visual.shape[1]} each): "
-                    "expand each image's placeholder with insert_image_tokens"
-                )
-            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
-        elif bool(is_image.any()):
-            raise ValueError("input_ids hold image placeholder tokens but no pixel_values were given")
-        elif self.training and self.config.always_run_vision:
-            side = self.vision_tower.image_size
-            dummy = embeds.new_zeros(1, 3, side, side)
-            embeds = embeds + 0.0 * self.encode_images(dummy).sum()
-        return embeds
+        dummy_side = self.vision_tower.image_size if self.training and self.config.always_run_vision else None
+        return splice_visual_tokens(self.get_input_embeddings()(input_ids), input_ids, pixel_values,
+                                    image_token_id=self.config.image_token_id, encode=self.encode_images,
+                                    dummy_side=dummy_side)
 
     def forward(
         self,
@@ -287,6 +272,33 @@ class ParGoForConditionalGeneration(ParGoPreTrainedModel):
         return self.language_model.generate(
             inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs
         )
+
+
+def splice_visual_tokens(embeds: torch.Tensor, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, *,
+                         image_token_id: int, encode, dummy_side: int | None = None) -> torch.Tensor:
+    """Replace the image placeholders' rows of `embeds` (b, s, h) by `encode(pixel_values)`.
+
+    A function, not a method, so a backend with its own (vocab-parallel) embedding table splices
+    exactly as the HF model does. `dummy_side`: on a batch without images, still run `encode`
+    on one blank image of that side (contributing zero) so every rank runs the same modules.
+    """
+    is_image = input_ids == image_token_id
+    if pixel_values is not None:
+        visual = encode(pixel_values)
+        n_slots, n_tokens = int(is_image.sum()), visual.shape[0] * visual.shape[1]
+        if n_slots != n_tokens:
+            raise ValueError(
+                f"input_ids hold {n_slots} image placeholder tokens (id {image_token_id}) but "
+                f"{visual.shape[0]} image(s) give {n_tokens} visual tokens ({visual.shape[1]} each): "
+                "expand each image's placeholder with insert_image_tokens"
+            )
+        return embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
+    if bool(is_image.any()):
+        raise ValueError("input_ids hold image placeholder tokens but no pixel_values were given")
+    if dummy_side:
+        dummy = embeds.new_zeros(1, 3, dummy_side, dummy_side)
+        embeds = embeds + 0.0 * encode(dummy).sum()
+    return embeds
 
 
 def insert_image_tokens(ids: Iterable[int], image_token_id: int, num_tokens: int) -> list[int]:

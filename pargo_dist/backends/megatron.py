@@ -1,0 +1,272 @@
+"""Megatron-core backend: tensor (TP) and pipeline (PP) parallel LLM, data parallel over the rest.
+
+Ranks are laid out tp-pp-dp (TP fastest): the TP x PP ranks of one model replica are
+consecutive, so the streaming loader gives those `replication = TP*PP` consecutive ranks the
+same samples (mosaicml-streaming's `replication`) and shards over data-parallel replicas.
+
+Per optimizer step, megatron's own schedule (1F1B for PP > 1, plain for PP = 1) runs the
+micro-batches; megatron's DDP reduces gradients over the data-parallel group (its distributed
+optimizer shards Adam state there on GPU); `finalize_model_grads` also all-reduces the tied
+embedding gradient between the first and last pipeline stage. The loss is normalised by the
+global count of answer tokens, as in the DeepSpeed backend, so both follow the same curve.
+
+Weights enter from the HF model the loop builds (same seed, same pretrained paths, so both
+backends start identically): the LLM is converted to this rank's GPTModel shard and the HF
+copy is dropped to the meta device. Checkpoints use megatron's distributed checkpointing
+(model + optimizer, sharded by global tensor coordinates), so a checkpoint saved at one
+TP/PP/DP layout loads at another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pargo_dist.backends import megatron_cpu
+
+megatron_cpu.apply()
+
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads  # noqa: E402
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron.core.optimizer.optimizer_config import ParamKey  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+
+from pargo_dist.backends.megatron_convert import check_layout, megatron_state_from_hf, \
+    transformer_config_kwargs  # noqa: E402
+from pargo_dist.backends.megatron_model import ParGoMegatron  # noqa: E402
+from pargo_dist.optim import PART_LR_KEYS, lr_lambda, part_lr  # noqa: E402
+
+CKPT_SUBDIR = "megatron"
+
+
+def _on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def transformer_config(cfg, text_config) -> TransformerConfig:
+    """megatron's TransformerConfig from the HF text config and the recipe's backend section."""
+    b, bf16 = cfg.backend, cfg.train.precision == "bf16"
+    gpu = _on_gpu()
+    recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
+        if cfg.train.activation_checkpointing else {}
+    return TransformerConfig(
+        **transformer_config_kwargs(text_config),
+        tensor_model_parallel_size=b.tensor_parallel,
+        pipeline_model_parallel_size=b.pipeline_parallel,
+        sequence_parallel=b.sequence_parallel and b.tensor_parallel > 1,
+        params_dtype=torch.float32,
+        bf16=bf16,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        autocast_dtype=torch.bfloat16 if bf16 else torch.float32,
+        variable_seq_lengths=b.pipeline_parallel > 1,  # batches are padded to their own longest sample
+        # (megatron checks the MoE dispatcher even without experts; alltoall allows variable lengths)
+        moe_token_dispatcher_type="alltoall",
+        batch_p2p_comm=gpu,  # gloo has no batched isend/irecv
+        use_cpu_initialization=True,
+        perform_initialization=False,  # the weights come from the HF model
+        # Fusions need CUDA kernels (apex / TE / triton): on only where a GPU runs them.
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=gpu,
+        persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        **recompute,
+    )
+
+
+class MegatronBackend:
+    name = "megatron"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.tp, self.pp = cfg.backend.tensor_parallel, cfg.backend.pipeline_parallel
+        self.replication = self.tp * self.pp
+        self.model = self.ddp = self.optimizer = None
+        self._grad_norm: float | None = None
+        self._lr_factor = lr_lambda(cfg)
+
+    # -- process groups ------------------------------------------------------------------
+
+    def init_distributed(self) -> tuple[int, int]:
+        if not dist.is_initialized():
+            if _on_gpu():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl" if _on_gpu() else "gloo")
+        world = dist.get_world_size()
+        if world % self.replication:
+            raise ValueError(f"world size {world} is not divisible by tensor_parallel x pipeline_parallel = "
+                             f"{self.tp} x {self.pp}: launch a multiple of {self.replication} ranks")
+        if not parallel_state.model_parallel_is_initialized():
+            parallel_state.initialize_model_parallel(tensor_model_parallel_size=self.tp,
+                                                     pipeline_model_parallel_size=self.pp, order="tp-pp-dp")
+        tensor_parallel.model_parallel_cuda_manual_seed(self.cfg.run.seed, inference_rng_tracker=not _on_gpu())
+        return dist.get_rank(), world
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if _on_gpu() else torch.device("cpu")
+
+    @property
+    def module(self) -> ParGoMegatron:
+        return self.model
+
+    def model_init_context(self):
+        return contextlib.nullcontext()
+
+    # -- model and optimizer ---------------------------------------------------------------
+
+    def setup(self, hf_model) -> None:
+        """Convert the (already frozen for its stage) HF model into this rank's stage, wrap it in
+        megatron DDP and build the optimizer."""
+        cfg = self.cfg
+        text = hf_model.config.text_config
+        check_layout(text, self.tp, self.pp)
+        if cfg.data.train.pack:
+            raise ValueError("data.train.pack=true is not supported by the megatron backend (its RoPE "
+                             "positions run 0..s-1 per row): set data.train.pack=false")
+        config = transformer_config(cfg, text)
+        first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+        trains_llm = any(p.requires_grad for p in hf_model.language_model.parameters())
+        stage = ParGoMegatron(config, hf_model, pre_process=first, post_process=last)
+        shard = megatron_state_from_hf(hf_model.language_model.state_dict(), text, self.tp,
+                                       parallel_state.get_tensor_model_parallel_rank(), self.pp,
+                                       parallel_state.get_pipeline_model_parallel_rank())
+        stage.language_model.load_state_dict(shard, strict=True)
+        stage.language_model.requires_grad_(trains_llm)
+        hf_model.language_model.to("meta")  # the HF copy is only needed for FLOP counts now
+        stage.to(self.device)
+        if config.bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            stage = Float16Module(config, stage)
+        self.model = stage if not config.bf16 else stage.module
+        use_dist_opt = cfg.backend.distributed_optimizer and _on_gpu()
+        self.ddp = DistributedDataParallel(
+            config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt,
+                                                  overlap_grad_reduce=False),
+            stage)
+        o = cfg.optim
+        ocfg = OptimizerConfig(optimizer="adam", lr=o.lr, min_lr=o.lr * o.min_lr_ratio, weight_decay=o.weight_decay,
+                               adam_beta1=o.betas[0], adam_beta2=o.betas[1], adam_eps=o.eps, clip_grad=o.clip_grad,
+                               bf16=config.bf16, params_dtype=torch.float32, use_distributed_optimizer=use_dist_opt)
+        # One group per part with its own rate; weight decay applies to every trained tensor, as
+        # in the DeepSpeed backend.
+        overrides = {ParamKey(name=(f"{part}.*", f"*.{part}.*")): {"max_lr": part_lr(cfg, part)}
+                     for part in PART_LR_KEYS}
+        self.optimizer = get_megatron_optimizer(ocfg, [self.ddp], config_overrides=overrides)
+        self._name_groups()
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = self.ddp.no_sync
+        self.config = config
+        if not use_dist_opt and cfg.backend.distributed_optimizer and parallel_state.get_data_parallel_rank() == 0 \
+                and dist.get_rank() == 0:
+            print("megatron: no GPU, so Adam state is replicated over data-parallel ranks (the distributed "
+                  "optimizer needs CUDA)", flush=True)
+
+    def _name_groups(self) -> None:
+        """Label each optimizer group with its part, for logging and the LR schedule."""
+        names = {id(p): part for part, m in self.model.parts().items() for p in m.parameters()}
+        for group in self.optimizer.param_groups:
+            parts = {names.get(id(p)) for p in group["params"]} - {None}
+            group["name"] = "+".join(sorted(parts)) if parts else "other"
+
+    def set_step(self, step: int) -> None:
+        """The LR of every group for optimizer step `step` (the schedule is a function of it)."""
+        factor = self._lr_factor(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["max_lr"] * factor
+
+    def learning_rates(self) -> dict[str, float]:
+        return {g["name"]: g["lr"] for g in self.optimizer.param_groups if g["params"]}
+
+    def train(self, mode: bool = True) -> None:
+        self.ddp.train(mode)
+
+    # -- one optimizer step ----------------------------------------------------------------
+
+    def _run_schedule(self, micro_batches: list[dict], scale: float, forward_only: bool) -> torch.Tensor:
+        """Run the micro-batches through megatron's schedule; returns this rank's summed token
+        loss (on the last stage's TP rank 0; zero elsewhere, so a sum over all ranks counts each
+        token once)."""
+        from pargo_dist.data.collate import model_inputs
+
+        device = self.device
+        n = len(micro_batches)
+        counts_here = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+
+        def step_fn(data_iterator, model):
+            batch = model_inputs(next(data_iterator), device)
+            out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                        pixel_values=batch.get("pixel_values"))
+
+            def loss_fn(per_token):
+                total = per_token.float().sum()
+                return total * scale * n, {"loss_sum": total.detach()}
+
+            return out, loss_fn
+
+        seq = max(int(b["input_ids"].shape[1]) for b in micro_batches)
+        results = get_forward_backward_func()(
+            forward_step_func=step_fn, data_iterator=iter(micro_batches), model=[self.ddp], num_microbatches=n,
+            seq_length=seq, micro_batch_size=int(micro_batches[0]["input_ids"].shape[0]), forward_only=forward_only)
+        total = torch.zeros((), device=device)
+        if counts_here:
+            for r in results:
+                total += r["loss_sum"]
+        return total
+
+    def train_batch(self, micro_batches: list[dict], targets: float, step: int) -> torch.Tensor:
+        """Forward + backward over the micro-batches and one optimizer step.
+
+        `targets`: answer tokens in the whole global batch. Each micro-batch's summed loss is
+        scaled by dp / targets: DDP averages over the dp replicas, so the gradient is that of
+        (sum of all token losses) / targets."""
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        dp = parallel_state.get_data_parallel_world_size()
+        loss_sum = self._run_schedule(micro_batches, dp / max(targets, 1.0), forward_only=False)
+        self.set_step(step)
+        ok, norm, _ = self.optimizer.step()
+        if not ok:
+            raise RuntimeError(f"megatron optimizer step {step} failed (non-finite gradients)")
+        self._grad_norm = None if norm is None else float(norm)
+        self.set_step(step + 1)  # what the next step will use (and what the loop logs, as with DeepSpeed)
+        return loss_sum
+
+    @torch.no_grad()
+    def eval_loss_sum(self, batch: dict) -> torch.Tensor:
+        return self._run_schedule([batch], 1.0, forward_only=True)
+
+    def grad_norm(self) -> float | None:
+        return self._grad_norm
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _sharded_state(self, loading: bool) -> dict[str, Any]:
+        model_sd = self.model.sharded_state_dict()
+        return {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=loading)}
+
+    def save(self, step_dir: Path) -> None:
+        path = Path(step_dir) / CKPT_SUBDIR
+        if dist.get_rank() == 0:
+            path.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(self._sharded_state(loading=False), str(path))
+
+    def load(self, step_dir: Path) -> dict:
+        path = Path(step_dir) / CKPT_SUBDIR
+        if not path.is_dir():
+            raise FileNotFoundError(f"{step_dir} holds no megatron checkpoint ({CKPT_SUBDIR}/): was it saved "
+                                    "by the deepspeed backend? Use `pargo-dist export` and start from the export")
+        state = dist_checkpointing.load(self._sharded_state(loading=True), str(path))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return {}
+
+    def gathered_params(self, params):
+        return contextlib.nullcontext()

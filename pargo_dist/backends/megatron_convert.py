@@ -1,0 +1,199 @@
+"""Llama-family causal LMs, HF <-> megatron-core GPTModel, at any tensor / pipeline layout.
+
+Covers what Llama 2/3, Qwen2/2.5 and Mistral share: RMSNorm, RoPE (rotate-half), SwiGLU,
+grouped-query attention (optionally with q/k/v biases: Qwen2), tied or untied embeddings,
+Llama-3.1 RoPE scaling. Anything else (other RoPE scalings, MoE, sliding-window attention
+that the sequences reach) is refused with the config key that caused it.
+
+Layouts. Megatron keeps q, k and v in one `linear_qkv` whose rows are grouped per KV head:
+for each query group, its q heads, then its k head, then its v head. Tensor parallelism splits
+that tensor into contiguous chunks of whole groups, so a TP shard of the fused tensor is a
+contiguous slice. `linear_fc1` holds [gate; up] *per TP shard*, so it is split piecewise.
+Row-parallel weights (`linear_proj`, `linear_fc2`) split along the input dim; the vocab of
+the embedding and output layer splits along rows. Pipeline stage p holds layers
+[p*L/PP, (p+1)*L/PP), numbered from 0 in its own state dict.
+
+`megatron_state_from_hf` gives the state dict of one (tp_rank, pp_rank) GPTModel;
+`hf_state_from_megatron` is its exact inverse given all shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+LLAMA_FAMILY = ("llama", "qwen2", "mistral")
+
+
+class ConversionError(ValueError):
+    """The HF model (or the requested layout) cannot be expressed as our megatron GPTModel."""
+
+
+def _head_dim(cfg) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
+def _qkv_bias(cfg) -> bool:
+    return cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False))
+
+
+def check_layout(cfg, tp: int, pp: int) -> None:
+    """Why this model cannot be split TP x PP, as an error naming the numbers."""
+    if cfg.model_type not in LLAMA_FAMILY:
+        raise ConversionError(f"model_type {cfg.model_type!r} is not supported by the megatron backend "
+                              f"(supported: {', '.join(LLAMA_FAMILY)})")
+    kv = cfg.num_key_value_heads or cfg.num_attention_heads
+    for what, n in (("num_attention_heads", cfg.num_attention_heads), ("num_key_value_heads", kv),
+                    ("intermediate_size", cfg.intermediate_size), ("vocab_size", cfg.vocab_size)):
+        if n % tp:
+            hint = " (pad it: a vocab that is a multiple of 64 * TP is usual)" if what == "vocab_size" else ""
+            raise ConversionError(f"{what}={n} is not divisible by tensor parallel size {tp}{hint}")
+    if cfg.num_hidden_layers % pp:
+        raise ConversionError(f"num_hidden_layers={cfg.num_hidden_layers} is not divisible by pipeline "
+                              f"parallel size {pp}")
+    scaling = getattr(cfg, "rope_scaling", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+    if kind not in (None, "default", "llama3"):
+        raise ConversionError(f"rope_scaling type {kind!r} is not supported (default and llama3 are)")
+    if kind == "llama3" and (scaling.get("low_freq_factor", 1.0) != 1.0 or scaling.get("high_freq_factor", 4.0) != 4.0
+                             or scaling.get("original_max_position_embeddings", 8192) != 8192):
+        raise ConversionError(f"rope_scaling {scaling}: megatron-core implements Llama-3.1 scaling with "
+                              "low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=8192 only")
+
+
+def transformer_config_kwargs(cfg) -> dict[str, Any]:
+    """TransformerConfig fields that describe the HF model (parallel sizes etc. are added by the caller)."""
+    return dict(
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_key_value_heads or cfg.num_attention_heads,
+        kv_channels=_head_dim(cfg),
+        ffn_hidden_size=cfg.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=_qkv_bias(cfg),
+        hidden_dropout=0.0,
+        attention_dropout=float(getattr(cfg, "attention_dropout", 0.0) or 0.0),
+    )
+
+
+def gpt_model_kwargs(cfg) -> dict[str, Any]:
+    """GPTModel constructor arguments (besides config, spec and pipeline flags)."""
+    scaling = getattr(cfg, "rope_scaling", None) or {}
+    llama3 = scaling.get("rope_type", scaling.get("type")) == "llama3"
+    theta = getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    return dict(
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.max_position_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(theta) if float(theta).is_integer() else theta,
+        share_embeddings_and_output_weights=bool(getattr(cfg, "tie_word_embeddings", False)),
+        rope_scaling=llama3,
+        rope_scaling_factor=float(scaling.get("factor", 8.0)) if llama3 else 8.0,
+    )
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def _interleave_qkv(q, k, v, groups: int):
+    """HF q [nh*d, ...], k/v [ng*d, ...] -> megatron's per-group [q heads, k, v] rows."""
+    q = q.reshape(groups, -1, *q.shape[1:])
+    k = k.reshape(groups, -1, *k.shape[1:])
+    v = v.reshape(groups, -1, *v.shape[1:])
+    return torch.cat([q, k, v], dim=1).reshape(-1, *q.shape[2:])
+
+
+def _split_qkv(qkv, groups: int, q_rows: int, kv_rows: int):
+    """Inverse of _interleave_qkv (q_rows / kv_rows: rows of q / of k per group)."""
+    per = qkv.reshape(groups, q_rows + 2 * kv_rows, *qkv.shape[1:])
+    q, k, v = per.split([q_rows, kv_rows, kv_rows], dim=1)
+    return (q.reshape(-1, *qkv.shape[1:]), k.reshape(-1, *qkv.shape[1:]), v.reshape(-1, *qkv.shape[1:]))
+
+
+def _chunk(t, tp: int, rank: int, dim: int = 0):
+    return t.chunk(tp, dim=dim)[rank].clone()
+
+
+def _layer_range(cfg, pp: int, pp_rank: int) -> range:
+    per = cfg.num_hidden_layers // pp
+    return range(pp_rank * per, (pp_rank + 1) * per)
+
+
+def megatron_state_from_hf(hf: dict[str, torch.Tensor], cfg, tp: int = 1, tp_rank: int = 0, pp: int = 1,
+                           pp_rank: int = 0) -> dict[str, torch.Tensor]:
+    """State dict of the GPTModel on (tp_rank, pp_rank) from an HF Llama-family state dict."""
+    check_layout(cfg, tp, pp)
+    groups = cfg.num_key_value_heads or cfg.num_attention_heads
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    out: dict[str, torch.Tensor] = {}
+    embed = hf["model.embed_tokens.weight"]
+    if first:
+        out["embedding.word_embeddings.weight"] = _chunk(embed, tp, tp_rank)
+    if last:
+        out["decoder.final_layernorm.weight"] = hf["model.norm.weight"].clone()
+        if not tied:
+            out["output_layer.weight"] = _chunk(hf["lm_head.weight"], tp, tp_rank)
+        elif not first:  # the last stage keeps its own copy of the tied weight
+            out["output_layer.weight"] = _chunk(embed, tp, tp_rank)
+    for local, layer in enumerate(_layer_range(cfg, pp, pp_rank)):
+        src, dst = f"model.layers.{layer}.", f"decoder.layers.{local}."
+        att = src + "self_attn."
+        for kind in ("weight", "bias"):
+            if att + f"q_proj.{kind}" not in hf:
+                continue
+            qkv = _interleave_qkv(hf[att + f"q_proj.{kind}"], hf[att + f"k_proj.{kind}"], hf[att + f"v_proj.{kind}"],
+                                  groups)
+            out[dst + f"self_attention.linear_qkv.{kind}"] = _chunk(qkv, tp, tp_rank)
+        out[dst + "self_attention.linear_proj.weight"] = _chunk(hf[att + "o_proj.weight"], tp, tp_rank, dim=1)
+        out[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"].clone()
+        out[dst + "pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"].clone()
+        gate, up = hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat([_chunk(gate, tp, tp_rank), _chunk(up, tp, tp_rank)])
+        out[dst + "mlp.linear_fc2.weight"] = _chunk(hf[src + "mlp.down_proj.weight"], tp, tp_rank, dim=1)
+    return out
+
+
+def hf_state_from_megatron(shards: dict[tuple[int, int], dict[str, torch.Tensor]], cfg, tp: int = 1,
+                           pp: int = 1) -> dict[str, torch.Tensor]:
+    """HF state dict from every (tp_rank, pp_rank) GPTModel state dict (the inverse of the above)."""
+    check_layout(cfg, tp, pp)
+    missing = [(t, p) for t in range(tp) for p in range(pp) if (t, p) not in shards]
+    if missing:
+        raise ConversionError(f"shards missing for (tp_rank, pp_rank) {missing}")
+    groups = cfg.num_key_value_heads or cfg.num_attention_heads
+    d = _head_dim(cfg)
+    q_rows = cfg.num_attention_heads // groups * d
+
+    def cat(pp_rank: int, key: str, dim: int = 0) -> torch.Tensor:
+        return torch.cat([shards[(t, pp_rank)][key] for t in range(tp)], dim=dim)
+
+    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": cat(0, "embedding.word_embeddings.weight"),
+                                    "model.norm.weight": shards[(0, pp - 1)]["decoder.final_layernorm.weight"].clone()}
+    if not getattr(cfg, "tie_word_embeddings", False):
+        out["lm_head.weight"] = cat(pp - 1, "output_layer.weight")
+    for pp_rank in range(pp):
+        for local, layer in enumerate(_layer_range(cfg, pp, pp_rank)):
+            src, dst = f"decoder.layers.{local}.", f"model.layers.{layer}."
+            for kind in ("weight", "bias"):
+                key = src + f"self_attention.linear_qkv.{kind}"
+                if key not in shards[(0, pp_rank)]:
+                    continue
+                parts = [_split_qkv(shards[(t, pp_rank)][key], groups // tp, q_rows, d) for t in range(tp)]
+                for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+                    out[dst + f"self_attn.{name}.{kind}"] = torch.cat([p[i] for p in parts])
+            out[dst + "self_attn.o_proj.weight"] = cat(pp_rank, src + "self_attention.linear_proj.weight", dim=1)
+            out[dst + "input_layernorm.weight"] = shards[(0, pp_rank)][src + "input_layernorm.weight"].clone()
+            out[dst + "post_attention_layernorm.weight"] = shards[(0, pp_rank)][src + "pre_mlp_layernorm.weight"].clone()
+            fc1 = [shards[(t, pp_rank)][src + "mlp.linear_fc1.weight"].chunk(2) for t in range(tp)]
+            out[dst + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in fc1])
+            out[dst + "mlp.up_proj.weight"] = torch.cat([u for _, u in fc1])
+            out[dst + "mlp.down_proj.weight"] = cat(pp_rank, src + "mlp.linear_fc2.weight", dim=1)
+    return out

@@ -1,0 +1,114 @@
+"""The ParGo MLLM with a megatron-core GPTModel as its LLM (one pipeline stage of it).
+
+The vision tower and projector stay the ordinary torch modules of the HF model: they run on
+the first pipeline stage, replicated over the tensor-parallel ranks (every TP rank sees the
+same batch and receives the full gradient of the decoder input, so their gradients agree
+without a TP reduction). Their output is spliced into the word embeddings exactly as the HF
+model does it (`splice_visual_tokens`), and the result enters the GPTModel as its
+`decoder_input`: the transformer itself is megatron's own code.
+
+The three parts keep the HF model's names (vision_tower, projector, language_model), so the
+training stages, per-part learning rates and checkpoints speak the same language as the
+DeepSpeed backend.
+
+Positions: megatron's RoPE uses positions 0..s-1, so batches must be right-padded (the
+training loader's default); packed rows are refused by the backend.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+
+from pargo_dist.backends.megatron_convert import gpt_model_kwargs
+from pargo_dist.models.mllm import IGNORE_INDEX, STAGES, splice_visual_tokens
+
+
+def build_gpt(config: TransformerConfig, hf_text_config, pre_process: bool, post_process: bool) -> GPTModel:
+    """A GPTModel (local layer spec: plain torch ops, no Transformer Engine) for one pipeline stage."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=False)
+    return GPTModel(config, spec, pre_process=pre_process, post_process=post_process,
+                    **gpt_model_kwargs(hf_text_config))
+
+
+def causal_padding_mask(mask_2d: torch.Tensor) -> torch.Tensor:
+    """(b, s) 1/0 key mask -> megatron's (b, 1, s, s) boolean mask, True where attention is
+    *not* allowed: future keys and padding keys."""
+    s = mask_2d.shape[1]
+    future = torch.ones(s, s, dtype=torch.bool, device=mask_2d.device).triu(1)
+    return future[None, None] | (mask_2d[:, None, None, :] == 0)
+
+
+class ParGoMegatron(MegatronModule):
+    """One pipeline stage of the ParGo MLLM: [vision tower + projector +] GPT layers [+ loss]."""
+
+    def __init__(self, config: TransformerConfig, hf_model, pre_process: bool, post_process: bool):
+        super().__init__(config)
+        self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules look for
+        self.pre_process, self.post_process = pre_process, post_process
+        self.image_token_id = hf_model.config.image_token_id
+        self.always_run_vision = hf_model.config.always_run_vision
+        if pre_process:
+            self.vision_tower = hf_model.vision_tower
+            self.projector = hf_model.projector
+        self.language_model = build_gpt(config, hf_model.config.text_config, pre_process, post_process)
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        return {n: getattr(self, n) for n in ("vision_tower", "projector", "language_model") if hasattr(self, n)}
+
+    def freeze(self, stage: str) -> None:
+        """The HF model's stages (see STAGES), for the parts this pipeline stage holds."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; valid stages: {sorted(STAGES)}")
+        for name, part in self.parts().items():
+            part.requires_grad_(name in STAGES[stage])
+        if self.pre_process:
+            self.vision_tower.train(self.vision_tower.training)  # a frozen tower drops to eval mode
+
+    # finalize_model_grads all-reduces a tied embedding's gradient between the first and last
+    # pipeline stage; it asks the stage's model for these two.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline schedules hand a non-first stage its input here."""
+        self.language_model.set_input_tensor(input_tensor)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.vision_tower(pixel_values))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Returns the per-token loss (b, s) on the last stage when labels are given (HF's
+        shift: position i predicts token i+1; ignored positions give 0), logits (b, s, V/TP)
+        without labels, and the hidden states (s, b, h) on other stages."""
+        b, s = input_ids.shape
+        decoder_input = None
+        if self.pre_process:
+            embeds = self.language_model.embedding.word_embeddings(input_ids)  # (b, s, h), all-reduced over TP
+            dummy = self.vision_tower.image_size if self.training and self.always_run_vision else None
+            embeds = splice_visual_tokens(embeds, input_ids, pixel_values, image_token_id=self.image_token_id,
+                                          encode=self.encode_images, dummy_side=dummy)
+            decoder_input = embeds.transpose(0, 1).contiguous()
+            if self.config.sequence_parallel:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        position_ids = torch.arange(s, device=input_ids.device)[None].expand(b, s)
+        mask = causal_padding_mask(attention_mask) if attention_mask is not None else None
+        target = None
+        if labels is not None and self.post_process:
+            labels = labels.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
+            shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1)
+            target, keep = shifted.clamp(min=0), shifted != IGNORE_INDEX
+        out = self.language_model(None, position_ids, mask, decoder_input=decoder_input, labels=target)
+        if target is not None:
+            return out * keep
+        return out

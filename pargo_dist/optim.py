@@ -1,0 +1,43 @@
+"""What every backend's optimizer shares: one learning rate per model part, and the schedule.
+
+The parts are the MLLM's top-level modules (vision_tower, projector, language_model); a
+part's rate is `optim.lr_<part>` or, unset, `optim.lr`. The schedule is a function of the
+optimizer step alone, so a resumed run (on any layout) continues it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pargo_dist.config import Config
+
+PART_LR_KEYS = {"projector": "lr_projector", "language_model": "lr_llm", "vision_tower": "lr_vision"}
+
+
+def part_lr(cfg: Config, part: str) -> float:
+    own = getattr(cfg.optim, PART_LR_KEYS[part])
+    return own if own is not None else cfg.optim.lr
+
+
+def param_groups(model, cfg: Config) -> list[dict]:
+    """One AdamW group per trained part (those with parameters that require grad)."""
+    groups = []
+    for part in PART_LR_KEYS:
+        module = getattr(model, part, None)
+        params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
+        if params:
+            groups.append({"params": params, "lr": part_lr(cfg, part), "name": part})
+    return groups
+
+
+def lr_lambda(cfg: Config):
+    """Linear warmup, then cosine decay to min_lr_ratio at the last step."""
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

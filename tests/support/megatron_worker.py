@@ -1,0 +1,168 @@
+"""One rank of a megatron-backend check, started by tests/test_megatron.py via run_ranks.
+
+    python megatron_worker.py logits  OUT MODEL_TYPE TP
+    python megatron_worker.py grads   OUT TP PP RECIPE [KEY=VALUE ...]
+
+`logits`: a random tiny HF causal LM (Llama or Qwen2) converted to this rank's GPTModel shard;
+rank 0 writes the largest |HF logits - megatron logits| and whether HF -> megatron -> HF gives
+back identical tensors.
+`grads`: the tiny ParGo MLLM of RECIPE on one batch, through MegatronBackend at TP x PP, and
+the same HF model on rank 0 as the reference (what the DeepSpeed backend computes: HF's loss
+normalised by the answer-token count). Rank 0 writes loss and gradient differences for the
+projector and every LLM weight (megatron grads converted back to HF names).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+import pargo_dist  # noqa: F401  (compat shims first)
+from pargo_dist.backends import megatron_cpu
+
+megatron_cpu.apply()
+
+from megatron.core import parallel_state, tensor_parallel  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from pargo_dist.backends.megatron_convert import hf_state_from_megatron, megatron_state_from_hf, \
+    transformer_config_kwargs  # noqa: E402
+
+
+def init(tp: int, pp: int = 1) -> None:
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             order="tp-pp-dp")
+    tensor_parallel.model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
+
+
+def tiny_llm(model_type: str):
+    torch.manual_seed(0)
+    extra = {"tie_word_embeddings": True} if model_type == "qwen2" else {}
+    cfg = AutoConfig.for_model(model_type, vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                               rope_theta=10000.0, **extra)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # Qwen2's q/k/v biases start at zero: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+def gather_shards(local: dict, tp_rank: int, pp_rank: int) -> dict:
+    everything = [None] * dist.get_world_size()
+    dist.all_gather_object(everything, ((tp_rank, pp_rank), {k: v.detach().cpu() for k, v in local.items() if torch.is_tensor(v)}))
+    return dict(everything)
+
+
+def check_logits(out: str, model_type: str, tp: int) -> None:
+    from megatron.core.transformer import TransformerConfig
+
+    from pargo_dist.backends.megatron_model import build_gpt, causal_padding_mask
+
+    init(tp)
+    hf = tiny_llm(model_type)
+    config = TransformerConfig(**transformer_config_kwargs(hf.config), tensor_model_parallel_size=tp,
+                               use_cpu_initialization=True, perform_initialization=False,
+                               bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+                               persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False)
+    gpt = build_gpt(config, hf.config, pre_process=True, post_process=True).eval()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    gpt.load_state_dict(megatron_state_from_hf(hf.state_dict(), hf.config, tp, rank), strict=True)
+    torch.manual_seed(1)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0  # right padding
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        local = gpt(ids, torch.arange(24)[None].expand(2, 24), causal_padding_mask(mask))
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(local)
+    real = mask.bool()
+    shards = gather_shards(gpt.state_dict(), rank, 0)
+    if dist.get_rank() == 0:
+        back = hf_state_from_megatron(shards, hf.config, tp)
+        original = hf.state_dict()
+        if getattr(hf.config, "tie_word_embeddings", False):
+            original = {k: v for k, v in original.items() if k != "lm_head.weight"}
+        identical = sorted(back) == sorted(original) and all(torch.equal(back[k], original[k]) for k in original)
+        json.dump({"max_abs_diff": float((logits - ref)[real].abs().max()), "logit_scale": float(ref.abs().max()),
+                   "round_trip_identical": identical, "keys": len(original)}, open(out, "w"))
+    dist.destroy_process_group()
+
+
+def batch_for(model, tokenizer, n: int = 3, seq: int = 40) -> dict:
+    torch.manual_seed(2)
+    k = model.num_image_tokens()
+    ids = torch.randint(model.config.image_token_id + 1, 60, (n, seq))
+    ids[:, 1:1 + k] = model.config.image_token_id
+    labels = ids.clone()
+    labels[:, :1 + k + 3] = -100
+    mask = torch.ones_like(ids)
+    mask[1, seq - 7:] = 0
+    ids[1, seq - 7:] = tokenizer.pad_token_id
+    labels[1, seq - 7:] = -100
+    side = model.vision_tower.image_size
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": torch.randn(n, 3, side, side),
+            "num_samples": n, "num_tokens": int(mask.sum()), "skipped": [], "sample_ids": []}
+
+
+def check_grads(out: str, tp: int, pp: int, recipe: str, overrides: list[str]) -> None:
+    from pargo_dist import build
+    from pargo_dist.backends.megatron import MegatronBackend
+    from pargo_dist.config import load_config
+
+    cfg = load_config(recipe, ["backend.name=megatron", f"backend.tensor_parallel={tp}",
+                               f"backend.pipeline_parallel={pp}", "optim.clip_grad=0", *overrides])
+    backend = MegatronBackend(cfg)
+    backend.init_distributed()
+    tokenizer = build.build_tokenizer(cfg)
+    model = build.build_model(cfg, tokenizer)
+    model.freeze(cfg.train.stage)
+    reference = copy.deepcopy(model)
+    batch = batch_for(model, tokenizer)
+    targets = float((batch["labels"][:, 1:] != -100).sum())
+    backend.setup(model)
+    backend.train(True)
+    backend.ddp.zero_grad_buffer()
+    halves = [{**{k: v[:2] if torch.is_tensor(v) else v for k, v in batch.items()}},
+              {**{k: v[2:] if torch.is_tensor(v) else v for k, v in batch.items()}}]
+    loss_sum = backend._run_schedule(halves, 1.0 / targets, forward_only=False)
+    backend.ddp.finish_grad_sync()
+    dist.all_reduce(loss_sum)
+    stage = backend.model
+    grads = {f"language_model.{k}": p.main_grad for k, p in stage.language_model.named_parameters()}
+    tp_rank, pp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
+    shards = gather_shards({k.removeprefix("language_model."): v for k, v in grads.items()}, tp_rank, pp_rank)
+    projector = {n: p.main_grad.clone() for n, p in stage.projector.named_parameters()} if stage.pre_process else None
+    projectors = [None] * dist.get_world_size()
+    dist.all_gather_object(projectors, projector)
+    if dist.get_rank() == 0:
+        reference.train(True)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+        ref_out = reference(**inputs, num_items_in_batch=torch.tensor(targets))
+        ref_out.loss.backward()
+        text = model.config.text_config
+        hf_grads = hf_state_from_megatron(shards, text, tp, pp)
+        ref_llm = {n: p.grad for n, p in reference.language_model.named_parameters()}
+        llm_diff = max(float((hf_grads[n] - g).abs().max()) for n, g in ref_llm.items() if n in hf_grads)
+        ref_proj = {n: p.grad for n, p in reference.projector.named_parameters()}
+        proj_diffs = [max(float((pg[n] - g).abs().max()) for n, g in ref_proj.items()) for pg in projectors if pg]
+        json.dump({"loss": float(loss_sum) / targets, "ref_loss": float(ref_out.loss),
+                   "llm_grad_max_diff": llm_diff, "llm_grad_scale": max(float(g.abs().max()) for g in ref_llm.values()),
+                   "projector_grad_max_diff": max(proj_diffs), "projector_copies": len(proj_diffs),
+                   "projector_grad_scale": max(float(g.abs().max()) for g in ref_proj.values()),
+                   "llm_tensors_compared": sum(n in hf_grads for n in ref_llm)}, open(out, "w"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mode, out, *rest = sys.argv[1:]
+    if mode == "logits":
+        check_logits(out, rest[0], int(rest[1]))
+    else:
+        check_grads(out, int(rest[0]), int(rest[1]), rest[2], rest[3:])
