@@ -1,5 +1,5 @@
-"""`pargo-dist export`: a DeepSpeed checkpoint (any ZeRO stage, any rank count) -> one HF
-directory that `ParGoForConditionalGeneration.from_pretrained` (or AutoModelForImageTextToText)
+"""`pargo-dist export`: a DeepSpeed checkpoint (any ZeRO stage, any rank count) or a megatron
+one (any TP/PP/DP layout) -> one HF directory that `ParGoForConditionalGeneration.from_pretrained` (or AutoModelForImageTextToText)
 loads on one process, with its tokenizer.
 
 The model is rebuilt from the checkpoint's own config.yaml (same seed, same pretrained
@@ -29,20 +29,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
-    from pargo_dist.backends.deepspeed import consolidated_state_dict
-
     step_dir = resolve_checkpoint(checkpoint)
     cfg = load_config(step_dir / "config.yaml")
     tokenizer = build.build_tokenizer(cfg)
     model = build.build_model(cfg, tokenizer)
-    state = consolidated_state_dict(step_dir)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    model.freeze(cfg.train.stage)
-    trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    lost = [k for k in missing if k in trained]
-    if lost or unexpected:
-        raise ValueError(f"checkpoint {step_dir} does not match the model: missing trained weights "
-                         f"{lost[:5]}, unexpected {list(unexpected)[:5]}")
+    if cfg.backend.name == "megatron":
+        from pargo_dist.backends.megatron import load_into_hf
+
+        load_into_hf(step_dir, cfg, model)
+    else:
+        from pargo_dist.backends.deepspeed import consolidated_state_dict
+
+        missing, unexpected = model.load_state_dict(consolidated_state_dict(step_dir), strict=False)
+        model.freeze(cfg.train.stage)
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        lost = [k for k in missing if k in trained]
+        if lost or unexpected:
+            raise ValueError(f"checkpoint {step_dir} does not match the model: missing trained weights "
+                             f"{lost[:5]}, unexpected {list(unexpected)[:5]}")
     out = Path(out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

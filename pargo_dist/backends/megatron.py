@@ -70,8 +70,10 @@ def transformer_config(cfg, text_config) -> TransformerConfig:
         # (megatron checks the MoE dispatcher even without experts; alltoall allows variable lengths)
         moe_token_dispatcher_type="alltoall",
         batch_p2p_comm=gpu,  # gloo has no batched isend/irecv
-        use_cpu_initialization=True,
-        perform_initialization=False,  # the weights come from the HF model
+        use_cpu_initialization=not gpu,
+        # The weights come from the HF model, but megatron marks tensor-parallel weights (what
+        # grad-norm and clipping rely on to skip TP duplicates) only while initialising them.
+        perform_initialization=True,
         # Fusions need CUDA kernels (apex / TE / triton): on only where a GPU runs them.
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=gpu,
         persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
@@ -270,3 +272,37 @@ class MegatronBackend:
 
     def gathered_params(self, params):
         return contextlib.nullcontext()
+
+
+def load_into_hf(step_dir: Path, cfg, hf_model) -> None:
+    """Load a megatron checkpoint (any TP/PP/DP layout) into the HF model, in one process.
+
+    The checkpoint is read at TP=PP=1 (distributed checkpointing reassembles every shard), then
+    the GPTModel weights are converted back to HF names. Used by `pargo-dist export`."""
+    from dataclasses import replace
+
+    path = Path(step_dir) / CKPT_SUBDIR
+    if not path.is_dir():
+        raise FileNotFoundError(f"{step_dir} holds no megatron checkpoint ({CKPT_SUBDIR}/)")
+    from pargo_dist.backends.megatron_convert import hf_state_from_megatron
+    from pargo_dist.launch import single_process_env
+
+    single_process_env()
+    one = replace(cfg, backend=replace(cfg.backend, tensor_parallel=1, pipeline_parallel=1, sequence_parallel=False))
+    backend = MegatronBackend(one)
+    backend.init_distributed()
+    try:
+        text = hf_model.config.text_config
+        stage = ParGoMegatron(transformer_config(one, text), hf_model, pre_process=True, post_process=True)
+        state = dist_checkpointing.load({"model": stage.sharded_state_dict()}, str(path))["model"]
+        stage.load_state_dict(state)  # vision tower and projector are the HF model's own modules
+        llm = {k: v for k, v in stage.language_model.state_dict().items() if torch.is_tensor(v)}
+        hf_llm = hf_state_from_megatron({(0, 0): llm}, text)
+        missing, unexpected = hf_model.language_model.load_state_dict(hf_llm, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and getattr(text, "tie_word_embeddings", False))]
+        if missing or unexpected:
+            raise ValueError(f"megatron checkpoint {step_dir} does not fit the LLM: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()

@@ -134,6 +134,8 @@ def check_grads(out: str, tp: int, pp: int, recipe: str, overrides: list[str]) -
     loss_sum = backend._run_schedule(halves, 1.0 / targets, forward_only=False)
     backend.ddp.finish_grad_sync()
     dist.all_reduce(loss_sum)
+    backend.optimizer.prepare_grads()  # main_grad -> grad, as step() does first
+    grad_norm = backend.optimizer.get_grad_norm()  # megatron's, over TP/PP shards without duplicates
     stage = backend.model
     grads = {f"language_model.{k}": p.main_grad for k, p in stage.language_model.named_parameters()}
     tp_rank, pp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
@@ -152,7 +154,9 @@ def check_grads(out: str, tp: int, pp: int, recipe: str, overrides: list[str]) -
         llm_diff = max(float((hf_grads[n] - g).abs().max()) for n, g in ref_llm.items() if n in hf_grads)
         ref_proj = {n: p.grad for n, p in reference.projector.named_parameters()}
         proj_diffs = [max(float((pg[n] - g).abs().max()) for n, g in ref_proj.items()) for pg in projectors if pg]
+        ref_norm = torch.cat([p.grad.flatten() for p in reference.parameters() if p.grad is not None]).norm()
         json.dump({"loss": float(loss_sum) / targets, "ref_loss": float(ref_out.loss),
+                   "grad_norm": float(grad_norm), "ref_grad_norm": float(ref_norm),
                    "llm_grad_max_diff": llm_diff, "llm_grad_scale": max(float(g.abs().max()) for g in ref_llm.values()),
                    "projector_grad_max_diff": max(proj_diffs), "projector_copies": len(proj_diffs),
                    "projector_grad_scale": max(float(g.abs().max()) for g in ref_proj.values()),
