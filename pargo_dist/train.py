@@ -45,6 +45,10 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\..*is deprecated", category=FutureWarning)
+    # megatron-core: optional fused kernels we do not use on CPU; streaming: its `replication`
+    # resume note (our loader counts replicated samples once, see ParGoLoader)
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex|transformer_engine).*")
+    warnings.filterwarnings("ignore", message=r"The `replication` arg has been set.*")
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
