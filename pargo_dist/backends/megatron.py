@@ -74,8 +74,8 @@ def transformer_config(cfg, text_config) -> TransformerConfig:
         # The weights come from the HF model, but megatron marks tensor-parallel weights (what
         # grad-norm and clipping rely on to skip TP duplicates) only while initialising them.
         perform_initialization=True,
-        # Fusions need CUDA kernels (apex / TE / triton): on only where a GPU runs them.
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=gpu,
+        # Fusions need apex / TE kernels that the megatron-core wheel does not ship: off.
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
         **recompute,
     )
@@ -158,10 +158,9 @@ class MegatronBackend:
                                bf16=config.bf16, params_dtype=torch.float32, use_distributed_optimizer=use_dist_opt)
         # One group per part with its own rate; weight decay applies to every trained tensor, as
         # in the DeepSpeed backend.
-        overrides = {ParamKey(name=(f"{part}.*", f"*.{part}.*")): {"max_lr": part_lr(cfg, part)}
+        overrides = {ParamKey(name=(f"{part}.*", f"*.{part}.*")): {"max_lr": part_lr(cfg, part), "name": part}
                      for part in PART_LR_KEYS}
         self.optimizer = get_megatron_optimizer(ocfg, [self.ddp], config_overrides=overrides)
-        self._name_groups()
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.ddp.no_sync
         self.config = config
@@ -170,13 +169,6 @@ class MegatronBackend:
             print("megatron: no GPU, so Adam state is replicated over data-parallel ranks (the distributed "
                   "optimizer needs CUDA)", flush=True)
 
-    def _name_groups(self) -> None:
-        """Label each optimizer group with its part, for logging and the LR schedule."""
-        names = {id(p): part for part, m in self.model.parts().items() for p in m.parameters()}
-        for group in self.optimizer.param_groups:
-            parts = {names.get(id(p)) for p in group["params"]} - {None}
-            group["name"] = "+".join(sorted(parts)) if parts else "other"
-
     def set_step(self, step: int) -> None:
         """The LR of every group for optimizer step `step` (the schedule is a function of it)."""
         factor = self._lr_factor(step)
@@ -184,7 +176,7 @@ class MegatronBackend:
             group["lr"] = group["max_lr"] * factor
 
     def learning_rates(self) -> dict[str, float]:
-        return {g["name"]: g["lr"] for g in self.optimizer.param_groups if g["params"]}
+        return {g.get("name", "all"): g["lr"] for g in self.optimizer.param_groups if g["params"]}
 
     def train(self, mode: bool = True) -> None:
         self.ddp.train(mode)
