@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,7 +28,6 @@ import torch.distributed as dist
 from pargo_dist import build
 from pargo_dist.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from pargo_dist.config import Config, to_yaml
-from pargo_dist.data.collate import model_inputs
 from pargo_dist.metrics import MetricsLogger, StepTimer, model_flops_per_sample, mfu, peak_flops_per_device, \
     peak_memory_gib
 from pargo_dist.models.mllm import IGNORE_INDEX
