@@ -158,9 +158,10 @@ class MegatronBackend:
                                bf16=config.bf16, params_dtype=torch.float32, use_distributed_optimizer=use_dist_opt)
         # One group per part with its own rate; weight decay applies to every trained tensor, as
         # in the DeepSpeed backend.
-        overrides = {ParamKey(name=(f"{part}.*", f"*.{part}.*")): {"max_lr": part_lr(cfg, part), "name": part}
+        overrides = {ParamKey(name=(f"{part}.*", f"*.{part}.*")): {"max_lr": part_lr(cfg, part)}
                      for part in PART_LR_KEYS}
         self.optimizer = get_megatron_optimizer(ocfg, [self.ddp], config_overrides=overrides)
+        self._name_groups()
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.ddp.no_sync
         self.config = config
@@ -168,6 +169,15 @@ class MegatronBackend:
                 and dist.get_rank() == 0:
             print("megatron: no GPU, so Adam state is replicated over data-parallel ranks (the distributed "
                   "optimizer needs CUDA)", flush=True)
+
+    def _name_groups(self) -> None:
+        """Label each optimizer group with the parts it holds, for logging. (A "name" key in the
+        overrides would split equal-rate parts into groups that the distributed checkpoint
+        then fails to reload.)"""
+        names = {id(p): part for part, m in self.model.parts().items() for p in m.parameters()}
+        for group in self.optimizer.param_groups:
+            parts = {names.get(id(p)) for p in group["params"]} - {None}
+            group["name"] = "+".join(sorted(parts)) if parts else "all"
 
     def set_step(self, step: int) -> None:
         """The LR of every group for optimizer step `step` (the schedule is a function of it)."""
