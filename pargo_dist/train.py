@@ -115,10 +115,10 @@ class Trainer:
         self.resume_dir = self.ckpt.resolve(cfg.checkpoint.resume)
         self.resume_meta = self.ckpt.load_meta(self.resume_dir) if self.resume_dir else None
         self._check_resume_backend()
-        # DeepSpeed's optimizer shards are per rank: another rank count resumes from consolidated
-        # weights. Megatron's distributed checkpoints reshard by themselves.
+        # A backend whose checkpoints are per rank resumes on another rank count from consolidated
+        # weights; one whose checkpoints reshard (megatron) loads them as they are.
         self.elastic = (bool(self.resume_meta) and self.resume_meta["world_size"] != self.world
-                        and self.backend.name == "deepspeed")
+                        and not self.backend.reshards_checkpoints)
         with self.backend.model_init_context():
             model = build.build_model(cfg, self.tokenizer)
         if self.elastic:
@@ -178,17 +178,11 @@ class Trainer:
         if self.rank == 0:
             print(f"resumed from {step_dir} at step {self.step} ({self.samples_seen:,} samples seen)", flush=True)
 
-    def layout(self) -> dict[str, int]:
-        b = self.cfg.backend
-        if self.backend.name == "megatron":
-            return {"tp": b.tensor_parallel, "pp": b.pipeline_parallel, "dp": self.world // self.backend.replication}
-        return {"dp": self.world, "zero_stage": b.zero_stage}
-
     def save(self) -> Path:
         step_dir = self.ckpt.begin(self.step)
         meta = {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
                 "skipped": self.skipped, "world_size": self.world, "stage": self.cfg.train.stage,
-                "backend": self.backend.name, "layout": self.layout(),
+                "backend": self.backend.name, "layout": self.backend.layout(self.world),
                 "loader": self.train_loader.state_dict()}
         self.backend.save(step_dir)
         self.ckpt.save_rank_state(step_dir, {"rng": capture_rng_state()})
@@ -320,7 +314,7 @@ class Trainer:
         """Greedy captions for the first held-out images, next to the truth, into TensorBoard.
         All ranks generate together (ZeRO-3 gathers parameters collectively)."""
         cfg = self.cfg
-        if self.backend.name != "deepspeed":
+        if not self.backend.generates:
             if self.rank == 0 and self.step == cfg.train.steps:
                 print("sample captions: generation runs on the exported HF model for the megatron backend "
                       "(`pargo-dist export`, then `pargo-dist generate`)", flush=True)

@@ -70,6 +70,8 @@ def ds_config(cfg, world_size: int) -> dict[str, Any]:
 class DeepSpeedBackend:
     name = "deepspeed"
     replication = 1  # every rank reads its own samples (pure data parallel)
+    reshards_checkpoints = False  # ZeRO shards are per rank: another rank count needs consolidation
+    generates = True  # the engine's module is the HF model: sample captions during training
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -109,6 +111,9 @@ class DeepSpeedBackend:
 
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
+
+    def layout(self, world: int) -> dict[str, int]:
+        return {"dp": world, "zero_stage": self.cfg.backend.zero_stage}
 
     def position_schedule(self, step: int) -> None:
         """Put the LR schedule at `step` (an elastic resume, where no scheduler state is loaded)."""

@@ -42,6 +42,7 @@ from megatron.core.transformer import TransformerConfig  # noqa: E402
 from pargo_dist.backends.megatron_convert import check_layout, megatron_state_from_hf, \
     transformer_config_kwargs  # noqa: E402
 from pargo_dist.backends.megatron_model import ParGoMegatron  # noqa: E402
+from pargo_dist.data.collate import model_inputs  # noqa: E402
 from pargo_dist.optim import PART_LR_KEYS, lr_lambda, part_lr  # noqa: E402
 
 CKPT_SUBDIR = "megatron"
@@ -83,6 +84,8 @@ def transformer_config(cfg, text_config) -> TransformerConfig:
 
 class MegatronBackend:
     name = "megatron"
+    reshards_checkpoints = True  # distributed checkpoints load at any TP/PP/DP layout
+    generates = False  # captions come from the exported HF model
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -142,11 +145,11 @@ class MegatronBackend:
         stage.language_model.requires_grad_(trains_llm)
         hf_model.language_model.to("meta")  # the HF copy is only needed for FLOP counts now
         stage.to(self.device)
-        if config.bf16:
+        self.model = stage
+        if config.bf16:  # bf16 weights; inputs cast on the first stage, fp32 loss out of the last
             from megatron.core.transformer.module import Float16Module
 
             stage = Float16Module(config, stage)
-        self.model = stage if not config.bf16 else stage.module
         use_dist_opt = cfg.backend.distributed_optimizer and _on_gpu()
         self.ddp = DistributedDataParallel(
             config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt,
@@ -185,6 +188,9 @@ class MegatronBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = group["max_lr"] * factor
 
+    def layout(self, world: int) -> dict[str, int]:
+        return {"tp": self.tp, "pp": self.pp, "dp": world // self.replication}
+
     def learning_rates(self) -> dict[str, float]:
         return {g.get("name", "all"): g["lr"] for g in self.optimizer.param_groups if g["params"]}
 
@@ -197,8 +203,6 @@ class MegatronBackend:
         """Run the micro-batches through megatron's schedule; returns this rank's summed token
         loss (on the last stage's TP rank 0; zero elsewhere, so a sum over all ranks counts each
         token once)."""
-        from pargo_dist.data.collate import model_inputs
-
         device = self.device
         n = len(micro_batches)
         counts_here = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
