@@ -6,10 +6,12 @@
     pargo-dist convert captions.jsonl --image-root imgs/ --out s3://bucket/pretrain --workers 8
 
     pargo-dist train recipes/tiny-cpu.yaml --nproc 2 optim.lr=3e-4 backend.zero_stage=2
+    pargo-dist submit recipes/x.yaml --nodes 4 --gpus-per-node 8 --partition gpu [--dry-run]
     pargo-dist export runs/tiny-cpu --out runs/tiny-cpu/export
     pargo-dist generate runs/tiny-cpu/export --held-out 0
 
-Exit codes of train: 0 done, 75 saved after SIGTERM/SIGUSR1 (requeue me), 2 bad recipe.
+Exit codes of train: 0 done, 75 saved after SIGTERM/SIGUSR1 (requeue me), 2 bad recipe,
+124 the hang detector ended the run (a rank made no progress for train.hang_timeout_s).
 """
 
 from __future__ import annotations
@@ -98,6 +100,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train(cfg)
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pargo_dist.submit import run
+
+    return run(args)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from pargo_dist.export import export
 
@@ -177,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, default=1, help="ranks on this machine (torchrun)")
     train.set_defaults(func=cmd_train)
 
+    from pargo_dist import submit
+
+    sbatch = sub.add_parser("submit", help="write the sbatch script for a recipe and submit it to SLURM",
+                            description=submit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    submit.add_arguments(sbatch)
+    sbatch.set_defaults(func=cmd_submit)
+
     export = sub.add_parser("export", help="checkpoint -> one HF directory (from_pretrained on one process)")
     export.add_argument("checkpoint", help="a run dir (newest complete checkpoint) or a checkpoint dir")
     export.add_argument("--out", required=True)
@@ -194,17 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:  # flags first, so key=value overrides may stand on either side of them
+    if argv[:1] == ["train"]:  # SIGTERM / SIGUSR1 stay pending until the launcher or trainer handles them
+        from pargo_dist.launch import hold_signals
+
+        hold_signals()
+    if argv[:1] in (["train"], ["submit"]):  # flags first, so key=value overrides may stand on either side of them
         flags, rest, i = [], [], 1
         while i < len(argv):
             if argv[i].startswith("--"):
-                takes_value = "=" not in argv[i] and argv[i] not in ("--help",)
+                takes_value = "=" not in argv[i] and argv[i] not in ("--help", "--dry-run")
                 flags += argv[i:i + 1 + takes_value]
                 i += 1 + takes_value
             else:
                 rest.append(argv[i])
                 i += 1
-        argv = ["train", *flags, *rest]
+        argv = [argv[0], *flags, *rest]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -105,6 +105,7 @@ class TrainConfig:
     sample_every: int = 0  # steps between sample captions in TensorBoard; 0: only at the end
     sample_count: int = 2
     max_new_tokens: int = 48
+    hang_timeout_s: float = 1800.0  # a rank without progress this long dumps its stacks and ends the run; 0: off
 
 
 @dataclass

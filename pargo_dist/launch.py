@@ -1,11 +1,14 @@
 """Start the ranks of a run on this machine (or on one node of several).
 
 Used by `pargo-dist train --nproc N`, by `make demo`, and inside sbatch (one launcher per
-node, with --nnodes / --node-rank / --master from SLURM's variables). Keeping one entry point
-means the demo, a laptop and a cluster start ranks the same way.
+node; `--slurm` derives --nnodes / --node-rank / --master from SLURM's variables, see
+pargo_dist/slurm.py). Keeping one entry point means the demo, a laptop and a cluster start
+ranks the same way.
 
-    python launchers/local.py --nproc 2 -- recipes/tiny-cpu.yaml optim.lr=3e-4
+    python launchers/launch.py --nproc 2 -- recipes/tiny-cpu.yaml optim.lr=3e-4
     pargo-dist train recipes/tiny-cpu.yaml --nproc 2 optim.lr=3e-4      # the same
+    srun --ntasks-per-node=1 python launchers/launch.py --slurm --nproc 8 -- recipes/x.yaml
+    python launchers/launch.py --nproc 8 --nnodes 2 --node-rank 1 --master node0:29500 -- recipes/x.yaml
 
 Why not torchrun: its agent answers SIGTERM by terminating the workers itself (and exits with
 -15, losing their exit codes), while a preempted job needs the opposite: every rank must get
@@ -14,6 +17,11 @@ launcher sets the same variables torchrun does (RANK, WORLD_SIZE, LOCAL_RANK, MA
 forwards SIGTERM / SIGUSR1 / SIGINT to every rank, and returns 75 only if every rank saved
 and asked for it; if one rank fails, the others are stopped and its exit code is returned.
 Ranks die with the launcher (PR_SET_PDEATHSIG), so a killed job leaves no orphans.
+
+No signal is lost or fatal during start-up: `hold_signals()` blocks SIGTERM / SIGUSR1 from
+the launcher's first line; ranks inherit the mask, so one that arrives while a rank still
+imports torch stays pending until the trainer's handler is installed (StopFlag releases it)
+and is honoured at the first step, instead of killing the rank with Python's default action.
 """
 
 from __future__ import annotations
@@ -27,8 +35,19 @@ import subprocess
 import sys
 import time
 
-REQUEUE_EXIT = 75
+from pargo_dist.slurm import EXIT_MEANINGS, REQUEUE_EXIT, rendezvous_from_env
+
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+HELD = {signal.SIGTERM, signal.SIGUSR1}  # the "save and requeue" signals
+
+
+def hold_signals() -> None:
+    """Keep SIGTERM / SIGUSR1 pending until `release_signals()` (inherited by child processes)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+
+
+def release_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
 
 
 def free_port() -> int:
@@ -53,10 +72,11 @@ def _die_with_parent() -> None:
 
 
 def launch(nproc: int, train_args: list[str], nnodes: int = 1, node_rank: int = 0, master: str | None = None,
-           grace: float = 600.0) -> int:
+           grace: float = 600.0, announce: str | None = None) -> int:
     """Run `pargo-dist train <train_args>` on nproc local ranks; returns the run's exit code."""
     master = master or f"127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "pargo_dist.cli", "train", *train_args]
+    hold_signals()  # the ranks start with them held (see the module docstring)
     procs = [subprocess.Popen(cmd, env=rank_env(r, nproc, nnodes, node_rank, master), preexec_fn=_die_with_parent)
              for r in range(nproc)]
     received: list[int] = []
@@ -68,13 +88,21 @@ def launch(nproc: int, train_args: list[str], nnodes: int = 1, node_rank: int = 
                 p.send_signal(signum)
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    release_signals()  # one that arrived meanwhile is forwarded now
+    if announce:
+        print(announce, flush=True)
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0, REQUEUE_EXIT)]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, REQUEUE_EXIT)]
             if failed:
+                local, code = failed[0]
+                code = code if code > 0 else 128 - code  # killed by signal N: report 128+N, as shells do
+                print(f"pargo-dist launch: rank {node_rank * nproc + local} exited with {code} "
+                      f"({EXIT_MEANINGS.get(code, 'see its error above')}); stopping the other ranks of this node",
+                      file=sys.stderr, flush=True)
                 _stop(procs, grace=10.0)
-                return failed[0] if failed[0] > 0 else 128 - failed[0]
+                return code
             if all(c is not None for c in codes):
                 return REQUEUE_EXIT if REQUEUE_EXIT in codes else 0
             time.sleep(0.1)
@@ -104,16 +132,29 @@ def single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    hold_signals()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nproc", type=int, default=1, help="ranks on this node")
-    ap.add_argument("--nnodes", type=int, default=1)
-    ap.add_argument("--node-rank", type=int, default=0)
+    ap.add_argument("--nproc", type=int, default=1, help="ranks on this node (one per GPU)")
+    ap.add_argument("--nnodes", type=int, default=1, help="nodes in the run")
+    ap.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1")
     ap.add_argument("--master", help="host:port of node 0's rendezvous (multi-node)")
+    ap.add_argument("--slurm", action="store_true",
+                    help="take nnodes, node rank and master from SLURM's variables (inside srun)")
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="-- recipe.yaml key=value ...")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rest = [a for a in args.train_args if a != "--"]
-    return launch(args.nproc, rest, nnodes=args.nnodes, node_rank=args.node_rank, master=args.master)
+    if args.slurm:
+        try:
+            rdzv = rendezvous_from_env()
+        except ValueError as err:
+            print(f"pargo-dist launch: error: {err}", file=sys.stderr)
+            return 2
+        args.nnodes, args.node_rank, args.master = rdzv.nnodes, rdzv.node_rank, rdzv.master
+    announce = (f"[pargo-dist] node {args.node_rank}/{args.nnodes} on {socket.gethostname()}: started {args.nproc} "
+                f"rank(s), rendezvous {args.master or 'local'}")
+    return launch(args.nproc, rest, nnodes=args.nnodes, node_rank=args.node_rank, master=args.master,
+                  announce=announce)
 
 
 if __name__ == "__main__":

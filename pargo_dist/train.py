@@ -31,8 +31,8 @@ from pargo_dist.config import Config, to_yaml
 from pargo_dist.metrics import MetricsLogger, StepTimer, model_flops_per_sample, mfu, peak_flops_per_device, \
     peak_memory_gib
 from pargo_dist.models.mllm import IGNORE_INDEX
-
-REQUEUE_EXIT = 75  # EX_TEMPFAIL: "saved, please run me again"
+from pargo_dist.slurm import REQUEUE_EXIT
+from pargo_dist.watchdog import HangWatchdog
 
 
 def quiet_libraries() -> None:
@@ -58,6 +58,9 @@ class StopFlag:
         self.signal: int | None = None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
+        # the launcher started this rank with both held (pargo_dist/launch.py): one that came
+        # during start-up is delivered now, to the handler above
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
 
     def _handle(self, signum, _frame) -> None:
         self.signal = signum
@@ -104,8 +107,12 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.stop = StopFlag()  # first: a signal during start-up is honoured at the first step
+        # armed before the rendezvous: a node that never shows up is a hang too
+        self.watchdog = HangWatchdog(cfg.train.hang_timeout_s, int(os.environ.get("RANK", 0)))
+        self.watchdog.beat("joining the process group (rendezvous)")
         self.backend = make_backend(cfg)
         self.rank, self.world = self.backend.init_distributed()
+        self.watchdog.beat("setting up (model, data, resume)")
         self.run_dir = Path(cfg.run.dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         prepare_synthetic(cfg, self.rank)
@@ -230,7 +237,9 @@ class Trainer:
         exit_code = 0
         while self.step < cfg.train.steps:
             timer.start()
+            self.watchdog.beat(f"reading the batch of step {self.step + 1}")
             micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+            self.watchdog.beat(f"training step {self.step + 1}")
             stats = self.train_step(micro)
             self.step += 1
             perf = timer.stop(int(stats["samples"]), int(stats["tokens"]))
@@ -253,8 +262,10 @@ class Trainer:
             if cfg.data.eval is not None and ((cfg.train.sample_every and self.step % cfg.train.sample_every == 0)
                                               or last):
                 self.sample_captions()
+            self.watchdog.beat(f"agreeing on signals after step {self.step}")
             stopping = self.stop.agreed(self.backend.device)
             if last or stopping or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0):
+                self.watchdog.beat(f"saving the checkpoint of step {self.step}")
                 path = self.save()
                 if self.rank == 0:
                     print(f"saved checkpoint {path}", flush=True)
@@ -299,6 +310,7 @@ class Trainer:
         for i, batch in enumerate(self._eval_loader()):
             if i >= self.cfg.train.eval_batches:
                 break
+            self.watchdog.beat(f"evaluating (batch {i + 1} after step {self.step})")
             n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) / self.backend.replication
             total += torch.stack([self.backend.eval_loss_sum(batch).float().reshape(()),
                                   torch.tensor(n, device=total.device)])
@@ -319,6 +331,7 @@ class Trainer:
                 print("sample captions: generation runs on the exported HF model for the megatron backend "
                       "(`pargo-dist export`, then `pargo-dist generate`)", flush=True)
             return []
+        self.watchdog.beat(f"generating sample captions after step {self.step}")
         self.backend.train(False)
         model = self.backend.module
         batch = next(iter(self._eval_loader()))
@@ -358,6 +371,8 @@ def train(cfg: Config) -> int:
     try:
         return trainer.run()
     finally:
+        trainer.watchdog.beat("leaving the process group")
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+        trainer.watchdog.close()

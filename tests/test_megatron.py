@@ -47,11 +47,6 @@ def test_hf_logits_equal_megatron_logits_and_conversion_round_trips(tmp_path, mo
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("synth")
-
-
-@pytest.fixture(scope="module")
 def grad_recipe(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("grad")
     return write_recipe(tmp / "recipe.yaml", tmp / "run", data_dir)

@@ -1,0 +1,259 @@
+"""SLURM: rendezvous derivation, requeue decisions, the launcher's signals and hang detector,
+two "nodes" on loopback, and real sbatch jobs on a one-machine cluster (slurmctld, slurmd,
+munge) started by this module.
+
+Every curve is compared with the uninterrupted 2-rank reference run of TEST_RECIPE: a job
+under SLURM, a requeued job and a two-node run compute the same thing, so the losses agree
+to 1e-6 (the same ranks in the same order) or, for two nodes, to 1e-5.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support.slurm_cluster import SlurmCluster, unavailable
+from support.training import env, losses, marker, write_recipe
+
+from pargo_dist import cli
+from pargo_dist.slurm import HANG_EXIT, REQUEUE_EXIT, after_step, expand_hostlist, port_for_job, rendezvous_from_env
+
+LAUNCHER = Path(__file__).resolve().parents[1] / "launchers" / "launch.py"
+
+
+# -- what every node derives on its own ------------------------------------------------------
+
+@pytest.mark.parametrize("expr,hosts", [
+    ("node1", ["node1"]),
+    ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
+    ("a[8-10],b7,c[1,3]", ["a8", "a9", "a10", "b7", "c1", "c3"]),
+    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+    ("127.0.0.[1-2]", ["127.0.0.1", "127.0.0.2"]),
+])
+def test_host_list_expands_like_slurm(expr, hosts):
+    assert expand_hostlist(expr) == hosts
+
+
+def test_every_node_derives_the_same_rendezvous():
+    base = {"SLURM_JOB_ID": "81234", "SLURM_JOB_NODELIST": "gpu[07-10]", "SLURM_JOB_NUM_NODES": "4"}
+    views = [rendezvous_from_env({**base, "SLURM_NODEID": str(n)}) for n in range(4)]
+    assert {(v.master_addr, v.master_port, v.nnodes) for v in views} == {("gpu07", port_for_job("81234", 0), 4)}
+    assert [v.node_rank for v in views] == [0, 1, 2, 3]
+    requeued = rendezvous_from_env({**base, "SLURM_NODEID": "0", "SLURM_RESTART_COUNT": "1"})
+    assert requeued.master_port != views[0].master_port  # not the old incarnation's socket
+    assert 20000 <= requeued.master_port < 60000
+    pinned = rendezvous_from_env({**base, "SLURM_NODEID": "2", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29500"})
+    assert pinned.master == "10.0.0.7:29500"
+    with pytest.raises(ValueError, match="SLURM_NODEID"):
+        rendezvous_from_env({k: v for k, v in base.items()})
+    with pytest.raises(ValueError, match="names 4 hosts"):
+        rendezvous_from_env({**base, "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "2"})
+
+
+def test_only_a_saved_checkpoint_requeues_and_only_up_to_the_cap():
+    assert after_step(REQUEUE_EXIT, restarts=0, max_requeues=3)[0]
+    assert after_step(REQUEUE_EXIT, restarts=2, max_requeues=3)[0]
+    capped, message = after_step(REQUEUE_EXIT, restarts=3, max_requeues=3)
+    assert not capped and "already requeued 3 times" in message and "--run-dir" in message
+    for rc in (0, 1, 2, HANG_EXIT, 137):
+        requeue, message = after_step(rc, restarts=0, max_requeues=3)
+        assert not requeue and f"exit {rc}" in message
+    assert "hang detector" in after_step(HANG_EXIT, 0, 3)[1]
+
+
+# -- pargo-dist submit -----------------------------------------------------------------------
+
+def test_submit_dry_run_writes_the_sbatch_script(tmp_path, data_dir, capsys, monkeypatch):
+    recipe = write_recipe(tmp_path / "r.yaml", Path("runs/x"), data_dir)
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["submit", str(recipe), "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu",
+                   "--account", "vision", "--time", "2:00:00", "--signal-lead", "120", "--dry-run",
+                   "optim.lr=1e-4", "--export", "NCCL_DEBUG=WARN"])
+    script = capsys.readouterr().out
+    assert rc == 0
+    sbatch = re.findall(r"^#SBATCH (\S+)", script, re.M)
+    for line in ("--nodes=4", "--gpus-per-node=8", "--ntasks-per-node=1", "--cpus-per-task=64", "--partition=gpu",
+                 "--account=vision", "--time=2:00:00", "--signal=B:USR1@120", "--requeue", "--open-mode=append",
+                 f"--output={tmp_path}/runs/x/logs/%x-%j.out"):
+        assert line in sbatch, (line, sbatch)
+    assert "--slurm --nproc 8" in script and "optim.lr=1e-4" in script and "export NCCL_DEBUG=WARN" in script
+    assert f'"run.dir={tmp_path}/runs/x/slurm-${{SLURM_JOB_ID}}"' in script
+    assert script.index("#SBATCH") < script.index("set -uo")  # sbatch reads directives before any command
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+
+
+def test_submit_rejects_a_bad_recipe_before_queueing(tmp_path, data_dir, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tmp_path / "run", data_dir)
+    assert cli.main(["submit", str(recipe), "--gpus-per-node", "8", "--dry-run", "train.stpes=5"]) == 2
+    err = capsys.readouterr().err
+    assert "train.stpes" in err and "train.steps" in err and str(recipe) in err
+    assert cli.main(["submit", str(recipe), "--dry-run"]) == 2
+    assert "--nproc-per-node" in capsys.readouterr().err
+
+
+# -- the launcher: signals at start-up, hangs, two nodes ----------------------------------------
+
+def _launch(recipe: Path, overrides: list[str], nproc: int, extra_env: dict | None = None,
+            wrap: list[str] = ()) -> subprocess.Popen:
+    cmd = [*wrap, sys.executable, str(LAUNCHER), "--nproc", str(nproc), *(["--slurm"] if extra_env else []),
+           "--", str(recipe), *overrides]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**env(), **(extra_env or {})}, start_new_session=True)
+
+
+def test_a_signal_during_start_up_is_honoured_at_the_first_step(recipe):
+    """SIGUSR1 while the ranks still import torch: held, then saved at step 1 and exit 75."""
+    proc = _launch(recipe, [], nproc=2)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT, out[-3000:]
+    run_dir = recipe.parent / "run"
+    assert marker(run_dir, 1).exists() and sorted(losses(run_dir)) == [1]
+
+
+def test_hang_detector_dumps_stacks_and_ends_the_run(recipe):
+    """A rank frozen mid-run (SIGSTOP): its peer waits in a collective, then gives up loudly."""
+    run_dir = recipe.parent / "run"
+    proc = _launch(recipe, ["train.steps=1000", "checkpoint.every=0", "train.hang_timeout_s=6"], nproc=2)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "train_log.jsonl").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.1)
+    ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                            text=True).stdout.split()]
+    assert len(ranks) == 2
+    os.kill(ranks[1], signal.SIGSTOP)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == HANG_EXIT, out[-3000:]
+    assert "rank 0 made no progress for" in out and "while training step" in out
+    assert "Current thread" in out and "in train_batch" in out  # the stack of the waiting rank
+    assert f"rank 0 exited with {HANG_EXIT}" in out
+
+
+def _unshare_ok() -> bool:
+    probe = ["unshare", "-m", "sh", "-c", "mount -t tmpfs none /dev/shm"]
+    return shutil.which("unshare") is not None and subprocess.run(probe, capture_output=True).returncode == 0
+
+
+def test_two_nodes_on_loopback_follow_the_single_node_curve(reference, recipe):
+    """Two launchers with --slurm, node ranks 0 and 1, rendezvous derived from the same variables
+    an sbatch job sets. Node 1 gets a private /dev/shm (a mount namespace), as a second machine
+    would: streaming keeps per-node state there."""
+    if not _unshare_ok():
+        pytest.skip("needs `unshare -m` and mount (root) to give the second node its own /dev/shm")
+    job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "127.0.0.[1-2]", "SLURM_JOB_NUM_NODES": "2"}
+    private_shm = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs none /dev/shm && exec "$0" "$@"']
+    nodes = [_launch(recipe, [], nproc=1, extra_env={**job, "SLURM_NODEID": str(n)}, wrap=private_shm if n else ())
+             for n in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "node 1/2" in outs[1] and "rendezvous 127.0.0.1:" in outs[1]
+    ref, got = losses(reference(3, "finetune")), losses(recipe.parent / "run")
+    assert sorted(got) == list(range(1, 7))
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, ref, got)
+
+
+@pytest.fixture
+def recipe(tmp_path, data_dir):
+    return write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
+
+
+# -- real sbatch jobs ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield c
+    c.stop()
+
+
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def submit(cluster: SlurmCluster, recipe: Path, *args: str) -> tuple[int, Path, Path]:
+    """`pargo-dist submit` for 2 CPU ranks on the one node; returns (job id, run dir, log)."""
+    out = subprocess.run([sys.executable, "-m", "pargo_dist.cli", "submit", str(recipe), "--nproc-per-node", "2",
+                          "--time", "15:00", *args], capture_output=True, text=True, env={**env(), **cluster.env},
+                         cwd=recipe.parent)
+    assert out.returncode == 0, out.stderr
+    job = int(re.search(r"submitted job (\d+)", out.stdout).group(1))
+    log = Path(re.search(r"log +(\S+)", out.stdout).group(1))
+    return job, recipe.parent / "run" / f"slurm-{job}", log
+
+
+def wait_job(cluster: SlurmCluster, job: int, log: Path, until=lambda info: info.get("JobState") in FINAL,
+             timeout: float = 600) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = cluster.job(job)
+        if until(info):
+            return info
+        time.sleep(0.5)
+    subprocess.run(["scancel", str(job)], env=cluster.env)
+    text = log.read_text() if log.exists() else "(no log)"
+    raise AssertionError(f"job {job} did not get there in {timeout}s: {cluster.job(job)}\n{text[-4000:]}")
+
+
+def test_submitted_job_runs_to_completion_on_the_reference_curve(cluster, reference, recipe):
+    job, run_dir, log = submit(cluster, recipe)
+    info = wait_job(cluster, job, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+    assert "node 0/1" in text and "training finished" in text
+    assert marker(run_dir, 6).exists()
+    ref, got = losses(reference(3, "finetune")), losses(run_dir)
+    assert sorted(got) == list(range(1, 7))
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, got)
+
+
+def test_usr1_saves_requeues_and_the_job_finishes_on_the_reference_curve(cluster, reference, recipe):
+    """The batch script gets USR1 (what --signal=B:USR1@N sends before the time limit) once its
+    ranks are starting; they hold it until the trainer can act, save at step 1 and exit 75; the
+    script requeues its own job, which comes back with the same id and resumes the run."""
+    job, run_dir, log = submit(cluster, recipe, "checkpoint.every=100")
+    wait_job(cluster, job, log, until=lambda _: log.exists() and "node 0/1" in log.read_text())
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], env=cluster.env, check=True)
+    wait_job(cluster, job, log, until=lambda info: info.get("Restarts") == "1" and info.get("JobState") == "PENDING")
+    assert marker(run_dir, 1).exists()
+    info = wait_job(cluster, job, log)  # eligible again once its old credential expires (AuthInfo)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-3000:]
+    assert "got SIGUSR1" in text and "requeuing (requeue 1 of at most 10)" in text
+    assert "restart 1" in text and "resumed from" in text and "training finished" in text
+    ref, got = losses(reference(3, "finetune")), losses(run_dir)
+    assert sorted(got) == list(range(1, 7))
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, got)
+
+
+def test_a_job_that_fails_for_a_real_error_is_not_requeued(cluster, recipe, tmp_path):
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    job, _, log = submit(cluster, recipe, "data.synthetic.num_samples=0", f"data.train.local={empty}")
+    info = wait_job(cluster, job, log)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", text[-3000:]
+    assert info["ExitCode"] == "1:0"
+    assert "index.json does not exist" in text and "exit 1 (training failed): not requeued" in text
+
+
+def test_host_list_expansion_agrees_with_scontrol(cluster):
+    for expr in ("gpu[01-03,07]", "a[8-10],b7,c[1,3]", "rack[1-2]-n[1-2]"):
+        out = subprocess.run(["scontrol", "show", "hostnames", expr], env=cluster.env, capture_output=True,
+                             text=True, check=True)
+        assert expand_hostlist(expr) == out.stdout.split()
