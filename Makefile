@@ -20,9 +20,10 @@ test: $(STAMP)
 
 # The main job on the embedded default: synthetic data, 2 ranks, ZeRO-3, checkpoints,
 # TensorBoard logs in runs/tiny-cpu/tb, then export and a caption for a held-out image.
+# launchers/launch.py is the same launcher `pargo-dist train --nproc N` and sbatch jobs use.
 # Run it again and it resumes (here: finds the finished run and only exports).
 demo: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/pargo-dist train recipes/tiny-cpu.yaml --nproc 2
+	OMP_NUM_THREADS=1 $(BIN)/python launchers/launch.py --nproc 2 -- recipes/tiny-cpu.yaml
 	$(BIN)/pargo-dist export runs/tiny-cpu --out runs/tiny-cpu/export
 	$(BIN)/pargo-dist generate runs/tiny-cpu/export --held-out 0
 	$(BIN)/pargo-dist generate runs/tiny-cpu/export --held-out 1

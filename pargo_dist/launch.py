@@ -101,7 +101,7 @@ def launch(nproc: int, train_args: list[str], nnodes: int = 1, node_rank: int = 
                 print(f"pargo-dist launch: rank {node_rank * nproc + local} exited with {code} "
                       f"({EXIT_MEANINGS.get(code, 'see its error above')}); stopping the other ranks of this node",
                       file=sys.stderr, flush=True)
-                _stop(procs, grace=10.0)
+                _stop(procs, grace=3.0)  # the others wait in a collective that cannot finish
                 return code
             if all(c is not None for c in codes):
                 return REQUEUE_EXIT if REQUEUE_EXIT in codes else 0

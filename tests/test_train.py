@@ -36,7 +36,7 @@ def test_two_ranks_zero3_follow_the_one_rank_loss_curve(reference, tmp_path, dat
     assert a[6] < a[1] - 0.3  # and it learns
 
 
-@pytest.mark.parametrize("zero,stage", [(3, "finetune"), (2, "finetune"), (3, "align"), (2, "align")])
+@pytest.mark.parametrize("zero,stage", [(3, "finetune"), (2, "align")])  # both ZeRO stages, both save layouts
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(reference, recipe, zero, stage):
     run_dir = recipe.parent / "run"
     overrides = [f"backend.zero_stage={zero}", f"train.stage={stage}"]

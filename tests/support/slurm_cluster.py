@@ -25,6 +25,7 @@ SlurmdUser=root
 AuthType=auth/munge
 # a requeued job may start again once its old credential expired (default 120 s): keep tests quick
 AuthInfo=cred_expire=10
+SchedulerParameters=sched_interval=2
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
