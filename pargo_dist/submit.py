@@ -1,6 +1,6 @@
 """`pargo-dist submit`: a recipe -> an sbatch script (slurm/train.sbatch filled in) -> a job.
 
-    pargo-dist submit recipes/paper-stage1.yaml --nodes 4 --gpus-per-node 8 --partition gpu --time 24:00:00
+    pargo-dist submit recipes/my-stage1.yaml --nodes 4 --gpus-per-node 8 --partition gpu --time 24:00:00
     pargo-dist submit recipes/tiny-cpu.yaml --nproc-per-node 2 --dry-run      # print the script only
 
 The recipe and overrides are validated here, before anything is queued. The run dir is keyed
@@ -142,14 +142,14 @@ def submit(spec: JobSpec, dry_run: bool = False, env: dict | None = None) -> int
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("recipe", help="recipe YAML")
     ap.add_argument("overrides", nargs="*", help="key.sub=value overrides, validated now")
-    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--nodes", type=int, default=1, help="nodes to allocate (default 1)")
     ap.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one rank per GPU")
     ap.add_argument("--nproc-per-node", type=int, help="ranks per node (default: --gpus-per-node); CPU runs set it")
     ap.add_argument("--cpus-per-task", type=int,
                     help=f"CPUs per node (default: {CPUS_PER_GPU} per GPU, 1 per CPU rank)")
     ap.add_argument("--time", default="24:00:00", help="time limit (default 24:00:00)")
-    ap.add_argument("--partition")
-    ap.add_argument("--account")
+    ap.add_argument("--partition", help="SLURM partition (default: the cluster's)")
+    ap.add_argument("--account", help="SLURM account to charge")
     ap.add_argument("--job-name", help="default: the recipe's file name")
     ap.add_argument("--signal-lead", type=int, default=300,
                     help="seconds before the time limit at which ranks save and the job requeues (default 300)")
