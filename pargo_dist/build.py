@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from pargo_dist.config import Config
 from pargo_dist.data.dataset import DataConfig, build_loader
@@ -14,18 +15,27 @@ from pargo_dist.models import ParGoForConditionalGeneration
 from pargo_dist.models.vision import vision_config_from
 
 
+def _require_local(key: str, path: str | None, what: str) -> None:
+    """Recipes name local directories; nothing is fetched from a hub at run time."""
+    if path and not Path(path).exists():
+        raise ValueError(f"{key}={path} does not exist: point {key} at a local {what} directory "
+                         "(download it first; the recipe's comment names the hub id)")
+
+
 def build_tokenizer(cfg: Config):
-    spec = cfg.model.tokenizer
-    if spec != "synthetic" and not Path(spec).exists() and cfg.model.llm.path:
-        spec = cfg.model.llm.path
-    return load_tokenizer(spec)
+    m = cfg.model
+    if m.tokenizer != "synthetic":
+        _require_local("model.tokenizer", m.tokenizer, "HF tokenizer (usually the same as model.llm.path)")
+    return load_tokenizer(m.tokenizer)
 
 
 def build_model(cfg: Config, tokenizer, seed: int | None = None) -> ParGoForConditionalGeneration:
     """The recipe's model: pretrained parts from paths, random parts from configs (seeded, so
     every rank and every resume builds the identical initial weights)."""
-    torch.manual_seed(cfg.run.seed if seed is None else seed)
     m = cfg.model
+    _require_local("model.llm.path", m.llm.path, "HF causal-LM")
+    _require_local("model.vision.path", m.vision.path, "HF vision model (CLIP, SigLIP, ...)")
+    torch.manual_seed(cfg.run.seed if seed is None else seed)
     llm = m.llm.path or {**m.llm.config, "vocab_size": m.llm.config.get("vocab_size", len(tokenizer))}
     vision = m.vision.path or dict(m.vision.config)
     model = ParGoForConditionalGeneration.from_components(
@@ -33,9 +43,38 @@ def build_model(cfg: Config, tokenizer, seed: int | None = None) -> ParGoForCond
         vision_feature_layer=m.vision.feature_layer, vision_drop_cls=m.vision.drop_cls,
         vision_post_layernorm=m.vision.post_layernorm, vision_class=m.vision.class_name)
     if len(tokenizer) > model.config.text_config.vocab_size:  # <image> added to a pretrained tokenizer
-        model.language_model.resize_token_embeddings(len(tokenizer))
-        model.config.text_config.vocab_size = len(tokenizer)
+        # padded to a multiple of 64 so tensor parallelism still splits it (Llama-3: 128256 + 1 would not)
+        model.language_model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        model.config.text_config.vocab_size = model.get_input_embeddings().num_embeddings
     return model
+
+
+def meta_model(cfg: Config) -> ParGoForConditionalGeneration:
+    """The recipe's model on the meta device: shapes and parameter counts, no weights, no tokenizer.
+
+    The planner and the recipe tests need a 70B recipe's sizes on a laptop without its weights,
+    so only configs are read: `model.<part>.config`, else the config.json in `model.<part>.path`.
+    The vocabulary is the LLM config's (a real tokenizer may add `<image>`: at most 64 rows more).
+    """
+    def part_config(key: str, section) -> dict:
+        if section.config:
+            return dict(section.config)
+        if section.path and (Path(section.path) / "config.json").exists():
+            return AutoConfig.from_pretrained(section.path).to_dict()
+        raise ValueError(f"{key}: meta_model needs {key}.config or {key}.path holding a config.json")
+
+    m = cfg.model
+    llm, vision = part_config("model.llm", m.llm), part_config("model.vision", m.vision)
+    if "vocab_size" not in llm:
+        if m.tokenizer != "synthetic":
+            raise ValueError("model.llm.config needs vocab_size (the tokenizer is not read on the meta device)")
+        llm["vocab_size"] = len(load_tokenizer("synthetic"))
+    image_id = llm.get("image_token_id", llm["vocab_size"] - 1)
+    with torch.device("meta"):
+        return ParGoForConditionalGeneration.from_components(
+            vision, llm, projector=dict(m.projector), image_token_id=image_id,
+            vision_feature_layer=m.vision.feature_layer, vision_drop_cls=m.vision.drop_cls,
+            vision_post_layernorm=m.vision.post_layernorm, vision_class=m.vision.class_name)
 
 
 def image_processor(cfg: Config) -> ImagePreprocessor:
