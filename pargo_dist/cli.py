@@ -7,6 +7,7 @@
 
     pargo-dist train recipes/tiny-cpu.yaml --nproc 2 optim.lr=3e-4 backend.zero_stage=2
     pargo-dist submit recipes/x.yaml --nodes 4 --gpus-per-node 8 --partition gpu [--dry-run]
+    pargo-dist plan recipes/llama3-8b-stage2.yaml --gpus 64 --gpu-mem 80 --fit
     pargo-dist export runs/tiny-cpu --out runs/tiny-cpu/export
     pargo-dist generate runs/tiny-cpu/export --held-out 0
 
@@ -106,6 +107,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pargo_dist.plan import run
+
+    return run(args)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from pargo_dist.export import export
 
@@ -192,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_arguments(sbatch)
     sbatch.set_defaults(func=cmd_submit)
 
+    from pargo_dist import plan
+
+    planner = sub.add_parser("plan", help="per-GPU memory and expected speed of a recipe on N GPUs (no GPU needed)",
+                             description=plan.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_arguments(planner)
+    planner.set_defaults(func=cmd_plan)
+
     export = sub.add_parser("export", help="checkpoint -> one HF directory (from_pretrained on one process)")
     export.add_argument("checkpoint", help="a run dir (newest complete checkpoint) or a checkpoint dir")
     export.add_argument("--out", required=True)
@@ -213,11 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         from pargo_dist.launch import hold_signals
 
         hold_signals()
-    if argv[:1] in (["train"], ["submit"]):  # flags first, so key=value overrides may stand on either side of them
+    if argv[:1] in (["train"], ["submit"], ["plan"]):  # flags first: key=value overrides on either side
         flags, rest, i = [], [], 1
         while i < len(argv):
             if argv[i].startswith("--"):
-                takes_value = "=" not in argv[i] and argv[i] not in ("--help", "--dry-run")
+                takes_value = "=" not in argv[i] and argv[i] not in ("--help", "--dry-run", "--fit")
                 flags += argv[i:i + 1 + takes_value]
                 i += 1 + takes_value
             else:

@@ -1,0 +1,158 @@
+"""Does the planner's model-state memory match reality? Predicted vs measured vs DeepSpeed's estimators.
+
+For each model size (benchmarks/train_step.py's "tiny" and "small" recipes, plus "medium",
+~0.2B) x ZeRO stage 1/2/3 x 1 and 2 ranks, real ranks (gloo on CPU, fp32, as a CPU can run
+them) build the model, set up the DeepSpeed backend exactly as training does and run one
+optimizer step, so weights, gradients and Adam state all exist. Measured: each rank's
+resident memory (RSS, after gc and malloc_trim so that freed build-time memory is not
+counted) minus its RSS before the model was built; the largest rank is reported. Predicted:
+`pargo_dist.plan.model_state_bytes` for fp32. Also shown: the planner's bf16 figure (what a GPU
+run holds) next to DeepSpeed's own estimators for bf16/fp16 on GPU
+(`estimate_zero2_model_states_mem_needs` for ZeRO-1/2, it has none for 1; and
+`estimate_zero3_model_states_mem_needs`), with the relative difference.
+
+    .venv/bin/python benchmarks/plan_memory.py                 # all sizes, ~5 min on 2 cores
+    .venv/bin/python benchmarks/plan_memory.py --sizes small --zero 3
+
+Not counted by either side: activations (one tiny batch, freed) and the framework's own
+buffers; the measured figure therefore includes DeepSpeed's buckets on top of model states,
+which is the error the table shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from train_step import SIZES, VOCAB, fixed_batch  # noqa: E402
+
+_LLM = "model.llm.config."
+_VIS = "model.vision.config."
+MEDIUM = [f"{_LLM}hidden_size=1024", f"{_LLM}intermediate_size=2816", f"{_LLM}num_hidden_layers=12",
+          f"{_LLM}num_attention_heads=16", f"{_LLM}num_key_value_heads=8", f"{_LLM}max_position_embeddings=512",
+          f"{_LLM}vocab_size={VOCAB}", *[o for o in SIZES["small"] if o.startswith(("model.vision", "model.proj"))]]
+ALL_SIZES = {"tiny": SIZES["tiny"], "small": SIZES["small"], "medium": MEDIUM}
+RECIPE = HERE.parent / "recipes" / "tiny-cpu.yaml"
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def settle() -> int:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    return rss_bytes()
+
+
+def overrides(size: str, zero: int) -> list[str]:
+    return [*ALL_SIZES[size], f"backend.zero_stage={zero}", "train.precision=fp32", "train.micro_batch=1",
+            "train.grad_accum=1", "train.stage=full", "logging.tensorboard=false"]
+
+
+def worker(size: str, zero: int) -> None:
+    import torch
+
+    from pargo_dist import build
+    from pargo_dist.backends.deepspeed import DeepSpeedBackend
+    from pargo_dist.config import load_config
+
+    torch.set_num_threads(1)
+    cfg = load_config(RECIPE, overrides(size, zero))
+    backend = DeepSpeedBackend(cfg)
+    backend.init_distributed()
+    tokenizer = build.build_tokenizer(cfg)
+    before = settle()
+    with backend.model_init_context():
+        model = build.build_model(cfg, tokenizer)
+    model.freeze(cfg.train.stage)
+    backend.setup(model)
+    del model
+    batch = fixed_batch(backend.module, tokenizer, 1, text_tokens=16)
+    backend.train_batch([batch], float((batch["labels"] != -100).sum()), 0)
+    del batch
+    after = settle()
+    print(json.dumps({"measured": after - before}), flush=True)
+
+
+def measure(size: str, zero: int, ranks: int) -> float:
+    from pargo_dist.launch import free_port, rank_env
+
+    master = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, __file__, "--worker", size, str(zero)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=rank_env(r, ranks, 1, 0, master))
+             for r in range(ranks)]
+    values = []
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        if p.returncode != 0:
+            raise RuntimeError(f"{size} ZeRO-{zero} x{ranks} failed:\n{err[-3000:]}")
+        values.append(json.loads(out.strip().splitlines()[-1])["measured"])
+    return float(max(values))
+
+
+def predicted(size: str, zero: int, ranks: int) -> tuple[float, float, float, int]:
+    """(planner fp32, planner bf16, DeepSpeed's estimator, parameters) in bytes per rank."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    from pargo_dist.config import load_config
+    from pargo_dist.plan import Layout, model_state_bytes, shapes_of
+
+    cfg = load_config(RECIPE, overrides(size, zero))
+    shapes = shapes_of(cfg, micro_batch=1, seq_len=64)
+    layout = Layout("deepspeed", zero_stage=zero)
+    fp32 = sum(model_state_bytes(shapes, layout, ranks, "fp32").values())
+    bf16 = sum(model_state_bytes(shapes, layout, ranks, "bf16").values())
+    total = sum(shapes.params.values())
+    if zero == 3:
+        _, ds, _ = _zero3(estimate_zero3_model_states_mem_needs, total, shapes.largest_module, ranks)
+    else:
+        _, ds = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=ranks, cpu_offload=False)
+    return fp32, bf16, float(ds), total
+
+
+def _zero3(fn, total, largest, ranks):
+    out = fn(total, largest, num_gpus_per_node=ranks, cpu_offload=False)
+    return out if len(out) == 3 else (*out, None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", nargs="+", choices=list(ALL_SIZES), default=list(ALL_SIZES))
+    ap.add_argument("--zero", nargs="+", type=int, default=[1, 2, 3])
+    ap.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.worker[0], int(args.worker[1]))
+        return
+    mib = 2**20
+    print(f"{'size':<8}{'params':>8}{'ZeRO':>5}{'ranks':>6} | {'fp32 pred':>10}{'measured':>10}{'error':>8} | "
+          f"{'bf16 pred':>10}{'DS estim.':>10}{'diff':>8}")
+    print(f"{'':<8}{'':>8}{'':>5}{'':>6} | {'MiB/rank':>10}{'MiB/rank':>10}{'':>8} | {'MiB/GPU':>10}{'MiB/GPU':>10}")
+    for size in args.sizes:
+        for zero in args.zero:
+            for ranks in args.ranks:
+                fp32, bf16, ds, total = predicted(size, zero, ranks)
+                got = measure(size, zero, ranks)
+                print(f"{size:<8}{total / 1e6:>7.1f}M{zero:>5}{ranks:>6} | {fp32 / mib:>10.1f}{got / mib:>10.1f}"
+                      f"{(fp32 - got) / got:>+8.1%} | {bf16 / mib:>10.1f}{ds / mib:>10.1f}{(bf16 - ds) / ds:>+8.1%}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The planner: its activation trace on the meta device against what autograd really keeps on
+CPU, its model-state memory against DeepSpeed's own estimators and against a real ZeRO run's
+process memory, and `pargo-dist plan` on the shipped recipes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from pargo_dist import cli
+from pargo_dist.config import load_config
+from pargo_dist.plan import Hardware, Layout, candidates, estimate, fits, model_state_bytes, shapes_of, \
+    trace_activations
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+@pytest.mark.parametrize("stage", ["align", "finetune", "full"])
+def test_meta_trace_counts_what_autograd_keeps_on_cpu(text_type, stage):
+    """The planner traces on the meta device (no memory); a real CPU forward of the same model
+    keeps the same bytes for the backward: exactly for the LLM layer and head, within 1% for
+    the projector (its masked attention), in every stage (a frozen LLM in `align` still keeps
+    what the projector's gradient needs)."""
+    real_model = tiny_model(text_type)
+    real_model.freeze(stage)
+    real_model.train()
+    with torch.device("meta"):
+        meta_model = type(real_model)(real_model.config)
+    meta_model.freeze(stage)
+    meta_model.train()
+    real, real_split = trace_activations(real_model, micro_batch=2, seq_len=40)
+    meta, meta_split = trace_activations(meta_model, micro_batch=2, seq_len=40)
+    assert meta["llm_layer"] == real["llm_layer"] > 0 and meta_split == real_split
+    assert meta["llm_head"] == real["llm_head"] > 0
+    assert meta["vision"] == real["vision"]
+    assert (real["vision"] > 0) == (stage == "full")  # a frozen tower keeps nothing
+    assert meta["projector"] == pytest.approx(real["projector"], rel=0.01)
+    if stage == "align":  # frozen Linears keep no inputs: less than when the LLM trains
+        full, _ = trace_activations(tiny_model(text_type), micro_batch=2, seq_len=40)
+        assert 0 < real["llm_layer"] < full["llm_layer"]
+
+
+def test_flash_like_trace_keeps_no_square_attention_matrix():
+    """At 2,048 tokens the S x S probabilities of the math path would dominate a layer; the
+    planner models FlashAttention, which keeps q, k, v, the output and the log-sum-exp."""
+    from pargo_dist.build import meta_model
+
+    cfg = load_config(RECIPES / "paper-stage2-finetune.yaml")
+    model = meta_model(cfg).to(torch.bfloat16)
+    model.freeze("finetune")
+    model.train()
+    seq, heads = 2048, model.config.text_config.num_attention_heads
+    flash, _ = trace_activations(model, micro_batch=1, seq_len=seq)
+    math, _ = trace_activations(model, micro_batch=1, seq_len=seq, flash_like=False)
+    assert math["llm_layer"] - flash["llm_layer"] >= heads * seq * seq * 2  # bf16 probabilities
+    # what remains: ~29 bf16 hidden-widths per token (SwiGLU 3.5h, fp32 norm upcasts, HF eager)
+    hidden = model.config.text_config.hidden_size
+    assert 20 * hidden * 2 < flash["llm_layer"] / seq < 40 * hidden * 2
+
+
+def test_bf16_model_states_match_deepspeeds_estimators():
+    """DeepSpeed's estimators (fp16/bf16 mixed precision, all parameters trainable) count 18 bytes
+    per parameter over the ranks plus, for ZeRO-3, 4 bytes per parameter of the largest layer;
+    for ZeRO-2, 2 bytes of every parameter replicated. Ours must agree up to those terms."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    cfg = load_config(RECIPES / "llama3-8b-stage2.yaml", ["train.stage=full"])
+    s = shapes_of(cfg, micro_batch=1, seq_len=128)
+    total = sum(s.params.values())
+    for gpus in (8, 64):
+        ours3 = sum(model_state_bytes(s, Layout("deepspeed", zero_stage=3), gpus).values())
+        _, ds3, *_ = estimate_zero3_model_states_mem_needs(total, s.largest_module, num_gpus_per_node=gpus,
+                                                           cpu_offload=False)
+        assert ours3 == pytest.approx(ds3 - 4 * s.largest_module, rel=1e-6)
+        ours2 = sum(model_state_bytes(s, Layout("deepspeed", zero_stage=2), gpus).values())
+        _, ds2 = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=gpus, cpu_offload=False)
+        assert ours2 == pytest.approx(ds2 - 2 * total / gpus, rel=1e-6)
+
+
+def test_megatron_states_shrink_with_tensor_and_pipeline_parallel():
+    cfg = load_config(RECIPES / "llama3-70b-stage2.yaml")
+    s = shapes_of(cfg, micro_batch=1, seq_len=256)
+    hw = Hardware(gpus=256)
+    w = {(tp, pp): estimate(cfg, hw, Layout("megatron", tp=tp, pp=pp), s).memory["weights"]
+         for tp, pp in ((1, 1), (8, 1), (8, 4))}
+    assert w[(1, 1)] / w[(8, 1)] == pytest.approx(8, rel=0.05)  # vision + projector stay whole
+    assert 3.0 < w[(8, 1)] / w[(8, 4)] < 4.0  # the first stage also holds the embedding
+
+
+def test_fit_search_returns_the_first_layout_that_fits():
+    cfg = load_config(RECIPES / "qwen2.5-32b-stage2.yaml")
+    hw = Hardware(gpus=8, gpu_mem_gib=80)
+    s = shapes_of(cfg)
+    results = [(lay, estimate(cfg, hw, lay, s)) for lay in candidates(cfg, hw)]
+    verdicts = [fits(e, hw) for _, e in results]
+    assert not verdicts[0]  # ZeRO-1 with a 32B model's full bf16 weights cannot fit 80 GiB
+    first = verdicts.index(True)
+    assert results[first][0].zero_stage == 3 or results[first][0].offload_optimizer
+
+
+def test_plan_cli_prints_memory_time_and_the_fitting_layout(capsys):
+    assert cli.main(["plan", str(RECIPES / "paper-stage2-finetune.yaml"), "--gpus", "64", "--fit"]) == 0
+    out = capsys.readouterr().out
+    assert "8.06B parameters" in out and "7.76B trainable" in out
+    for line in ("weights", "gradients", "optimizer", "activations", "buffers", "total"):
+        assert re.search(rf"^\s+{line}\s+[\d.]+ GiB", out, re.M), line
+    assert re.search(r"1,000,000 samples: [\d.]+ h", out) and "smallest layout that fits: ZeRO-" in out
+
+
+def test_plan_cli_bad_override_names_the_key(capsys):
+    assert cli.main(["plan", str(RECIPES / "paper-stage2-finetune.yaml"), "train.micro_bach=2"]) == 2
+    assert "train.micro_batch" in capsys.readouterr().err
