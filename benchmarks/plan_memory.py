@@ -6,7 +6,10 @@ them) build the model, set up the DeepSpeed backend exactly as training does and
 optimizer step, so weights, gradients and Adam state all exist. Measured: each rank's
 resident memory (RSS, after gc and malloc_trim so that freed build-time memory is not
 counted) minus its RSS before the model was built; the largest rank is reported. Predicted:
-`pargo_dist.plan.model_state_bytes` for fp32. Also shown: the planner's bf16 figure (what a GPU
+`pargo_dist.plan.model_state_bytes` for fp32, what stays resident after a step: weights and
+optimizer state, and for ZeRO-3 the gradient partitions and the parameters it keeps gathered
+(`zero3_live_bytes`; ZeRO-1/2 free their gradients at the end of the step, the planner's total
+counts them as part of the backward's peak). ZeRO-3 runs build under zero.Init. Also shown: the planner's bf16 figure (what a GPU
 run holds) next to DeepSpeed's own estimators for bf16/fp16 on GPU
 (`estimate_zero2_model_states_mem_needs` for ZeRO-1/2, it has none for 1; and
 `estimate_zero3_model_states_mem_needs`), with the relative difference.
@@ -60,7 +63,8 @@ def settle() -> int:
 
 def overrides(size: str, zero: int) -> list[str]:
     return [*ALL_SIZES[size], f"backend.zero_stage={zero}", "train.precision=fp32", "train.micro_batch=1",
-            "train.grad_accum=1", "train.stage=full", "logging.tensorboard=false"]
+            "train.grad_accum=1", "train.stage=full", "logging.tensorboard=false",
+            *(["backend.zero_init=true"] if zero == 3 else [])]
 
 
 def worker(size: str, zero: int) -> None:
@@ -110,12 +114,15 @@ def predicted(size: str, zero: int, ranks: int) -> tuple[float, float, float, in
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     from pargo_dist.config import load_config
-    from pargo_dist.plan import Layout, model_state_bytes, shapes_of
+    from pargo_dist.plan import Layout, model_state_bytes, shapes_of, zero3_live_bytes
 
     cfg = load_config(RECIPE, overrides(size, zero))
     shapes = shapes_of(cfg, micro_batch=1, seq_len=64)
     layout = Layout("deepspeed", zero_stage=zero)
-    fp32 = sum(model_state_bytes(shapes, layout, ranks, "fp32").values())
+    states = model_state_bytes(shapes, layout, ranks, "fp32")
+    fp32 = states["weights"] + states["optimizer"]
+    if zero == 3:  # the gradient partitions stay, and so do the parameters DeepSpeed keeps gathered
+        fp32 += states["gradients"] + zero3_live_bytes(shapes, "fp32")
     bf16 = sum(model_state_bytes(shapes, layout, ranks, "bf16").values())
     total = sum(shapes.params.values())
     if zero == 3:

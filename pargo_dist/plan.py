@@ -12,8 +12,10 @@ Everything comes from the recipe's model built on the meta device (no weights, n
       ZeRO-2     weights 2P     grads 4T/d                         Adam 12T/d
       ZeRO-3     weights 2P/d   grads 4T/d                         Adam 12T/d
       megatron   weights 2P/tp  grads 4T/tp (fp32 main grads)      Adam 12T/(tp d) (distributed optimizer)
-  (per pipeline stage: the largest stage counts). fp32 recipes hold 4 B weights and grads
-  and 8 B of Adam plus a 4 B fp32 partition copy. Offloaded optimizer state counts 0.
+  (per pipeline stage: the largest stage counts). fp32 recipes hold 4 B weights, 4 B grads
+  (ZeRO-1: all of them; 2, 3: a partition) and 8 B of Adam plus a 4 B fp32 partition copy.
+  Offloaded optimizer state counts 0. ZeRO-1/2 free their gradients after each step; the
+  planner counts them, as the peak during the backward includes them.
 - Activations are *traced*, not estimated from a formula: one decoder layer, the projector,
   the vision tower and the LM head run forward on the meta device at the recipe's micro-batch
   and sequence length under `saved_tensors_hooks`, and every tensor autograd keeps for the
@@ -24,7 +26,8 @@ Everything comes from the recipe's model built on the meta device (no weights, n
   layer keeps its input, plus one layer's activations while it is recomputed. Under megatron
   TP the tensors of hidden width stay whole unless sequence parallel is on, the rest split.
 - Buffers: ZeRO-1/2 reduce buckets (DeepSpeed's 5e8 elements, 4.5x with overlap_comm as its
-  docs state), ZeRO-3's gathered working set (largest module + prefetch bucket), the fp32
+  docs state), ZeRO-3's gathered parameters (up to 1e9 stay live by DeepSpeed's defaults;
+  measured on CPU: benchmarks/plan_memory.py), the fp32
   logits gradient of the loss, and a fixed 2.5 GiB for the CUDA context, NCCL and allocator
   fragmentation.
 - Step time: model FLOPs per sample (pargo_dist.metrics, vision tower included) x global batch
@@ -46,6 +49,7 @@ GiB = 2**30
 FRAMEWORK_RESERVE_GIB = 2.5
 DS_REDUCE_BUCKET = 5e8  # DeepSpeed's default reduce/allgather bucket (elements)
 DS_PREFETCH_BUCKET = 5e7  # stage3_prefetch_bucket_size default
+DS_MAX_LIVE = 1e9  # stage3_max_live_parameters / stage3_max_reuse_distance defaults
 H100_BF16_TFLOPS = 989.0
 
 
@@ -263,7 +267,10 @@ def model_state_bytes(s: Shapes, layout: Layout, world: int, precision: str = "b
         dp = world
         z = layout.zero_stage
         weights = w * P / (dp if z == 3 else 1)
-        grads = (w * T + 4.0 * T / dp) if z == 1 else 4.0 * T / dp
+        if precision == "bf16":  # bf16 grads, reduced into fp32 partitions
+            grads = (w * T + 4.0 * T / dp) if z == 1 else 4.0 * T / dp
+        else:  # fp32: ZeRO-1 keeps every gradient until the step, 2 and 3 only their partition
+            grads = w * T if z == 1 else w * T / dp
         optim = adam * T / dp
     if layout.offload_optimizer:
         optim = 0.0
@@ -289,11 +296,19 @@ def activation_bytes(s: Shapes, layout: Layout, in_flight: int = 1) -> dict[str,
             "loss (logits grad)": 4.0 * s.tokens * s.vocab / tp}
 
 
-def buffer_bytes(s: Shapes, layout: Layout, world: int) -> dict[str, float]:
+def zero3_live_bytes(s: Shapes, precision: str = "bf16") -> float:
+    """Parameters ZeRO-3 keeps gathered: DeepSpeed releases a parameter only when it will not be
+    reused within stage3_max_reuse_distance (1e9) and keeps up to stage3_max_live_parameters
+    (1e9) whole, so up to 1e9 parameters (2 GB in bf16) stay resident, the whole model below that."""
+    P = float(sum(s.params.values()))
+    return (2.0 if precision == "bf16" else 4.0) * min(P, max(DS_MAX_LIVE, s.largest_module))
+
+
+def buffer_bytes(s: Shapes, layout: Layout, world: int, precision: str = "bf16") -> dict[str, float]:
     if layout.backend == "megatron":
         return {"buffers": FRAMEWORK_RESERVE_GIB * GiB}
     if layout.zero_stage == 3:
-        live = 2.0 * (max(s.largest_module, DS_PREFETCH_BUCKET) + DS_PREFETCH_BUCKET)
+        live = zero3_live_bytes(s, precision)
         bucket = 2.0 * DS_REDUCE_BUCKET
     else:  # DeepSpeed's docs: overlap_comm needs 4.5x the bucket (reduce + allgather, double-buffered)
         live, bucket = 0.0, 2.0 * DS_REDUCE_BUCKET * (4.5 if world > 1 else 1.0)
@@ -302,9 +317,12 @@ def buffer_bytes(s: Shapes, layout: Layout, world: int) -> dict[str, float]:
 
 def estimate(cfg, hw: Hardware, layout: Layout, shapes: Shapes) -> Estimate:
     world = hw.gpus
+    if layout.backend == "megatron" and world % (layout.tp * layout.pp):
+        raise ValueError(f"{layout.name()} needs a multiple of {layout.tp * layout.pp} GPUs "
+                         f"(tensor x pipeline parallel), not {world}")
     in_flight = min(layout.pp, cfg.train.grad_accum) if layout.backend == "megatron" else 1
     mem = {**model_state_bytes(shapes, layout, world, cfg.train.precision),
-           **activation_bytes(shapes, layout, in_flight), **buffer_bytes(shapes, layout, world)}
+           **activation_bytes(shapes, layout, in_flight), **buffer_bytes(shapes, layout, world, cfg.train.precision)}
     replicas = world // (layout.tp * layout.pp) if layout.backend == "megatron" else world
     global_batch = cfg.train.micro_batch * cfg.train.grad_accum * replicas
     flops = shapes.flops_per_sample * global_batch
@@ -314,6 +332,14 @@ def estimate(cfg, hw: Hardware, layout: Layout, shapes: Shapes) -> Estimate:
     seq = cfg.data.train.max_len
     return Estimate(layout=layout, dp=replicas, memory={k: v / GiB for k, v in mem.items()}, step_time_s=step,
                     tokens_per_s=global_batch * seq / step, samples_per_s=global_batch / step)
+
+
+def checkpoint_bytes(s: Shapes, stage: str, precision: str = "bf16") -> float:
+    """One checkpoint: the saved weights (trained parts only in `align`, the whole model else)
+    plus the trained parameters' optimizer state (bf16: fp32 master + Adam m, v; fp32: m, v)."""
+    P, T = float(sum(s.params.values())), float(sum(s.trainable.values()))
+    weights = (T if stage == "align" else P) * (2.0 if precision == "bf16" else 4.0)
+    return weights + T * (12.0 if precision == "bf16" else 8.0)
 
 
 def layout_of(cfg) -> Layout:
@@ -367,6 +393,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help=f"dense bf16 TFLOP/s per GPU (default {H100_BF16_TFLOPS:g}: H100 SXM)")
     ap.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation to assume (default 0.40)")
     ap.add_argument("--samples", type=float, default=1e6, help="samples per epoch for the time estimate")
+    ap.add_argument("--fs-gbps", type=float, default=2.0,
+                    help="checkpoint write bandwidth per node, GB/s (default 2: a parallel filesystem)")
+    ap.add_argument("--sample-kb", type=float, default=150.0,
+                    help="bytes of one sample in the shards, KB (default 150: a JPEG caption pair)")
     ap.add_argument("--fit", action="store_true", help="also list layouts and the smallest that fits")
 
 
@@ -385,10 +415,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"micro-batch {cfg.train.micro_batch} x {cfg.data.train.max_len} tokens ({shapes.visual_tokens} visual), "
           f"grad_accum {cfg.train.grad_accum}, {cfg.train.precision}; "
           f"{shapes.flops_per_sample / 1e12:.3g} TFLOP per sample (training)")
-    est = estimate(cfg, hw, layout_of(cfg), shapes)
-    print(format_estimate(est, hw))
-    epoch = args.samples / est.samples_per_s
-    print(f"  {args.samples:,.0f} samples: {epoch / 3600:.1f} h ({epoch * hw.gpus / 3600:,.0f} GPU-hours)")
+    try:
+        est = estimate(cfg, hw, layout_of(cfg), shapes)
+    except ValueError as err:
+        if not args.fit:
+            raise ValueError(f"{err}: change --gpus, or add --fit for a layout that suits {hw.gpus} GPUs") from None
+        print(f"the recipe's layout does not apply: {err}")
+    else:
+        print(format_estimate(est, hw))
+        epoch = args.samples / est.samples_per_s
+        print(f"  {args.samples:,.0f} samples: {epoch / 3600:.1f} h ({epoch * hw.gpus / 3600:,.0f} GPU-hours)")
+        nodes = max(1, math.ceil(hw.gpus / hw.gpus_per_node))
+        ckpt = checkpoint_bytes(shapes, cfg.train.stage, cfg.train.precision)
+        print(f"  checkpoint {ckpt / 1e9:,.1f} GB, written in ~{ckpt / (nodes * args.fs_gbps * 1e9):,.0f} s by "
+              f"{nodes} node(s) at {args.fs_gbps:g} GB/s each")
+        print(f"  data from object storage: {est.samples_per_s / nodes * args.sample_kb / 1e3:,.1f} MB/s per node "
+              f"at {args.sample_kb:g} KB per sample")
     if args.fit:
         print(f"\n{'layout':<34}{'GiB/GPU':>9}{'step s':>9}{'tokens/s':>12}  fits in {hw.gpu_mem_gib:g} GiB")
         best = None
@@ -399,7 +441,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"{lay.name():<34}{e.total_gib:>9.1f}{e.step_time_s:>9.2f}{e.tokens_per_s:>12,.0f}  "
                   f"{'yes' if ok else 'no'}")
         if best:
-            print(f"smallest layout that fits: {best.layout.name()} ({best.total_gib:.1f} GiB per GPU)")
+            print(f"smallest layout that fits: {best.layout.name()} ({best.total_gib:.1f} GiB per GPU; "
+                  "layouts are listed cheapest first: least parallelism, no recompute, no offload)")
         else:
             print("nothing fits: lower train.micro_batch, raise --gpus, or turn on activation checkpointing")
     return 0

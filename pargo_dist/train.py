@@ -32,7 +32,7 @@ from pargo_dist.metrics import MetricsLogger, StepTimer, model_flops_per_sample,
     peak_memory_gib
 from pargo_dist.models.mllm import IGNORE_INDEX
 from pargo_dist.slurm import REQUEUE_EXIT
-from pargo_dist.watchdog import HangWatchdog
+from pargo_dist.watchdog import SETUP_ALLOWANCE_S, HangWatchdog
 
 
 def quiet_libraries() -> None:
@@ -109,10 +109,10 @@ class Trainer:
         self.stop = StopFlag()  # first: a signal during start-up is honoured at the first step
         # armed before the rendezvous: a node that never shows up is a hang too
         self.watchdog = HangWatchdog(cfg.train.hang_timeout_s, int(os.environ.get("RANK", 0)))
-        self.watchdog.beat("joining the process group (rendezvous)")
+        self.watchdog.beat("joining the process group (rendezvous)", allow=SETUP_ALLOWANCE_S)
         self.backend = make_backend(cfg)
         self.rank, self.world = self.backend.init_distributed()
-        self.watchdog.beat("setting up (model, data, resume)")
+        self.watchdog.beat("setting up (model, data, resume)", allow=SETUP_ALLOWANCE_S)
         self.run_dir = Path(cfg.run.dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         prepare_synthetic(cfg, self.rank)
@@ -228,7 +228,9 @@ class Trainer:
 
     def run(self) -> int:
         cfg = self.cfg
+        self.watchdog.beat("resuming from the checkpoint", allow=SETUP_ALLOWANCE_S)
         self.resume()
+        first = True
         self.backend.train(True)
         batches = self._batches()
         timer = StepTimer()
@@ -237,9 +239,12 @@ class Trainer:
         exit_code = 0
         while self.step < cfg.train.steps:
             timer.start()
-            self.watchdog.beat(f"reading the batch of step {self.step + 1}")
+            # the first batch may wait for the first shards to download, the first step for kernels
+            allow = SETUP_ALLOWANCE_S if first else None
+            self.watchdog.beat(f"reading the batch of step {self.step + 1}", allow=allow)
             micro = [next(batches) for _ in range(cfg.train.grad_accum)]
-            self.watchdog.beat(f"training step {self.step + 1}")
+            self.watchdog.beat(f"training step {self.step + 1}", allow=allow)
+            first = False
             stats = self.train_step(micro)
             self.step += 1
             perf = timer.stop(int(stats["samples"]), int(stats["tokens"]))

@@ -7,6 +7,10 @@ the time since the last beat and, past `timeout_s`, prints what the rank was las
 dumps the Python stack of every thread (faulthandler: works while the main thread is blocked
 in C) and exits with HANG_EXIT. The launcher then stops the other ranks and the batch script
 does not requeue: a hang is a bug or a broken node to look at, not a preemption.
+
+Start-up (rendezvous, building and loading a model that may be 70B, the first shard
+downloads) legitimately takes long and has no step to beat on: its beats pass `allow`, at
+least SETUP_ALLOWANCE_S, so a tight step timeout does not kill a slow but healthy start.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import time
 
 from pargo_dist.slurm import HANG_EXIT
 
+SETUP_ALLOWANCE_S = 1800.0
+
 
 class HangWatchdog:
     def __init__(self, timeout_s: float, rank: int, poll_s: float | None = None):
@@ -26,6 +32,7 @@ class HangWatchdog:
         self.rank = rank
         self._last = time.monotonic()
         self._what = "starting"
+        self._limit = self.timeout_s
         self._stop = threading.Event()
         self._thread = None
         if self.timeout_s > 0:
@@ -33,8 +40,10 @@ class HangWatchdog:
             self._thread = threading.Thread(target=self._watch, name="pargo-hang-watchdog", daemon=True)
             self._thread.start()
 
-    def beat(self, what: str) -> None:
-        """Progress: `what` is what the rank does next (shown if it never finishes)."""
+    def beat(self, what: str, allow: float | None = None) -> None:
+        """Progress: `what` is what the rank does next (shown if it never finishes); `allow`:
+        seconds it may take, when more than the step timeout (start-up)."""
+        self._limit = max(self.timeout_s, allow or 0.0)
         self._last, self._what = time.monotonic(), what
 
     def close(self) -> None:
@@ -43,12 +52,12 @@ class HangWatchdog:
     def _watch(self) -> None:
         while not self._stop.wait(self._poll):
             idle = time.monotonic() - self._last
-            if idle > self.timeout_s:
+            if idle > self._limit:
                 self._fire(idle)
 
     def _fire(self, idle: float) -> None:
-        print(f"pargo-dist: rank {self.rank} made no progress for {idle:.0f}s (train.hang_timeout_s="
-              f"{self.timeout_s:g}) while {self._what}. A peer rank has probably died or hung in a collective; "
+        print(f"pargo-dist: rank {self.rank} made no progress for {idle:.0f}s (limit {self._limit:g}s, "
+              f"train.hang_timeout_s={self.timeout_s:g}) while {self._what}. A peer rank has probably died or hung in a collective; "
               f"ending the run with exit {HANG_EXIT} instead of waiting. Python stacks of this rank follow.",
               file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
