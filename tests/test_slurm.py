@@ -136,7 +136,8 @@ def test_hang_detector_dumps_stacks_and_ends_the_run(recipe):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == HANG_EXIT, out[-3000:]
     assert "rank 0 made no progress for" in out and "while training step" in out
-    assert "Current thread" in out and "in train_batch" in out  # the stack of the waiting rank
+    # the waiting rank's stack (where in the step depends on when its peer froze)
+    assert re.search(r'File ".*pargo_dist/train\.py", line \d+ in run', out), out[-3000:]
     assert f"rank 0 exited with {HANG_EXIT}" in out
 
 
