@@ -75,7 +75,8 @@ def main() -> None:
             print(f"| {model} | {stage} | {gpus} | {est.layout.name()} (dp {est.dp}) | {est.total_gib:.1f} | "
                   f"{est.step_time_s:.2f} | {est.samples_per_s:,.0f} | {hours:.1f} h | {ckpt / 1e9:,.1f} GB | "
                   f"{ckpt / (nodes * FS_GBPS * 1e9):,.0f} s | "
-                  f"{est.samples_per_s / nodes * SAMPLE_KB / 1e3:,.1f} MB/s | {comm_seconds(shapes, est.layout, est):.2f} |",
+                  f"{est.samples_per_s / nodes * SAMPLE_KB / 1e3:,.1f} MB/s | "
+                  f"{comm_seconds(shapes, est.layout, est):.2f} |",
                   flush=True)
 
 

@@ -57,7 +57,8 @@ class HangWatchdog:
 
     def _fire(self, idle: float) -> None:
         print(f"pargo-dist: rank {self.rank} made no progress for {idle:.0f}s (limit {self._limit:g}s, "
-              f"train.hang_timeout_s={self.timeout_s:g}) while {self._what}. A peer rank has probably died or hung in a collective; "
+              f"train.hang_timeout_s={self.timeout_s:g}) while {self._what}. A peer rank has probably died "
+              "or hung in a collective; "
               f"ending the run with exit {HANG_EXIT} instead of waiting. Python stacks of this rank follow.",
               file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)

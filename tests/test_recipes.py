@@ -62,7 +62,8 @@ def test_recipe_header_and_settings(built):
     if path.name in NOT_PUBLISHED:
         return
     header = path.read_text().split("\nrun:")[0]
-    for line in ("what trains", "hardware", "batch", f"expected time: see pargo-dist plan recipes/{path.name}"):
+    for line in ("what trains", "hardware", "batch", "expected time: ~",
+                 f"(pargo-dist plan recipes/{path.name} --gpus"):
         assert line in header, f"{path.name}: the header needs {line!r}"
     assert cfg.train.precision == "bf16" and cfg.train.activation_checkpointing
     assert cfg.model.llm.path and cfg.model.vision.path, "real runs point at local HF directories"
