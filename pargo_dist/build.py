@@ -77,6 +77,45 @@ def meta_model(cfg: Config) -> ParGoForConditionalGeneration:
             vision_post_layernorm=m.vision.post_layernorm, vision_class=m.vision.class_name)
 
 
+def init_parts_from(model: ParGoForConditionalGeneration, source: str, parts: list[str]) -> list[str]:
+    """Load `parts` (e.g. the projector) from an earlier run into a freshly built model: how
+    stage 2 starts from stage 1. `source`: a `pargo-dist export` directory (safetensors), or a
+    DeepSpeed run / checkpoint dir (consolidated on the fly). Every parameter of each part must
+    come from the source, with its shape; anything else is an error naming the source and keys.
+    Returns the loaded keys."""
+    path = Path(source)
+    if not path.exists():
+        raise ValueError(f"model.init_from={source} does not exist: point it at a `pargo-dist export` directory "
+                         "or a run directory of the earlier stage")
+    if list(path.glob("*.safetensors")):
+        from safetensors.torch import load_file
+
+        state = {}
+        for f in sorted(path.glob("*.safetensors")):
+            state.update(load_file(f))
+    else:
+        from pargo_dist.backends.deepspeed import consolidated_state_dict
+        from pargo_dist.export import resolve_checkpoint
+
+        step_dir = resolve_checkpoint(path)
+        if not (step_dir / "ds").is_dir():
+            raise ValueError(f"model.init_from={source}: {step_dir} is not a DeepSpeed checkpoint; export it "
+                             "first (`pargo-dist export`) and point model.init_from at the export")
+        state = consolidated_state_dict(step_dir)
+    prefixes = tuple(f"{p}." for p in parts)
+    wanted = {n: p for n, p in model.named_parameters() if n.startswith(prefixes)}
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise ValueError(f"model.init_from={source} lacks {len(missing)} weights of {parts}: {missing[:5]}")
+    for name, param in wanted.items():
+        if tuple(state[name].shape) != tuple(param.shape):
+            raise ValueError(f"model.init_from={source}: {name} has shape {tuple(state[name].shape)}, this "
+                             f"recipe's model {tuple(param.shape)} (a different projector or LLM config?)")
+        with torch.no_grad():
+            param.copy_(state[name].to(param.dtype))
+    return sorted(wanted)
+
+
 def image_processor(cfg: Config) -> ImagePreprocessor:
     vision = vision_config_from(cfg.model.vision.path or dict(cfg.model.vision.config))
     return ImagePreprocessor.for_tower(vision, cfg.model.vision.path)

@@ -58,6 +58,10 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     projector: dict[str, Any] = field(default_factory=dict)  # ProjectorConfig fields
     tokenizer: str = "synthetic"  # "synthetic" or a local tokenizer dir (default: llm.path)
+    # start these parts from an earlier run (stage 2 from stage 1): an export dir, a run dir or a
+    # checkpoint dir; applied on a fresh start only (a resume takes everything from its checkpoint)
+    init_from: str | None = None
+    init_parts: list[str] = field(default_factory=lambda: ["projector"])
 
 
 @dataclass
@@ -169,6 +173,13 @@ class Config:
         if self.backend.name == "deepspeed" and (self.backend.tensor_parallel > 1 or self.backend.pipeline_parallel > 1):
             raise ConfigError("backend.tensor_parallel / pipeline_parallel need backend.name=megatron "
                               "(DeepSpeed ZeRO is data parallel only)")
+        parts = ("vision_tower", "projector", "language_model")
+        bad = [p for p in self.model.init_parts if p not in parts]
+        if bad or not self.model.init_parts:
+            raise ConfigError(f"model.init_parts={self.model.init_parts}: name one or more of {list(parts)}")
+        if self.model.init_from and self.backend.zero_init:
+            raise ConfigError("model.init_from with backend.zero_init=true is not supported yet (the parameters are "
+                              "partitioned as they are built): set backend.zero_init=false")
         if not (self.model.vision.path or self.model.vision.config):
             raise ConfigError("model.vision needs a path (pretrained) or a config (random init)")
         if not (self.model.llm.path or self.model.llm.config):

@@ -130,6 +130,11 @@ class Trainer:
             model = build.build_model(cfg, self.tokenizer)
         if self.elastic:
             self._load_elastic_weights(model)
+        elif cfg.model.init_from and self.resume_dir is None:
+            loaded = build.init_parts_from(model, cfg.model.init_from, cfg.model.init_parts)
+            if self.rank == 0:
+                print(f"initialised {', '.join(cfg.model.init_parts)} from {cfg.model.init_from} "
+                      f"({len(loaded)} tensors)", flush=True)
         model.freeze(cfg.train.stage)
         if cfg.train.activation_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
