@@ -127,15 +127,11 @@ def predicted(size: str, zero: int, ranks: int) -> tuple[float, float, float, in
     bf16 = sum(model_state_bytes(shapes, layout, ranks, "bf16").values())
     total = sum(shapes.params.values())
     if zero == 3:
-        _, ds, _ = _zero3(estimate_zero3_model_states_mem_needs, total, shapes.largest_module, ranks)
+        _, ds, *_ = estimate_zero3_model_states_mem_needs(total, shapes.largest_module, num_gpus_per_node=ranks,
+                                                          cpu_offload=False)
     else:
         _, ds = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=ranks, cpu_offload=False)
     return fp32, bf16, float(ds), total
-
-
-def _zero3(fn, total, largest, ranks):
-    out = fn(total, largest, num_gpus_per_node=ranks, cpu_offload=False)
-    return out if len(out) == 3 else (*out, None)
 
 
 def main() -> None:

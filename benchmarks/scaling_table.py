@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 
 from pargo_dist.config import load_config
-from pargo_dist.plan import Hardware, candidates, checkpoint_bytes, estimate, fits, layout_of, shapes_of
+from pargo_dist.plan import Hardware, checkpoint_bytes, estimate, fits, layout_of, options, shapes_of
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ROWS = [("7B (paper)", "stage 1 align", "paper-stage1-align.yaml", []),
@@ -63,8 +63,7 @@ def main() -> None:
                 if not fits(est, hw):
                     raise ValueError("does not fit")
             except ValueError:
-                fitting = [e for e in (estimate(cfg, hw, lay, shapes) for lay in candidates(cfg, hw))
-                           if fits(e, hw)]
+                fitting = [e for e in options(cfg, hw, shapes) if fits(e, hw)]
                 if not fitting:
                     print(f"| {model} | {stage} | {gpus} | nothing fits 80 GiB | | | | | | | | |")
                     continue

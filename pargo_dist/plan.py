@@ -93,8 +93,6 @@ class Shapes:
     largest_module: int  # largest single module's parameters (ZeRO-3 gathers it whole)
     hidden: int
     vocab: int
-    heads: int
-    kv_heads: int
     visual_tokens: int
     act_bytes: dict[str, float] = field(default_factory=dict)  # traced, per micro-batch
     act_layer_split: tuple[float, float] = (0.0, 0.0)  # one layer: (hidden-width bytes, the rest)
@@ -237,8 +235,7 @@ def shapes_of(cfg, micro_batch: int | None = None, seq_len: int | None = None) -
     act, split = trace_activations(model, mb, seq)
     return Shapes(params=params, trainable=trainable, llm_layer_params=layer_params, llm_layers=len(layers),
                   llm_embed_params=embed, largest_module=largest, hidden=tcfg.hidden_size, vocab=tcfg.vocab_size,
-                  heads=tcfg.num_attention_heads, kv_heads=getattr(tcfg, "num_key_value_heads", None)
-                  or tcfg.num_attention_heads, visual_tokens=model.num_image_tokens(), act_bytes=act,
+                  visual_tokens=model.num_image_tokens(), act_bytes=act,
                   act_layer_split=split, tokens=mb * seq, dtype_bytes=2 if cfg.train.precision == "bf16" else 4,
                   flops_per_sample=model_flops_per_sample(model, seq))
 
@@ -368,6 +365,11 @@ def fits(est: Estimate, hw: Hardware) -> bool:
     return est.total_gib <= hw.gpu_mem_gib
 
 
+def options(cfg, hw: Hardware, shapes: Shapes) -> list[Estimate]:
+    """Every candidate layout estimated, in `candidates` order (the first that fits is the pick)."""
+    return [estimate(cfg, hw, lay, shapes) for lay in candidates(cfg, hw)]
+
+
 def format_estimate(est: Estimate, hw: Hardware) -> str:
     lines = [f"layout {est.layout.name()} on {hw.gpus} GPU(s): data-parallel replicas {est.dp}"]
     for name, gib in est.memory.items():
@@ -434,11 +436,10 @@ def run(args: argparse.Namespace) -> int:
     if args.fit:
         print(f"\n{'layout':<34}{'GiB/GPU':>9}{'step s':>9}{'tokens/s':>12}  fits in {hw.gpu_mem_gib:g} GiB")
         best = None
-        for lay in candidates(cfg, hw):
-            e = estimate(cfg, hw, lay, shapes)
+        for e in options(cfg, hw, shapes):
             ok = fits(e, hw)
             best = best or (e if ok else None)
-            print(f"{lay.name():<34}{e.total_gib:>9.1f}{e.step_time_s:>9.2f}{e.tokens_per_s:>12,.0f}  "
+            print(f"{e.layout.name():<34}{e.total_gib:>9.1f}{e.step_time_s:>9.2f}{e.tokens_per_s:>12,.0f}  "
                   f"{'yes' if ok else 'no'}")
         if best:
             print(f"smallest layout that fits: {best.layout.name()} ({best.total_gib:.1f} GiB per GPU; "

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from pargo_dist import build
 from pargo_dist.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from pargo_dist.config import Config, to_yaml
+from pargo_dist.launch import HELD, release_signals
 from pargo_dist.metrics import MetricsLogger, StepTimer, model_flops_per_sample, mfu, peak_flops_per_device, \
     peak_memory_gib
 from pargo_dist.models.mllm import IGNORE_INDEX
@@ -56,11 +57,11 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in HELD:
             signal.signal(sig, self._handle)
         # the launcher started this rank with both held (pargo_dist/launch.py): one that came
         # during start-up is delivered now, to the handler above
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGUSR1})
+        release_signals()
 
     def _handle(self, signum, _frame) -> None:
         self.signal = signum

@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from pargo_dist.launch import free_port
+
 BINARIES = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "sinfo")
 
 SLURM_CONF = """\
@@ -64,12 +66,6 @@ def unavailable() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sbin(name: str) -> str:
     return shutil.which(name) or str(Path("/usr/sbin", name))
 
@@ -89,7 +85,7 @@ class SlurmCluster:
         for sub in ("state", "spool"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(SLURM_CONF.format(host=self.host, cpus=self.cpus, root=self.root,
-                                               ctld_port=_free_port(), slurmd_port=_free_port()))
+                                               ctld_port=free_port(), slurmd_port=free_port()))
         self._start_munge()
         self.procs.append(subprocess.Popen([_sbin("slurmctld"), "-D", "-i", "-f", str(self.conf)], env=self.env,
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
