@@ -10,6 +10,8 @@
     pargo-dist plan recipes/llama3-8b-stage2.yaml --gpus 64 --gpu-mem 80 --fit
     pargo-dist export runs/tiny-cpu --out runs/tiny-cpu/export
     pargo-dist generate runs/tiny-cpu/export --held-out 0
+    pargo-dist eval runs/tiny-cpu --nproc 2                 # held-out loss, detail recall, yes/no (MME)
+    pargo-dist report runs/tiny-cpu                         # PNG plots from TensorBoard logs
 
 Exit codes of train: 0 done, 75 saved after SIGTERM/SIGUSR1 (requeue me), 2 bad recipe,
 124 the hang detector ended the run (a rank made no progress for train.hang_timeout_s).
@@ -142,6 +144,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import os
+
+    if "LOCAL_RANK" not in os.environ and args.nproc > 1:
+        from pargo_dist.launch import launch
+
+        return launch(args.nproc, args.argv, command="eval")  # ranks see LOCAL_RANK, ignore --nproc
+    from pargo_dist.evaluation.command import run
+
+    return run(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pargo_dist.report import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pargo-dist",
@@ -218,6 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--num-beams", type=int, default=1)
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.set_defaults(func=cmd_generate)
+
+    from pargo_dist.evaluation import command as evaluation
+
+    evaluate = sub.add_parser("eval", help="held-out loss, detail recall of captions, MME yes/no; N ranks, resumable",
+                              description=evaluation.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluation.add_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
+    from pargo_dist import report
+
+    plots = sub.add_parser("report", help="PNG plots of loss, throughput and eval results from TensorBoard logs",
+                           description=report.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    report.add_arguments(plots)
+    plots.set_defaults(func=cmd_report)
     return parser
 
 
@@ -239,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 i += 1
         argv = [argv[0], *flags, *rest]
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]  # what a launcher passes on to its ranks (`eval --nproc`)
     try:
         return args.func(args)
     except ValueError as err:  # configuration errors: one clear line, no traceback

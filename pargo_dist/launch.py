@@ -72,10 +72,10 @@ def _die_with_parent() -> None:
 
 
 def launch(nproc: int, train_args: list[str], nnodes: int = 1, node_rank: int = 0, master: str | None = None,
-           grace: float = 600.0, announce: str | None = None) -> int:
-    """Run `pargo-dist train <train_args>` on nproc local ranks; returns the run's exit code."""
+           grace: float = 600.0, announce: str | None = None, command: str = "train") -> int:
+    """Run `pargo-dist <command> <train_args>` on nproc local ranks; returns the run's exit code."""
     master = master or f"127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "-m", "pargo_dist.cli", "train", *train_args]
+    cmd = [sys.executable, "-m", "pargo_dist.cli", command, *train_args]
     hold_signals()  # the ranks start with them held (see the module docstring)
     procs = [subprocess.Popen(cmd, env=rank_env(r, nproc, nnodes, node_rank, master), preexec_fn=_die_with_parent)
              for r in range(nproc)]

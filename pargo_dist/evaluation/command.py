@@ -1,0 +1,157 @@
+"""`pargo-dist eval MODEL`: which model, where results go, which tasks; see runner.py for how.
+
+    pargo-dist eval runs/tiny-cpu                          # newest checkpoint; captions + synthetic MME
+    pargo-dist eval runs/tiny-cpu --nproc 2 --limit 64      # 2 ranks, first 64 samples / questions
+    pargo-dist eval runs/x/export --mme /data/MME_Benchmark_release_version --no-captions
+    pargo-dist eval runs/x --data s3://bucket/val           # another held-out split
+
+MODEL is an exported directory (`pargo-dist export`), a run dir (its newest complete
+checkpoint) or a checkpoint dir; the last two are exported once into OUT/model first. OUT
+defaults to RUN/eval/step_N (or EXPORT/eval); scalars go to RUN/tb at the checkpoint's step,
+next to the training curves, so `pargo-dist report RUN` plots them. Interrupted? Run the same
+command again: finished items are kept (OUT/parts), the rest is done, on any rank count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+SETTINGS = ("data", "mme", "mme_images", "limit", "captions", "max_new_tokens", "num_beams", "dtype")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="exported dir, run dir (newest complete checkpoint) or checkpoint dir")
+    p.add_argument("--nproc", type=int, default=1, help="ranks on this machine (each a share of the items)")
+    p.add_argument("--out", help="results dir (default: RUN/eval/step_N, or EXPORT/eval)")
+    p.add_argument("--data", help="held-out MDS split, local dir or s3://... (default: the recipe's data.eval)")
+    p.add_argument("--mme", default="auto",
+                   help="MME-format directory; 'synthetic': yes/no questions about unseen images of the recipe's "
+                   "held-out stream; 'none'; 'auto' (default): synthetic if the recipe trains on synthetic data")
+    p.add_argument("--mme-images", type=int, default=96, help="images in the synthetic MME set (2 questions each)")
+    p.add_argument("--limit", type=int, help="only the first N samples and N questions")
+    p.add_argument("--no-captions", dest="captions", action="store_false",
+                   help="skip the caption pass (loss, perplexity, detail recall)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap (answers: 4)")
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--tb", help="TensorBoard dir for the eval/... scalars (default: RUN/tb, or OUT/tb)")
+    p.add_argument("--step", type=int, help="TensorBoard step of the scalars (default: the checkpoint's)")
+    p.add_argument("--fresh", action="store_true", help="discard results of an earlier run in OUT")
+
+
+def _resolve(args, rank: int, barrier) -> tuple[Path, Path, Path | None, int]:
+    """-> (exported model dir, out dir, tensorboard dir, step)."""
+    from pargo_dist.checkpoint import CheckpointManager
+    from pargo_dist.export import export, resolve_checkpoint
+
+    source = Path(args.model)
+    if not source.exists():
+        raise ValueError(f"{source} does not exist: give an exported dir, a run dir or a checkpoint dir")
+    if (source / "config.json").exists():
+        out = Path(args.out or source / "eval")
+        return source, out, out / "tb", args.step or 0
+    step_dir = resolve_checkpoint(source)
+    run_dir = step_dir.parent.parent
+    step = CheckpointManager(run_dir).load_meta(step_dir)["step"]
+    out = Path(args.out or run_dir / "eval" / step_dir.name)
+    model_dir = out / "model"
+    if rank == 0 and not (model_dir / "config.yaml").exists():  # config.yaml is export's last write
+        print(f"exporting {step_dir} -> {model_dir}", flush=True)
+        export(step_dir, model_dir)
+    barrier()
+    return model_dir, out, run_dir / "tb", args.step if args.step is not None else step
+
+
+def _check_settings(out: Path, args, rank: int, barrier) -> None:
+    """Resume only the same evaluation: other settings in OUT are an error (or --fresh)."""
+    settings = {k: getattr(args, k) for k in SETTINGS} | {"model": str(Path(args.model).resolve())}
+    path = out / "settings.json"
+    if rank == 0:
+        if args.fresh and out.exists():
+            for name in ("parts", "mme_synthetic"):
+                shutil.rmtree(out / name, ignore_errors=True)
+        elif path.exists() and json.loads(path.read_text()) != settings:
+            old = json.loads(path.read_text())
+            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            raise ValueError(f"{out} holds results of another evaluation (differs in {diff}): "
+                             "use another --out, or --fresh to discard them")
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=1))
+    barrier()
+
+
+def _mme_root(args, cfg, out: Path, rank: int, barrier) -> Path | None:
+    syn = cfg.data.synthetic
+    if args.mme == "none" or (args.mme == "auto" and not syn.num_samples):
+        return None
+    if args.mme not in ("auto", "synthetic"):
+        return Path(args.mme)
+    from pargo_dist.data.synthetic import SyntheticConfig, held_out
+    from pargo_dist.evaluation.mme import write_synthetic
+
+    root = out / "mme_synthetic"
+    if rank == 0 and not (root / ".complete").exists():
+        # the held-out stream, past the images data.eval holds: questions about unseen images
+        base = held_out(SyntheticConfig(num_samples=1, image_size=syn.image_size, seed=syn.seed), 1)
+        write_synthetic(root, base, args.mme_images, first=syn.held_out)
+        (root / ".complete").touch()
+    barrier()
+    return root
+
+
+def print_table(metrics: dict[str, float]) -> None:
+    width = max(map(len, metrics), default=0)
+    for key, value in metrics.items():
+        shown = f"{value:,.0f}" if key.endswith(("samples", "skipped", "images")) else f"{value:.4f}"
+        print(f"  {key:<{width}}  {shown}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pargo_dist.evaluation.runner import Evaluator, Ranks, evaluate_captions, evaluate_mme, open_dataset
+    from pargo_dist.generate import load_exported
+
+    ranks = Ranks()
+    try:
+        model_dir, out, tb, step = _resolve(args, ranks.rank, ranks.barrier)
+        _check_settings(out, args, ranks.rank, ranks.barrier)
+        model, tokenizer, cfg = load_exported(model_dir)
+        if cfg is None:
+            raise ValueError(f"{model_dir} has no config.yaml (the recipe): export it with `pargo-dist export`")
+        local = int(__import__("os").environ.get("LOCAL_RANK", 0))
+        device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+        model.to(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+        evaluator = Evaluator(model, tokenizer, cfg, device, args.batch_size,
+                              {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams})
+        metrics: dict[str, float] = {}
+        if args.captions:
+            data = args.data or (cfg.data.eval.remote or cfg.data.eval.local if cfg.data.eval else None)
+            if not data:
+                raise ValueError("the recipe has no data.eval split: name one with --data")
+            dataset = open_dataset(data, evaluator, cfg)
+            metrics.update(evaluate_captions(evaluator, dataset, out, ranks, args.limit, generate=True))
+        root = _mme_root(args, cfg, out, ranks.rank, ranks.barrier)
+        if root is not None:
+            evaluator.generate_kwargs["max_new_tokens"] = 4
+            metrics.update(evaluate_mme(evaluator, root, out, ranks, args.limit))
+        if ranks.rank == 0:
+            _publish(metrics, out, Path(args.tb) if args.tb else tb, step)
+    finally:
+        ranks.close()
+    return 0
+
+
+def _publish(metrics: dict[str, float], out: Path, tb: Path, step: int) -> None:
+    (out / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=1))
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tb)) as writer:  # loss as heldout_loss: training's eval/loss is a few batches only
+        for key, value in metrics.items():
+            writer.add_scalar(f"eval/{'heldout_loss' if key == 'loss' else key}", value, global_step=step)
+    print(f"evaluation at step {step} -> {out / 'metrics.json'} (TensorBoard: {tb})")
+    print_table(metrics)
