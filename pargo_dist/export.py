@@ -1,11 +1,11 @@
 """`pargo-dist export`: a DeepSpeed checkpoint (any ZeRO stage, any rank count) or a megatron
-one (any TP/PP/DP layout) -> one HF directory that `ParGoForConditionalGeneration.from_pretrained` (or AutoModelForImageTextToText)
-loads on one process, with its tokenizer.
+one (any TP/PP/DP layout) -> one HF directory that `ParGoForConditionalGeneration.from_pretrained`
+(or AutoModelForImageTextToText) loads on one process, with its tokenizer.
 
-The model is rebuilt from the checkpoint's own config.yaml (same seed, same pretrained
-paths), then the consolidated fp32 weights are loaded over it. In the `align` stage the
-checkpoint holds only the trained weights: the frozen backbones come from that rebuild, and
-any key missing for another reason is an error, not a silent random weight.
+The model is rebuilt from the checkpoint's own config.yaml (same seed, same pretrained paths,
+same model.init_from), then the consolidated fp32 weights are loaded over it. In the `align`
+stage the checkpoint holds only the trained weights: the frozen backbones come from that
+rebuild, and any key missing for another reason is an error, not a silent random weight.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     cfg = load_config(step_dir / "config.yaml")
     tokenizer = build.build_tokenizer(cfg)
     model = build.build_model(cfg, tokenizer)
+    if cfg.model.init_from:  # parts the run started from and (if frozen) its checkpoint does not hold
+        build.init_parts_from(model, cfg.model.init_from, cfg.model.init_parts)
     if cfg.backend.name == "megatron":
         from pargo_dist.backends.megatron import load_into_hf
 

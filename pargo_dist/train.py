@@ -129,13 +129,16 @@ class Trainer:
                         and not self.backend.reshards_checkpoints)
         with self.backend.model_init_context():
             model = build.build_model(cfg, self.tokenizer)
-        if self.elastic:
-            self._load_elastic_weights(model)
-        elif cfg.model.init_from and self.resume_dir is None:
+        if cfg.model.init_from:
+            # on a resume too: a checkpoint of the align stage holds only what trains, so frozen
+            # parts that came from init_from must come from there again (trained ones are then
+            # overwritten by the checkpoint)
             loaded = build.init_parts_from(model, cfg.model.init_from, cfg.model.init_parts)
-            if self.rank == 0:
+            if self.rank == 0 and self.resume_dir is None:
                 print(f"initialised {', '.join(cfg.model.init_parts)} from {cfg.model.init_from} "
                       f"({len(loaded)} tensors)", flush=True)
+        if self.elastic:
+            self._load_elastic_weights(model)
         model.freeze(cfg.train.stage)
         if cfg.train.activation_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})

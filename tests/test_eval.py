@@ -201,25 +201,34 @@ def test_eval_resumes_on_another_rank_count_and_equals_the_whole_run(evaluated, 
     for key in whole:
         assert again[key] == pytest.approx(whole[key], rel=1e-5), key
     assert lines_of_rank0() - before == 32 + 24 - done_before  # only what was missing was evaluated again
-    # another evaluation into the same dir is refused, naming what differs
-    log = run_eval([settings["model"], "--out", str(resumed), "--mme-images", "13"], expect=2)
-    assert "holds results of another evaluation" in log.stderr and "mme_images" in log.stderr
 
 
-def test_eval_skips_and_names_a_corrupt_image(evaluated, tmp_path):
+
+def test_eval_skips_and_names_a_corrupt_image_and_refuses_bad_input(evaluated, tmp_path, capsys, monkeypatch):
+    """In this process (one rank): a corrupt image is skipped, counted and named; a missing split,
+    a missing model and another evaluation's results dir are one clear line each (exit 2)."""
+    from pargo_dist.cli import main
     from pargo_dist.data.convert import write_dataset
     from pargo_dist.data.synthetic import synthetic_samples
 
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
     _, out, _ = evaluated
     cfg = held_out(SyntheticConfig(num_samples=1, image_size=48), 6)
     samples = list(synthetic_samples(cfg))
     samples[2]["image"] = b"\x89PNG this is not an image"
     write_dataset(((s, None) for s in samples), str(tmp_path / "val"), progress=False)
-    log = run_eval([str(out / "model"), "--out", str(tmp_path / "ev"), "--data", str(tmp_path / "val"),
-                    "--mme", "none", "--max-new-tokens", "4"])
+    model = str(out / "model")
+    assert main(["eval", model, "--out", str(tmp_path / "ev"), "--data", str(tmp_path / "val"), "--mme", "none",
+                 "--max-new-tokens", "4"]) == 0
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["samples"] == 5 and metrics["skipped"] == 1
-    assert "skipped sample synthetic:2 (index 2): bad_image" in log.stdout
-    log = run_eval([str(out / "model"), "--out", str(tmp_path / "ev2"), "--data", str(tmp_path / "nothing")],
-                   expect=2)
-    assert "no MDS index.json" in log.stderr
+    assert "skipped sample synthetic:2 (index 2): bad_image" in capsys.readouterr().out
+    assert main(["eval", model, "--out", str(tmp_path / "ev"), "--data", str(tmp_path / "val"), "--mme", "none",
+                 "--max-new-tokens", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "holds results of another evaluation" in err and "max_new_tokens': (4, 8)" in err
+    assert main(["eval", model, "--out", str(tmp_path / "ev2"), "--data", str(tmp_path / "nothing")]) == 2
+    assert "--data " + str(tmp_path / "nothing") + ": no MDS index.json" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err

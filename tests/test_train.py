@@ -8,7 +8,9 @@ relative. Exact resume compares the same computation replayed from saved state: 
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -181,3 +183,29 @@ def test_stage2_starts_from_the_stage1_projector(reference, tmp_path, data_dir):
         build.init_parts_from(fresh, str(tmp_path / "nowhere"), ["projector"])
     with pytest.raises(ValueError, match="model.init_parts"):
         load_config(recipe, ["model.init_parts=[projecter]"])
+
+
+def test_frozen_parts_from_init_from_survive_resume_and_export(reference, tmp_path, data_dir):
+    """Stage 1 from a trained tower and LLM (model.init_from, frozen): its checkpoints hold only
+    the projector, so a resume and an export must take the backbones from init_from again, not
+    from the recipe's random init. The resumed step equals the uninterrupted one; the export's
+    backbones equal the source's."""
+    from safetensors.torch import load_file
+
+    from pargo_dist.export import export
+
+    source = export(reference(3, "finetune"), tmp_path / "source")
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
+    args = ["train.stage=align", f"model.init_from={source}", "model.init_parts=[vision_tower,language_model]",
+            "train.steps=3", "checkpoint.every=1", "backend.zero_stage=2"]
+    run_train(recipe, args, nproc=2)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000003")
+    run_train(recipe, args, nproc=2)  # resumes at step 2, trains step 3 again
+    steps = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    third = [r["train/loss"] for r in steps if r.get("step") == 3 and "train/loss" in r]
+    assert len(third) == 2 and third[1] == pytest.approx(third[0], rel=1e-6)
+    want = load_file(source / "model.safetensors")
+    got = load_file(export(tmp_path / "run", tmp_path / "export") / "model.safetensors")
+    backbone = [k for k in want if k.startswith(("vision_tower.", "language_model."))]
+    assert backbone and all(torch.equal(got[k], want[k]) for k in backbone)
+    assert any(not torch.equal(got[k], want[k]) for k in want if k.startswith("projector."))  # it trained

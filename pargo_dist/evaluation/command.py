@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         model, tokenizer, cfg = load_exported(model_dir)
         if cfg is None:
             raise ValueError(f"{model_dir} has no config.yaml (the recipe): export it with `pargo-dist export`")
-        local = int(__import__("os").environ.get("LOCAL_RANK", 0))
+        local = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
         model.to(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
         evaluator = Evaluator(model, tokenizer, cfg, device, args.batch_size,
