@@ -35,7 +35,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/projector.py
 
-# ParGo vs Q-Former vs MLP on detail perception (about 25 min on 2 cores); table + plots in runs/study
+# ParGo vs Q-Former vs MLP on detail perception (about 15 min on 2 cores); table + plots in runs/study
 study: $(STAMP)
 	$(BIN)/python benchmarks/projector_study.py
 
