@@ -69,7 +69,7 @@ def main() -> None:
                     continue
                 est = fitting[0]
             nodes = math.ceil(gpus / hw.gpus_per_node)
-            ckpt = checkpoint_bytes(shapes, cfg.train.stage, cfg.train.precision)
+            ckpt = checkpoint_bytes(shapes, cfg.train.stage, cfg.train.precision, bool(cfg.model.lora.r))
             hours = args.samples / est.samples_per_s / 3600
             print(f"| {model} | {stage} | {gpus} | {est.layout.name()} (dp {est.dp}) | {est.total_gib:.1f} | "
                   f"{est.step_time_s:.2f} | {est.samples_per_s:,.0f} | {hours:.1f} h | {ckpt / 1e9:,.1f} GB | "

@@ -48,6 +48,11 @@ FLOP/s is known. A contender that cannot run shows "n/a: <reason>" in its row.
     python benchmarks/train_step.py --contenders pargo_dist megatron   # some rows only
     python benchmarks/train_step.py --sizes 1b --zero 3            # CUDA: bf16, 3 + 10 steps a row
     python benchmarks/train_step.py --sizes 1b --zero 3 --contenders pargo_dist megatron   # 2 rows
+    python benchmarks/train_step.py --sizes small --zero 3 --contenders finetune lora   # LoRA vs full LLM
+
+The finetune / lora rows train the same model in stage finetune (projector + LLM, tower
+frozen): the whole LLM, or LoRA adapters (--lora-r, on the attention projections) with the
+LLM's weights frozen. Their difference is the optimizer state and gradients of the LLM.
 """
 
 from __future__ import annotations
@@ -71,8 +76,11 @@ sys.path.insert(0, str(ROOT))
 import pargo_dist  # noqa: E402,F401  (environment shims)
 
 RECIPE = ROOT / "recipes" / "tiny-cpu.yaml"
-CONTENDERS = ("pargo_dist", "megatron", "bare deepspeed", "hf trainer")
-LABELS = {"megatron": "pargo_dist megatron (TP=1)"}  # the table's name of a contender, where not its key
+CONTENDERS = ("pargo_dist", "megatron", "bare deepspeed", "hf trainer", "finetune", "lora")
+DEFAULT_CONTENDERS = CONTENDERS[:4]
+LABELS = {"megatron": "pargo_dist megatron (TP=1)",  # the table's name of a contender, where not its key
+          "finetune": "finetune: full LLM", "lora": "finetune: LoRA"}
+STAGE_OF = {"finetune": ["train.stage=finetune"], "lora": ["train.stage=finetune"]}  # extra overrides
 TEXT_TOKENS = 64  # per sample, besides the visual tokens: half prompt, half answer (the targets)
 VOCAB = 32000
 
@@ -109,7 +117,7 @@ def batch_size(size: str, args) -> int:
     return args.batch or BATCH_OF.get(size, 8)
 
 
-def load_size(size: str, args, backend: str = "deepspeed"):
+def load_size(size: str, args, backend: str = "deepspeed", extra: list[str] = ()):
     """The recipe with the size's overrides and the benchmark's batch / precision / ZeRO stage /
     backend (megatron: TP=1, PP=1, one process)."""
     from pargo_dist.config import load_config
@@ -117,7 +125,7 @@ def load_size(size: str, args, backend: str = "deepspeed"):
     overrides = SIZES[size] + [f"train.micro_batch={batch_size(size, args)}", "train.grad_accum=1",
                                f"train.precision={args.precision}", f"backend.zero_stage={args.zero}",
                                f"train.steps={args.warmup + args.steps}", "logging.tensorboard=false",
-                               f"backend.name={backend}"]
+                               f"backend.name={backend}", *extra]
     if backend == "megatron":
         overrides += ["backend.tensor_parallel=1", "backend.pipeline_parallel=1"]
     cfg = load_config(args.recipe, overrides)
@@ -186,6 +194,7 @@ def run_pargo(cfg, model, batch, args, backend) -> list[float]:
     trainer = Trainer.__new__(Trainer)
     trainer.cfg, trainer.backend, trainer.world, trainer.rank = cfg, backend, 1, 0
     trainer.step, trainer.samples_seen, trainer.tokens_seen, trainer.skipped = 0, 0, 0, 0
+    trainer.streams, trainer.stream_samples = ["data"], {"data": 0}
     batch = to_device(batch, backend.device)
 
     def step():
@@ -273,7 +282,7 @@ def run_one(size: str, contender: str, args) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import contextlib
 
-    from pargo_dist.build import build_model
+    from pargo_dist.build import build_model, prepare_for_stage
     from pargo_dist.data.tokenizer import synthetic_tokenizer
     from pargo_dist.metrics import model_flops_per_sample, mfu, peak_flops_per_device, peak_memory_gib
     from pargo_dist.train import make_backend, quiet_libraries
@@ -282,9 +291,11 @@ def run_one(size: str, contender: str, args) -> dict:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    cfg = load_size(size, args, backend="megatron" if contender == "megatron" else "deepspeed")
+    extra = STAGE_OF.get(contender, []) + ([f"model.lora.r={args.lora_r}", f"model.lora.alpha={2 * args.lora_r}"]
+                                           if contender == "lora" else [])
+    cfg = load_size(size, args, backend="megatron" if contender == "megatron" else "deepspeed", extra=extra)
     backend = None
-    if contender in ("pargo_dist", "megatron"):  # as Trainer.__init__: the backend starts the process group
+    if contender in ("pargo_dist", "megatron", "finetune", "lora"):  # as Trainer.__init__: the backend starts the process group
         backend = make_backend(cfg)
         backend.init_distributed()
         init_context = backend.model_init_context()
@@ -296,7 +307,7 @@ def run_one(size: str, contender: str, args) -> dict:
     tokenizer = synthetic_tokenizer()
     with init_context:
         model = build_model(cfg, tokenizer)
-    model.freeze(cfg.train.stage)
+    prepare_for_stage(model, cfg)  # frozen parts, LoRA adapters: as Trainer.__init__
     n = batch_size(size, args)
     batch = fixed_batch(model, tokenizer, n, seed=cfg.run.seed, text_tokens=TEXT_TOKENS_OF.get(size, TEXT_TOKENS))
     seq = batch["input_ids"].shape[1]
@@ -304,7 +315,7 @@ def run_one(size: str, contender: str, args) -> dict:
     info = {"size": size, "contender": contender, "seq": seq, "tokens": batch["num_tokens"],
             "params": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    run = {"pargo_dist": run_pargo, "megatron": run_pargo, "bare deepspeed": run_bare, "hf trainer": run_hf}[contender]
+    run = {"bare deepspeed": run_bare, "hf trainer": run_hf}.get(contender, run_pargo)
     times = run(cfg, model, batch, args, backend)
     median = statistics.median(times)
     samples_per_s = n / median
@@ -322,7 +333,7 @@ MARK = "TRAIN_STEP_RESULT "
 def spawn(size: str, contender: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", size, contender, "--recipe", str(args.recipe),
            "--batch", str(batch_size(size, args)), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--precision", args.precision, "--zero", str(args.zero)]
+           "--precision", args.precision, "--zero", str(args.zero), "--lora-r", str(args.lora_r)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.case_timeout)
@@ -351,8 +362,8 @@ def print_table(size: str, rows: list[dict], args) -> None:
           f"{args.warmup} warm-up")
     bare = next((r for r in ok if r["contender"] == "bare deepspeed"), None)
     w = max(15, *(len(LABELS.get(r["contender"], r["contender"])) for r in rows))
-    print(f"{'contender':<{w}} {'samples/s':>10} {'tokens/s':>10} {'peak mem GiB':>13} {'MFU':>7} {'vs bare ds':>11}"
-          f" {'row wall s':>11}")
+    print(f"{'contender':<{w}} {'trained M':>10} {'samples/s':>10} {'tokens/s':>10} {'peak mem GiB':>13} {'MFU':>7}"
+          f" {'vs bare ds':>11} {'row wall s':>11}")
     for r in rows:
         name = LABELS.get(r["contender"], r["contender"])
         if "error" in r:
@@ -360,7 +371,8 @@ def print_table(size: str, rows: list[dict], args) -> None:
             continue
         ratio = f"{r['samples_per_s'] / bare['samples_per_s']:.2f}" if bare else "-"
         m = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-        print(f"{name:<{w}} {r['samples_per_s']:>10.2f} {r['tokens_per_s']:>10,.0f} {r['mem_gib']:>13.2f}"
+        print(f"{name:<{w}} {r['trainable'] / 1e6:>10.2f} {r['samples_per_s']:>10.2f} {r['tokens_per_s']:>10,.0f}"
+              f" {r['mem_gib']:>13.2f}"
               f" {m:>7} {ratio:>11} {r.get('wall_s', float('nan')):>11.0f}")
     sys.stdout.flush()
 
@@ -370,8 +382,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None,
                     help="default: tiny (CPU), 1b (CUDA: ~1 min a row, so under 4 min for all four)")
-    ap.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS),
-                    help="rows to run (megatron: the 'pargo_dist megatron (TP=1)' row); default: all")
+    ap.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(DEFAULT_CONTENDERS),
+                    help="rows to run (megatron: the 'pargo_dist megatron (TP=1)' row; finetune / lora: stage "
+                    "finetune with the whole LLM / LoRA adapters trained); default: the first four")
+    ap.add_argument("--lora-r", type=int, default=64, help="LoRA rank of the lora row (alpha = 2 r)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: 10)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 2 on CPU, 3 on CUDA)")
     ap.add_argument("--batch", type=int, default=None, help="micro batch (default: 8; 4 for size 1b)")

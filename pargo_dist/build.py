@@ -118,6 +118,22 @@ def init_parts_from(model: ParGoForConditionalGeneration, source: str, parts: li
     return sorted(wanted)
 
 
+def prepare_for_stage(model: ParGoForConditionalGeneration, cfg: Config) -> list[str]:
+    """What every rebuild of a run's model does after `build_model`, so training, resume and
+    export agree: parts from model.init_from, the stage's frozen parts, LoRA adapters. Returns
+    the keys loaded from init_from.
+
+    init_from is applied on a resume and an export too: checkpoints hold only what trains
+    (align, LoRA), so frozen parts that came from init_from must come from there again."""
+    loaded = init_parts_from(model, cfg.model.init_from, cfg.model.init_parts) if cfg.model.init_from else []
+    model.freeze(cfg.train.stage)
+    if cfg.model.lora.r:
+        from pargo_dist.lora import apply_lora
+
+        apply_lora(model, cfg.model.lora)
+    return loaded
+
+
 def image_processor(cfg: Config) -> ImagePreprocessor:
     vision = vision_config_from(cfg.model.vision.path or dict(cfg.model.vision.config))
     return ImagePreprocessor.for_tower(vision, cfg.model.vision.path)

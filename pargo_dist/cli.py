@@ -118,7 +118,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pargo_dist.export import export
 
-    out = export(args.checkpoint, args.out)
+    out = export(args.checkpoint, args.out, adapters_only=args.adapters_only)
     print(f"exported {args.checkpoint} -> {out} (load with ParGoForConditionalGeneration.from_pretrained)")
     return 0
 
@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="checkpoint -> one HF directory (from_pretrained on one process)")
     export.add_argument("checkpoint", help="a run dir (newest complete checkpoint) or a checkpoint dir")
     export.add_argument("--out", required=True)
+    export.add_argument("--adapters-only", action="store_true",
+                        help="LoRA runs: write the LLM adapters (peft format) and the projector instead of "
+                        "merging the adapters into the LLM weights")
     export.set_defaults(func=cmd_export)
 
     generate = sub.add_parser("generate", help="caption an image with an exported model")

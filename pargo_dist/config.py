@@ -53,6 +53,20 @@ class LLMConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the LLM in stage `finetune` (peft): the LLM's own weights stay frozen, the
+    adapters and the projector train. r=0: off (the whole LLM trains)."""
+
+    r: int = 0  # rank; ParGo's stage 2 used 256
+    alpha: float = 16.0  # the update is scaled by alpha / r; ParGo's stage 2 used 512
+    dropout: float = 0.0
+    # module names (suffixes, e.g. q_proj) or one regex over full names (peft's target_modules);
+    # empty: the LLM family's attention projections (pargo_dist/lora.py DEFAULT_TARGETS)
+    target_modules: list[str] = field(default_factory=list)
+    target_regex: str | None = None
+
+
+@dataclass
 class ModelConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
@@ -62,6 +76,7 @@ class ModelConfig:
     # checkpoint dir; applied on a fresh start only (a resume takes everything from its checkpoint)
     init_from: str | None = None
     init_parts: list[str] = field(default_factory=lambda: ["projector"])
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -180,6 +195,21 @@ class Config:
         if self.model.init_from and self.backend.zero_init:
             raise ConfigError("model.init_from with backend.zero_init=true is not supported yet (the parameters are "
                               "partitioned as they are built): set backend.zero_init=false")
+        lora = self.model.lora
+        if lora.r:
+            if lora.r < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
+                raise ConfigError(f"model.lora: need r > 0, alpha > 0, 0 <= dropout < 1 (got r={lora.r}, "
+                                  f"alpha={lora.alpha}, dropout={lora.dropout})")
+            if self.train.stage != "finetune":
+                raise ConfigError(f"model.lora.r={lora.r} is for train.stage=finetune (got {self.train.stage!r}): "
+                                  "align trains no LLM weights, full trains all of them")
+            if self.backend.name != "deepspeed":
+                raise ConfigError("model.lora needs backend.name=deepspeed (megatron trains the whole LLM)")
+            if self.backend.zero_init:
+                raise ConfigError("model.lora with backend.zero_init=true is not supported (adapters are added "
+                                  "after the model is built): set backend.zero_init=false")
+            if lora.target_modules and lora.target_regex:
+                raise ConfigError("model.lora: give target_modules or target_regex, not both")
         if not (self.model.vision.path or self.model.vision.config):
             raise ConfigError("model.vision needs a path (pretrained) or a config (random init)")
         if not (self.model.llm.path or self.model.llm.config):

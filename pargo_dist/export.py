@@ -6,6 +6,7 @@ The model is rebuilt from the checkpoint's own config.yaml (same seed, same pret
 same model.init_from), then the consolidated fp32 weights are loaded over it. In the `align`
 stage the checkpoint holds only the trained weights: the frozen backbones come from that
 rebuild, and any key missing for another reason is an error, not a silent random weight.
+A LoRA run is exported merged (a plain model), or as its adapters alone (`--adapters-only`).
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return CheckpointManager(path.parent.parent).resolve(str(path))
 
 
-def export(checkpoint: str | Path, out: str | Path) -> Path:
+def export(checkpoint: str | Path, out: str | Path, adapters_only: bool = False) -> Path:
+    """Write the checkpoint's model to `out`. With LoRA (model.lora.r > 0) the adapters are merged
+    into the LLM weights, or, with `adapters_only`, written alone in peft's format (lora.py)."""
     step_dir = resolve_checkpoint(checkpoint)
     cfg = load_config(step_dir / "config.yaml")
     tokenizer = build.build_tokenizer(cfg)
     model = build.build_model(cfg, tokenizer)
-    if cfg.model.init_from:  # parts the run started from and (if frozen) its checkpoint does not hold
-        build.init_parts_from(model, cfg.model.init_from, cfg.model.init_parts)
+    build.prepare_for_stage(model, cfg)  # init_from, frozen parts, LoRA: the model the checkpoint is of
     if cfg.backend.name == "megatron":
         from pargo_dist.backends.megatron import load_into_hf
 
@@ -43,14 +45,22 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
         from pargo_dist.backends.deepspeed import consolidated_state_dict
 
         missing, unexpected = model.load_state_dict(consolidated_state_dict(step_dir), strict=False)
-        model.freeze(cfg.train.stage)
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
         lost = [k for k in missing if k in trained]
         if lost or unexpected:
             raise ValueError(f"checkpoint {step_dir} does not match the model: missing trained weights "
                              f"{lost[:5]}, unexpected {list(unexpected)[:5]}")
     out = Path(out)
-    model.save_pretrained(out)
+    from pargo_dist import lora
+
+    if adapters_only:
+        if not lora.is_lora(model):
+            raise ValueError(f"{step_dir}: --adapters-only needs a LoRA run (model.lora.r > 0); this one trained "
+                             "the LLM's own weights")
+        lora.save_adapters(model, out)
+    else:
+        lora.merge(model)
+        model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "config.yaml").write_text((step_dir / "config.yaml").read_text())  # the recipe it came from
     return out

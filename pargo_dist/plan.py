@@ -224,6 +224,15 @@ def shapes_of(cfg, micro_batch: int | None = None, seq_len: int | None = None) -
     parts = ("vision_tower", "projector", "language_model")
     params = {p: sum(w.numel() for w in getattr(model, p).parameters()) for p in parts}
     trainable = {p: sum(w.numel() for w in getattr(model, p).parameters() if w.requires_grad) for p in parts}
+    if cfg.model.lora.r:  # the LLM's own weights freeze; its adapters (r x (in + out) per target) train
+        from pargo_dist.lora import adapter_params
+
+        trainable["language_model"] = adapter_params(model.language_model, cfg.model.lora,
+                                                     model.config.text_config.model_type)
+        params["language_model"] += trainable["language_model"]
+        # traced and counted as a frozen LLM that gradients pass through: no weight gradients (the
+        # adapters' own FLOPs and saved inputs, r / hidden of a layer's, are left out)
+        model.language_model.requires_grad_(False)
     lm = model.language_model
     tcfg = model.config.text_config
     layers = lm.model.layers
@@ -331,11 +340,11 @@ def estimate(cfg, hw: Hardware, layout: Layout, shapes: Shapes) -> Estimate:
                     tokens_per_s=global_batch * seq / step, samples_per_s=global_batch / step)
 
 
-def checkpoint_bytes(s: Shapes, stage: str, precision: str = "bf16") -> float:
-    """One checkpoint: the saved weights (trained parts only in `align`, the whole model else)
-    plus the trained parameters' optimizer state (bf16: fp32 master + Adam m, v; fp32: m, v)."""
+def checkpoint_bytes(s: Shapes, stage: str, precision: str = "bf16", lora: bool = False) -> float:
+    """One checkpoint: the saved weights (trained parts only in `align` and with LoRA, the whole
+    model else) plus the trained parameters' optimizer state (bf16: fp32 master + Adam m, v; fp32: m, v)."""
     P, T = float(sum(s.params.values())), float(sum(s.trainable.values()))
-    weights = (T if stage == "align" else P) * (2.0 if precision == "bf16" else 4.0)
+    weights = (T if stage == "align" or lora else P) * (2.0 if precision == "bf16" else 4.0)
     return weights + T * (12.0 if precision == "bf16" else 8.0)
 
 
@@ -428,7 +437,7 @@ def run(args: argparse.Namespace) -> int:
         epoch = args.samples / est.samples_per_s
         print(f"  {args.samples:,.0f} samples: {epoch / 3600:.1f} h ({epoch * hw.gpus / 3600:,.0f} GPU-hours)")
         nodes = max(1, math.ceil(hw.gpus / hw.gpus_per_node))
-        ckpt = checkpoint_bytes(shapes, cfg.train.stage, cfg.train.precision)
+        ckpt = checkpoint_bytes(shapes, cfg.train.stage, cfg.train.precision, bool(cfg.model.lora.r))
         print(f"  checkpoint {ckpt / 1e9:,.1f} GB, written in ~{ckpt / (nodes * args.fs_gbps * 1e9):,.0f} s by "
               f"{nodes} node(s) at {args.fs_gbps:g} GB/s each")
         print(f"  data from object storage: {est.samples_per_s / nodes * args.sample_kb / 1e3:,.1f} MB/s per node "

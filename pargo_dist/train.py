@@ -28,6 +28,7 @@ import torch.distributed as dist
 from pargo_dist import build
 from pargo_dist.checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from pargo_dist.config import Config, to_yaml
+from pargo_dist.data.dataset import stream_names
 from pargo_dist.launch import HELD, release_signals
 from pargo_dist.metrics import MetricsLogger, StepTimer, model_flops_per_sample, mfu, peak_flops_per_device, \
     peak_memory_gib
@@ -129,17 +130,12 @@ class Trainer:
                         and not self.backend.reshards_checkpoints)
         with self.backend.model_init_context():
             model = build.build_model(cfg, self.tokenizer)
-        if cfg.model.init_from:
-            # on a resume too: a checkpoint of the align stage holds only what trains, so frozen
-            # parts that came from init_from must come from there again (trained ones are then
-            # overwritten by the checkpoint)
-            loaded = build.init_parts_from(model, cfg.model.init_from, cfg.model.init_parts)
-            if self.rank == 0 and self.resume_dir is None:
-                print(f"initialised {', '.join(cfg.model.init_parts)} from {cfg.model.init_from} "
-                      f"({len(loaded)} tensors)", flush=True)
+        loaded = build.prepare_for_stage(model, cfg)  # init_from, frozen parts, LoRA
+        if self.rank == 0 and loaded and self.resume_dir is None:
+            print(f"initialised {', '.join(cfg.model.init_parts)} from {cfg.model.init_from} "
+                  f"({len(loaded)} tensors)", flush=True)
         if self.elastic:
             self._load_elastic_weights(model)
-        model.freeze(cfg.train.stage)
         if cfg.train.activation_checkpointing:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         self.backend.setup(model)
@@ -151,6 +147,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir / "tb", rank=self.rank, total_steps=cfg.train.steps,
                                      every=cfg.logging.every, enabled_tensorboard=cfg.logging.tensorboard)
         self.step, self.samples_seen, self.tokens_seen, self.skipped = 0, 0, 0, 0
+        self.streams = stream_names(cfg.data.train)  # samples seen per dataset of the mixture
+        self.stream_samples = dict.fromkeys(self.streams, 0)
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
 
@@ -164,7 +162,9 @@ class Trainer:
 
         state = consolidated_state_dict(self.resume_dir)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or (missing and self.cfg.train.stage != "align"):
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        missing = [k for k in missing if k in trained]  # frozen parts come from the recipe
+        if unexpected or missing:
             raise RuntimeError(f"checkpoint {self.resume_dir} does not fit the model: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
         if self.rank == 0:
@@ -187,6 +187,7 @@ class Trainer:
         self.step = meta["step"]
         self.samples_seen, self.tokens_seen = meta["samples_seen"], meta["tokens_seen"]
         self.skipped = meta.get("skipped", 0)
+        self.stream_samples.update({k: v for k, v in meta.get("stream_samples", {}).items() if k in self.stream_samples})
         if meta.get("loader") is not None:
             self.train_loader.load_state_dict(meta["loader"])
         if not self.elastic:
@@ -197,7 +198,7 @@ class Trainer:
     def save(self) -> Path:
         step_dir = self.ckpt.begin(self.step)
         meta = {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
-                "skipped": self.skipped, "world_size": self.world, "stage": self.cfg.train.stage,
+                "skipped": self.skipped, "stream_samples": self.stream_samples, "world_size": self.world, "stage": self.cfg.train.stage,
                 "backend": self.backend.name, "layout": self.backend.layout(self.world),
                 "loader": self.train_loader.state_dict()}
         self.backend.save(step_dir)
@@ -220,13 +221,17 @@ class Trainer:
 
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         """One optimizer step over the micro-batches; returns the global mean token loss etc."""
+        per_stream = [float(sum(b["streams"].count(i) for b in micro_batches)) for i in range(len(self.streams))]
         counts = torch.tensor([float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro_batches)),
                                float(sum(b["num_tokens"] for b in micro_batches)),
                                float(sum(b["num_samples"] for b in micro_batches)),
-                               float(sum(len(b["skipped"]) for b in micro_batches))], device=self.backend.device)
+                               float(sum(len(b["skipped"]) for b in micro_batches)), *per_stream],
+                              device=self.backend.device)
         dist.all_reduce(counts)  # on the backend's device: NCCL reduces only GPU tensors
         # Ranks of one model replica (megatron TP x PP) read the same samples: count them once.
-        targets, tokens, samples, skipped = (c / self.backend.replication for c in counts.tolist())
+        targets, tokens, samples, skipped, *per_stream = (c / self.backend.replication for c in counts.tolist())
+        for name, n in zip(self.streams, per_stream):
+            self.stream_samples[name] += round(n)
         loss_sum = self.backend.train_batch(micro_batches, targets, self.step)
         dist.all_reduce(loss_sum)
         self.samples_seen += int(samples)
@@ -259,6 +264,8 @@ class Trainer:
             perf = timer.stop(int(stats["samples"]), int(stats["tokens"]))
             scalars = {"train/loss": stats["loss"], "data/skipped": float(self.skipped),
                        "perf/peak_mem_gib": peak_memory_gib(), **perf}
+            if len(self.streams) > 1:  # a mixture: what each dataset really contributed so far
+                scalars.update({f"data/stream/{k}": float(v) for k, v in self.stream_samples.items()})
             for name, lr in self.backend.learning_rates().items():
                 scalars[f"train/lr/{name}"] = lr
             norm = self.backend.grad_norm()

@@ -104,9 +104,18 @@ def test_fit_search_returns_the_first_layout_that_fits():
 
 
 def test_plan_cli_prints_memory_time_and_the_fitting_layout(capsys):
-    assert cli.main(["plan", str(RECIPES / "paper-stage2-finetune.yaml"), "--gpus", "64", "--fit"]) == 0
+    recipe = str(RECIPES / "paper-stage2-finetune.yaml")
+    assert cli.main(["plan", recipe, "--gpus", "64", "--fit", "model.lora.r=0"]) == 0  # full fine-tuning
     out = capsys.readouterr().out
     assert "8.06B parameters" in out and "7.76B trainable" in out
+    assert cli.main(["plan", recipe, "--gpus", "8"]) == 0  # as written: LoRA r=256 on q, k, v of 32 layers
+    lora = capsys.readouterr().out
+    adapters = 32 * 256 * ((4096 + 4096) + 2 * (4096 + 1024))  # r x (in + out); k, v project to 8 x 128
+    assert f"{(adapters + 21.3e6) / 1e6:.1f}M trainable" in lora
+    def ckpt(text: str) -> float:
+        return float(re.search(r"checkpoint ([\d.]+) GB", text).group(1))
+
+    assert ckpt(lora) < ckpt(out) / 5  # adapters + projector and their Adam state, not the 7B LLM
     for line in ("weights", "gradients", "optimizer", "activations", "buffers", "total"):
         assert re.search(rf"^\s+{line}\s+[\d.]+ GiB", out, re.M), line
     assert re.search(r"1,000,000 samples: [\d.]+ h", out) and "smallest layout that fits: ZeRO-" in out

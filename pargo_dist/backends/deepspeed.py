@@ -6,8 +6,8 @@ DeepSpeed owns sharding, gradient reduction, accumulation boundaries, clipping a
 checkpoint shards.
 
 Checkpoints: `engine.save_checkpoint` into the step directory the checkpoint manager gives it.
-In the `align` stage frozen parameters are excluded (the backbones are referenced by the
-recipe, not copied 7B times per checkpoint); loading is then non-strict for those.
+In the `align` stage and with LoRA frozen parameters are excluded (the backbones are
+referenced by the recipe, not copied 7B times per checkpoint); loading is then non-strict.
 `export` consolidates any stage / rank count into one fp32 state dict (zero_to_fp32).
 """
 
@@ -156,14 +156,19 @@ class DeepSpeedBackend:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
+    @property
+    def _frozen_excluded(self) -> bool:
+        """Checkpoints without frozen weights: the align stage, and LoRA (the LLM's base weights)."""
+        return self.cfg.train.stage == "align" or bool(self.cfg.model.lora.r)
+
     def save(self, step_dir, client_state: dict | None = None) -> None:
-        exclude = self.cfg.train.stage == "align"
+        exclude = self._frozen_excluded
         self.engine.save_checkpoint(str(step_dir), tag=TAG, client_state=client_state or {},
                                     exclude_frozen_parameters=exclude)
 
     def load(self, step_dir) -> dict:
         _, client = self.engine.load_checkpoint(
-            str(step_dir), tag=TAG, load_module_strict=self.cfg.train.stage != "align",
+            str(step_dir), tag=TAG, load_module_strict=not self._frozen_excluded,
             load_optimizer_states=True, load_lr_scheduler_states=True)
         if client is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {step_dir}")

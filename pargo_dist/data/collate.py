@@ -10,8 +10,8 @@ mask from the position ids: no token attends across a sample boundary. The numbe
 per batch stays fixed (only the number of rows varies), which keeps the streaming loader's
 sample accounting, and therefore exact resume, correct.
 
-Every batch carries `num_samples`, the sample ids, and `skipped` (corrupt samples replaced on
-the way, with reasons) for the logs.
+Every batch carries `num_samples`, the sample ids, `skipped` (corrupt samples replaced on the
+way, with reasons) and `streams` (each sample's dataset in a mixture) for the logs.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ class Collator:
         batch["num_tokens"] = int(mask.sum())
         batch["sample_ids"] = [ex.get("id") for ex in examples]
         batch["skipped"] = [s for ex in examples for s in ex.get("skipped", [])]
+        batch["streams"] = [ex.get("stream", 0) for ex in examples]  # which dataset of a mixture each came from
         return batch
 
     def _pack(self, examples: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import UnidentifiedImageError
@@ -28,9 +28,24 @@ import pargo_dist  # noqa: F401  (environment shims before streaming imports tor
 from pargo_dist.data.image import ImagePreprocessor
 from pargo_dist.data.prompt import PromptBuilder
 from pargo_dist.data.schema import CAPTION_PROMPT, BadSample
-from streaming import StreamingDataLoader, StreamingDataset
+from streaming import Stream, StreamingDataLoader, StreamingDataset
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamConfig:
+    """One dataset of a mixture (mosaicml-streaming's Stream). Weigh it with at most one of:
+    proportion (its share of every epoch; then every stream needs one), repeat (times its own
+    size per epoch, may be fractional) or choose (samples per epoch); none: its size, once."""
+
+    remote: str | None = None
+    local: str | None = None
+    split: str | None = None
+    proportion: float | None = None
+    repeat: float | None = None
+    choose: int | None = None
+    name: str | None = None  # its label in TensorBoard (data/stream/<name>); default: the path's last part
 
 
 @dataclass
@@ -39,6 +54,9 @@ class DataConfig:
 
     remote: str | None = None  # s3://bucket/prefix (or gs://, oci://, ...); None: local only
     local: str | None = None  # local shard dir / download cache; None: derived from remote
+    # a mixture instead of remote/local: several datasets, each weighted (see StreamConfig)
+    streams: list[StreamConfig] = field(default_factory=list)
+    epoch_size: int | None = None  # samples per epoch of a mixture (default: what the weights give)
     split: str | None = None
     max_len: int = 512
     pack: bool = False
@@ -59,18 +77,43 @@ def default_cache_dir(remote: str) -> str:
     return os.path.join(root, hashlib.sha1(remote.encode()).hexdigest()[:16])
 
 
+def stream_names(cfg: DataConfig) -> list[str]:
+    """The mixture's stream labels, in order (one unnamed "data" stream without a mixture)."""
+    if not cfg.streams:
+        return ["data"]
+    names = [s.name or (s.remote or s.local or f"stream{i}").rstrip("/").rsplit("/", 1)[-1]
+             for i, s in enumerate(cfg.streams)]
+    return [n if names.count(n) == 1 else f"{n}{i}" for i, n in enumerate(names)]
+
+
+def _streams(cfg: DataConfig) -> list[Stream]:
+    out = []
+    for i, s in enumerate(cfg.streams):
+        if s.remote is None and s.local is None:
+            raise ValueError(f"data streams[{i}]: remote or local must name the MDS shards")
+        out.append(Stream(remote=s.remote, local=s.local or default_cache_dir(s.remote), split=s.split,
+                          proportion=s.proportion, repeat=s.repeat, choose=s.choose))
+    return out
+
+
 class ParGoDataset(StreamingDataset):
     def __init__(self, cfg: DataConfig, *, tokenizer, image_processor: ImagePreprocessor,
                  num_image_tokens: int, batch_size: int, **streaming_kwargs: Any):
-        if cfg.remote is None and cfg.local is None:
+        if cfg.streams and (cfg.remote or cfg.local):
+            raise ValueError("data: give remote/local or streams (a mixture), not both")
+        if not cfg.streams and cfg.remote is None and cfg.local is None:
             raise ValueError("data.remote or data.local must name the MDS shards")
-        local = cfg.local or default_cache_dir(cfg.remote)
-        super().__init__(
-            remote=cfg.remote, local=local, split=cfg.split, batch_size=batch_size,
-            shuffle=cfg.shuffle, shuffle_seed=cfg.seed, num_canonical_nodes=cfg.num_canonical_nodes,
-            download_retry=cfg.download_retry, download_timeout=cfg.download_timeout,
-            predownload=cfg.predownload, **streaming_kwargs,
-        )
+        where = {"streams": _streams(cfg), "epoch_size": cfg.epoch_size} if cfg.streams else {
+            "remote": cfg.remote, "local": cfg.local or default_cache_dir(cfg.remote)}
+        try:
+            super().__init__(
+                **where, split=cfg.split, batch_size=batch_size,
+                shuffle=cfg.shuffle, shuffle_seed=cfg.seed, num_canonical_nodes=cfg.num_canonical_nodes,
+                download_retry=cfg.download_retry, download_timeout=cfg.download_timeout,
+                predownload=cfg.predownload, **streaming_kwargs,
+            )
+        except ValueError as err:  # streaming's own checks of the weights (proportion on every stream, ...)
+            raise ValueError(f"data {'streams' if cfg.streams else 'source'}: {err}") from None
         self.cfg = cfg
         self.image_processor = image_processor
         self.prompt = PromptBuilder(tokenizer, num_image_tokens, cfg.max_len, cfg.caption_prompt)
@@ -93,7 +136,8 @@ class ParGoDataset(StreamingDataset):
         skipped: list[tuple[str, str]] = []
         failures = []
         for k in range(self.cfg.max_substitutes + 1):
-            raw = self.get_item((index + k) % self.num_samples)
+            sample = (index + k) % self.num_samples
+            raw = self.get_item(sample)
             try:
                 example = self.encode(raw)
             except BadSample as err:
@@ -103,6 +147,7 @@ class ParGoDataset(StreamingDataset):
                 failures.append(f"{raw.get('id')}: {err}")
                 continue
             example["skipped"] = skipped
+            example["stream"] = int(self.stream_per_shard[self.spanner[sample][0]])  # for per-stream counts
             return example
         raise RuntimeError(
             f"{len(failures)} consecutive unusable samples from sample index {index} "
