@@ -295,7 +295,7 @@ def run_one(size: str, contender: str, args) -> dict:
                                            if contender == "lora" else [])
     cfg = load_size(size, args, backend="megatron" if contender == "megatron" else "deepspeed", extra=extra)
     backend = None
-    if contender in ("pargo_dist", "megatron", "finetune", "lora"):  # as Trainer.__init__: the backend starts the process group
+    if contender in ("pargo_dist", "megatron", "finetune", "lora"):  # as Trainer.__init__: the backend joins
         backend = make_backend(cfg)
         backend.init_distributed()
         init_context = backend.model_init_context()

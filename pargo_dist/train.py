@@ -187,7 +187,8 @@ class Trainer:
         self.step = meta["step"]
         self.samples_seen, self.tokens_seen = meta["samples_seen"], meta["tokens_seen"]
         self.skipped = meta.get("skipped", 0)
-        self.stream_samples.update({k: v for k, v in meta.get("stream_samples", {}).items() if k in self.stream_samples})
+        saved = meta.get("stream_samples", {})
+        self.stream_samples.update({k: v for k, v in saved.items() if k in self.stream_samples})
         if meta.get("loader") is not None:
             self.train_loader.load_state_dict(meta["loader"])
         if not self.elastic:
@@ -198,8 +199,8 @@ class Trainer:
     def save(self) -> Path:
         step_dir = self.ckpt.begin(self.step)
         meta = {"step": self.step, "samples_seen": self.samples_seen, "tokens_seen": self.tokens_seen,
-                "skipped": self.skipped, "stream_samples": self.stream_samples, "world_size": self.world, "stage": self.cfg.train.stage,
-                "backend": self.backend.name, "layout": self.backend.layout(self.world),
+                "skipped": self.skipped, "stream_samples": self.stream_samples, "world_size": self.world,
+                "stage": self.cfg.train.stage, "backend": self.backend.name, "layout": self.backend.layout(self.world),
                 "loader": self.train_loader.state_dict()}
         self.backend.save(step_dir)
         self.ckpt.save_rank_state(step_dir, {"rng": capture_rng_state()})
