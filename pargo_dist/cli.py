@@ -103,18 +103,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train(cfg)
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    from pargo_dist.submit import run
-
-    return run(args)
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    from pargo_dist.plan import run
-
-    return run(args)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from pargo_dist.export import export
 
@@ -156,10 +144,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from pargo_dist.report import run
-
-    return run(args)
+def _module_command(sub, name: str, module, help: str, func=None) -> argparse.ArgumentParser:
+    """A subcommand whose --help text, flags and entry point live in its module (__doc__,
+    add_arguments, run), so the module documents itself in one place."""
+    parser = sub.add_parser(name, help=help, description=module.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    parser.set_defaults(func=func or module.run)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,19 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, default=1, help="ranks on this machine (torchrun)")
     train.set_defaults(func=cmd_train)
 
-    from pargo_dist import submit
+    from pargo_dist import plan, submit
 
-    sbatch = sub.add_parser("submit", help="write the sbatch script for a recipe and submit it to SLURM",
-                            description=submit.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    submit.add_arguments(sbatch)
-    sbatch.set_defaults(func=cmd_submit)
-
-    from pargo_dist import plan
-
-    planner = sub.add_parser("plan", help="per-GPU memory and expected speed of a recipe on N GPUs (no GPU needed)",
-                             description=plan.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    plan.add_arguments(planner)
-    planner.set_defaults(func=cmd_plan)
+    _module_command(sub, "submit", submit, "write the sbatch script for a recipe and submit it to SLURM")
+    _module_command(sub, "plan", plan, "per-GPU memory and expected speed of a recipe on N GPUs (no GPU needed)")
 
     export = sub.add_parser("export", help="checkpoint -> one HF directory (from_pretrained on one process)")
     export.add_argument("checkpoint", help="a run dir (newest complete checkpoint) or a checkpoint dir")
@@ -242,19 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.set_defaults(func=cmd_generate)
 
+    from pargo_dist import report
     from pargo_dist.evaluation import command as evaluation
 
-    evaluate = sub.add_parser("eval", help="held-out loss, detail recall of captions, MME yes/no; N ranks, resumable",
-                              description=evaluation.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    evaluation.add_arguments(evaluate)
-    evaluate.set_defaults(func=cmd_eval)
-
-    from pargo_dist import report
-
-    plots = sub.add_parser("report", help="PNG plots of loss, throughput and eval results from TensorBoard logs",
-                           description=report.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    report.add_arguments(plots)
-    plots.set_defaults(func=cmd_report)
+    _module_command(sub, "eval", evaluation, "held-out loss, detail recall of captions, MME yes/no; N ranks, resumable",
+                    func=cmd_eval)
+    _module_command(sub, "report", report, "PNG plots of loss, throughput and eval results from TensorBoard logs")
     return parser
 
 
