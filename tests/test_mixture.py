@@ -15,7 +15,8 @@ from pargo_dist.data.convert import write_dataset
 from pargo_dist.data.schema import make_sample
 from pargo_dist.data.synthetic import KINDS, SyntheticConfig, synthetic_samples
 
-STREAMS = "data.train.streams=[{{local: {img}, proportion: 0.75, name: images}}, {{local: {txt}, proportion: 0.25}}]"
+STREAMS = ("data.train.streams=[{{local: {img}, proportion: 0.75, name: images}}, "
+           "{{remote: {txt}, local: {cache}, proportion: 0.25}}]")
 
 
 def text_only(n: int) -> list[dict]:
@@ -26,17 +27,21 @@ def text_only(n: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def mixture(tmp_path_factory):
+def mixture(tmp_path_factory, s3_server):
+    """Images in a local dir, text-only samples in the S3 bucket (moto): a mixture of both kinds of source."""
     root = tmp_path_factory.mktemp("mixture")
     write_dataset(((s, None) for s in synthetic_samples(SyntheticConfig(num_samples=96, image_size=48))),
                   str(root / "img"), progress=False)
-    write_dataset(((s, None) for s in text_only(40)), str(root / "txt"), progress=False)
-    return root
+    text = s3_server.make_bucket("mixture-test") + "/txt"
+    write_dataset(((s, None) for s in text_only(40)), text, progress=False)
+    return root, text
 
 
-def mixture_args(root, *extra):
-    return ["data.train.local=null", STREAMS.format(img=root / "img", txt=root / "txt"), "data.train.epoch_size=64",
-            "data.synthetic.num_samples=0", "data.eval=null", "train.steps=4", "checkpoint.every=2", *extra]
+def mixture_args(mixture, tmp_path, *extra):
+    root, text = mixture
+    return ["data.train.local=null", STREAMS.format(img=root / "img", txt=text, cache=tmp_path / "txt-cache"),
+            "data.train.epoch_size=64", "data.synthetic.num_samples=0", "data.eval=null", "train.steps=4",
+            "checkpoint.every=2", *extra]
 
 
 def stream_of(sample_id: str) -> str:
@@ -44,12 +49,13 @@ def stream_of(sample_id: str) -> str:
 
 
 def test_mixture_is_counted_per_stream_and_resumes_on_another_rank_count(mixture, tmp_path, data_dir):
-    """2 ranks, 4 steps of 8 over a 3:1 mixture with text-only samples: the per-stream counts in the
-    logs are what the ranks really read; a resume on 1 rank (2 micro-batches a step) reads the
-    same global batches as the uninterrupted run and continues the counts."""
+    """2 ranks, 4 steps of 8 over a 3:1 mixture of local images and text-only samples on S3: the
+    per-stream counts in the logs are what the ranks really read; a resume on 1 rank (2
+    micro-batches a step) reads the same global batches as the uninterrupted run and continues
+    the counts."""
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "recipe.yaml", run, data_dir)
-    run_train(recipe, mixture_args(mixture), nproc=2)
+    run_train(recipe, mixture_args(mixture, tmp_path), nproc=2)
     ids = sample_ids(run)
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     for row in log:
@@ -68,7 +74,7 @@ def test_mixture_is_counted_per_stream_and_resumes_on_another_rank_count(mixture
     for f in resumed.glob("sample_ids.rank*.jsonl"):
         f.unlink()
     recipe2 = write_recipe(tmp_path / "recipe2.yaml", resumed, data_dir)
-    out = run_train(recipe2, mixture_args(mixture, "train.grad_accum=2"), nproc=1)
+    out = run_train(recipe2, mixture_args(mixture, tmp_path / "again", "train.grad_accum=2"), nproc=1)
     assert "elastic resume: checkpoint of 2 rank(s) on 1" in out.stdout
     again = sample_ids(resumed)
     for step in (3, 4):
@@ -85,17 +91,18 @@ def test_mixture_errors_name_the_streams(mixture, tmp_path, data_dir):
     from pargo_dist.config import load_config
 
     recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
+    img = mixture[0] / "img"
     bad = ["data.train.local=null", "data.synthetic.num_samples=0",
-           f"data.train.streams=[{{local: {mixture / 'img'}, proportion: 0.5}}, {{local: {mixture / 'txt'}}}]"]
+           f"data.train.streams=[{{local: {img}, proportion: 0.5}}, {{local: {img}}}]"]
     cfg = load_config(recipe, bad)
     model = build.build_model(cfg, build.build_tokenizer(cfg))
     with pytest.raises(ValueError, match="data streams: .*proportion"):
         build.loader(cfg, cfg.data.train, model, build.build_tokenizer(cfg), 4)
-    both = load_config(recipe, [f"data.train.streams=[{{local: {mixture / 'txt'}}}]", "data.synthetic.num_samples=0"])
+    both = load_config(recipe, [f"data.train.streams=[{{local: {img}}}]", "data.synthetic.num_samples=0"])
     with pytest.raises(ValueError, match="remote/local or streams"):
         build.loader(both, both.data.train, model, build.build_tokenizer(both), 4)
     with pytest.raises(ValueError, match="unknown key 'data.train.streams\\[0\\].weight'"):
-        load_config(recipe, [f"data.train.streams=[{{local: {mixture / 'txt'}, weight: 2}}]"])
+        load_config(recipe, [f"data.train.streams=[{{local: {img}, weight: 2}}]"])
 
 
 RANK_SCRIPT = textwrap.dedent("""
