@@ -154,13 +154,7 @@ def _module_command(sub, name: str, module, help: str, func=None) -> argparse.Ar
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pargo-dist",
-        description="Train ParGo multimodal LLMs with DeepSpeed ZeRO-3 or Megatron-core.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+def _add_model(sub) -> None:
     model = sub.add_parser("model", help="describe a model preset: parameters per part, visual tokens",
                            description=cmd_model.__doc__ or __doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -169,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--run", action="store_true", help="build real weights and run forward + generate")
     model.set_defaults(func=cmd_model)
 
+
+def _add_synth(sub) -> None:
     synth = sub.add_parser("synth", help="write the built-in synthetic detail-caption dataset as MDS shards",
                            description="Shapes in grid cells with captions that name every shape (colour, "
                            "kind, position) and yes/no questions about details; deterministic from --seed. "
@@ -185,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--no-progress", action="store_true")
     synth.set_defaults(func=cmd_synth)
 
+
+def _add_convert(sub) -> None:
     from pargo_dist.data.convert import add_arguments
 
     convert = sub.add_parser("convert", help="caption / conversation files -> MDS shards (local or s3://)",
@@ -194,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(convert)
     convert.set_defaults(func=cmd_convert)
 
+
+def _add_train(sub) -> None:
     train = sub.add_parser("train", help="train (or resume) a recipe with DeepSpeed ZeRO",
                            description="Train a recipe. RECIPE defaults to the embedded recipes/tiny-cpu.yaml; "
                            "overrides are dotted key=value pairs (train.steps=50 optim.lr=1e-4). Resumes from the "
@@ -204,11 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=int, default=1, help="ranks on this machine (torchrun)")
     train.set_defaults(func=cmd_train)
 
-    from pargo_dist import plan, submit
+
+def _add_submit(sub) -> None:
+    from pargo_dist import submit
 
     _module_command(sub, "submit", submit, "write the sbatch script for a recipe and submit it to SLURM")
+
+
+def _add_plan(sub) -> None:
+    from pargo_dist import plan
+
     _module_command(sub, "plan", plan, "per-GPU memory and expected speed of a recipe on N GPUs (no GPU needed)")
 
+
+def _add_export(sub) -> None:
     export = sub.add_parser("export", help="checkpoint -> one HF directory (from_pretrained on one process)")
     export.add_argument("checkpoint", help="a run dir (newest complete checkpoint) or a checkpoint dir")
     export.add_argument("--out", required=True)
@@ -217,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "merging the adapters into the LLM weights")
     export.set_defaults(func=cmd_export)
 
+
+def _add_generate(sub) -> None:
     generate = sub.add_parser("generate", help="caption an image with an exported model")
     generate.add_argument("model", help="an exported directory (pargo-dist export)")
     generate.add_argument("--image", help="image file; default: a held-out synthetic image")
@@ -225,12 +236,37 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.set_defaults(func=cmd_generate)
 
-    from pargo_dist import report
+
+def _add_eval(sub) -> None:
     from pargo_dist.evaluation import command as evaluation
 
     _module_command(sub, "eval", evaluation, "held-out loss, detail recall of captions, MME yes/no; N ranks, resumable",
                     func=cmd_eval)
+
+
+def _add_report(sub) -> None:
+    from pargo_dist import report
+
     _module_command(sub, "report", report, "PNG plots of loss, throughput and eval results from TensorBoard logs")
+
+
+COMMANDS = {"model": _add_model, "synth": _add_synth, "convert": _add_convert, "train": _add_train,
+            "submit": _add_submit, "plan": _add_plan, "export": _add_export, "generate": _add_generate,
+            "eval": _add_eval, "report": _add_report}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with `command`, only that subcommand's parser. A launcher (`train --nproc
+    8`) then imports what train needs, not the planner's torch: it starts its ranks seconds sooner."""
+    parser = argparse.ArgumentParser(
+        prog="pargo-dist",
+        description="Train ParGo multimodal LLMs with DeepSpeed ZeRO-3 or Megatron-core.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, add in COMMANDS.items():
+        if command is None or command not in COMMANDS or name == command:
+            add(sub)
     return parser
 
 
@@ -251,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                 rest.append(argv[i])
                 i += 1
         argv = [argv[0], *flags, *rest]
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     args.argv = argv[1:]  # what a launcher passes on to its ranks (`eval --nproc`)
     try:
         return args.func(args)

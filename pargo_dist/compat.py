@@ -1,4 +1,4 @@
-"""Environment shims, kept in one place and applied once on `import pargo_dist`.
+"""Environment shims, kept in one place; `import pargo_dist` arms them (see patch_torchvision_on_import).
 
 torchvision from PyPI is built against CUDA; beside a CPU-only torch its import fails with
 "operator torchvision::nms does not exist" because its Python side registers fake kernels
@@ -12,6 +12,8 @@ this project uses. Where torchvision imports normally nothing is changed.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 
@@ -44,6 +46,39 @@ def patch_torchvision() -> bool:
     importlib.import_module("torchvision")
     torchvision_patched = True
     return True
+
+
+class _TorchvisionShim(importlib.abc.MetaPathFinder):
+    """First on sys.meta_path until torchvision is first imported: then it imports torchvision
+    itself through `patch_torchvision` (shimmed if this torch needs it), steps aside, and hands
+    the import system the module it already holds."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "torchvision":
+            return None
+        sys.meta_path.remove(self)
+        patch_torchvision()
+        module = sys.modules["torchvision"]
+        real = module.__spec__
+        spec = importlib.machinery.ModuleSpec("torchvision", _AlreadyLoaded(), origin=real.origin, is_package=True)
+        spec.submodule_search_locations = real.submodule_search_locations
+        return spec
+
+
+class _AlreadyLoaded(importlib.abc.Loader):
+    def create_module(self, spec):
+        return sys.modules[spec.name]
+
+    def exec_module(self, module) -> None:
+        pass
+
+
+def patch_torchvision_on_import() -> None:
+    """Run `patch_torchvision` when (and if) torchvision is first imported, not now."""
+    if "torchvision" in sys.modules or torchvision_patched:
+        return
+    if not any(isinstance(f, _TorchvisionShim) for f in sys.meta_path):
+        sys.meta_path.insert(0, _TorchvisionShim())
 
 
 def configure_deepspeed_env() -> None:

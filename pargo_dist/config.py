@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from pargo_dist.data.dataset import DataConfig
+from pargo_dist.data.sources import DataConfig
 
 DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
 
@@ -224,7 +224,7 @@ class Config:
                 raise ConfigError(f"data.synthetic: {err}") from None
             if not self.data.train.local:
                 raise ConfigError("data.synthetic needs data.train.local (where to write the shards)")
-        from pargo_dist.models.projector import ProjectorConfig
+        from pargo_dist.models.projector_config import ProjectorConfig
 
         try:
             ProjectorConfig.from_dict(dict(self.model.projector))

@@ -33,7 +33,7 @@ def mixture(tmp_path_factory, s3_server):
     write_dataset(((s, None) for s in synthetic_samples(SyntheticConfig(num_samples=96, image_size=48))),
                   str(root / "img"), progress=False)
     text = s3_server.make_bucket("mixture-test") + "/txt"
-    write_dataset(((s, None) for s in text_only(40)), text, progress=False)
+    write_dataset(((s, None) for s in text_only(40)), text, progress=False, report=str(root / "txt-report.jsonl"))
     return root, text
 
 

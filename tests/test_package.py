@@ -30,6 +30,22 @@ def test_import_pargo_dist_makes_torchvision_streaming_and_transformers_importab
         assert "torchvision::nms does not exist" in bare.stderr
 
 
+def test_a_launcher_reads_the_recipe_without_importing_torch():
+    """`pargo-dist train --nproc N` parses and checks the recipe, then only starts ranks: it must not
+    spend seconds importing torch, transformers or streaming first (each rank imports them itself)."""
+    out = run_py(
+        "import sys\n"
+        "from pargo_dist.cli import build_parser\n"
+        "from pargo_dist.config import load_config\n"
+        "build_parser('train').parse_args(['train', '--nproc', '2'])\n"
+        "cfg = load_config(None, ['model.projector.num_partial=16', 'model.lora.r=0'])\n"
+        "heavy = ('torch', 'transformers', 'streaming', 'deepspeed', 'torchvision')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_cli_model_describes_the_paper_setting():
     out = subprocess.run([sys.executable, "-m", "pargo_dist.cli", "model", "--preset", "paper"],
                          capture_output=True, text=True, timeout=300)

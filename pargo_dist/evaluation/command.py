@@ -20,8 +20,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 SETTINGS = ("data", "mme", "mme_images", "limit", "captions", "max_new_tokens", "num_beams", "dtype")
 
 
@@ -114,6 +112,8 @@ def print_table(metrics: dict[str, float]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from pargo_dist.evaluation.runner import Evaluator, Ranks, evaluate_captions, evaluate_mme, open_dataset
     from pargo_dist.generate import load_exported
 
