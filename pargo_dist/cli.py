@@ -272,7 +272,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:  # SIGTERM / SIGUSR1 stay pending until the launcher or trainer handles them
+    if argv[:1] in (["train"], ["eval"]):  # SIGTERM / SIGUSR1 stay pending until the launcher or loop handles them
         from pargo_dist.launch import hold_signals
 
         hold_signals()

@@ -204,6 +204,38 @@ def test_eval_resumes_on_another_rank_count_and_equals_the_whole_run(evaluated, 
 
 
 
+def test_sigterm_keeps_finished_batches_exits_for_requeue_and_the_rerun_finishes(evaluated, tmp_path):
+    """A preempted evaluation: every rank writes its current batch and leaves with 75; the same
+    command then does only the rest and gives the uninterrupted metrics."""
+    import os
+    import signal
+    import time
+
+    from support.training import env
+
+    _, out, _ = evaluated
+    args = [str(out / "model"), "--out", str(tmp_path / "ev"), "--mme-images", "12", "--max-new-tokens", "24",
+            "--batch-size", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "pargo_dist.cli", "eval", *args, "--nproc", "2"], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    parts = tmp_path / "ev" / "parts"
+    deadline = time.monotonic() + 300
+    while not (parts.exists() and any(p.stat().st_size for p in parts.glob("*.jsonl"))):  # a first batch written
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)  # the launcher forwards it to both ranks
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, log[-3000:]
+    assert "received signal 15: finished batches are kept in" in log
+    assert 0 < len(rows(tmp_path / "ev", "captions")) + len(rows(tmp_path / "ev", "mme")) < 32 + 24
+    assert not (tmp_path / "ev" / "metrics.json").exists()
+    run_eval(args, nproc=1)
+    whole = json.loads((out / "metrics.json").read_text())
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    for key in whole.keys() - {"step"}:
+        assert again[key] == pytest.approx(whole[key], rel=1e-5), key
+
+
 def test_eval_skips_and_names_a_corrupt_image_and_refuses_bad_input(evaluated, tmp_path, capsys, monkeypatch):
     """In this process (one rank): a corrupt image is skipped, counted and named; a missing split,
     a missing model and another evaluation's results dir are one clear line each (exit 2)."""

@@ -114,9 +114,12 @@ def print_table(metrics: dict[str, float]) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pargo_dist.evaluation.runner import Evaluator, Ranks, evaluate_captions, evaluate_mme, open_dataset
+    from pargo_dist.evaluation.runner import (Evaluator, Interrupted, Ranks, StopOnSignal, evaluate_captions,
+                                              evaluate_mme, open_dataset)
     from pargo_dist.generate import load_exported
+    from pargo_dist.slurm import REQUEUE_EXIT
 
+    stop = StopOnSignal()
     ranks = Ranks()
     try:
         model_dir, out, tb, step = _resolve(args, ranks.rank, ranks.barrier)
@@ -135,15 +138,21 @@ def run(args: argparse.Namespace) -> int:
             if not data:
                 raise ValueError("the recipe has no data.eval split: name one with --data")
             dataset = open_dataset(data, evaluator, cfg)
-            metrics.update(evaluate_captions(evaluator, dataset, out, ranks, args.limit, generate=True))
+            metrics.update(evaluate_captions(evaluator, dataset, out, ranks, args.limit, generate=True, stop=stop))
         root = _mme_root(args, cfg, out, ranks.rank, ranks.barrier)
         if root is not None:
             evaluator.generate_kwargs["max_new_tokens"] = 4
-            metrics.update(evaluate_mme(evaluator, root, out, ranks, args.limit))
+            metrics.update(evaluate_mme(evaluator, root, out, ranks, args.limit, stop=stop))
         if ranks.rank == 0:
             _publish(metrics, out, Path(args.tb) if args.tb else tb, step)
+    except Interrupted as why:  # every rank got the signal and leaves on its own: no collective now
+        if ranks.rank == 0:
+            print(f"{why}: finished batches are kept in {out / 'parts'}; run the same command again to finish "
+                  f"(exit {REQUEUE_EXIT}: requeue me)", flush=True)
+        return REQUEUE_EXIT
     finally:
-        ranks.close()
+        stop.close()
+    ranks.close()
     return 0
 
 

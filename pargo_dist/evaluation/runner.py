@@ -15,6 +15,8 @@ How it runs
   of what is left agrees even without a shared filesystem), on any number of ranks. At the
   end rank 0 gathers every result, writes OUT/metrics.json, MME's result files and
   TensorBoard scalars (eval/...) at the checkpoint's step, and prints a table.
+  SIGTERM / SIGUSR1 (a preemption) let each rank finish and write its current batch, then the
+  evaluation exits with 75 (requeue me), like training; the same command finishes the rest.
 """
 
 from __future__ import annotations
@@ -199,13 +201,46 @@ def _progress(total: int, desc: str, rank: int):
     return tqdm(total=total, desc=desc, disable=rank != 0 or total == 0, dynamic_ncols=True, file=sys.stdout)
 
 
+class Interrupted(Exception):
+    """SIGTERM / SIGUSR1 arrived: this rank's finished batches are on disk, the rest is for the rerun."""
+
+
+class StopOnSignal:
+    """Notes SIGTERM / SIGUSR1 (a preemption) instead of dying mid-write; checked between batches."""
+
+    def __init__(self) -> None:
+        import signal
+
+        from pargo_dist.launch import HELD, release_signals
+
+        self.signal: int | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in HELD}
+        release_signals()  # one that came while the model loaded is delivered now
+
+    def close(self) -> None:
+        """Give the signals back to whoever handled them before (a test runner, say)."""
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal = signum
+
+    def check(self) -> None:
+        if self.signal is not None:
+            raise Interrupted(f"received signal {self.signal}")
+
+
 def _run_task(results: Results, items: dict[str, Any], rows_of: Callable[[list], list[dict]], batch: int,
-              desc: str) -> None:
+              desc: str, stop: StopOnSignal | None = None) -> None:
     todo = results.todo(list(items))
     with _progress(len(todo), desc, results.ranks.rank) as bar:
         for chunk in _batches(todo, batch):
             results.add(rows_of([items[i] for i in chunk]))
             bar.update(len(chunk))
+            if stop is not None:
+                stop.check()
 
 
 def caption_metrics(rows: list[dict]) -> dict[str, float]:
@@ -238,7 +273,7 @@ def open_dataset(path: str, evaluator: Evaluator, cfg):
 
 
 def evaluate_captions(evaluator: Evaluator, dataset, out: Path, ranks: Ranks, limit: int | None,
-                      generate: bool) -> dict[str, float]:
+                      generate: bool, stop: StopOnSignal | None = None) -> dict[str, float]:
     n = dataset.num_samples if limit is None else min(limit, dataset.num_samples)
     keys = [str(i) for i in range(n)]  # the split's own order: stable across runs and rank counts
     results = Results(out, "captions", ranks)
@@ -256,7 +291,7 @@ def evaluate_captions(evaluator: Evaluator, dataset, out: Path, ranks: Ranks, li
                 rows.append({**row, "sample": row["id"], "id": e["key"]})
         return rows
 
-    _run_task(results, {k: int(k) for k in keys}, rows_of, evaluator.batch_size, "eval captions")
+    _run_task(results, {k: int(k) for k in keys}, rows_of, evaluator.batch_size, "eval captions", stop)
     rows = results.gathered(keys)
     if ranks.rank == 0:
         skipped = [r for r in rows if "skipped" in r]
@@ -267,14 +302,15 @@ def evaluate_captions(evaluator: Evaluator, dataset, out: Path, ranks: Ranks, li
     return caption_metrics(rows)
 
 
-def evaluate_mme(evaluator: Evaluator, root: Path, out: Path, ranks: Ranks, limit: int | None) -> dict[str, float]:
+def evaluate_mme(evaluator: Evaluator, root: Path, out: Path, ranks: Ranks, limit: int | None,
+                 stop: StopOnSignal | None = None) -> dict[str, float]:
     from pargo_dist.evaluation import mme
 
     # image order first, so a --limit takes both questions of an image and spans the subtasks
     questions = sorted(mme.load_benchmark(root), key=lambda q: (q.image.name, q.subtask))[:limit]
     results = Results(out, "mme", ranks)
     items = {q.key: q for q in questions}
-    _run_task(results, items, evaluator.answer_rows, evaluator.batch_size, "eval mme")
+    _run_task(results, items, evaluator.answer_rows, evaluator.batch_size, "eval mme", stop)
     rows = results.gathered(list(items))
     if ranks.rank == 0:
         mme.write_results(rows, out / "mme_results")
