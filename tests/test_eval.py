@@ -256,6 +256,11 @@ def test_eval_skips_and_names_a_corrupt_image_and_refuses_bad_input(evaluated, t
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["samples"] == 5 and metrics["skipped"] == 1
     assert "skipped sample synthetic:2 (index 2): bad_image" in capsys.readouterr().out
+    assert main(["eval", model, "--out", str(tmp_path / "fast"), "--data", str(tmp_path / "val"), "--mme", "none",
+                 "--no-generate"]) == 0  # loss and perplexity only
+    fast = json.loads((tmp_path / "fast" / "metrics.json").read_text())
+    assert fast["loss"] == pytest.approx(metrics["loss"], rel=1e-6) and "recall/all" not in fast
+    assert "recall/all" in metrics
     assert main(["eval", model, "--out", str(tmp_path / "ev"), "--data", str(tmp_path / "val"), "--mme", "none",
                  "--max-new-tokens", "8"]) == 2
     err = capsys.readouterr().err

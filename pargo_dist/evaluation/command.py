@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-SETTINGS = ("data", "mme", "mme_images", "limit", "captions", "max_new_tokens", "num_beams", "dtype")
+SETTINGS = ("data", "mme", "mme_images", "limit", "captions", "generate", "max_new_tokens", "num_beams", "dtype")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="only the first N samples and N questions")
     p.add_argument("--no-captions", dest="captions", action="store_false",
                    help="skip the caption pass (loss, perplexity, detail recall)")
+    p.add_argument("--no-generate", dest="generate", action="store_false",
+                   help="caption pass without generation: loss and perplexity only (fast), no detail recall")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap (answers: 4)")
     p.add_argument("--num-beams", type=int, default=1)
@@ -138,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             if not data:
                 raise ValueError("the recipe has no data.eval split: name one with --data")
             dataset = open_dataset(data, evaluator, cfg)
-            metrics.update(evaluate_captions(evaluator, dataset, out, ranks, args.limit, generate=True, stop=stop))
+            metrics.update(evaluate_captions(evaluator, dataset, out, ranks, args.limit, args.generate, stop=stop))
         root = _mme_root(args, cfg, out, ranks.rank, ranks.barrier)
         if root is not None:
             evaluator.generate_kwargs["max_new_tokens"] = 4

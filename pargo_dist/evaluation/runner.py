@@ -166,6 +166,8 @@ class Evaluator:
         return [(float(s), int(c)) for s, c in zip(losses.sum(1).tolist(), counts.tolist())]
 
     def caption_rows(self, examples: list[dict], generate: bool) -> list[dict]:
+        """Per sample: its answer's loss sum and token count, the true answer, and (if `generate`)
+        the greedy one."""
         pixels = torch.stack([e["pixel_values"] for e in examples])
         rows = []
         sums = self._loss_sums(examples, pixels)
@@ -176,7 +178,7 @@ class Evaluator:
             truths.append(self.tokenizer.decode([e["input_ids"][i] for i in answer], skip_special_tokens=True).strip())
         generated = self._generate(prompts, pixels) if generate else [None] * len(examples)
         for e, (loss_sum, tokens), truth, text in zip(examples, sums, truths, generated):
-            rows.append({"id": e["id"], "loss_sum": loss_sum, "tokens": tokens, "truth": truth, "generated": text})
+            rows.append({"sample": e["id"], "loss_sum": loss_sum, "tokens": tokens, "truth": truth, "generated": text})
         return rows
 
     def question_prompt(self, question: str) -> list[int]:
@@ -288,7 +290,7 @@ def evaluate_captions(evaluator: Evaluator, dataset, out: Path, ranks: Ranks, li
                 rows.append({"id": str(index), "sample": raw.get("id"), "skipped": err.reason})
         if good:
             for e, row in zip(good, evaluator.caption_rows(good, generate)):
-                rows.append({**row, "sample": row["id"], "id": e["key"]})
+                rows.append({"id": e["key"], **row})
         return rows
 
     _run_task(results, {k: int(k) for k in keys}, rows_of, evaluator.batch_size, "eval captions", stop)
