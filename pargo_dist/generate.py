@@ -35,10 +35,7 @@ def held_out_image(cfg: Config, index: int):
 @torch.no_grad()
 def caption_image(model, tokenizer, cfg: Config, image, **generate_kwargs) -> str:
     builder = PromptBuilder(tokenizer, model.num_image_tokens(), max_len=10**6)
-    messages = builder.messages("", [{"role": "user", "content": builder.caption_prompt},
-                                     {"role": "assistant", "content": "x"}], has_image=True)[:1]
-    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-    ids = [t for tok in ids for t in ([tok] * model.num_image_tokens() if tok == builder.image_id else [tok])]
+    ids = builder.generation_prompt(builder.caption_prompt)
     pixels = build.image_processor(cfg)(image).unsqueeze(0)
     out = model.generate(torch.tensor([ids]), pixels, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, do_sample=False, **generate_kwargs)

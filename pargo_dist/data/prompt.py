@@ -15,7 +15,7 @@ answer token is rejected (BadSample "too_long") instead of training on a broken 
 from __future__ import annotations
 
 from pargo_dist.data.schema import CAPTION_PROMPT, IMAGE_MARKER, BadSample, place_image_marker
-from pargo_dist.models.mllm import IGNORE_INDEX
+from pargo_dist.models.mllm import IGNORE_INDEX, insert_image_tokens
 
 
 class PromptBuilder:
@@ -40,6 +40,12 @@ class PromptBuilder:
     def _render(self, messages: list[dict], generation_prompt: bool) -> list[int]:
         return list(self.tokenizer.apply_chat_template(
             messages, tokenize=True, add_generation_prompt=generation_prompt))
+
+    def generation_prompt(self, text: str) -> list[int]:
+        """The ids that ask the model about an image: one user turn (image + `text`), the
+        assistant's turn opened, the image placeholder expanded. What generation starts from."""
+        ids = self._render(self.messages("", [{"role": "user", "content": text}], has_image=True), True)
+        return insert_image_tokens(ids, self.image_id, self.num_image_tokens)
 
     def __call__(self, caption: str, messages: list[dict], has_image: bool) -> tuple[list[int], list[int]]:
         """-> (input_ids, labels), image placeholder expanded, at most max_len long."""

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pargo_dist.data.schema import IMAGE_MARKER, BadSample
+from pargo_dist.data.collate import Collator
+from pargo_dist.data.schema import BadSample
 from pargo_dist.models.mllm import IGNORE_INDEX
 
 PARTS = "parts"
@@ -123,13 +124,6 @@ class Results:
 # ----------------------------------------------------------------------------- batches
 
 
-def _left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, seqs))
-    ids = torch.tensor([[pad] * (width - len(s)) + list(s) for s in seqs])
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-    return ids, mask
-
-
 def _batches(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -146,21 +140,23 @@ class Evaluator:
         self.device, self.batch_size, self.generate_kwargs = device, batch_size, generate_kwargs
         self.prompt = PromptBuilder(tokenizer, model.num_image_tokens(), max_len=10**6)
         self.pixels = build.image_processor(cfg)
+        self.collate = Collator(pad_id=tokenizer.pad_token_id, padding_side="left")  # left: generation appends
 
     def _generate(self, prompts: list[list[int]], pixels: torch.Tensor) -> list[str]:
-        ids, mask = _left_pad(prompts, self.tokenizer.pad_token_id)
-        new = self.model.generate(ids.to(self.device), pixels.to(self.device, self.model.dtype),
-                                  attention_mask=mask.to(self.device), pad_token_id=self.tokenizer.pad_token_id,
-                                  eos_token_id=self.tokenizer.eos_token_id, do_sample=False, **self.generate_kwargs)
+        batch = self.collate([{"input_ids": p, "labels": p} for p in prompts])
+        new = self.model.generate(batch["input_ids"].to(self.device), pixels.to(self.device, self.model.dtype),
+                                  attention_mask=batch["attention_mask"].to(self.device),
+                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+                                  do_sample=False, **self.generate_kwargs)
         return [self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in new]
 
     def _loss_sums(self, examples: list[dict], pixels: torch.Tensor) -> list[tuple[float, int]]:
         """Per sample: summed cross-entropy of its answer tokens, and how many there are."""
-        ids, mask = _left_pad([e["input_ids"] for e in examples], self.tokenizer.pad_token_id)
-        labels, _ = _left_pad([e["labels"] for e in examples], IGNORE_INDEX)
-        logits = self.model(input_ids=ids.to(self.device), pixel_values=pixels.to(self.device, self.model.dtype),
-                            attention_mask=mask.to(self.device)).logits.float()
-        targets = labels[:, 1:].to(self.device)
+        batch = self.collate(examples)
+        logits = self.model(input_ids=batch["input_ids"].to(self.device),
+                            pixel_values=pixels.to(self.device, self.model.dtype),
+                            attention_mask=batch["attention_mask"].to(self.device)).logits.float()
+        targets = batch["labels"][:, 1:].to(self.device)
         losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
         counts = (targets != IGNORE_INDEX).sum(1)
         return [(float(s), int(c)) for s, c in zip(losses.sum(1).tolist(), counts.tolist())]
@@ -182,10 +178,7 @@ class Evaluator:
         return rows
 
     def question_prompt(self, question: str) -> list[int]:
-        messages = [{"role": "user", "content": f"{IMAGE_MARKER}\n{question}"}]
-        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
-        n = self.model.num_image_tokens()
-        return [t for tok in ids for t in ([tok] * n if tok == self.prompt.image_id else [tok])]
+        return self.prompt.generation_prompt(question)
 
     def answer_rows(self, questions: list) -> list[dict]:
         from PIL import Image
