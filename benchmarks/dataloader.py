@@ -74,7 +74,7 @@ def throughput(cfg: DataConfig, tok, pre, batch: int) -> float:
         if i == 0:  # exclude start-up (worker spawn, index download)
             t0 = time.perf_counter()
             continue
-        n += b["num_samples"]
+        n += b.num_samples
     return n / (time.perf_counter() - t0) / max(1, cfg.num_workers)
 
 

@@ -6,7 +6,7 @@ them) build the model, set up the DeepSpeed backend exactly as training does and
 optimizer step, so weights, gradients and Adam state all exist. Measured: each rank's
 resident memory (RSS, after gc and malloc_trim so that freed build-time memory is not
 counted) minus its RSS before the model was built; the largest rank is reported. Predicted:
-`pargo_dist.plan.model_state_bytes` for fp32, what stays resident after a step: weights and
+`pargo_dist.plan.estimate.model_state_bytes` for fp32, what stays resident after a step: weights and
 optimizer state, and for ZeRO-3 the gradient partitions and the parameters it keeps gathered
 (`zero3_live_bytes`; ZeRO-1/2 free their gradients at the end of the step, the planner's total
 counts them as part of the backward's peak). ZeRO-3 runs build under zero.Init.
@@ -87,7 +87,7 @@ def worker(size: str, zero: int) -> None:
     backend.setup(model)
     del model
     batch = fixed_batch(backend.module, tokenizer, 1, text_tokens=16)
-    backend.train_batch([batch], float((batch["labels"] != -100).sum()), 0)
+    backend.train_batch([batch], float(batch.num_targets), 0)
     del batch
     after = settle()
     print(json.dumps({"measured": after - before}), flush=True)
@@ -115,7 +115,8 @@ def predicted(size: str, zero: int, ranks: int) -> tuple[float, float, float, in
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     from pargo_dist.config import load_config
-    from pargo_dist.plan import Layout, model_state_bytes, shapes_of, zero3_live_bytes
+    from pargo_dist.plan.estimate import Layout, model_state_bytes, zero3_live_bytes
+    from pargo_dist.plan.trace import shapes_of
 
     cfg = load_config(RECIPE, overrides(size, zero))
     shapes = shapes_of(cfg, micro_batch=1, seq_len=64)

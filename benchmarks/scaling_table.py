@@ -21,7 +21,8 @@ import math
 from pathlib import Path
 
 from pargo_dist.config import load_config
-from pargo_dist.plan import Hardware, checkpoint_bytes, estimate, fits, layout_of, options, shapes_of
+from pargo_dist.plan.estimate import Hardware, checkpoint_bytes, estimate, fits, layout_of, options
+from pargo_dist.plan.trace import shapes_of
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ROWS = [("7B (paper)", "stage 1 align", "paper-stage1-align.yaml", []),

@@ -10,7 +10,7 @@ same frozen parts), on the same batch; the DeepSpeed ones under the same DeepSpe
 
   pargo_dist      our loop: `Trainer.train_step` itself (global target-token count, its
                   all-reduces, the loss normalisation), over the backend `make_backend(cfg)`
-                  gives, set up as `Trainer.__init__` does it (init_distributed, the model built
+                  gives, set up as `build_trainer` does it (init_distributed, the model built
                   in its model_init_context, frozen for the stage, `backend.setup`, which builds
                   the optimizer and LR schedule): here backend.name=deepspeed.
   megatron        the same, with backend.name=megatron at TP=1, PP=1 (one process): the LLM is
@@ -40,7 +40,7 @@ LLM all train) holds for all sizes and contenders.
 Every contender runs in its own subprocess (one rank: RANK=0, WORLD_SIZE=1; gloo on CPU, NCCL
 on CUDA), so peak memory (`metrics.peak_memory_gib`: CUDA max_memory_allocated, or the process
 peak RSS on CPU, imports included) and process-group state cannot leak between them. MFU
-(`metrics.model_flops_per_sample`, vision tower included) is shown where the GPU's peak
+(`flops.model_flops_per_sample`, vision tower included) is shown where the GPU's peak
 FLOP/s is known. A contender that cannot run shows "n/a: <reason>" in its row.
 
     python benchmarks/train_step.py                                # CPU: tiny, fp32, all four rows
@@ -135,11 +135,11 @@ def load_size(size: str, args, backend: str = "deepspeed", extra: list[str] = ()
     return cfg
 
 
-def fixed_batch(model, tokenizer, batch: int, seed: int = 0, text_tokens: int = TEXT_TOKENS) -> dict:
+def fixed_batch(model, tokenizer, batch: int, seed: int = 0, text_tokens: int = TEXT_TOKENS):
     """One collated batch: <s> <|user|> <image>*V prompt <|assistant|> answer </s>; loss on the answer."""
     from pargo_dist.data.collate import Collator
     from pargo_dist.data.tokenizer import ASSISTANT, USER, image_token_id
-    from pargo_dist.models.mllm import IGNORE_INDEX
+    from pargo_dist.constants import IGNORE_INDEX
 
     gen = torch.Generator().manual_seed(seed)
     words = [i for t, i in tokenizer.get_vocab().items() if t not in tokenizer.all_special_tokens]
@@ -158,10 +158,6 @@ def fixed_batch(model, tokenizer, batch: int, seed: int = 0, text_tokens: int = 
                          "labels": [IGNORE_INDEX] * len(prompt) + answer,
                          "pixel_values": torch.randn(3, side, side, generator=gen)})
     return Collator(pad_id=tokenizer.pad_token_id)(examples)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def sync() -> None:
@@ -184,22 +180,24 @@ def timed_loop(step, warmup: int, steps: int) -> list[float]:
 
 
 def run_pargo(cfg, model, batch, args, backend) -> list[float]:
-    """Trainer.train_step on an object holding what it reads, over `backend` (already through
-    init_distributed, model built in its model_init_context and frozen, as Trainer.__init__
-    does); setup builds the optimizer and LR schedule. The step count advances as in Trainer.run."""
+    """Trainer.train_step over `backend` (already through init_distributed, model built in its
+    model_init_context and frozen, as build_trainer does); setup builds the optimizer and LR
+    schedule. The step count advances as in Trainer.run."""
+    from pargo_dist.checkpoint import CheckpointManager
+    from pargo_dist.metrics import MetricsLogger
+    from pargo_dist.signals import StopSignal
     from pargo_dist.train import Trainer
 
     backend.setup(model)
     backend.train(True)
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.backend, trainer.world, trainer.rank = cfg, backend, 1, 0
-    trainer.step, trainer.samples_seen, trainer.tokens_seen, trainer.skipped = 0, 0, 0, 0
-    trainer.streams, trainer.stream_samples = ["data"], {"data": 0}
-    batch = to_device(batch, backend.device)
+    run_dir = tempfile.mkdtemp(prefix="bench-run-")
+    trainer = Trainer(cfg, backend, None, CheckpointManager(run_dir), MetricsLogger(run_dir, enabled_tensorboard=False),
+                      StopSignal(), model=model)
+    batch = batch.to(backend.device)
 
     def step():
         trainer.train_step([batch])
-        trainer.step += 1
+        trainer.state.step += 1
 
     return timed_loop(step, args.warmup, args.steps)
 
@@ -208,14 +206,13 @@ def run_bare(cfg, model, batch, args, _backend=None) -> list[float]:
     import deepspeed
 
     from pargo_dist.backends.deepspeed import ds_config
-    from pargo_dist.data.collate import model_inputs
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, 1))
     engine.train()
-    inputs = model_inputs(to_device(batch, engine.device))
+    inputs = batch.to(engine.device).model_inputs()
 
     def step():
         loss = engine(**inputs).loss
@@ -229,10 +226,9 @@ def run_hf(cfg, model, batch, args, _backend=None) -> list[float]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from pargo_dist.backends.deepspeed import ds_config
-    from pargo_dist.data.collate import model_inputs
 
-    inputs = model_inputs(batch)
-    n = len(batch["input_ids"])
+    inputs = batch.model_inputs()
+    n = len(batch)
     marks: dict[int, float] = {}
 
     class StepClock(TrainerCallback):
@@ -282,12 +278,12 @@ def run_one(size: str, contender: str, args) -> dict:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import contextlib
 
-    from pargo_dist.build import build_model, prepare_for_stage
+    from pargo_dist.build import build_model, init_freeze_and_adapt
     from pargo_dist.data.tokenizer import synthetic_tokenizer
-    from pargo_dist.metrics import model_flops_per_sample, mfu, peak_flops_per_device, peak_memory_gib
-    from pargo_dist.train import make_backend, quiet_libraries
+    from pargo_dist.flops import model_flops_per_sample, mfu, peak_flops_per_device
+    from pargo_dist.metrics import peak_memory_gib
+    from pargo_dist.train import make_backend
 
-    quiet_libraries()
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -295,7 +291,7 @@ def run_one(size: str, contender: str, args) -> dict:
                                            if contender == "lora" else [])
     cfg = load_size(size, args, backend="megatron" if contender == "megatron" else "deepspeed", extra=extra)
     backend = None
-    if contender in ("pargo_dist", "megatron", "finetune", "lora"):  # as Trainer.__init__: the backend joins
+    if contender in ("pargo_dist", "megatron", "finetune", "lora"):  # as build_trainer: the backend joins
         backend = make_backend(cfg)
         backend.init_distributed()
         init_context = backend.model_init_context()
@@ -307,12 +303,12 @@ def run_one(size: str, contender: str, args) -> dict:
     tokenizer = synthetic_tokenizer()
     with init_context:
         model = build_model(cfg, tokenizer)
-    prepare_for_stage(model, cfg)  # frozen parts, LoRA adapters: as Trainer.__init__
+    init_freeze_and_adapt(model, cfg)  # frozen parts, LoRA adapters: as build_trainer
     n = batch_size(size, args)
     batch = fixed_batch(model, tokenizer, n, seed=cfg.run.seed, text_tokens=TEXT_TOKENS_OF.get(size, TEXT_TOKENS))
-    seq = batch["input_ids"].shape[1]
+    seq = batch.input_ids.shape[1]
     flops = model_flops_per_sample(model, seq)
-    info = {"size": size, "contender": contender, "seq": seq, "tokens": batch["num_tokens"],
+    info = {"size": size, "contender": contender, "seq": seq, "tokens": batch.num_tokens,
             "params": sum(p.numel() for p in model.parameters()),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     run = {"bare deepspeed": run_bare, "hf trainer": run_hf}.get(contender, run_pargo)
@@ -320,7 +316,7 @@ def run_one(size: str, contender: str, args) -> dict:
     median = statistics.median(times)
     samples_per_s = n / median
     peak = peak_flops_per_device(cfg.train.precision)
-    info.update(samples_per_s=samples_per_s, tokens_per_s=batch["num_tokens"] / median, step_s=times,
+    info.update(samples_per_s=samples_per_s, tokens_per_s=batch.num_tokens / median, step_s=times,
                 mem_gib=peak_memory_gib(), mfu=mfu(flops * samples_per_s, peak) if peak else None)
     return info
 

@@ -11,14 +11,16 @@ from pargo_dist.config import Config
 from pargo_dist.data.dataset import DataConfig, build_loader
 from pargo_dist.data.image import ImagePreprocessor
 from pargo_dist.data.tokenizer import image_token_id, load_tokenizer
+from pargo_dist.errors import UserError
 from pargo_dist.models import ParGoForConditionalGeneration
 from pargo_dist.models.vision import vision_config_from
+from pargo_dist.weights import load_trained_weights
 
 
 def _require_local(key: str, path: str | None, what: str) -> None:
     """Recipes name local directories; nothing is fetched from a hub at run time."""
     if path and not Path(path).exists():
-        raise ValueError(f"{key}={path} does not exist: point {key} at a local {what} directory "
+        raise UserError(f"{key}={path} does not exist: point {key} at a local {what} directory "
                          "(download it first; the recipe's comment names the hub id)")
 
 
@@ -61,13 +63,13 @@ def meta_model(cfg: Config) -> ParGoForConditionalGeneration:
             return dict(section.config)
         if section.path and (Path(section.path) / "config.json").exists():
             return AutoConfig.from_pretrained(section.path).to_dict()
-        raise ValueError(f"{key}: meta_model needs {key}.config or {key}.path holding a config.json")
+        raise UserError(f"{key}: meta_model needs {key}.config or {key}.path holding a config.json")
 
     m = cfg.model
     llm, vision = part_config("model.llm", m.llm), part_config("model.vision", m.vision)
     if "vocab_size" not in llm:
         if m.tokenizer != "synthetic":
-            raise ValueError("model.llm.config needs vocab_size (the tokenizer is not read on the meta device)")
+            raise UserError("model.llm.config needs vocab_size (the tokenizer is not read on the meta device)")
         llm["vocab_size"] = len(load_tokenizer("synthetic"))
     image_id = llm.get("image_token_id", llm["vocab_size"] - 1)
     with torch.device("meta"):
@@ -77,55 +79,22 @@ def meta_model(cfg: Config) -> ParGoForConditionalGeneration:
             vision_post_layernorm=m.vision.post_layernorm, vision_class=m.vision.class_name)
 
 
-def init_parts_from(model: ParGoForConditionalGeneration, source: str, parts: list[str]) -> list[str]:
-    """Load `parts` (e.g. the projector) from an earlier run into a freshly built model: how
-    stage 2 starts from stage 1. `source`: a `pargo-dist export` directory (safetensors), or a
-    DeepSpeed run / checkpoint dir (consolidated on the fly). Every parameter of each part must
-    come from the source, with its shape; anything else is an error naming the source and keys.
-    Returns the loaded keys."""
-    path = Path(source)
-    if not path.exists():
-        raise ValueError(f"model.init_from={source} does not exist: point it at a `pargo-dist export` directory "
-                         "or a run directory of the earlier stage")
-    prefixes = tuple(f"{p}." for p in parts)
-    wanted = {n: p for n, p in model.named_parameters() if n.startswith(prefixes)}
-    files = sorted(path.glob("*.safetensors"))
-    if files:  # read only the wanted tensors: a 70B export holds 140 GB, its projector 40 MB
-        from safetensors import safe_open
-
-        state = {}
-        for f in files:
-            with safe_open(f, framework="pt") as reader:
-                state.update({k: reader.get_tensor(k) for k in reader.keys() if k in wanted})
-    else:
-        from pargo_dist.backends.deepspeed import TAG, consolidated_state_dict
-        from pargo_dist.export import resolve_checkpoint
-
-        step_dir = resolve_checkpoint(path)
-        if not (step_dir / TAG).is_dir():
-            raise ValueError(f"model.init_from={source}: {step_dir} is not a DeepSpeed checkpoint; export it "
-                             "first (`pargo-dist export`) and point model.init_from at the export")
-        state = consolidated_state_dict(step_dir)
-    missing = sorted(set(wanted) - set(state))
-    if missing:
-        raise ValueError(f"model.init_from={source} lacks {len(missing)} weights of {parts}: {missing[:5]}")
-    for name, param in wanted.items():
-        if tuple(state[name].shape) != tuple(param.shape):
-            raise ValueError(f"model.init_from={source}: {name} has shape {tuple(state[name].shape)}, this "
-                             f"recipe's model {tuple(param.shape)} (a different projector or LLM config?)")
-        with torch.no_grad():
-            param.copy_(state[name].to(param.dtype))
-    return sorted(wanted)
-
-
-def prepare_for_stage(model: ParGoForConditionalGeneration, cfg: Config) -> list[str]:
+def init_freeze_and_adapt(model: ParGoForConditionalGeneration, cfg: Config) -> list[str]:
     """What every rebuild of a run's model does after `build_model`, so training, resume and
-    export agree: parts from model.init_from, the stage's frozen parts, LoRA adapters. Returns
-    the keys loaded from init_from.
+    export agree: load the parts model.init_from names (weights from an earlier run), freeze
+    what the stage does not train, add LoRA adapters. Returns the keys loaded from init_from.
 
     init_from is applied on a resume and an export too: checkpoints hold only what trains
     (align, LoRA), so frozen parts that came from init_from must come from there again."""
-    loaded = init_parts_from(model, cfg.model.init_from, cfg.model.init_parts) if cfg.model.init_from else []
+    loaded = []
+    if cfg.model.init_from:
+        if not Path(cfg.model.init_from).exists():
+            raise UserError(f"model.init_from={cfg.model.init_from} does not exist: point it at a `pargo-dist export` "
+                            "directory or a run directory of the earlier stage")
+        try:
+            loaded = load_trained_weights(model, cfg.model.init_from, parts=cfg.model.init_parts)
+        except UserError as err:
+            raise UserError(f"model.init_from={cfg.model.init_from}: {err}") from None
     model.freeze(cfg.train.stage)
     if cfg.model.lora.r:
         from pargo_dist.lora import apply_lora

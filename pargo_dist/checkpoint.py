@@ -1,10 +1,15 @@
 """Checkpoint layout and lifecycle, independent of the training backend.
 
+The checkpoint format lives here: the layout, the run-level state, how to find a checkpoint from
+a run dir. Reading a checkpoint's weights back into a model, whatever backend wrote them, is
+pargo_dist/weights.py (init_from, export and elastic resume all use `load_trained_weights`).
+
 Layout of one checkpoint, `<run_dir>/checkpoints/step_<N:08d>/`:
 
-    <backend files>      model and optimizer shards, written by the backend into this dir
-    rank_<r:05d>.pt      per rank: RNG states (python, numpy, torch CPU and CUDA), loader state
-    meta.json            rank 0: step, samples/tokens seen, scheduler, world size, ...
+    ds/ or megatron/     model and optimizer shards, written by the backend (DEEPSPEED_DIR: a
+                         DeepSpeed tag dir; MEGATRON_DIR: a megatron distributed checkpoint)
+    rank_<r:05d>.pt      per rank: RNG states (python, numpy, torch CPU and CUDA)
+    meta.json            rank 0: the run's `TrainState` (step, samples seen, loader position, ...)
     config.yaml          rank 0: the resolved config the run was started with
     COMPLETE             written last, after every rank has finished writing
 
@@ -26,15 +31,20 @@ import re
 import shutil
 import time
 import warnings
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from pargo_dist.errors import UserError
+
 COMPLETE = "COMPLETE"
 META = "meta.json"
 CONFIG = "config.yaml"
+DEEPSPEED_DIR = "ds"  # DeepSpeed's checkpoint tag: engine.save_checkpoint(step_dir, tag=DEEPSPEED_DIR)
+MEGATRON_DIR = "megatron"  # a megatron-core distributed checkpoint (reshards to any TP/PP/DP layout)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -109,6 +119,49 @@ def restore_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda[device], device)
 
 
+# -- the run-level state ---------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Where a run stands at a checkpoint, for every rank alike (meta.json, readable without torch).
+
+    Versioned: `version` says which fields a file has. Files from before versioning (version 0)
+    read with the defaults below; a file from a newer pargo_dist is refused rather than half read.
+    """
+
+    step: int
+    samples_seen: int = 0  # global samples consumed (any rank count): where the data resumes
+    tokens_seen: int = 0
+    skipped: int = 0  # corrupt samples replaced so far
+    stream_samples: dict[str, int] = field(default_factory=dict)  # per dataset of a mixture
+    world_size: int = 1  # ranks that wrote it (another count resumes elastically, see Backend.load)
+    stage: str = "finetune"
+    backend: str = "deepspeed"  # only this backend can resume it
+    layout: dict[str, int] = field(default_factory=dict)  # dp / tp / pp / zero_stage
+    loader: dict[str, Any] | None = None  # the streaming loader's state_dict
+    version: int = 1
+
+    VERSION = 1  # (not a field: no annotation)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: Path | str = META) -> "TrainState":
+        version = data.get("version", 0)
+        if not isinstance(version, int) or version > cls.VERSION:
+            raise UserError(f"{where}: train state version {version!r} is newer than this pargo_dist reads "
+                            f"({cls.VERSION}): resume with the version that wrote it, or upgrade")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown and version == cls.VERSION:
+            raise UserError(f"{where}: unknown train state fields {unknown} (a damaged or foreign file?)")
+        if "step" not in data:
+            raise UserError(f"{where}: no 'step' in the train state")
+        return cls(**{k: v for k, v in data.items() if k in names and k != "version"})
+
+
 # -- the manager -----------------------------------------------------------------------
 
 
@@ -124,7 +177,7 @@ class CheckpointManager:
     def __init__(self, run_dir: str | Path, keep_last: int = 3, rank: int = 0, world_size: int = 1,
                  barrier: Callable[[], None] | None = None):
         if keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1 (the newest complete checkpoint is always kept), "
+            raise UserError(f"keep_last must be >= 1 (the newest complete checkpoint is always kept), "
                              f"got {keep_last}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -191,7 +244,7 @@ class CheckpointManager:
             problem = f"has an unreadable {META}"
         available = [str(self.step_dir(s)) for s in self.complete_steps()]
         listing = ", ".join(available) if available else f"none under {self.root}"
-        raise ValueError(f"cannot resume from checkpoint {path}: it {problem}. "
+        raise UserError(f"cannot resume from checkpoint {path}: it {problem}. "
                          f"Complete checkpoints available: {listing}")
 
     # -- writing ---------------------------------------------------------------------
@@ -216,13 +269,13 @@ class CheckpointManager:
         step_dir = Path(step_dir)
         _atomic_write(step_dir / f"rank_{self.rank:05d}.pt", lambda f: torch.save(state, f), binary=True)
 
-    def save_meta(self, step_dir: Path, meta: dict, config_yaml: str | None = None) -> None:
+    def save_state(self, step_dir: Path, state: TrainState, config_yaml: str | None = None) -> None:
         """Rank 0: the run-level state (JSON, so it can be read without torch) and the
         resolved config, so a checkpoint is reproducible from its own directory."""
         if self.rank != 0:
             return
         step_dir = Path(step_dir)
-        _write_text(step_dir / META, json.dumps(meta, indent=2, sort_keys=True))
+        _write_text(step_dir / META, state.to_json())
         if config_yaml is not None:
             _write_text(step_dir / CONFIG, config_yaml)
 
@@ -263,11 +316,13 @@ class CheckpointManager:
 
     # -- reading ---------------------------------------------------------------------
 
-    def load_meta(self, step_dir: Path) -> dict:
-        meta = _read_json(Path(step_dir) / META)
+    @staticmethod
+    def load_state(step_dir: Path) -> TrainState:
+        path = Path(step_dir) / META
+        meta = _read_json(path)
         if meta is None:
-            raise ValueError(f"{Path(step_dir) / META} is missing or unreadable")
-        return meta
+            raise UserError(f"{path} is missing or unreadable")
+        return TrainState.from_dict(meta, path)
 
     def _saved_world_size(self, step_dir: Path) -> int | None:
         marker = _read_json(step_dir / COMPLETE) or {}
@@ -329,3 +384,22 @@ class CheckpointManager:
             marker.unlink()
             _fsync_dir(path)
         shutil.rmtree(path)
+
+
+# -- finding checkpoints -----------------------------------------------------------------
+
+
+def run_dir_of(step_dir: Path) -> Path:
+    """The run dir a checkpoint belongs to (<run>/checkpoints/step_N)."""
+    return Path(step_dir).parent.parent
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, or a run dir (its newest complete checkpoint)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        latest = CheckpointManager(path).latest()
+        if latest is None:
+            raise UserError(f"{path} has no complete checkpoint")
+        return latest
+    return CheckpointManager(run_dir_of(path)).resolve(str(path))

@@ -13,14 +13,19 @@
     pargo-dist eval runs/tiny-cpu --nproc 2                 # held-out loss, detail recall, yes/no (MME)
     pargo-dist report runs/tiny-cpu                         # PNG plots from TensorBoard logs
 
-Exit codes of train: 0 done, 75 saved after SIGTERM/SIGUSR1 (requeue me), 2 bad recipe,
-124 the hang detector ended the run (a rank made no progress for train.hang_timeout_s).
+Exit codes: 0 done; 1 a failure, with its traceback (a bug, a damaged input, an OOM: on the
+rank where it happened); 2 something to fix, said in one line (a bad recipe or argument, a
+missing or bad input file, an output that already exists); 75 saved after SIGTERM/SIGUSR1
+(requeue me); 124 the hang detector ended the run (a rank made no progress for
+train.hang_timeout_s).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from pargo_dist.errors import UserError
 
 
 def _count(module) -> int:
@@ -30,7 +35,8 @@ def _count(module) -> int:
 def cmd_model(args: argparse.Namespace) -> int:
     import torch
 
-    from pargo_dist.models import STAGES, ParGoConfig, ParGoForConditionalGeneration, insert_image_tokens
+    from pargo_dist.constants import PARTS, STAGES
+    from pargo_dist.models import ParGoConfig, ParGoForConditionalGeneration, insert_image_tokens
     from pargo_dist.models.presets import preset
 
     values = preset(args.preset)
@@ -40,12 +46,11 @@ def cmd_model(args: argparse.Namespace) -> int:
     device = "cpu" if args.run else "meta"  # meta: shapes and counts without allocating weights
     with torch.device(device):
         model = ParGoForConditionalGeneration(config)
-    parts = ["vision_tower", "projector", "language_model"]
-    counts = {p: _count(getattr(model, p)) for p in parts}
+    counts = {p: _count(getattr(model, p)) for p in PARTS}
     proj = config.projector_config
     print(f"ParGo model '{args.preset}' ({proj.type} projector)")
     print(f"{'part':<16}{'parameters':>16}  trains in")
-    for p in parts:
+    for p in PARTS:
         stages = ", ".join(s for s, mods in STAGES.items() if p in mods)
         print(f"{p:<16}{counts[p]:>16,}  {stages}")
     print(f"{'total':<16}{sum(counts.values()):>16,}")
@@ -86,11 +91,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
 
     from pargo_dist.config import DEFAULT_RECIPE, load_config
+    from pargo_dist.data.synthetic import prepare_for_recipe
 
     if args.recipe and "=" in args.recipe:  # no recipe named: the first word is an override
         args.overrides.insert(0, args.recipe)
         args.recipe = None
     cfg = load_config(args.recipe, args.overrides)  # fails here, before any rank starts
+    prepare_for_recipe(cfg)  # the built-in synthetic data, if the recipe asks and it is absent
     if "LOCAL_RANK" not in os.environ and args.nproc > 1:
         from pargo_dist.launch import launch
 
@@ -144,31 +151,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _module_command(sub, name: str, module, help: str, func=None) -> argparse.ArgumentParser:
-    """A subcommand whose --help text, flags and entry point live in its module (__doc__,
+def _parser(name: str, description: str | None, epilog: str | None = None) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"pargo-dist {name}", description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _module_parser(name: str, module, func=None) -> argparse.ArgumentParser:
+    """A command whose --help text, flags and entry point live in its module (__doc__,
     add_arguments, run), so the module documents itself in one place."""
-    parser = sub.add_parser(name, help=help, description=module.__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _parser(name, module.__doc__)
     module.add_arguments(parser)
     parser.set_defaults(func=func or module.run)
     return parser
 
 
-def _add_model(sub) -> None:
-    model = sub.add_parser("model", help="describe a model preset: parameters per part, visual tokens",
-                           description=cmd_model.__doc__ or __doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+def _model_parser() -> argparse.ArgumentParser:
+    model = _parser("model", "Describe a model preset: parameters per part, which stage trains them, visual tokens.")
     model.add_argument("--preset", default="tiny", help="tiny | paper (default: tiny)")
     model.add_argument("--projector", choices=["pargo", "qformer", "mlp"], help="swap the projector type")
     model.add_argument("--run", action="store_true", help="build real weights and run forward + generate")
     model.set_defaults(func=cmd_model)
+    return model
 
 
-def _add_synth(sub) -> None:
-    synth = sub.add_parser("synth", help="write the built-in synthetic detail-caption dataset as MDS shards",
-                           description="Shapes in grid cells with captions that name every shape (colour, "
-                           "kind, position) and yes/no questions about details; deterministic from --seed. "
-                           "Writes OUT/train and, with --held-out N, OUT/val (a disjoint random stream).")
+def _synth_parser() -> argparse.ArgumentParser:
+    synth = _parser("synth", "Shapes in grid cells with captions that name every shape (colour, kind, position) "
+                    "and yes/no questions about details; deterministic from --seed. Writes OUT/train and, with "
+                    "--held-out N, OUT/val (a disjoint random stream).")
     synth.add_argument("--out", required=True, help="directory or remote (s3://bucket/prefix)")
     synth.add_argument("--num-samples", type=int, default=2000)
     synth.add_argument("--held-out", type=int, default=0, help="samples in the held-out OUT/val split")
@@ -180,119 +189,131 @@ def _add_synth(sub) -> None:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--no-progress", action="store_true")
     synth.set_defaults(func=cmd_synth)
+    return synth
 
 
-def _add_convert(sub) -> None:
+def _convert_parser() -> argparse.ArgumentParser:
     from pargo_dist.data.convert import add_arguments
 
-    convert = sub.add_parser("convert", help="caption / conversation files -> MDS shards (local or s3://)",
-                             description=("Convert JSONL / JSON / LLaVA conversation JSON / parquet / webdataset "
-                                          "tar into MDS shards. Bad samples are skipped, counted by reason and "
-                                          "listed in a report; the run never stops for one."))
+    convert = _parser("convert", "Convert JSONL / JSON / LLaVA conversation JSON / parquet / webdataset tar into MDS "
+                      "shards. Bad samples are skipped, counted by reason and listed in a report; the run never "
+                      "stops for one.")
     add_arguments(convert)
     convert.set_defaults(func=cmd_convert)
+    return convert
 
 
-def _add_train(sub) -> None:
-    train = sub.add_parser("train", help="train (or resume) a recipe with DeepSpeed ZeRO",
-                           description="Train a recipe. RECIPE defaults to the embedded recipes/tiny-cpu.yaml; "
-                           "overrides are dotted key=value pairs (train.steps=50 optim.lr=1e-4). Resumes from the "
-                           "newest complete checkpoint in run.dir unless checkpoint.resume=none. Exit 75 after "
-                           "SIGTERM/SIGUSR1 means: checkpoint saved, requeue me.")
-    train.add_argument("recipe", nargs="?", help="recipe YAML (default: recipes/tiny-cpu.yaml)")
+def _train_parser() -> argparse.ArgumentParser:
+    train = _parser("train", "Train a recipe. RECIPE defaults to the embedded tiny-cpu recipe; overrides are dotted "
+                    "key=value pairs (train.steps=50 optim.lr=1e-4), before or after the flags. Resumes from the "
+                    "newest complete checkpoint in run.dir unless checkpoint.resume=none.",
+                    epilog="exit codes: 0 done; 1 a rank failed (its traceback is above); 2 a bad recipe or input "
+                    "(one line says what to change); 75 saved after SIGTERM/SIGUSR1, requeue me; 124 the hang "
+                    "detector ended the run")
+    train.add_argument("recipe", nargs="?", help="recipe YAML (default: the embedded tiny-cpu recipe)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    train.add_argument("--nproc", type=int, default=1, help="ranks on this machine (torchrun)")
+    train.add_argument("--nproc", type=int, default=1, help="ranks on this machine (one per GPU)")
     train.set_defaults(func=cmd_train)
+    return train
 
 
-def _add_submit(sub) -> None:
-    from pargo_dist import submit
-
-    _module_command(sub, "submit", submit, "write the sbatch script for a recipe and submit it to SLURM")
-
-
-def _add_plan(sub) -> None:
-    from pargo_dist import plan
-
-    _module_command(sub, "plan", plan, "per-GPU memory and expected speed of a recipe on N GPUs (no GPU needed)")
-
-
-def _add_export(sub) -> None:
-    export = sub.add_parser("export", help="checkpoint -> one HF directory (from_pretrained on one process)")
+def _export_parser() -> argparse.ArgumentParser:
+    export = _parser("export", "A checkpoint of any backend, stage and rank count -> one HF directory that "
+                     "ParGoForConditionalGeneration.from_pretrained loads on one process, with its tokenizer "
+                     "and recipe.")
     export.add_argument("checkpoint", help="a run dir (newest complete checkpoint) or a checkpoint dir")
     export.add_argument("--out", required=True)
     export.add_argument("--adapters-only", action="store_true",
                         help="LoRA runs: write the LLM adapters (peft format) and the projector instead of "
                         "merging the adapters into the LLM weights")
     export.set_defaults(func=cmd_export)
+    return export
 
 
-def _add_generate(sub) -> None:
-    generate = sub.add_parser("generate", help="caption an image with an exported model")
+def _generate_parser() -> argparse.ArgumentParser:
+    generate = _parser("generate", "Caption an image with an exported model (one process).")
     generate.add_argument("model", help="an exported directory (pargo-dist export)")
     generate.add_argument("--image", help="image file; default: a held-out synthetic image")
     generate.add_argument("--held-out", type=int, default=0, help="index of the held-out synthetic image")
     generate.add_argument("--num-beams", type=int, default=1)
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.set_defaults(func=cmd_generate)
+    return generate
 
 
-def _add_eval(sub) -> None:
+def _submit_parser() -> argparse.ArgumentParser:
+    from pargo_dist import submit
+
+    return _module_parser("submit", submit)
+
+
+def _plan_parser() -> argparse.ArgumentParser:
+    from pargo_dist import plan
+
+    return _module_parser("plan", plan)
+
+
+def _eval_parser() -> argparse.ArgumentParser:
     from pargo_dist.evaluation import command as evaluation
 
-    _module_command(sub, "eval", evaluation, "held-out loss, detail recall of captions, MME yes/no; N ranks, resumable",
-                    func=cmd_eval)
+    return _module_parser("eval", evaluation, func=cmd_eval)
 
 
-def _add_report(sub) -> None:
+def _report_parser() -> argparse.ArgumentParser:
     from pargo_dist import report
 
-    _module_command(sub, "report", report, "PNG plots of loss, throughput and eval results from TensorBoard logs")
+    return _module_parser("report", report)
 
 
-COMMANDS = {"model": _add_model, "synth": _add_synth, "convert": _add_convert, "train": _add_train,
-            "submit": _add_submit, "plan": _add_plan, "export": _add_export, "generate": _add_generate,
-            "eval": _add_eval, "report": _add_report}
+# name -> (one line for `pargo-dist --help`, the command's own parser). Each command builds only
+# its own parser, so a launcher (`train --nproc 8`) imports what train needs, not the planner's torch.
+COMMANDS = {
+    "model": ("describe a model preset: parameters per part, visual tokens", _model_parser),
+    "synth": ("write the built-in synthetic detail-caption dataset as MDS shards", _synth_parser),
+    "convert": ("caption / conversation files -> MDS shards (local or s3://)", _convert_parser),
+    "train": ("train (or resume) a recipe with DeepSpeed ZeRO or megatron-core", _train_parser),
+    "submit": ("write the sbatch script for a recipe and submit it to SLURM", _submit_parser),
+    "plan": ("per-GPU memory and expected speed of a recipe on N GPUs (no GPU needed)", _plan_parser),
+    "export": ("checkpoint -> one HF directory (from_pretrained on one process)", _export_parser),
+    "generate": ("caption an image with an exported model", _generate_parser),
+    "eval": ("held-out loss, detail recall of captions, MME yes/no; N ranks, resumable", _eval_parser),
+    "report": ("PNG plots of loss, throughput and eval results from TensorBoard logs", _report_parser),
+}
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The command line; with `command`, only that subcommand's parser. A launcher (`train --nproc
-    8`) then imports what train needs, not the planner's torch: it starts its ranks seconds sooner."""
-    parser = argparse.ArgumentParser(
-        prog="pargo-dist",
-        description="Train ParGo multimodal LLMs with DeepSpeed ZeRO-3 or Megatron-core.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, add in COMMANDS.items():
-        if command is None or command not in COMMANDS or name == command:
-            add(sub)
-    return parser
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of one command (`pargo-dist NAME ...`)."""
+    return COMMANDS[name][1]()
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    width = max(map(len, COMMANDS))
+    listing = "\n".join(f"  {name:<{width}}  {line}" for name, (line, _) in COMMANDS.items())
+    top = argparse.ArgumentParser(
+        prog="pargo-dist", usage="pargo-dist COMMAND [ARGS...]",
+        description="Train ParGo multimodal LLMs with DeepSpeed ZeRO-3 or Megatron-core.\n" + __doc__.split("\n", 1)[1],
+        epilog=f"commands:\n{listing}\n\n`pargo-dist COMMAND --help` explains a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    top.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+    return top
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["train"], ["eval"]):  # SIGTERM / SIGUSR1 stay pending until the launcher or loop handles them
-        from pargo_dist.launch import hold_signals
+    if not argv or argv[0] not in COMMANDS:
+        _top_parser().parse_args(argv[:1])  # --help, or the error naming the valid commands
+        return 2
+    name = argv[0]
+    if name in ("train", "eval"):  # SIGTERM / SIGUSR1 stay pending until the launcher or loop handles them
+        from pargo_dist.signals import hold_signals
 
         hold_signals()
-    if argv[:1] in (["train"], ["submit"], ["plan"]):  # flags first: key=value overrides on either side
-        flags, rest, i = [], [], 1
-        while i < len(argv):
-            if argv[i].startswith("--"):
-                takes_value = "=" not in argv[i] and argv[i] not in ("--help", "--dry-run", "--fit")
-                flags += argv[i:i + 1 + takes_value]
-                i += 1 + takes_value
-            else:
-                rest.append(argv[i])
-                i += 1
-        argv = [argv[0], *flags, *rest]
-    args = build_parser(argv[0] if argv else None).parse_args(argv)
-    args.argv = argv[1:]  # what a launcher passes on to its ranks (`eval --nproc`)
+    args = command_parser(name).parse_intermixed_args(argv[1:])  # flags and key=value overrides in any order
+    args.command, args.argv = name, argv[1:]  # argv: what a launcher passes on to its ranks (`eval --nproc`)
     try:
         return args.func(args)
-    except ValueError as err:  # configuration errors: one clear line, no traceback
-        print(f"pargo-dist {args.command}: error: {err}", file=sys.stderr)
+    except UserError as err:  # something the user can fix: one line. Anything else keeps its traceback.
+        print(f"pargo-dist {name}: error: {err}", file=sys.stderr)
         return 2
 
 

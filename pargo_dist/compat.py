@@ -1,4 +1,5 @@
-"""Environment shims, kept in one place; `import pargo_dist` arms them (see patch_torchvision_on_import).
+"""Environment shims, kept in one place: the torchvision import beside a CPU torch (armed by
+`import pargo_dist`, see patch_torchvision_on_import) and DeepSpeed on a CPU-only machine.
 
 torchvision from PyPI is built against CUDA; beside a CPU-only torch its import fails with
 "operator torchvision::nms does not exist" because its Python side registers fake kernels
@@ -90,3 +91,16 @@ def configure_deepspeed_env() -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def skip_deepspeed_cpu_shm_op() -> None:
+    """Without a GPU, DeepSpeed's torch comm backend JIT-compiles a shared-memory all-reduce op with
+    g++ on first use (~26 s on a fresh machine: every CI run) to speed up large CPU all-reduces.
+    Our CPU runs are tests and demos whose all-reduces are tiny; gloo's own does them. Must run
+    after `import deepspeed`, before the process group starts. Nothing changes on a GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    # (not `import deepspeed.comm.torch as m`: deepspeed.comm's attribute `torch` is torch itself)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None

@@ -21,12 +21,23 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from pargo_dist.constants import PARTS, STAGES
 from pargo_dist.data.sources import DataConfig
+from pargo_dist.errors import UserError
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny-cpu.yaml"
+
+def _recipes_dir() -> Path:
+    """The shipped recipes: pargo_dist/recipes in an installed wheel, recipes/ in a source tree."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "recipes"
+    return packaged if packaged.is_dir() else here.parent / "recipes"
 
 
-class ConfigError(ValueError):
+RECIPES = _recipes_dir()
+DEFAULT_RECIPE = RECIPES / "tiny-cpu.yaml"
+
+
+class ConfigError(UserError):
     """A recipe or override that does not fit the schema. The message says what to change."""
 
 
@@ -169,7 +180,7 @@ class Config:
 
     def validate(self) -> None:
         """Cross-field rules that types alone cannot say."""
-        choices = {"train.stage": (self.train.stage, ("align", "finetune", "full")),
+        choices = {"train.stage": (self.train.stage, tuple(STAGES)),
                    "train.precision": (self.train.precision, ("fp32", "bf16")),
                    "backend.name": (self.backend.name, ("deepspeed", "megatron")),
                    "backend.zero_stage": (self.backend.zero_stage, (1, 2, 3)),
@@ -188,10 +199,9 @@ class Config:
         if self.backend.name == "deepspeed" and (self.backend.tensor_parallel > 1 or self.backend.pipeline_parallel > 1):
             raise ConfigError("backend.tensor_parallel / pipeline_parallel need backend.name=megatron "
                               "(DeepSpeed ZeRO is data parallel only)")
-        parts = ("vision_tower", "projector", "language_model")
-        bad = [p for p in self.model.init_parts if p not in parts]
+        bad = [p for p in self.model.init_parts if p not in PARTS]
         if bad or not self.model.init_parts:
-            raise ConfigError(f"model.init_parts={self.model.init_parts}: name one or more of {list(parts)}")
+            raise ConfigError(f"model.init_parts={self.model.init_parts}: name one or more of {list(PARTS)}")
         if self.model.init_from and self.backend.zero_init:
             raise ConfigError("model.init_from with backend.zero_init=true is not supported yet (the parameters are "
                               "partitioned as they are built): set backend.zero_init=false")

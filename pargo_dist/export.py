@@ -14,19 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from pargo_dist import build
-from pargo_dist.checkpoint import CheckpointManager
+from pargo_dist.checkpoint import resolve_checkpoint
 from pargo_dist.config import load_config
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, or a run dir (its newest complete checkpoint)."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        latest = CheckpointManager(path).latest()
-        if latest is None:
-            raise ValueError(f"{path} has no complete checkpoint to export")
-        return latest
-    return CheckpointManager(path.parent.parent).resolve(str(path))
+from pargo_dist.errors import UserError
+from pargo_dist.weights import load_trained_weights
 
 
 def export(checkpoint: str | Path, out: str | Path, adapters_only: bool = False) -> Path:
@@ -36,27 +27,15 @@ def export(checkpoint: str | Path, out: str | Path, adapters_only: bool = False)
     cfg = load_config(step_dir / "config.yaml")
     tokenizer = build.build_tokenizer(cfg)
     model = build.build_model(cfg, tokenizer)
-    build.prepare_for_stage(model, cfg)  # init_from, frozen parts, LoRA: the model the checkpoint is of
-    if cfg.backend.name == "megatron":
-        from pargo_dist.backends.megatron import load_into_hf
-
-        load_into_hf(step_dir, cfg, model)
-    else:
-        from pargo_dist.backends.deepspeed import consolidated_state_dict
-
-        missing, unexpected = model.load_state_dict(consolidated_state_dict(step_dir), strict=False)
-        trained = {n for n, p in model.named_parameters() if p.requires_grad}
-        lost = [k for k in missing if k in trained]
-        if lost or unexpected:
-            raise ValueError(f"checkpoint {step_dir} does not match the model: missing trained weights "
-                             f"{lost[:5]}, unexpected {list(unexpected)[:5]}")
+    build.init_freeze_and_adapt(model, cfg)  # init_from, frozen parts, LoRA: the model the checkpoint is of
+    load_trained_weights(model, step_dir)
     out = Path(out)
     from pargo_dist import lora
 
     if adapters_only:
         if not lora.is_lora(model):
-            raise ValueError(f"{step_dir}: --adapters-only needs a LoRA run (model.lora.r > 0); this one trained "
-                             "the LLM's own weights")
+            raise UserError(f"{step_dir}: --adapters-only needs a LoRA run (model.lora.r > 0); this one trained "
+                            "the LLM's own weights")
         lora.save_adapters(model, out)
     else:
         lora.merge(model)

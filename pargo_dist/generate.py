@@ -1,4 +1,5 @@
-"""Captions from an exported model (one process, no DeepSpeed): `pargo-dist generate`."""
+"""Captions from a model: `pargo-dist generate` (an exported model, one process), and the batched
+greedy generation that evaluation and the trainer's sample captions share."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from pargo_dist import build
 from pargo_dist.config import Config, load_config
+from pargo_dist.data.collate import Collator
 from pargo_dist.data.prompt import PromptBuilder
 from pargo_dist.data.tokenizer import load_tokenizer
 from pargo_dist.models import ParGoForConditionalGeneration
@@ -40,3 +42,19 @@ def caption_image(model, tokenizer, cfg: Config, image, **generate_kwargs) -> st
     out = model.generate(torch.tensor([ids]), pixels, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, do_sample=False, **generate_kwargs)
     return tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[list[int]], pixels: torch.Tensor | None, device,
+                   **generate_kwargs) -> list[str]:
+    """Greedy continuations of a batch of prompts (token ids, image placeholders expanded),
+    decoded. Prompts are left-padded, since generation appends on the right. `generate_kwargs`
+    go to `generate` (max_new_tokens, num_beams, synced_gpus under ZeRO-3, ...)."""
+    batch = Collator(pad_id=tokenizer.pad_token_id, padding_side="left")(
+        [{"input_ids": p, "labels": p} for p in prompts])
+    if pixels is not None:
+        pixels = pixels.to(device, model.dtype)
+    new = model.generate(batch.input_ids.to(device), pixels, attention_mask=batch.attention_mask.to(device),
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, do_sample=False,
+                         **generate_kwargs)
+    return [tokenizer.decode(g, skip_special_tokens=True).strip() for g in new]

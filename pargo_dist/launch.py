@@ -20,7 +20,7 @@ Ranks die with the launcher (PR_SET_PDEATHSIG), so a killed job leaves no orphan
 
 No signal is lost or fatal during start-up: `hold_signals()` blocks SIGTERM / SIGUSR1 from
 the launcher's first line; ranks inherit the mask, so one that arrives while a rank still
-imports torch stays pending until the trainer's handler is installed (StopFlag releases it)
+imports torch stays pending until the trainer's handler is installed (StopSignal releases it)
 and is honoured at the first step, instead of killing the rank with Python's default action.
 """
 
@@ -35,19 +35,12 @@ import subprocess
 import sys
 import time
 
-from pargo_dist.slurm import EXIT_MEANINGS, REQUEUE_EXIT, rendezvous_from_env
+from pargo_dist.errors import UserError
+from pargo_dist.signals import hold_signals, release_signals
+from pargo_dist.slurm import EXIT_MEANINGS, PEER_LOST_EXIT, REQUEUE_EXIT, rendezvous_from_env
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-HELD = {signal.SIGTERM, signal.SIGUSR1}  # the "save and requeue" signals
-
-
-def hold_signals() -> None:
-    """Keep SIGTERM / SIGUSR1 pending until `release_signals()` (inherited by child processes)."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
-
-
-def release_signals() -> None:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
+PEER_GRACE_S = 2.0  # how long a rank that lost its peer waits to be explained by the failing rank
 
 
 def free_port() -> int:
@@ -91,19 +84,24 @@ def launch(nproc: int, train_args: list[str], nnodes: int = 1, node_rank: int = 
     release_signals()  # one that arrived meanwhile is forwarded now
     if announce:
         print(announce, flush=True)
+    first_failure = None
     try:
         while True:
             codes = [p.poll() for p in procs]
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, REQUEUE_EXIT)]
             if failed:
-                local, code = failed[0]
-                code = code if code > 0 else 128 - code  # killed by signal N: report 128+N, as shells do
-                print(f"pargo-dist launch: rank {node_rank * nproc + local} exited with {code} "
-                      f"({EXIT_MEANINGS.get(code, 'see its error above')}); stopping the other ranks of this node",
-                      file=sys.stderr, flush=True)
-                _stop(procs, grace=3.0)  # the others wait in a collective that cannot finish
-                return code
-            if all(c is not None for c in codes):
+                first_failure = first_failure or time.monotonic()
+                # a rank that only lost its peer is not the cause: give the cause a moment to show
+                causes = [(r, c) for r, c in failed if c != PEER_LOST_EXIT]
+                if causes or time.monotonic() - first_failure > PEER_GRACE_S:
+                    local, code = (causes or failed)[0]
+                    code = code if code > 0 else 128 - code  # killed by signal N: report 128+N, as shells do
+                    print(f"pargo-dist launch: rank {node_rank * nproc + local} exited with {code} "
+                          f"({EXIT_MEANINGS.get(code, 'see its error above')}); stopping the other ranks of this node",
+                          file=sys.stderr, flush=True)
+                    _stop(procs, grace=3.0)  # the others wait in a collective that cannot finish
+                    return code
+            elif all(c is not None for c in codes):
                 return REQUEUE_EXIT if REQUEUE_EXIT in codes else 0
             time.sleep(0.1)
     finally:
@@ -132,6 +130,17 @@ def single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
+def _prepare_training(train_args: list[str]) -> None:
+    """Check the recipe and write its synthetic data (if it asks and it is absent) before the ranks
+    start, so that no rank waits on another for it."""
+    from pargo_dist.config import load_config
+    from pargo_dist.data.synthetic import prepare_for_recipe
+
+    recipe = train_args[0] if train_args and "=" not in train_args[0] else None
+    overrides = train_args[1:] if recipe else train_args
+    prepare_for_recipe(load_config(recipe, [a for a in overrides if not a.startswith("--")]))
+
+
 def main(argv: list[str] | None = None) -> int:
     hold_signals()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,10 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.slurm:
         try:
             rdzv = rendezvous_from_env()
-        except ValueError as err:
+        except UserError as err:
             print(f"pargo-dist launch: error: {err}", file=sys.stderr)
             return 2
         args.nnodes, args.node_rank, args.master = rdzv.nnodes, rdzv.node_rank, rdzv.master
+    try:
+        _prepare_training(rest)
+    except UserError as err:  # a bad recipe: said once, here, before any rank starts
+        print(f"pargo-dist launch: error: {err}", file=sys.stderr)
+        return 2
     announce = (f"[pargo-dist] node {args.node_rank}/{args.nnodes} on {socket.gethostname()}: started {args.nproc} "
                 f"rank(s), rendezvous {args.master or 'local'}")
     return launch(args.nproc, rest, nnodes=args.nnodes, node_rank=args.node_rank, master=args.master,

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pargo_dist.config import LoraConfig
+from pargo_dist.errors import UserError
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DEFAULT_TARGETS = {  # LLM model_type -> linear layers that get adapters when the recipe names none
@@ -31,7 +32,7 @@ def targets(lora: LoraConfig, model_type: str) -> list[str] | str:
     if lora.target_modules:
         return list(lora.target_modules)
     if model_type not in DEFAULT_TARGETS:
-        raise ValueError(f"model.lora: no default target modules for LLM type {model_type!r}; name them in "
+        raise UserError(f"model.lora: no default target modules for LLM type {model_type!r}; name them in "
                          f"model.lora.target_modules (known defaults: {sorted(DEFAULT_TARGETS)})")
     return DEFAULT_TARGETS[model_type]
 
@@ -62,7 +63,7 @@ def apply_lora(model, lora: LoraConfig) -> None:
     try:
         model.language_model = get_peft_model(model.language_model, config)
     except ValueError as err:  # peft: "Target modules {...} not found in the base model"
-        raise ValueError(f"model.lora: {err}") from None
+        raise UserError(f"model.lora: {err}") from None
 
 
 def is_lora(model) -> bool:

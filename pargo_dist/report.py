@@ -15,6 +15,7 @@ A run's group is its directory name less a trailing `-seed<N>` / `_seed<N>`, so 
 `pargo-seed1` average into `pargo`. Groups keep the order of the command line. eval.png and eval.md
 are written when --metrics is given or some run has eval tags besides eval/loss (an evaluator ran).
 Plots use matplotlib's Agg canvas on Figure objects: no display, and no pyplot global state.
+`read_scalars` and `read_texts` read any TensorBoard log directory back (what MetricsLogger wrote).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+
+from pargo_dist.errors import UserError
 
 DEFAULT_METRICS = ("eval/recall/*", "eval/precision", "eval/mme/acc", "eval/mme/acc_plus", "eval/heldout_loss",
                    "eval/loss")
@@ -46,13 +49,38 @@ def group_of(run_dir: str | Path) -> str:
     return _SEED.sub("", _name(run_dir))
 
 
+def read_scalars(log_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files of `log_dir`: tag -> [(step, value), ...].
+
+    Values come back as TensorBoard stored them (float32). All events are kept (no sampling).
+    """
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(int(e.step), float(e.value)) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def read_texts(log_dir: str | Path) -> dict[str, list[tuple[int, str]]]:
+    """Every `log_text` entry in `log_dir`: tag -> [(step, text), ...] (tags as given to log_text)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["tensors"]:
+        if tag.endswith("/text_summary"):
+            out[tag.removesuffix("/text_summary")] = [
+                (int(e.step), b"".join(e.tensor_proto.string_val).decode()) for e in acc.Tensors(tag)
+            ]
+    return out
+
+
 def load(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """The scalars of RUN_DIR/tb (training's and any evaluator's event files); ValueError if none."""
-    from pargo_dist.metrics import read_scalars
-
     tb = Path(run_dir) / "tb"
     if not any(tb.glob("events.out.tfevents.*")):
-        raise ValueError(f"{run_dir}: no TensorBoard logs, expected event files in {tb}/ "
+        raise UserError(f"{run_dir}: no TensorBoard logs, expected event files in {tb}/ "
                          f"(events.out.tfevents.*, as pargo-dist train writes them)")
     return read_scalars(tb)
 
@@ -183,7 +211,7 @@ def _plot_eval(summary: Summary, path: Path) -> None:
 def report(run_dirs: list[str | Path], out: str | Path, metrics: list[str] | None = None) -> list[Path]:
     """Write loss.png, throughput.png and (with eval metrics) eval.png + eval.md into `out`; the paths written."""
     if not run_dirs:
-        raise ValueError("no run directories given")
+        raise UserError("no run directories given")
     scalars = {str(r): load(r) for r in run_dirs}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

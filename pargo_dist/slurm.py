@@ -21,11 +21,16 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping
 
+from pargo_dist.errors import UserError
+
 REQUEUE_EXIT = 75  # the trainer's "saved, run me again" (EX_TEMPFAIL)
 HANG_EXIT = 124  # the hang detector's "no progress" (as timeout(1) reports a timeout)
+PEER_LOST_EXIT = 3  # a rank whose collective failed because another rank went away (not the cause)
 
 EXIT_MEANINGS = {0: "finished", REQUEUE_EXIT: "saved after a signal, asks to be requeued",
-                 HANG_EXIT: "hang detector: a rank made no progress", 2: "bad recipe or arguments",
+                 HANG_EXIT: "hang detector: a rank made no progress", 1: "failed: its traceback is above",
+                 2: "a bad recipe, argument or input: the line above says what to change",
+                 PEER_LOST_EXIT: "lost a peer rank: the failing rank's own error is above, or in another node's log",
                  137: "killed (SIGKILL: out of memory, or the job was cancelled)"}
 
 
@@ -52,7 +57,7 @@ def _expand_one(item: str) -> list[str]:
             values = [lo]
         else:
             if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
-                raise ValueError(f"bad range {part!r} in host list {item!r}")
+                raise UserError(f"bad range {part!r} in host list {item!r}")
             values = [str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1)]
         out.extend(h for v in values for h in _expand_one(head + v + tail))
     return out
@@ -81,12 +86,12 @@ def rendezvous_from_env(env: Mapping[str, str] | None = None) -> Rendezvous:
     env = os.environ if env is None else env
     missing = [k for k in ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NODEID") if k not in env]
     if missing:
-        raise ValueError(f"--slurm needs SLURM's job variables ({', '.join(missing)} not set): run it with srun "
+        raise UserError(f"--slurm needs SLURM's job variables ({', '.join(missing)} not set): run it with srun "
                          "inside an allocation, or use --nnodes/--node-rank/--master on other clusters")
     hosts = expand_hostlist(env["SLURM_JOB_NODELIST"])
     nnodes = int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or len(hosts))
     if len(hosts) != nnodes:
-        raise ValueError(f"SLURM_JOB_NODELIST={env['SLURM_JOB_NODELIST']!r} names {len(hosts)} hosts, "
+        raise UserError(f"SLURM_JOB_NODELIST={env['SLURM_JOB_NODELIST']!r} names {len(hosts)} hosts, "
                          f"SLURM_JOB_NUM_NODES says {nnodes}")
     restarts = int(env.get("SLURM_RESTART_COUNT") or 0)
     port = int(env.get("MASTER_PORT") or port_for_job(env["SLURM_JOB_ID"], restarts))

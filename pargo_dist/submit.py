@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pargo_dist.errors import UserError
+
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "slurm" / "train.sbatch"
 LAUNCHER = REPO / "launchers" / "launch.py"
@@ -49,7 +51,7 @@ class JobSpec:
     def ranks_per_node(self) -> int:
         n = self.nproc_per_node or self.gpus_per_node
         if n < 1:
-            raise ValueError("say how many ranks run on each node: --gpus-per-node G (one rank per GPU) or, "
+            raise UserError("say how many ranks run on each node: --gpus-per-node G (one rank per GPU) or, "
                              "for CPU ranks, --nproc-per-node N")
         return n
 
@@ -57,7 +59,7 @@ class JobSpec:
 def _quote_dir(path: str) -> str:
     """A double-quoted word in which ${SLURM_JOB_ID} still expands (and nothing else does)."""
     if re.search(r'["`\\]|\$(?!\{SLURM_JOB_ID\})', path):
-        raise ValueError(f"run dir {path!r}: quotes, backslashes and $ are not supported in paths")
+        raise UserError(f"run dir {path!r}: quotes, backslashes and $ are not supported in paths")
     return f'"{path}"'
 
 
@@ -76,7 +78,7 @@ def render(spec: JobSpec, workdir: Path | None = None, python: str | None = None
     cfg = load_config(spec.recipe, spec.overrides)
     nproc = spec.ranks_per_node()
     if spec.nodes < 1:
-        raise ValueError(f"--nodes must be at least 1, not {spec.nodes}")
+        raise UserError(f"--nodes must be at least 1, not {spec.nodes}")
     workdir = (workdir or Path.cwd()).resolve()
     base = Path(cfg.run.dir) if Path(cfg.run.dir).is_absolute() else workdir / cfg.run.dir
     run_dir = spec.run_dir or f"{base}/slurm-${{SLURM_JOB_ID}}"
@@ -99,7 +101,7 @@ def render(spec: JobSpec, workdir: Path | None = None, python: str | None = None
     for item in spec.exports:
         key, eq, value = item.partition("=")
         if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise ValueError(f"--export {item!r}: expected KEY=VALUE")
+            raise UserError(f"--export {item!r}: expected KEY=VALUE")
         exports.append(f"export {key}={shlex.quote(value)}")
     train_args = [shlex.quote(str(Path(spec.recipe).resolve())), *map(shlex.quote, spec.overrides),
                   _quote_dir(f"run.dir={run_dir}")]
@@ -129,9 +131,9 @@ def submit(spec: JobSpec, dry_run: bool = False, env: dict | None = None) -> int
     try:
         out = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, env=env)
     except FileNotFoundError:
-        raise ValueError(f"sbatch not found: run this on a SLURM login node (the script is at {path})") from None
+        raise UserError(f"sbatch not found: run this on a SLURM login node (the script is at {path})") from None
     if out.returncode != 0:
-        raise ValueError(f"sbatch rejected {path}: {out.stderr.strip()}")
+        raise UserError(f"sbatch rejected {path}: {out.stderr.strip()}")
     job_id = int(out.stdout.strip().split(";")[0])
     print(f"submitted job {job_id}: {spec.nodes} node(s) x {spec.ranks_per_node()} rank(s)\n"
           f"  script  {path}\n  log     {job.log_dir}/{job.name}-{job_id}.out\n"

@@ -16,16 +16,17 @@ import numpy as np
 import pytest
 import torch
 
-from pargo_dist.checkpoint import COMPLETE, CheckpointManager, capture_rng_state, restore_rng_state
+from pargo_dist.checkpoint import COMPLETE, CheckpointManager, TrainState, capture_rng_state, restore_rng_state
+from pargo_dist.errors import UserError
 
 
-def save(mgr: CheckpointManager, step: int, **meta) -> Path:
+def save(mgr: CheckpointManager, step: int, **state) -> Path:
     """One full single-process save, as the training loop does it."""
     path = mgr.begin(step)
     (path / "model_shard.bin").write_bytes(b"x" * 64)  # stands in for the backend's files
     mgr.save_rank_state(path, {"rng": capture_rng_state(), "loader": {"pos": step}})
-    mgr.save_meta(path, {"step": step, "samples_seen": 10 * step, "world_size": mgr.world_size, **meta},
-                  config_yaml=f"train:\n  steps: {step}\n")
+    mgr.save_state(path, TrainState(step=step, samples_seen=10 * step, world_size=mgr.world_size, **state),
+                   config_yaml=f"train:\n  steps: {step}\n")
     mgr.commit(path, step)
     return path
 
@@ -34,7 +35,7 @@ def crashed_save(mgr: CheckpointManager, step: int) -> Path:
     """A save interrupted before commit: files written, no marker."""
     path = mgr.begin(step)
     mgr.save_rank_state(path, {"loader": {"pos": step}})
-    mgr.save_meta(path, {"step": step})
+    mgr.save_state(path, TrainState(step=step))
     return path
 
 
@@ -43,7 +44,7 @@ def crashed_save(mgr: CheckpointManager, step: int) -> Path:
 
 def test_round_trip_marker_written_last(tmp_path):
     mgr = CheckpointManager(tmp_path)
-    path = save(mgr, 42, tokens_seen=7, scheduler={"last_epoch": 42})
+    path = save(mgr, 42, tokens_seen=7, layout={"dp": 1, "zero_stage": 3})
 
     assert path == tmp_path / "checkpoints" / "step_00000042"
     assert mgr.step_dir(42) == path
@@ -54,8 +55,8 @@ def test_round_trip_marker_written_last(tmp_path):
     assert json.loads(marker.read_text())["step"] == 42
     assert json.loads(marker.read_text())["world_size"] == 1
 
-    meta = mgr.load_meta(path)
-    assert meta["step"] == 42 and meta["tokens_seen"] == 7 and meta["scheduler"] == {"last_epoch": 42}
+    state = mgr.load_state(path)
+    assert state == TrainState(step=42, samples_seen=420, tokens_seen=7, layout={"dp": 1, "zero_stage": 3})
     assert (path / "config.yaml").read_text() == "train:\n  steps: 42\n"
     state = mgr.load_rank_state(path)
     assert state["loader"] == {"pos": 42} and set(state["rng"]) >= {"python", "numpy", "torch"}
@@ -94,6 +95,28 @@ def test_corrupt_meta_counts_as_incomplete(tmp_path):
     assert mgr.complete_steps() == [1] and mgr.latest() == good
     with pytest.raises(ValueError, match="meta.json"):
         mgr.resolve(str(damaged))
+
+
+def test_train_state_is_versioned(tmp_path):
+    """meta.json says which fields it has: a file from before versioning reads with defaults, a
+    newer version or a foreign field is refused with the file named, not half read."""
+    mgr = CheckpointManager(tmp_path)
+    path = save(mgr, 3)
+    meta = path / "meta.json"
+    assert json.loads(meta.read_text())["version"] == TrainState.VERSION == 1
+    legacy = {"step": 3, "samples_seen": 30, "tokens_seen": 9, "world_size": 2, "stage": "align",
+              "layout": {"dp": 2, "zero_stage": 3}, "loader": {"sample_in_epoch": 30}}  # no version, backend, skipped
+    meta.write_text(json.dumps(legacy))
+    state = mgr.load_state(path)
+    assert (state.step, state.world_size, state.backend, state.skipped, state.stream_samples) == (3, 2, "deepspeed",
+                                                                                                  0, {})
+    assert state.loader == {"sample_in_epoch": 30} and state.version == 1
+    meta.write_text(json.dumps({**legacy, "version": 2}))
+    with pytest.raises(UserError, match=f"{meta}: train state version 2 is newer"):
+        mgr.load_state(path)
+    meta.write_text(json.dumps({**legacy, "version": 1, "sheduler": {}}))
+    with pytest.raises(ValueError, match=r"unknown train state fields \['sheduler'\]"):
+        mgr.load_state(path)
 
 
 def test_begin_replaces_a_stale_dir_of_the_same_step(tmp_path):
@@ -197,7 +220,7 @@ def _rank_worker(run_dir: str, store: str, rank: int, world: int) -> None:
         if rank == 1:
             time.sleep(0.2)  # the slow rank: rank 0 must not write the marker before this file exists
         mgr.save_rank_state(path, {"rank": rank, "loader": {"pos": 100 * rank + step}})
-        mgr.save_meta(path, {"step": step, "world_size": world})
+        mgr.save_state(path, TrainState(step=step, world_size=world))
         mgr.commit(path, step)
     dist.destroy_process_group()
 
@@ -238,7 +261,7 @@ def _killed_worker(run_dir: str, written) -> None:
         path = mgr.begin(step)
         (path / "model_shard.bin").write_bytes(b"x" * 1024)
         mgr.save_rank_state(path, {"rng": capture_rng_state(), "loader": {"pos": step}})
-        mgr.save_meta(path, {"step": step, "world_size": 1})
+        mgr.save_state(path, TrainState(step=step))
         if step == 2:
             written.set()
             time.sleep(120)  # SIGKILLed here, before commit

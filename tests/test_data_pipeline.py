@@ -11,12 +11,12 @@ from conftest import tiny_model
 from PIL import Image
 from transformers import CLIPImageProcessor, SiglipImageProcessor
 
-from pargo_dist.data.collate import Collator, model_inputs
+from pargo_dist.data.collate import Collator
 from pargo_dist.data.image import ImagePreprocessor
 from pargo_dist.data.prompt import PromptBuilder
 from pargo_dist.data.schema import IMAGE_MARKER, BadSample, make_sample
 from pargo_dist.data.tokenizer import ASSISTANT, build_word_tokenizer, image_token_id
-from pargo_dist.models.mllm import IGNORE_INDEX
+from pargo_dist.constants import IGNORE_INDEX
 
 WORDS = ["a", "red", "blue", "square", "circle", "is", "there", "yes", "no", "?", ".", "Describe", "the",
          "image", "in", "detail", "and", "left", "right"]
@@ -123,13 +123,15 @@ def test_padding_collator(tok, side):
     ex = _examples(tok)
     batch = Collator(pad_id=tok.pad_token_id, padding_side=side, pad_to_multiple_of=8)(ex)
     lengths = [len(e["input_ids"]) for e in ex]
-    assert batch["input_ids"].shape == (3, -(-max(lengths) // 8) * 8)
-    assert batch["attention_mask"].sum(1).tolist() == lengths
-    assert batch["num_samples"] == 3 and batch["num_tokens"] == sum(lengths)
+    assert batch.input_ids.shape == (3, -(-max(lengths) // 8) * 8)
+    assert batch.attention_mask.sum(1).tolist() == lengths
+    assert batch.num_samples == 3 and batch.num_tokens == sum(lengths)
+    # the loss's answer tokens, counted on the CPU at collate time: each sample's labels past its first
+    assert batch.num_targets == sum(sum(lab != IGNORE_INDEX for lab in e["labels"][1:]) for e in ex) > 0
     for row, e in zip(range(3), ex):
-        kept = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+        kept = batch.input_ids[row][batch.attention_mask[row].bool()]
         assert kept.tolist() == e["input_ids"]
-    assert batch["pixel_values"].shape == (3, 3, 32, 32)
+    assert batch.pixel_values.shape == (3, 3, 32, 32)
 
 
 def test_packed_batch_gives_each_sample_the_logits_and_loss_it_has_alone(tok):
@@ -143,27 +145,28 @@ def test_packed_batch_gives_each_sample_the_logits_and_loss_it_has_alone(tok):
     packed = Collator(pad_id=0, pack=True, max_len=total + 16, pad_to_multiple_of=16)(ex)
     width = -(-total // 16) * 16
     assert width > total  # trailing padding is exercised
-    assert packed["input_ids"].shape == (1, width) and "attention_mask" not in packed
-    out = model(**model_inputs(packed))
+    assert packed.input_ids.shape == (1, width) and packed.attention_mask is None
+    out = model(**packed.model_inputs())
     start = 0
     token_losses = []
     for e in ex:
         k = len(e["input_ids"])
         alone = Collator(pad_id=0)([e])
-        ref = model(**model_inputs(alone))
+        ref = model(**alone.model_inputs())
         torch.testing.assert_close(out.logits[0, start:start + k], ref.logits[0], atol=1e-5, rtol=1e-4)
         token_losses.append(ref.loss * (torch.tensor(e["labels"][1:]) != IGNORE_INDEX).sum())
         start += k
     n_targets = sum((torch.tensor(e["labels"][1:]) != IGNORE_INDEX).sum() for e in ex)
     torch.testing.assert_close(out.loss, sum(token_losses) / n_targets, atol=1e-5, rtol=1e-5)
+    assert packed.num_targets == int(n_targets)  # no target lost or added across sample boundaries
 
 
 def test_packing_keeps_the_sample_count_and_splits_rows(tok):
     ex = _examples(tok)
     lengths = [len(e["input_ids"]) for e in ex]
     batch = Collator(pad_id=0, pack=True, max_len=lengths[0] + lengths[1])(ex)
-    assert batch["input_ids"].shape[0] == 2 and batch["num_samples"] == 3
-    assert batch["position_ids"][0, lengths[0]].item() == 0  # positions restart per sample
-    assert batch["labels"][0, lengths[0]].item() == IGNORE_INDEX  # no cross-sample target
+    assert batch.input_ids.shape[0] == 2 and batch.num_samples == 3
+    assert batch.position_ids[0, lengths[0]].item() == 0  # positions restart per sample
+    assert batch.labels[0, lengths[0]].item() == IGNORE_INDEX  # no cross-sample target
     with pytest.raises(ValueError, match="e1 has .* tokens > max_len 5"):
         Collator(pad_id=0, pack=True, max_len=5)(ex[1:])

@@ -133,7 +133,7 @@ def evaluated(reference, tmp_path_factory):
 
 
 def test_eval_loss_is_the_trainers_and_metrics_reach_tensorboard(evaluated):
-    from pargo_dist.metrics import read_scalars
+    from pargo_dist.report import read_scalars
     from support.training import losses
 
     run, out, log = evaluated

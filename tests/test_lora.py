@@ -18,7 +18,7 @@ def lora_model(recipe, overrides=()):
     cfg = load_config(recipe, ["model.lora.r=4", "model.lora.alpha=8", *overrides])
     tokenizer = build.build_tokenizer(cfg)
     model = build.build_model(cfg, tokenizer)
-    build.prepare_for_stage(model, cfg)
+    build.init_freeze_and_adapt(model, cfg)
     return cfg, tokenizer, model
 
 
@@ -88,7 +88,7 @@ def test_lora_zero3_resumes_exactly_and_exports_merged_or_adapters(tmp_path, dat
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from pargo_dist.backends.deepspeed import consolidated_state_dict
+    from pargo_dist.weights import checkpoint_weights
     from pargo_dist.export import export
     from pargo_dist.models import ParGoForConditionalGeneration
 
@@ -97,7 +97,7 @@ def test_lora_zero3_resumes_exactly_and_exports_merged_or_adapters(tmp_path, dat
     args = ["model.lora.r=4", "model.lora.alpha=8", "train.steps=3", "checkpoint.every=1", "optim.lr=1e-2"]
     run_train(recipe, args, nproc=2)
     step3 = run / "checkpoints" / "step_00000003"
-    state = consolidated_state_dict(step3)
+    state = checkpoint_weights(step3)
     assert state and all(".lora_" in k or k.startswith("projector.") for k in state)
     shutil.rmtree(step3)
     run_train(recipe, args, nproc=2)  # resumes at step 2
@@ -106,7 +106,7 @@ def test_lora_zero3_resumes_exactly_and_exports_merged_or_adapters(tmp_path, dat
     assert len(third) == 2 and third[1] == pytest.approx(third[0], rel=1e-6)
 
     cfg, tokenizer, trained = lora_model(recipe, ["model.lora.r=4"])
-    missing, unexpected = trained.load_state_dict(consolidated_state_dict(step3), strict=False)
+    missing, unexpected = trained.load_state_dict(checkpoint_weights(step3), strict=False)
     assert not unexpected and all(".lora_" not in k and not k.startswith("projector.") for k in missing)
     want = logits_of(trained, tokenizer, cfg)
     merged = ParGoForConditionalGeneration.from_pretrained(export(run, tmp_path / "merged"))

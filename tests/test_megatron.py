@@ -134,9 +134,8 @@ def test_checkpoint_saved_at_tp2_resumes_at_tp1_with_optimizer_state(runs, tmp_p
 def test_export_of_a_tp2_checkpoint_gives_the_logged_eval_loss(runs, tmp_path):
     from pargo_dist import build
     from pargo_dist.config import load_config
-    from pargo_dist.data.collate import model_inputs
     from pargo_dist.generate import load_exported
-    from pargo_dist.models.mllm import IGNORE_INDEX
+    from pargo_dist.constants import IGNORE_INDEX
 
     run_dir = runs("megatron_tp2")
     subprocess.run([sys.executable, "-m", "pargo_dist.cli", "export", str(run_dir), "--out", str(tmp_path / "hf")],
@@ -146,8 +145,8 @@ def test_export_of_a_tp2_checkpoint_gives_the_logged_eval_loss(runs, tmp_path):
     total = n = 0.0
     with torch.no_grad():
         for batch in build.loader(cfg, cfg.data.eval, model, tok, batch_size=4):
-            res = model(**model_inputs(batch))
-            k = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            res = model(**batch.model_inputs())
+            k = float((batch.labels[:, 1:] != IGNORE_INDEX).sum())
             total, n = total + res.loss.item() * k, n + k
     assert total / n == pytest.approx(losses(run_dir, "eval/loss")[6], rel=1e-5)
 

@@ -64,7 +64,7 @@ def test_mixture_is_counted_per_stream_and_resumes_on_another_rank_count(mixture
         assert row["data/stream/txt"] == sum(stream_of(i) == "txt" for i in seen)
     assert log[-1]["data/stream/images"] + log[-1]["data/stream/txt"] == 32
     assert log[-1]["data/stream/txt"] > 0 and log[-1]["data/stream/images"] > log[-1]["data/stream/txt"]
-    from pargo_dist.metrics import read_scalars
+    from pargo_dist.report import read_scalars
 
     assert read_scalars(run / "tb")["data/stream/txt"][-1] == (4, log[-1]["data/stream/txt"])
 
@@ -121,7 +121,7 @@ RANK_SCRIPT = textwrap.dedent("""
     rank, world = backend.init_distributed()
     tok = build.build_tokenizer(cfg)
     model = build.build_model(cfg, tok)
-    build.prepare_for_stage(model, cfg)
+    build.init_freeze_and_adapt(model, cfg)
     backend.setup(model)
     backend.train(True)
     prompt = PromptBuilder(tok, model.num_image_tokens(), 128)
@@ -141,7 +141,7 @@ RANK_SCRIPT = textwrap.dedent("""
     before = [p.ds_tensor.clone() for p in model.projector.parameters()]  # this rank's ZeRO-3 shard
     losses = [float(backend.train_batch([batch], 8.0, step)) for step in range(2)]
     moved = sum(float((p.ds_tensor - b).abs().sum()) for p, b in zip(model.projector.parameters(), before))
-    json.dump({"losses": losses, "moved": moved, "has_images": batch["pixel_values"] is not None},
+    json.dump({"losses": losses, "moved": moved, "has_images": batch.pixel_values is not None},
               open(f"{out}.rank{rank}.json", "w"))
     torch.distributed.barrier()
 """)

@@ -13,8 +13,8 @@ from conftest import tiny_model
 
 from pargo_dist import cli
 from pargo_dist.config import load_config
-from pargo_dist.plan import Hardware, Layout, candidates, estimate, fits, model_state_bytes, shapes_of, \
-    trace_activations
+from pargo_dist.plan.estimate import Hardware, Layout, candidates, estimate, fits, model_state_bytes
+from pargo_dist.plan.trace import shapes_of, trace_activations
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

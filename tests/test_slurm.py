@@ -249,8 +249,9 @@ def test_a_job_that_fails_for_a_real_error_is_not_requeued(cluster, recipe, tmp_
     info = wait_job(cluster, job, log)
     text = log.read_text()
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", text[-3000:]
-    assert info["ExitCode"] == "1:0"
-    assert "index.json does not exist" in text and "exit 1 (training failed): not requeued" in text
+    assert info["ExitCode"] == "2:0"  # a bad input: the user's to fix, said in one line
+    assert f"{empty} holds no MDS dataset (no index.json)" in text and "Traceback" not in text
+    assert "exit 2 (a bad recipe, argument or input: the line above says what to change): not requeued" in text
 
 
 def test_host_list_expansion_agrees_with_scontrol(cluster):

@@ -138,6 +138,48 @@ def test_corrupt_samples_are_replaced_and_counted(tmp_path):
     assert seen[5] == seen[6] == "s007"  # replaced by the next usable sample, in order
 
 
+def test_a_damaged_shard_is_skipped_and_counted_or_named_never_a_silent_wait(tmp_path):
+    """Bytes of a written shard overwritten, or the shard truncated (a bad copy, a full disk):
+    records that no longer decode are replaced and counted like corrupt images, with the shard
+    named; a run of them longer than data.max_substitutes is an error naming the shard."""
+    from pargo_dist.data.dataset import DataConfig, ParGoDataset
+    from pargo_dist.data.image import ImagePreprocessor
+    from pargo_dist.data.tokenizer import build_word_tokenizer
+    from pargo_dist.errors import UserError
+
+    local = tmp_path / "mds"
+    from streaming import MDSWriter
+
+    with MDSWriter(out=str(local), columns=MDS_COLUMNS, size_limit=1024) as w:  # uncompressed: bytes as read
+        for row in samples(N):
+            w.write(row)
+    shards = sorted(local.glob("shard.*.mds"))
+    assert len(shards) >= 4
+    victim = shards[1]
+
+    def dataset(max_substitutes=32):
+        cfg = DataConfig(local=str(local), shuffle=False, max_len=64, max_substitutes=max_substitutes)
+        return ParGoDataset(cfg, tokenizer=build_word_tokenizer(WORDS), num_image_tokens=4, batch_size=1,
+                            image_processor=ImagePreprocessor(size=16, resize_to=16))
+
+    ds = dataset()
+    in_victim = [i for i in range(N) if ds.shard_file(i) == str(victim)]
+    assert in_victim and ds.shard_file(0) == str(shards[0])
+    data = bytearray(victim.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = b"\xff" * 64  # inside one record's text and image
+    victim.write_bytes(bytes(data))
+    ds = dataset()
+    skipped = [s for i in range(N) for s in ds[i]["skipped"]]
+    assert skipped and all(reason in ("damaged_record", "bad_image") for _, reason in skipped)
+    assert any(reason == "damaged_record" and name.startswith(f"{victim}#") for name, reason in skipped)
+    assert len(skipped) < len(in_victim)  # only the damaged records, not the whole shard
+
+    victim.write_bytes(bytes(data[: len(data) // 4]))  # truncated: every later record of it is gone
+    with pytest.raises(UserError, match=f"consecutive unusable samples .*{victim}"):
+        [dataset(max_substitutes=2)[i] for i in range(N)]
+
+
 def test_object_store_outage_costs_retries_not_the_run(s3_server, tmp_path):
     bucket = s3_server.make_bucket("outage-test")
     remote = f"{bucket}/pretrain"

@@ -1,34 +1,43 @@
 """DeepSpeed backend: ZeRO stage 0-3 (optional CPU offload) around a plain torch model.
 
-It knows nothing of data formats: it receives collated micro-batches and returns losses. It
-builds torch AdamW (one group per model part, `pargo_dist.optim`) and the LR schedule;
-DeepSpeed owns sharding, gradient reduction, accumulation boundaries, clipping and
-checkpoint shards.
+Implements `pargo_dist.backends.base.Backend`. It knows nothing of data formats: it receives
+collated `Batch`es and returns losses. It builds torch AdamW (one group per model part,
+`pargo_dist.optim`) and the LR schedule; DeepSpeed owns sharding, gradient reduction,
+accumulation boundaries, clipping and checkpoint shards.
 
-Checkpoints: `engine.save_checkpoint` into the step directory the checkpoint manager gives it.
-In the `align` stage and with LoRA frozen parameters are excluded (the backbones are
-referenced by the recipe, not copied 7B times per checkpoint); loading is then non-strict.
-`export` consolidates any stage / rank count into one fp32 state dict (zero_to_fp32).
+Checkpoints: `engine.save_checkpoint` into `<step_dir>/ds`. When some parameters are frozen
+(the `align` stage, LoRA) they are left out (the backbones are referenced by the recipe, not
+copied 7B times per checkpoint) and loading is non-strict. ZeRO's optimizer shards are per
+rank: on another rank count `load` takes the consolidated weights instead and Adam starts again.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from typing import Any
 
 import torch
 
-from pargo_dist.compat import configure_deepspeed_env
+from pargo_dist.compat import configure_deepspeed_env, skip_deepspeed_cpu_shm_op
 
 configure_deepspeed_env()
 
 import deepspeed  # noqa: E402
+from deepspeed.utils import logger as _ds_logger  # noqa: E402
 
-from pargo_dist.data.collate import model_inputs  # noqa: E402
-from pargo_dist.models.mllm import IGNORE_INDEX  # noqa: E402
+from pargo_dist.batch import Batch  # noqa: E402
+from pargo_dist.checkpoint import DEEPSPEED_DIR  # noqa: E402
 from pargo_dist.optim import lr_lambda, param_groups  # noqa: E402
+from pargo_dist.weights import load_trained_weights  # noqa: E402
 
-TAG = "ds"
+skip_deepspeed_cpu_shm_op()
+# Keep the console to our progress lines: DeepSpeed logs INFO lines per rank, and calls
+# torch.distributed APIs that warn on every step.
+_ds_logger.setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\..*is deprecated", category=FutureWarning)
 
 
 def init_distributed() -> tuple[int, int]:
@@ -70,7 +79,6 @@ def ds_config(cfg, world_size: int) -> dict[str, Any]:
 class DeepSpeedBackend:
     name = "deepspeed"
     replication = 1  # every rank reads its own samples (pure data parallel)
-    reshards_checkpoints = False  # ZeRO shards are per rank: another rank count needs consolidation
     generates = True  # the engine's module is the HF model: sample captions during training
 
     def __init__(self, cfg):
@@ -82,9 +90,17 @@ class DeepSpeedBackend:
         rank, self.world_size = init_distributed()
         return rank, self.world_size
 
+    @property
+    def _zero3(self) -> bool:
+        return self.cfg.backend.zero_stage == 3
+
+    @property
+    def synced_gpus(self) -> bool:
+        return self._zero3 and self.world_size > 1
+
     def model_init_context(self):
         """Where to build the model: under zero.Init when the recipe asks (too big for one rank)."""
-        if self.cfg.backend.zero_init and self.cfg.backend.zero_stage == 3:
+        if self.cfg.backend.zero_init and self._zero3:
             return deepspeed.zero.Init(config_dict_or_path=ds_config(self.cfg, self.world_size))
         import contextlib
 
@@ -112,11 +128,11 @@ class DeepSpeedBackend:
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
-    def layout(self, world: int) -> dict[str, int]:
-        return {"dp": world, "zero_stage": self.cfg.backend.zero_stage}
+    def layout(self) -> dict[str, int]:
+        return {"dp": self.world_size, "zero_stage": self.cfg.backend.zero_stage}
 
-    def position_schedule(self, step: int) -> None:
-        """Put the LR schedule at `step` (an elastic resume, where no scheduler state is loaded)."""
+    def set_step(self, step: int) -> None:
+        """Put the LR schedule at `step` (LambdaLR's epoch is our optimizer step)."""
         self.scheduler.last_epoch = step
         factor = lr_lambda(self.cfg)(step)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
@@ -125,10 +141,7 @@ class DeepSpeedBackend:
     def learning_rates(self) -> dict[str, float]:
         return {g.get("name", "all"): g["lr"] for g in self.optimizer.param_groups}
 
-    def forward(self, **inputs):
-        return self.engine(**inputs)
-
-    def train_batch(self, micro_batches: list[dict], targets: float, step: int) -> torch.Tensor:
+    def train_batch(self, micro_batches: list[Batch], targets: float, step: int) -> torch.Tensor:
         """Forward + backward of each micro-batch; DeepSpeed steps the optimizer and the LR
         schedule at the accumulation boundary (after clipping). Returns this rank's summed
         token loss.
@@ -140,51 +153,41 @@ class DeepSpeedBackend:
         num_items = torch.tensor(targets / (self.world_size * len(micro_batches)), device=device)
         loss_sum = torch.zeros((), device=device)
         for batch in micro_batches:
-            out = self.engine(**model_inputs(batch, device), num_items_in_batch=num_items)
+            out = self.engine(**batch.to(device).model_inputs(), num_items_in_batch=num_items)
             self.engine.backward(out.loss)
             self.engine.step()
             loss_sum += out.loss.detach().float() * num_items
         return loss_sum
 
     @torch.no_grad()
-    def eval_loss_sum(self, batch: dict) -> torch.Tensor:
-        out = self.engine(**model_inputs(batch, self.device))
-        n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        return out.loss.detach().float() * n
+    def eval_loss_sum(self, batch: Batch) -> torch.Tensor:
+        out = self.engine(**batch.to(self.device).model_inputs())
+        return out.loss.detach().float() * float(batch.num_targets)
 
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
     @property
-    def _frozen_excluded(self) -> bool:
-        """Checkpoints without frozen weights: the align stage, and LoRA (the LLM's base weights)."""
-        return self.cfg.train.stage == "align" or bool(self.cfg.model.lora.r)
+    def _has_frozen(self) -> bool:
+        """Frozen parameters are left out of checkpoints (align: the backbones; LoRA: the LLM's
+        own weights): what trains is decided by requires_grad, nothing else."""
+        return any(not p.requires_grad for p in self.engine.module.parameters())
 
-    def save(self, step_dir, client_state: dict | None = None) -> None:
-        exclude = self._frozen_excluded
-        self.engine.save_checkpoint(str(step_dir), tag=TAG, client_state=client_state or {},
-                                    exclude_frozen_parameters=exclude)
+    def save(self, step_dir) -> None:
+        self.engine.save_checkpoint(str(step_dir), tag=DEEPSPEED_DIR, exclude_frozen_parameters=self._has_frozen)
 
-    def load(self, step_dir) -> dict:
-        _, client = self.engine.load_checkpoint(
-            str(step_dir), tag=TAG, load_module_strict=not self._frozen_excluded,
-            load_optimizer_states=True, load_lr_scheduler_states=True)
-        if client is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {step_dir}")
-        return client
-
-    def gathered_params(self, params):
-        """Context in which ZeRO-3-partitioned params are whole (for generation on all ranks)."""
-        import contextlib
-
-        if self.cfg.backend.zero_stage == 3:
-            return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
-        return contextlib.nullcontext()
-
-
-def consolidated_state_dict(step_dir) -> dict[str, torch.Tensor]:
-    """One fp32 state dict from a DeepSpeed checkpoint of any ZeRO stage and rank count."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=TAG)
+    def load(self, step_dir, saved_world: int) -> bool:
+        if saved_world == self.world_size:
+            path, _ = self.engine.load_checkpoint(
+                str(step_dir), tag=DEEPSPEED_DIR, load_module_strict=not self._has_frozen,
+                load_optimizer_states=True, load_lr_scheduler_states=True)
+            if path is None:
+                raise RuntimeError(f"DeepSpeed could not load the checkpoint in {step_dir}")
+            return True
+        # ZeRO's optimizer shards are per rank: take the consolidated weights; the fp32 master
+        # copies the optimizer steps must follow them, then Adam's moments start from zero.
+        gather = (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)) if self._zero3 else None
+        load_trained_weights(self.engine.module, step_dir, gather=gather)
+        self.engine.optimizer.refresh_fp32_params()
+        return False

@@ -1,5 +1,7 @@
 """Megatron-core backend: tensor (TP) and pipeline (PP) parallel LLM, data parallel over the rest.
 
+Implements `pargo_dist.backends.base.Backend`.
+
 Ranks are laid out tp-pp-dp (TP fastest): the TP x PP ranks of one model replica are
 consecutive, so the streaming loader gives those `replication = TP*PP` consecutive ranks the
 same samples (mosaicml-streaming's `replication`) and shards over data-parallel replicas.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,8 @@ import torch.distributed as dist
 from pargo_dist.backends import megatron_cpu
 
 megatron_cpu.apply()
+# optional fused kernels (apex, Transformer Engine) that the megatron-core wheel does not ship
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|apex|transformer_engine).*")
 
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig  # noqa: E402
@@ -42,10 +47,10 @@ from megatron.core.transformer import TransformerConfig  # noqa: E402
 from pargo_dist.backends.megatron_convert import check_layout, megatron_state_from_hf, \
     transformer_config_kwargs  # noqa: E402
 from pargo_dist.backends.megatron_model import ParGoMegatron  # noqa: E402
-from pargo_dist.data.collate import model_inputs  # noqa: E402
+from pargo_dist.batch import Batch  # noqa: E402
+from pargo_dist.checkpoint import MEGATRON_DIR  # noqa: E402
+from pargo_dist.errors import UserError  # noqa: E402
 from pargo_dist.optim import PART_LR_KEYS, lr_lambda, part_lr  # noqa: E402
-
-CKPT_SUBDIR = "megatron"
 
 
 def _on_gpu() -> bool:
@@ -84,8 +89,8 @@ def transformer_config(cfg, text_config) -> TransformerConfig:
 
 class MegatronBackend:
     name = "megatron"
-    reshards_checkpoints = True  # distributed checkpoints load at any TP/PP/DP layout
     generates = False  # captions come from the exported HF model
+    synced_gpus = False
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -104,7 +109,7 @@ class MegatronBackend:
             dist.init_process_group("nccl" if _on_gpu() else "gloo")
         world = dist.get_world_size()
         if world % self.replication:
-            raise ValueError(f"world size {world} is not divisible by tensor_parallel x pipeline_parallel = "
+            raise UserError(f"world size {world} is not divisible by tensor_parallel x pipeline_parallel = "
                              f"{self.tp} x {self.pp}: launch a multiple of {self.replication} ranks")
         if not parallel_state.model_parallel_is_initialized():
             parallel_state.initialize_model_parallel(tensor_model_parallel_size=self.tp,
@@ -131,9 +136,6 @@ class MegatronBackend:
         cfg = self.cfg
         text = hf_model.config.text_config
         check_layout(text, self.tp, self.pp)
-        if cfg.data.train.pack:
-            raise ValueError("data.train.pack=true is not supported by the megatron backend (its RoPE "
-                             "positions run 0..s-1 per row): set data.train.pack=false")
         config = transformer_config(cfg, text)
         first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
         trains_llm = any(p.requires_grad for p in hf_model.language_model.parameters())
@@ -188,8 +190,8 @@ class MegatronBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = group["max_lr"] * factor
 
-    def layout(self, world: int) -> dict[str, int]:
-        return {"tp": self.tp, "pp": self.pp, "dp": world // self.replication}
+    def layout(self) -> dict[str, int]:
+        return {"tp": self.tp, "pp": self.pp, "dp": dist.get_world_size() // self.replication}
 
     def learning_rates(self) -> dict[str, float]:
         return {g.get("name", "all"): g["lr"] for g in self.optimizer.param_groups if g["params"]}
@@ -199,7 +201,7 @@ class MegatronBackend:
 
     # -- one optimizer step ----------------------------------------------------------------
 
-    def _run_schedule(self, micro_batches: list[dict], scale: float, forward_only: bool) -> torch.Tensor:
+    def _run_schedule(self, micro_batches: list[Batch], scale: float, forward_only: bool) -> torch.Tensor:
         """Run the micro-batches through megatron's schedule; returns this rank's summed token
         loss (on the last stage's TP rank 0; zero elsewhere, so a sum over all ranks counts each
         token once)."""
@@ -208,9 +210,8 @@ class MegatronBackend:
         counts_here = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
 
         def step_fn(data_iterator, model):
-            batch = model_inputs(next(data_iterator), device)
-            out = model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
-                        pixel_values=batch.get("pixel_values"))
+            batch = next(data_iterator).to(device)
+            out = model(batch.input_ids, batch.attention_mask, labels=batch.labels, pixel_values=batch.pixel_values)
 
             def loss_fn(per_token):
                 total = per_token.float().sum()
@@ -218,17 +219,17 @@ class MegatronBackend:
 
             return out, loss_fn
 
-        seq = max(int(b["input_ids"].shape[1]) for b in micro_batches)
+        seq = max(int(b.input_ids.shape[1]) for b in micro_batches)
         results = get_forward_backward_func()(
             forward_step_func=step_fn, data_iterator=iter(micro_batches), model=[self.ddp], num_microbatches=n,
-            seq_length=seq, micro_batch_size=int(micro_batches[0]["input_ids"].shape[0]), forward_only=forward_only)
+            seq_length=seq, micro_batch_size=len(micro_batches[0]), forward_only=forward_only)
         total = torch.zeros((), device=device)
         if counts_here:
             for r in results:
                 total += r["loss_sum"]
         return total
 
-    def train_batch(self, micro_batches: list[dict], targets: float, step: int) -> torch.Tensor:
+    def train_batch(self, micro_batches: list[Batch], targets: float, step: int) -> torch.Tensor:
         """Forward + backward over the micro-batches and one optimizer step.
 
         `targets`: answer tokens in the whole global batch. Each micro-batch's summed loss is
@@ -247,7 +248,7 @@ class MegatronBackend:
         return loss_sum
 
     @torch.no_grad()
-    def eval_loss_sum(self, batch: dict) -> torch.Tensor:
+    def eval_loss_sum(self, batch: Batch) -> torch.Tensor:
         return self._run_schedule([batch], 1.0, forward_only=True)
 
     def grad_norm(self) -> float | None:
@@ -260,39 +261,38 @@ class MegatronBackend:
         return {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=loading)}
 
     def save(self, step_dir: Path) -> None:
-        path = Path(step_dir) / CKPT_SUBDIR
+        path = Path(step_dir) / MEGATRON_DIR
         if dist.get_rank() == 0:
             path.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         dist_checkpointing.save(self._sharded_state(loading=False), str(path))
 
-    def load(self, step_dir: Path) -> dict:
-        path = Path(step_dir) / CKPT_SUBDIR
+    def load(self, step_dir: Path, saved_world: int) -> bool:
+        """Distributed checkpoints reshard: model and optimizer come back exactly at any layout."""
+        path = Path(step_dir) / MEGATRON_DIR
         if not path.is_dir():
-            raise FileNotFoundError(f"{step_dir} holds no megatron checkpoint ({CKPT_SUBDIR}/): was it saved "
-                                    "by the deepspeed backend? Use `pargo-dist export` and start from the export")
+            raise UserError(f"{step_dir} holds no megatron checkpoint ({MEGATRON_DIR}/): was it saved by the "
+                            "deepspeed backend? Use `pargo-dist export` and start from the export")
         state = dist_checkpointing.load(self._sharded_state(loading=True), str(path))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        return {}
-
-    def gathered_params(self, params):
-        return contextlib.nullcontext()
+        return True
 
 
-def load_into_hf(step_dir: Path, cfg, hf_model) -> None:
-    """Load a megatron checkpoint (any TP/PP/DP layout) into the HF model, in one process.
+def hf_state_dict(step_dir: Path, hf_model) -> dict[str, torch.Tensor]:
+    """The weights of a megatron checkpoint (any TP/PP/DP layout) by the HF model's names, read in
+    this process alone (used through pargo_dist.checkpoint.checkpoint_weights by export).
 
-    The checkpoint is read at TP=PP=1 (distributed checkpointing reassembles every shard), then
-    the GPTModel weights are converted back to HF names. Used by `pargo-dist export`."""
+    The checkpoint is read at TP=PP=1 (distributed checkpointing reassembles every shard) into a
+    one-stage model around `hf_model`'s vision tower and projector (loaded in place), then the
+    GPTModel weights are converted back to HF names."""
     from dataclasses import replace
 
-    path = Path(step_dir) / CKPT_SUBDIR
-    if not path.is_dir():
-        raise FileNotFoundError(f"{step_dir} holds no megatron checkpoint ({CKPT_SUBDIR}/)")
     from pargo_dist.backends.megatron_convert import hf_state_from_megatron
+    from pargo_dist.config import load_config
     from pargo_dist.launch import single_process_env
 
+    cfg = load_config(Path(step_dir) / "config.yaml")
     single_process_env()
     one = replace(cfg, backend=replace(cfg.backend, tensor_parallel=1, pipeline_parallel=1, sequence_parallel=False))
     backend = MegatronBackend(one)
@@ -300,15 +300,13 @@ def load_into_hf(step_dir: Path, cfg, hf_model) -> None:
     try:
         text = hf_model.config.text_config
         stage = ParGoMegatron(transformer_config(one, text), hf_model, pre_process=True, post_process=True)
-        state = dist_checkpointing.load({"model": stage.sharded_state_dict()}, str(path))["model"]
-        stage.load_state_dict(state)  # vision tower and projector are the HF model's own modules
+        state = dist_checkpointing.load({"model": stage.sharded_state_dict()}, str(Path(step_dir) / MEGATRON_DIR))
+        stage.load_state_dict(state["model"])
         llm = {k: v for k, v in stage.language_model.state_dict().items() if torch.is_tensor(v)}
-        hf_llm = hf_state_from_megatron({(0, 0): llm}, text)
-        missing, unexpected = hf_model.language_model.load_state_dict(hf_llm, strict=False)
-        missing = [k for k in missing if not (k == "lm_head.weight" and getattr(text, "tie_word_embeddings", False))]
-        if missing or unexpected:
-            raise ValueError(f"megatron checkpoint {step_dir} does not fit the LLM: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+        out = {f"language_model.{k}": v for k, v in hf_state_from_megatron({(0, 0): llm}, text).items()}
+        for part in ("vision_tower", "projector"):
+            out.update({f"{part}.{k}": v for k, v in getattr(stage, part).state_dict().items()})
+        return out
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()

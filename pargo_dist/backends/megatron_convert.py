@@ -24,10 +24,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pargo_dist.errors import UserError
+
 LLAMA_FAMILY = ("llama", "qwen2", "mistral")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """The HF model (or the requested layout) cannot be expressed as our megatron GPTModel."""
 
 

@@ -26,7 +26,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from pargo_dist.backends.megatron_convert import gpt_model_kwargs
-from pargo_dist.models.mllm import IGNORE_INDEX, STAGES, splice_visual_tokens
+from pargo_dist.constants import IGNORE_INDEX, PARTS
+from pargo_dist.models.mllm import splice_visual_tokens
 
 
 def build_gpt(config: TransformerConfig, hf_text_config, pre_process: bool, post_process: bool) -> GPTModel:
@@ -59,16 +60,7 @@ class ParGoMegatron(MegatronModule):
         self.language_model = build_gpt(config, hf_model.config.text_config, pre_process, post_process)
 
     def parts(self) -> dict[str, torch.nn.Module]:
-        return {n: getattr(self, n) for n in ("vision_tower", "projector", "language_model") if hasattr(self, n)}
-
-    def freeze(self, stage: str) -> None:
-        """The HF model's stages (see STAGES), for the parts this pipeline stage holds."""
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; valid stages: {sorted(STAGES)}")
-        for name, part in self.parts().items():
-            part.requires_grad_(name in STAGES[stage])
-        if self.pre_process:
-            self.vision_tower.train(self.vision_tower.training)  # a frozen tower drops to eval mode
+        return {n: getattr(self, n) for n in PARTS if hasattr(self, n)}
 
     # finalize_model_grads all-reduces a tied embedding's gradient between the first and last
     # pipeline stage; it asks the stage's model for these two.

@@ -10,8 +10,9 @@ mask from the position ids: no token attends across a sample boundary. The numbe
 per batch stays fixed (only the number of rows varies), which keeps the streaming loader's
 sample accounting, and therefore exact resume, correct.
 
-Every batch carries `num_samples`, the sample ids, `skipped` (corrupt samples replaced on the
-way, with reasons) and `streams` (each sample's dataset in a mixture) for the logs.
+The result is a `pargo_dist.batch.Batch`: besides the tensors it carries `num_samples`,
+`num_targets` (counted here, on the CPU), the sample ids, `skipped` (corrupt samples replaced
+on the way, with reasons) and `streams` (each sample's dataset in a mixture) for the logs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any
 
 import torch
 
-from pargo_dist.models.mllm import IGNORE_INDEX
+from pargo_dist.batch import Batch, count_targets
+from pargo_dist.constants import IGNORE_INDEX
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Collator:
         m = self.pad_to_multiple_of
         return -(-longest // m) * m if m else longest
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, examples: list[dict[str, Any]]) -> Batch:
         rows = self._pack(examples) if self.pack else [[ex] for ex in examples]
         width = self._width(max(sum(len(ex["input_ids"]) for ex in row) for row in rows))
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -64,18 +66,13 @@ class Collator:
             if self.pack and n < width:  # trailing padding: a separate "sequence" of its own
                 positions[r, n:] = torch.arange(width - n)
         images = [ex["pixel_values"] for ex in examples if ex.get("pixel_values") is not None]
-        batch: dict[str, Any] = {"input_ids": ids, "labels": labels}
-        if self.pack:
-            batch["position_ids"] = positions
-        else:
-            batch["attention_mask"] = mask
-        batch["pixel_values"] = torch.stack(images) if images else None
-        batch["num_samples"] = len(examples)
-        batch["num_tokens"] = int(mask.sum())
-        batch["sample_ids"] = [ex.get("id") for ex in examples]
-        batch["skipped"] = [s for ex in examples for s in ex.get("skipped", [])]
-        batch["streams"] = [ex.get("stream", 0) for ex in examples]  # which dataset of a mixture each came from
-        return batch
+        return Batch(input_ids=ids, labels=labels, attention_mask=None if self.pack else mask,
+                     position_ids=positions if self.pack else None,
+                     pixel_values=torch.stack(images) if images else None,
+                     num_samples=len(examples), num_tokens=int(mask.sum()), num_targets=count_targets(labels),
+                     sample_ids=[ex.get("id") for ex in examples],
+                     skipped=[s for ex in examples for s in ex.get("skipped", [])],
+                     streams=[ex.get("stream", 0) for ex in examples])
 
     def _pack(self, examples: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         rows: list[list[dict[str, Any]]] = []
@@ -90,14 +87,3 @@ class Collator:
             rows[-1].append(ex)
             used += k
         return rows
-
-
-MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values")
-
-
-def model_inputs(batch: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
-    """The keys of a batch that the model's forward takes (moved to `device` if given)."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
-    if device is not None:
-        inputs = {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
-    return inputs

@@ -46,14 +46,15 @@ from typing import Iterable, Iterator
 
 from pargo_dist.data.readers import (FORMATS, InputFormatError, RawRecord, detect_format,
                                      process_record, read_records)
+from pargo_dist.errors import UserError
 
 REPORT_NAME = "convert_report.jsonl"
 BATCH = 16  # records per worker task: amortises pickling without starving workers on small inputs
 READ_AHEAD = 4  # in-flight tasks per worker: keeps workers busy, bounds memory
 
 
-class OutputExistsError(FileExistsError, ValueError):
-    """The output already holds a dataset (or other files). Also a ValueError for the CLI."""
+class OutputExistsError(FileExistsError, UserError):
+    """The output already holds a dataset (or other files): the user picks another."""
 
 
 class UploadError(RuntimeError):
@@ -143,11 +144,11 @@ def convert(
     """
     start = time.monotonic()
     if not inputs:
-        raise ValueError("convert needs at least one input file")
+        raise UserError("convert needs at least one input file")
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise UserError(f"workers must be >= 1, got {workers}")
     if max_side is not None and max_side < 1:
-        raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
+        raise UserError(f"max_side must be a positive number of pixels, got {max_side}")
 
     plans = _plan_inputs(inputs, input_format, image_root)
     _is_remote(out)  # an unsupported scheme fails before any worker starts
@@ -264,7 +265,7 @@ def _is_remote(out: str) -> bool:
         return False
     if scheme not in UPLOADERS:
         supported = ", ".join(sorted(s + "://" for s in UPLOADERS if s and "/" not in s))
-        raise ValueError(f"unsupported output {out}: use a local directory or one of {supported}")
+        raise UserError(f"unsupported output {out}: use a local directory or one of {supported}")
     return True
 
 
@@ -326,7 +327,7 @@ def _make_writer(out: str, local: str | None, remote: bool, compression: str | N
     except (FileExistsError, ValueError, TypeError):
         raise
     except Exception as err:  # a missing bucket, no credentials...
-        raise ValueError(f"cannot write to {out}: {type(err).__name__}: {err}") from err
+        raise UserError(f"cannot write to {out}: {type(err).__name__}: {err}") from err
 
 
 def _clear(path: str, remove_dir: bool) -> None:

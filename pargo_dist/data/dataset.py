@@ -18,19 +18,23 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import struct
 import tempfile
+import warnings
 from typing import Any
 
 from PIL import UnidentifiedImageError
+from streaming import Stream, StreamingDataLoader, StreamingDataset
 
-import pargo_dist  # noqa: F401  (environment shims before streaming imports torchvision)
 from pargo_dist.data.image import ImagePreprocessor
 from pargo_dist.data.prompt import PromptBuilder
 from pargo_dist.data.schema import BadSample
 from pargo_dist.data.sources import DataConfig, StreamConfig  # noqa: F401  (re-exported)
-from streaming import Stream, StreamingDataLoader, StreamingDataset
+from pargo_dist.errors import UserError
 
 log = logging.getLogger(__name__)
+# streaming's note that a `replication` resume counts replicated samples: ParGoLoader counts them once
+warnings.filterwarnings("ignore", message=r"The `replication` arg has been set.*")
 
 
 def default_cache_dir(remote: str) -> str:
@@ -52,7 +56,7 @@ def _streams(cfg: DataConfig) -> list[Stream]:
     out = []
     for i, s in enumerate(cfg.streams):
         if s.remote is None and s.local is None:
-            raise ValueError(f"data streams[{i}]: remote or local must name the MDS shards")
+            raise UserError(f"data streams[{i}]: remote or local must name the MDS shards")
         out.append(Stream(remote=s.remote, local=s.local or default_cache_dir(s.remote), split=s.split,
                           proportion=s.proportion, repeat=s.repeat, choose=s.choose))
     return out
@@ -62,9 +66,13 @@ class ParGoDataset(StreamingDataset):
     def __init__(self, cfg: DataConfig, *, tokenizer, image_processor: ImagePreprocessor,
                  num_image_tokens: int, batch_size: int, **streaming_kwargs: Any):
         if cfg.streams and (cfg.remote or cfg.local):
-            raise ValueError("data: give remote/local or streams (a mixture), not both")
+            raise UserError("data: give remote/local or streams (a mixture), not both")
         if not cfg.streams and cfg.remote is None and cfg.local is None:
-            raise ValueError("data.remote or data.local must name the MDS shards")
+            raise UserError("data.remote or data.local must name the MDS shards")
+        if not cfg.streams and cfg.remote is None and not os.path.exists(os.path.join(cfg.local, cfg.split or "",
+                                                                                        "index.json")):
+            raise UserError(f"{cfg.local} holds no MDS dataset (no index.json): convert the data with `pargo-dist "
+                            "convert` (or `pargo-dist synth`) and point the recipe's data.*.local at the output")
         where = {"streams": _streams(cfg), "epoch_size": cfg.epoch_size} if cfg.streams else {
             "remote": cfg.remote, "local": cfg.local or default_cache_dir(cfg.remote)}
         try:
@@ -75,7 +83,7 @@ class ParGoDataset(StreamingDataset):
                 predownload=cfg.predownload, **streaming_kwargs,
             )
         except ValueError as err:  # streaming's own checks of the weights (proportion on every stream, ...)
-            raise ValueError(f"data {'streams' if cfg.streams else 'source'}: {err}") from None
+            raise UserError(f"data {'streams' if cfg.streams else 'source'}: {err}") from None
         self.cfg = cfg
         self.image_processor = image_processor
         self.prompt = PromptBuilder(tokenizer, num_image_tokens, cfg.max_len, cfg.caption_prompt)
@@ -99,29 +107,46 @@ class ParGoDataset(StreamingDataset):
         failures = []
         for k in range(self.cfg.max_substitutes + 1):
             sample = (index + k) % self.num_samples
-            raw = self.get_item(sample)
+            raw: dict[str, Any] = {}
             try:
+                raw = self.read(sample)
                 example = self.encode(raw)
             except BadSample as err:
+                name = raw.get("id") or f"{self.shard_file(sample)}#{sample}"
                 if k == 0:
-                    log.warning("skipping sample %s (%s)", raw.get("id"), err)
-                    skipped.append((raw.get("id", str(index)), err.reason))
-                failures.append(f"{raw.get('id')}: {err}")
+                    log.warning("skipping sample %s (%s)", name, err)
+                    skipped.append((name, err.reason))
+                failures.append(f"{name}: {err}")
                 continue
             example["skipped"] = skipped
             example["stream"] = int(self.stream_per_shard[self.spanner[sample][0]])  # for per-stream counts
             return example
-        raise RuntimeError(
-            f"{len(failures)} consecutive unusable samples from sample index {index} "
-            f"({failures[:3]}...): the shards look broken; check them with the `pargo-dist convert` report"
-        )
+        raise UserError(
+            f"{len(failures)} consecutive unusable samples from sample index {index} ({'; '.join(failures[:3])}"
+            "...): the shards look damaged; check them against the `pargo-dist convert` report or convert again")
+
+    def shard_file(self, sample: int) -> str:
+        """The shard file that holds `sample` (for messages)."""
+        shard = self.shards[self.spanner[sample][0]]
+        raw, _ = shard.file_pairs[-1]  # (meta,) data: the file the sample's bytes live in
+        return os.path.join(shard.dirname, shard.split or "", raw.basename)
+
+    def read(self, sample: int) -> dict[str, Any]:
+        """The raw record of `sample`. Bytes that do not decode (a shard truncated or overwritten
+        after it was written) make it a BadSample naming the shard: skipped and counted like a
+        corrupt image, and if a whole run of samples is damaged, an error naming the shard.
+        A shard that cannot be downloaded raises as it is (streaming retried it already)."""
+        try:
+            return self.get_item(sample)
+        except (ValueError, IndexError, KeyError, EOFError, struct.error) as err:
+            raise BadSample("damaged_record", f"{self.shard_file(sample)}: {type(err).__name__}: {err}") from None
 
 
 class ParGoLoader(StreamingDataLoader):
     """StreamingDataLoader that counts samples (not packed rows) for its resumable state."""
 
     def _get_batch_size(self, batch: Any) -> int:
-        return batch["num_samples"]
+        return batch.num_samples
 
 
 def build_loader(cfg: DataConfig, *, tokenizer, image_processor: ImagePreprocessor, num_image_tokens: int,

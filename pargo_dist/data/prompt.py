@@ -14,8 +14,10 @@ answer token is rejected (BadSample "too_long") instead of training on a broken 
 
 from __future__ import annotations
 
+from pargo_dist.constants import IGNORE_INDEX
 from pargo_dist.data.schema import CAPTION_PROMPT, IMAGE_MARKER, BadSample, place_image_marker
-from pargo_dist.models.mllm import IGNORE_INDEX, insert_image_tokens
+from pargo_dist.errors import UserError
+from pargo_dist.models.mllm import insert_image_tokens
 
 
 class PromptBuilder:
@@ -26,7 +28,7 @@ class PromptBuilder:
         self.caption_prompt = caption_prompt
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_MARKER)
         if self.image_id is None or self.image_id == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {IMAGE_MARKER} token: load it with pargo_dist.data.tokenizer")
+            raise UserError(f"the tokenizer has no {IMAGE_MARKER} token: load it with pargo_dist.data.tokenizer")
 
     def messages(self, caption: str, messages: list[dict], has_image: bool) -> list[dict]:
         """The conversation to train on, with exactly one image marker iff there is an image."""
@@ -58,7 +60,7 @@ class PromptBuilder:
             prefix = self._render(messages[:i], True)
             upto = self._render(messages[: i + 1], False)
             if ids[: len(prefix)] != prefix or ids[: len(upto)] != upto:
-                raise ValueError("the chat template does not render turns as prefixes of each other; "
+                raise UserError("the chat template does not render turns as prefixes of each other; "
                                  "labels cannot be located (use a standard template)")
             labels[len(prefix): len(upto)] = ids[len(prefix): len(upto)]
 
@@ -78,3 +80,13 @@ class PromptBuilder:
         if all(lab == IGNORE_INDEX for lab in out_labels):
             raise BadSample("too_long", f"no answer token left within max_len {self.max_len}")
         return out_ids, out_labels
+
+
+def split_prompt_answer(input_ids, labels) -> tuple[list[int], list[int]]:
+    """An encoded example (or a right-padded row) -> (prompt, answer): the prompt is everything
+    before the first answer token, what generation starts from; the answer is every labelled
+    token, what a generated caption is compared with."""
+    ids, labels = [int(t) for t in input_ids], [int(t) for t in labels]
+    answer = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
+    start = answer[0] if answer else len(ids)
+    return ids[:start], [ids[i] for i in answer]

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 from PIL import Image
 
 from pargo_dist.data.schema import IMAGE_MARKER, BadSample, make_sample, place_image_marker
+from pargo_dist.errors import UserError
 
 FORMATS = ("jsonl", "json", "parquet", "tar")
 FORMAT_ALIASES = {"llava": "json", "webdataset": "tar", "wds": "tar", "ndjson": "jsonl"}
@@ -46,11 +47,11 @@ TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 PARQUET_BATCH = 256  # rows read at once: bounded memory with large image columns
 
 
-class InputNotFoundError(FileNotFoundError, ValueError):
-    """An input file that is not there. Also a ValueError so the CLI prints it as one line."""
+class InputNotFoundError(FileNotFoundError, UserError):
+    """An input file that is not there (a UserError: the CLI prints it as one line)."""
 
 
-class InputFormatError(ValueError):
+class InputFormatError(UserError):
     """A whole input that cannot be read (unknown format, unparsable JSON array...)."""
 
 

@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pargo_dist.data.schema import CAPTION_PROMPT, IMAGE_MARKER, make_sample
+from pargo_dist.errors import UserError
 
 # Flat, clearly distinct colours; each has a channel far below the light background's.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -81,7 +82,7 @@ class SyntheticConfig:
     def __post_init__(self):
         def need(ok: bool, field: str, what: str):
             if not ok:
-                raise ValueError(f"SyntheticConfig.{field} {what} (got {getattr(self, field)!r})")
+                raise UserError(f"SyntheticConfig.{field} {what} (got {getattr(self, field)!r})")
 
         for name in ("num_samples", "image_size", "grid", "min_shapes", "max_shapes", "seed", "qa_per_image"):
             need(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
@@ -264,7 +265,7 @@ def encode_image(img: Image.Image, image_format: str) -> bytes:
     elif image_format == "jpeg":
         img.save(buf, format="JPEG", quality=90)
     else:
-        raise ValueError(f'image_format must be "png" or "jpeg" (got {image_format!r})')
+        raise UserError(f'image_format must be "png" or "jpeg" (got {image_format!r})')
     return buf.getvalue()
 
 
@@ -274,7 +275,7 @@ def encode_image(img: Image.Image, image_format: str) -> bytes:
 def synthetic_sample(index: int, cfg: SyntheticConfig, kind: str = "caption") -> dict[str, Any]:
     """MDS sample `index` (see schema.py): a caption, or all the image's QA pairs as one chat."""
     if kind not in SAMPLE_KINDS:
-        raise ValueError(f"kind must be one of {SAMPLE_KINDS} (got {kind!r})")
+        raise UserError(f"kind must be one of {SAMPLE_KINDS} (got {kind!r})")
     if kind == "mixed":
         kind = "caption" if index % 2 == 0 else "qa"
     scene = synthetic_scene(index, cfg)
@@ -298,7 +299,7 @@ def synthetic_samples(cfg: SyntheticConfig, start: int = 0, stop: int | None = N
     range is about half of each, and sample i's kind is a function of i alone).
     """
     if kind not in SAMPLE_KINDS:
-        raise ValueError(f"kind must be one of {SAMPLE_KINDS} (got {kind!r})")
+        raise UserError(f"kind must be one of {SAMPLE_KINDS} (got {kind!r})")
     stop = cfg.num_samples if stop is None else stop
     if not 0 <= start <= stop:
         raise ValueError(f"need 0 <= start <= stop (got start={start}, stop={stop})")
@@ -321,3 +322,44 @@ def write_splits(out: str, cfg: SyntheticConfig, held_out_samples: int = 0, kind
         summaries[name] = write_dataset(rows, target, size_limit=size_limit, progress=progress,
                                         desc=f"synth {name}")
     return summaries
+
+
+def prepare_for_recipe(recipe) -> list[str]:
+    """Write the synthetic splits a recipe asks for (`data.synthetic.num_samples` > 0) into
+    data.train.local and data.eval.local, where absent. Returns the dirs it wrote.
+
+    Run by the command line before any rank starts (a launcher, each node's on a cluster), so
+    ranks never wait on one another for it. Safe when several processes race (ranks started by
+    torchrun, nodes sharing a filesystem): each writes into a temp dir of its own and renames it
+    into place; the first rename wins and the others discard theirs. The data is a function of
+    the seed alone, so every copy is the same."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    syn = recipe.data.synthetic
+    if not syn.num_samples or not recipe.data.train.local:
+        return []
+    base = SyntheticConfig(num_samples=syn.num_samples, image_size=syn.image_size, seed=syn.seed)
+    targets = [(Path(recipe.data.train.local), base)]
+    if syn.held_out and recipe.data.eval is not None and recipe.data.eval.local:
+        targets.append((Path(recipe.data.eval.local), held_out(base, syn.held_out)))
+    written = []
+    for out, split in targets:
+        if (out / "index.json").exists():
+            continue
+        from pargo_dist.data.convert import write_dataset
+
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rows = ((sample, None) for sample in synthetic_samples(split, kind=syn.kind))
+        write_dataset(rows, str(tmp), progress=False, desc="synth")
+        try:
+            os.rename(tmp, out)  # atomic; fails if another process got there first
+            written.append(str(out))
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (out / "index.json").exists():
+                raise
+    return written

@@ -20,6 +20,8 @@ import os
 import shutil
 from pathlib import Path
 
+from pargo_dist.errors import UserError
+
 SETTINGS = ("data", "mme", "mme_images", "limit", "captions", "generate", "max_new_tokens", "num_beams", "dtype")
 
 
@@ -48,18 +50,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _resolve(args, rank: int, barrier) -> tuple[Path, Path, Path | None, int]:
     """-> (exported model dir, out dir, tensorboard dir, step)."""
-    from pargo_dist.checkpoint import CheckpointManager
-    from pargo_dist.export import export, resolve_checkpoint
+    from pargo_dist.checkpoint import CheckpointManager, resolve_checkpoint, run_dir_of
+    from pargo_dist.export import export
 
     source = Path(args.model)
     if not source.exists():
-        raise ValueError(f"{source} does not exist: give an exported dir, a run dir or a checkpoint dir")
+        raise UserError(f"{source} does not exist: give an exported dir, a run dir or a checkpoint dir")
     if (source / "config.json").exists():
         out = Path(args.out or source / "eval")
         return source, out, out / "tb", args.step or 0
     step_dir = resolve_checkpoint(source)
-    run_dir = step_dir.parent.parent
-    step = CheckpointManager(run_dir).load_meta(step_dir)["step"]
+    run_dir = run_dir_of(step_dir)
+    step = CheckpointManager.load_state(step_dir).step
     out = Path(args.out or run_dir / "eval" / step_dir.name)
     model_dir = out / "model"
     if rank == 0 and not (model_dir / "config.yaml").exists():  # config.yaml is export's last write
@@ -80,7 +82,7 @@ def _check_settings(out: Path, args, rank: int, barrier) -> None:
         elif path.exists() and json.loads(path.read_text()) != settings:
             old = json.loads(path.read_text())
             diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-            raise ValueError(f"{out} holds results of another evaluation (differs in {diff}): "
+            raise UserError(f"{out} holds results of another evaluation (differs in {diff}): "
                              "use another --out, or --fresh to discard them")
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(settings, indent=1))
@@ -116,19 +118,26 @@ def print_table(metrics: dict[str, float]) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pargo_dist.evaluation.runner import (Evaluator, Interrupted, Ranks, StopOnSignal, evaluate_captions,
-                                              evaluate_mme, open_dataset)
+    from pargo_dist.evaluation.runner import (
+        Evaluator,
+        Interrupted,
+        Ranks,
+        evaluate_captions,
+        evaluate_mme,
+        open_dataset,
+    )
     from pargo_dist.generate import load_exported
+    from pargo_dist.signals import StopSignal
     from pargo_dist.slurm import REQUEUE_EXIT
 
-    stop = StopOnSignal()
+    stop = StopSignal()
     ranks = Ranks()
     try:
         model_dir, out, tb, step = _resolve(args, ranks.rank, ranks.barrier)
         _check_settings(out, args, ranks.rank, ranks.barrier)
         model, tokenizer, cfg = load_exported(model_dir)
         if cfg is None:
-            raise ValueError(f"{model_dir} has no config.yaml (the recipe): export it with `pargo-dist export`")
+            raise UserError(f"{model_dir} has no config.yaml (the recipe): export it with `pargo-dist export`")
         local = int(os.environ.get("LOCAL_RANK", 0))
         device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
         model.to(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
@@ -138,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         if args.captions:
             data = args.data or (cfg.data.eval.remote or cfg.data.eval.local if cfg.data.eval else None)
             if not data:
-                raise ValueError("the recipe has no data.eval split: name one with --data")
+                raise UserError("the recipe has no data.eval split: name one with --data")
             dataset = open_dataset(data, evaluator, cfg)
             metrics.update(evaluate_captions(evaluator, dataset, out, ranks, args.limit, args.generate, stop=stop))
         root = _mme_root(args, cfg, out, ranks.rank, ranks.barrier)

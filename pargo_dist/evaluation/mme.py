@@ -25,6 +25,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from pargo_dist.errors import UserError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
 COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
@@ -55,7 +57,7 @@ def load_benchmark(root: str | Path) -> list[Question]:
     """Every question of an MME-format directory, sorted (subtask, image, file order)."""
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"MME directory {root} does not exist")
+        raise UserError(f"MME directory {root} does not exist")
     questions: list[Question] = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         qa_dir = sub / "questions_answers_YN" if (sub / "questions_answers_YN").is_dir() else sub
@@ -63,16 +65,16 @@ def load_benchmark(root: str | Path) -> list[Question]:
         for txt in sorted(qa_dir.glob("*.txt")):
             image = _find_image(img_dir, txt.stem)
             if image is None:
-                raise ValueError(f"{txt}: no image named {txt.stem}.* in {img_dir}")
+                raise UserError(f"{txt}: no image named {txt.stem}.* in {img_dir}")
             for n, line in enumerate(txt.read_text(encoding="utf-8").splitlines(), 1):
                 if not line.strip():
                     continue
                 question, sep, answer = line.rstrip().rpartition("\t")
                 if not sep or answer.strip().lower() not in ("yes", "no"):
-                    raise ValueError(f"{txt}:{n}: expected 'question<TAB>Yes|No', got {line!r}")
+                    raise UserError(f"{txt}:{n}: expected 'question<TAB>Yes|No', got {line!r}")
                 questions.append(Question(sub.name, image, question.strip(), answer.strip().lower()))
     if not questions:
-        raise ValueError(f"{root} holds no MME subtask (<subtask>/questions_answers_YN/*.txt or <subtask>/*.txt)")
+        raise UserError(f"{root} holds no MME subtask (<subtask>/questions_answers_YN/*.txt or <subtask>/*.txt)")
     return questions
 
 

@@ -32,9 +32,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pargo_dist.constants import IGNORE_INDEX
 from pargo_dist.data.collate import Collator
+from pargo_dist.data.prompt import split_prompt_answer
 from pargo_dist.data.schema import BadSample
-from pargo_dist.models.mllm import IGNORE_INDEX
+from pargo_dist.errors import UserError
+from pargo_dist.signals import StopSignal
 
 PARTS = "parts"
 
@@ -143,20 +146,17 @@ class Evaluator:
         self.collate = Collator(pad_id=tokenizer.pad_token_id, padding_side="left")  # left: generation appends
 
     def _generate(self, prompts: list[list[int]], pixels: torch.Tensor) -> list[str]:
-        batch = self.collate([{"input_ids": p, "labels": p} for p in prompts])
-        new = self.model.generate(batch["input_ids"].to(self.device), pixels.to(self.device, self.model.dtype),
-                                  attention_mask=batch["attention_mask"].to(self.device),
-                                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-                                  do_sample=False, **self.generate_kwargs)
-        return [self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in new]
+        from pargo_dist.generate import generate_texts
+
+        return generate_texts(self.model, self.tokenizer, prompts, pixels, self.device, **self.generate_kwargs)
 
     def _loss_sums(self, examples: list[dict], pixels: torch.Tensor) -> list[tuple[float, int]]:
         """Per sample: summed cross-entropy of its answer tokens, and how many there are."""
         batch = self.collate(examples)
-        logits = self.model(input_ids=batch["input_ids"].to(self.device),
+        logits = self.model(input_ids=batch.input_ids.to(self.device),
                             pixel_values=pixels.to(self.device, self.model.dtype),
-                            attention_mask=batch["attention_mask"].to(self.device)).logits.float()
-        targets = batch["labels"][:, 1:].to(self.device)
+                            attention_mask=batch.attention_mask.to(self.device)).logits.float()
+        targets = batch.labels[:, 1:].to(self.device)
         losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
         counts = (targets != IGNORE_INDEX).sum(1)
         return [(float(s), int(c)) for s, c in zip(losses.sum(1).tolist(), counts.tolist())]
@@ -169,9 +169,9 @@ class Evaluator:
         sums = self._loss_sums(examples, pixels)
         prompts, truths = [], []
         for e in examples:
-            answer = [i for i, lab in enumerate(e["labels"]) if lab != IGNORE_INDEX]
-            prompts.append(e["input_ids"][:answer[0]])
-            truths.append(self.tokenizer.decode([e["input_ids"][i] for i in answer], skip_special_tokens=True).strip())
+            prompt, answer = split_prompt_answer(e["input_ids"], e["labels"])
+            prompts.append(prompt)
+            truths.append(self.tokenizer.decode(answer, skip_special_tokens=True).strip())
         generated = self._generate(prompts, pixels) if generate else [None] * len(examples)
         for e, (loss_sum, tokens), truth, text in zip(examples, sums, truths, generated):
             rows.append({"sample": e["id"], "loss_sum": loss_sum, "tokens": tokens, "truth": truth, "generated": text})
@@ -200,42 +200,15 @@ class Interrupted(Exception):
     """SIGTERM / SIGUSR1 arrived: this rank's finished batches are on disk, the rest is for the rerun."""
 
 
-class StopOnSignal:
-    """Notes SIGTERM / SIGUSR1 (a preemption) instead of dying mid-write; checked between batches."""
-
-    def __init__(self) -> None:
-        import signal
-
-        from pargo_dist.launch import HELD, release_signals
-
-        self.signal: int | None = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in HELD}
-        release_signals()  # one that came while the model loaded is delivered now
-
-    def close(self) -> None:
-        """Give the signals back to whoever handled them before (a test runner, say)."""
-        import signal
-
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, _frame) -> None:
-        self.signal = signum
-
-    def check(self) -> None:
-        if self.signal is not None:
-            raise Interrupted(f"received signal {self.signal}")
-
-
 def _run_task(results: Results, items: dict[str, Any], rows_of: Callable[[list], list[dict]], batch: int,
-              desc: str, stop: StopOnSignal | None = None) -> None:
+              desc: str, stop: StopSignal | None = None) -> None:
     todo = results.todo(list(items))
     with _progress(len(todo), desc, results.ranks.rank) as bar:
         for chunk in _batches(todo, batch):
             results.add(rows_of([items[i] for i in chunk]))
             bar.update(len(chunk))
-            if stop is not None:
-                stop.check()
+            if stop is not None and stop.requested:
+                raise Interrupted(f"received signal {stop.signal}")
 
 
 def caption_metrics(rows: list[dict]) -> dict[str, float]:
@@ -262,13 +235,13 @@ def open_dataset(path: str, evaluator: Evaluator, cfg):
     remote = path if "://" in path else None
     data = replace(base, remote=remote, local=None if remote else path, shuffle=False)
     if remote is None and not (Path(path) / "index.json").exists():
-        raise ValueError(f"--data {path}: no MDS index.json there (a `pargo-dist convert` or `synth` output)")
+        raise UserError(f"--data {path}: no MDS index.json there (a `pargo-dist convert` or `synth` output)")
     return ParGoDataset(data, tokenizer=evaluator.tokenizer, image_processor=evaluator.pixels,
                         num_image_tokens=evaluator.model.num_image_tokens(), batch_size=1)
 
 
 def evaluate_captions(evaluator: Evaluator, dataset, out: Path, ranks: Ranks, limit: int | None,
-                      generate: bool, stop: StopOnSignal | None = None) -> dict[str, float]:
+                      generate: bool, stop: StopSignal | None = None) -> dict[str, float]:
     n = dataset.num_samples if limit is None else min(limit, dataset.num_samples)
     keys = [str(i) for i in range(n)]  # the split's own order: stable across runs and rank counts
     results = Results(out, "captions", ranks)
@@ -298,7 +271,7 @@ def evaluate_captions(evaluator: Evaluator, dataset, out: Path, ranks: Ranks, li
 
 
 def evaluate_mme(evaluator: Evaluator, root: Path, out: Path, ranks: Ranks, limit: int | None,
-                 stop: StopOnSignal | None = None) -> dict[str, float]:
+                 stop: StopSignal | None = None) -> dict[str, float]:
     from pargo_dist.evaluation import mme
 
     # image order first, so a --limit takes both questions of an image and spans the subtasks

@@ -7,7 +7,7 @@ Names are resolved on first use (PEP 562), so importing a light submodule such a
 import importlib
 
 _WHERE = {
-    "IGNORE_INDEX": "mllm", "STAGES": "mllm", "ParGoConfig": "mllm", "ParGoForConditionalGeneration": "mllm",
+    "ParGoConfig": "mllm", "ParGoForConditionalGeneration": "mllm",
     "insert_image_tokens": "mllm", "ProjectorConfig": "projector_config", "build_projector": "projector",
     "VisionTower": "vision",
 }

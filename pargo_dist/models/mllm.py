@@ -28,6 +28,8 @@ from transformers import (
     PreTrainedModel,
 )
 
+from pargo_dist.constants import IGNORE_INDEX, PARTS, STAGES
+from pargo_dist.errors import UserError
 from pargo_dist.models.projector import (
     MLPProjector,
     ProjectorConfig,
@@ -36,15 +38,6 @@ from pargo_dist.models.projector import (
     init_projector_weights,
 )
 from pargo_dist.models.vision import VisionTower, vision_config_from
-
-IGNORE_INDEX = -100
-
-# Training stages as named presets: which top-level modules train (prismatic-style).
-STAGES: dict[str, tuple[str, ...]] = {
-    "align": ("projector",),  # stage 1: projector only; vision and LLM frozen
-    "finetune": ("projector", "language_model"),  # stage 2: projector + LLM
-    "full": ("projector", "language_model", "vision_tower"),  # everything
-}
 
 
 class ParGoConfig(PretrainedConfig):
@@ -123,10 +116,10 @@ class ParGoForConditionalGeneration(ParGoPreTrainedModel):
     def __init__(self, config: ParGoConfig):
         super().__init__(config)
         if config.image_token_id is None:
-            raise ValueError("ParGoConfig.image_token_id is not set: give the id of the image placeholder token")
+            raise UserError("ParGoConfig.image_token_id is not set: give the id of the image placeholder token")
         vocab = config.text_config.vocab_size
         if not 0 <= config.image_token_id < vocab:
-            raise ValueError(f"image_token_id={config.image_token_id} is outside the LLM vocabulary (size {vocab})")
+            raise UserError(f"image_token_id={config.image_token_id} is outside the LLM vocabulary (size {vocab})")
         self.vision_tower = VisionTower.build(
             config.vision_config,
             class_name=config.vision_class,
@@ -193,8 +186,8 @@ class ParGoForConditionalGeneration(ParGoPreTrainedModel):
     def freeze(self, stage: str) -> None:
         """Set requires_grad for a training stage: align | finetune | full (see STAGES)."""
         if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; valid stages: {sorted(STAGES)}")
-        for name in ("vision_tower", "projector", "language_model"):
+            raise UserError(f"unknown stage {stage!r}; valid stages: {sorted(STAGES)}")
+        for name in PARTS:
             getattr(self, name).requires_grad_(name in STAGES[stage])
         self.vision_tower.train(self.vision_tower.training)  # a frozen tower drops to eval mode
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 
+from pargo_dist.errors import UserError
+
 PRESETS: dict[str, dict] = {
     "tiny": {
         "vision_config": {
@@ -48,5 +50,5 @@ PRESETS: dict[str, dict] = {
 def preset(name: str) -> dict:
     """A fresh copy of a preset's ParGoConfig arguments."""
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; valid presets: {sorted(PRESETS)}")
+        raise UserError(f"unknown model preset {name!r}; valid presets: {sorted(PRESETS)}")
     return copy.deepcopy(PRESETS[name])

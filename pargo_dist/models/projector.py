@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pargo_dist.errors import UserError
 from pargo_dist.models.projector_config import ALL, ProjectorConfig  # noqa: F401  (re-exported)
-
 
 # ----------------------------------------------------------------------------- regions
 
@@ -45,22 +45,22 @@ def partial_regions(
     N, P = num_patches, num_partial
     if region == "raster":
         if N % P:
-            raise ValueError(
+            raise UserError(
                 f"{N} patches cannot be split into num_partial={P} raster regions: "
                 f"the number of patches must be a multiple of num_partial"
             )
         return torch.arange(N).view(P, N // P)
     if grid is None:
-        raise ValueError("region='window' needs the patch grid (rows, cols) of the vision tower")
+        raise UserError("region='window' needs the patch grid (rows, cols) of the vision tower")
     H, W = grid
     h, w = window
     if H % h or W % w:
-        raise ValueError(f"window {h}x{w} does not tile the {H}x{W} patch grid (rows/cols must divide)")
+        raise UserError(f"window {h}x{w} does not tile the {H}x{W} patch grid (rows/cols must divide)")
     if N % (H * W):
         raise ValueError(f"{N} patches are not a whole number of {H}x{W} crops")
     crops, per_crop = N // (H * W), (H // h) * (W // w)
     if crops * per_crop != P:
-        raise ValueError(
+        raise UserError(
             f"window {h}x{w} on a {H}x{W} grid gives {per_crop} regions per crop; with {crops} "
             f"crop(s) that is {crops * per_crop} regions, but num_partial={P}"
         )

@@ -11,6 +11,8 @@ import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from pargo_dist.errors import UserError
+
 ALL = "all"
 
 
@@ -52,31 +54,31 @@ class ProjectorConfig:
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(f"projector.{key}={getattr(self, key)!r}: must be one of {allowed}")
+                raise UserError(f"projector.{key}={getattr(self, key)!r}: must be one of {allowed}")
         if self.type == "mlp":
             return
         for key in ("depth", "width", "heads", "ffn", "num_global"):
             if getattr(self, key) < (0 if key == "num_global" else 1):
-                raise ValueError(f"projector.{key}={getattr(self, key)} must be positive")
+                raise UserError(f"projector.{key}={getattr(self, key)} must be positive")
         if self.width % self.heads:
-            raise ValueError(
+            raise UserError(
                 f"projector.width={self.width} is not divisible by projector.heads={self.heads}"
             )
         if self.type == "qformer":
             return
         if self.num_partial < 1:
-            raise ValueError(f"projector.num_partial={self.num_partial}: ParGo needs >= 1 partial query")
+            raise UserError(f"projector.num_partial={self.num_partial}: ParGo needs >= 1 partial query")
         if self.region == "window":
             if self.window is None or len(self.window) != 2 or min(self.window) < 1:
-                raise ValueError(
+                raise UserError(
                     f"projector.region='window' needs projector.window=[h, w] (patches), got {self.window}"
                 )
         elif self.window is not None:
-            raise ValueError(
+            raise UserError(
                 f"projector.window={self.window} is only used with region='window' (region={self.region!r})"
             )
         if self.self_attn == "block" and self.cascade is not None:
-            raise ValueError("projector.cascade is only used with self_attn='cascade' (self_attn='block')")
+            raise UserError("projector.cascade is only used with self_attn='cascade' (self_attn='block')")
         self.cascade_schedule()  # validates
 
     @classmethod
@@ -86,7 +88,7 @@ class ProjectorConfig:
         for key in values:
             if key not in valid:
                 near = difflib.get_close_matches(key, valid, n=3) or valid
-                raise ValueError(f"unknown projector key {key!r}; did you mean one of {near}?")
+                raise UserError(f"unknown projector key {key!r}; did you mean one of {near}?")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,7 +107,7 @@ class ProjectorConfig:
         if self.cascade is None:
             return [min(2**i, P) for i in range(self.depth - 1)] + [P]
         if len(self.cascade) != self.depth:
-            raise ValueError(
+            raise UserError(
                 f"projector.cascade={list(self.cascade)} has {len(self.cascade)} entries "
                 f"but projector.depth={self.depth}: give one group size per layer"
             )
@@ -113,7 +115,7 @@ class ProjectorConfig:
         for i, g in enumerate(self.cascade):
             size = P if g == ALL else g
             if not isinstance(size, int) or size < 1 or P % size:
-                raise ValueError(
+                raise UserError(
                     f"projector.cascade[{i}]={g!r}: a group size must be 'all' or a positive "
                     f"divisor of num_partial={P}"
                 )

@@ -22,6 +22,8 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+from pargo_dist.errors import UserError
+
 
 def vision_config_from(source: str | Path | PretrainedConfig | dict) -> PretrainedConfig:
     """A vision config from a local path, a config object or a dict with `model_type`.
@@ -44,12 +46,12 @@ def vision_model_class(config: PretrainedConfig, class_name: str | None = None) 
     if class_name:
         cls = getattr(transformers, class_name, None)
         if cls is None:
-            raise ValueError(f"vision class {class_name!r} is not a transformers class")
+            raise UserError(f"vision class {class_name!r} is not a transformers class")
         return cls
     try:
         return MODEL_MAPPING[type(config)]
     except KeyError:
-        raise ValueError(
+        raise UserError(
             f"no vision model class is registered for model_type={config.model_type!r}; "
             "name one with vision_class (e.g. 'CLIPVisionModel')"
         ) from None
@@ -81,7 +83,7 @@ class VisionTower(nn.Module):
         self.width = cfg.hidden_size
         self.image_size = cfg.image_size
         if post_layernorm and self._final_norm() is None:
-            raise ValueError(f"{type(model).__name__} has no final LayerNorm for post_layernorm=True")
+            raise UserError(f"{type(model).__name__} has no final LayerNorm for post_layernorm=True")
 
     @classmethod
     def build(

@@ -35,9 +35,9 @@ def main(spec_path: str) -> None:
         loader.load_state_dict(json.load(open(spec["state_in"])))
     batches, skipped, state, t0 = [], [], None, time.monotonic()
     for i, batch in enumerate(loader):
-        batches.append(batch["sample_ids"])
-        skipped += batch["skipped"]
-        assert batch["input_ids"].shape[0] == spec["batch_size"] or cfg.pack
+        batches.append(batch.sample_ids)
+        skipped += batch.skipped
+        assert batch.input_ids.shape[0] == spec["batch_size"] or cfg.pack
         if spec.get("outage_after") == i + 1 and rank == 0:
             with open(spec["outage_signal"], "w") as f:
                 f.write("go")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -95,7 +96,9 @@ def check_logits(out: str, model_type: str, tp: int) -> None:
     dist.destroy_process_group()
 
 
-def batch_for(model, tokenizer, n: int = 3, seq: int = 40) -> dict:
+def batch_for(model, tokenizer, n: int = 3, seq: int = 40):
+    from pargo_dist.batch import Batch, count_targets
+
     torch.manual_seed(2)
     k = model.num_image_tokens()
     ids = torch.randint(model.config.image_token_id + 1, 60, (n, seq))
@@ -107,8 +110,8 @@ def batch_for(model, tokenizer, n: int = 3, seq: int = 40) -> dict:
     ids[1, seq - 7:] = tokenizer.pad_token_id
     labels[1, seq - 7:] = -100
     side = model.vision_tower.image_size
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": torch.randn(n, 3, side, side),
-            "num_samples": n, "num_tokens": int(mask.sum()), "skipped": [], "sample_ids": []}
+    return Batch(input_ids=ids, attention_mask=mask, labels=labels, pixel_values=torch.randn(n, 3, side, side),
+                 num_samples=n, num_tokens=int(mask.sum()), num_targets=count_targets(labels))
 
 
 def check_grads(out: str, tp: int, pp: int, recipe: str, overrides: list[str]) -> None:
@@ -125,12 +128,12 @@ def check_grads(out: str, tp: int, pp: int, recipe: str, overrides: list[str]) -
     model.freeze(cfg.train.stage)
     reference = copy.deepcopy(model)
     batch = batch_for(model, tokenizer)
-    targets = float((batch["labels"][:, 1:] != -100).sum())
+    targets = float((batch.labels[:, 1:] != -100).sum())  # counted here, independently of Batch
     backend.setup(model)
     backend.train(True)
     backend.ddp.zero_grad_buffer()
-    halves = [{**{k: v[:2] if torch.is_tensor(v) else v for k, v in batch.items()}},
-              {**{k: v[2:] if torch.is_tensor(v) else v for k, v in batch.items()}}]
+    halves = [replace(batch, **{k: v[rows] for k, v in vars(batch).items() if torch.is_tensor(v)})
+              for rows in (slice(0, 2), slice(2, None))]
     loss_sum = backend._run_schedule(halves, 1.0 / targets, forward_only=False)
     backend.ddp.finish_grad_sync()
     dist.all_reduce(loss_sum)
@@ -145,7 +148,7 @@ def check_grads(out: str, tp: int, pp: int, recipe: str, overrides: list[str]) -
     dist.all_gather_object(projectors, projector)
     if dist.get_rank() == 0:
         reference.train(True)
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+        inputs = {k: getattr(batch, k) for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
         ref_out = reference(**inputs, num_items_in_batch=torch.tensor(targets))
         ref_out.loss.backward()
         text = model.config.text_config

@@ -1,0 +1,91 @@
+"""The contract between the training loop and a backend: exactly what the loop calls.
+
+A backend spreads the model over ranks and runs one optimizer step over collated
+micro-batches. It owns the process groups, the optimizer and LR schedule, gradient reduction,
+mixed precision and its own checkpoint files. It knows nothing of data formats (it receives
+`Batch` objects and reads only their tensors and `num_targets`) and nothing of training
+stages: what trains is what has `requires_grad`, set on the model before `setup`.
+
+The loop (pargo_dist/train.py) knows nothing of DeepSpeed or megatron: it calls these methods
+and nothing else. Two implementations: `deepspeed.DeepSpeedBackend` (ZeRO 1-3, data parallel)
+and `megatron.MegatronBackend` (tensor x pipeline parallel LLM, data parallel over the rest).
+A test double (tests/support/fake_backend.py) implements it for in-process loop tests.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from pargo_dist.batch import Batch
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str
+    """Written into every checkpoint: a run resumes only with the backend that wrote it."""
+
+    replication: int
+    """Consecutive ranks that read the same samples: the ranks of one model replica (TP x PP
+    under megatron, 1 under ZeRO). The loop counts their samples once."""
+
+    generates: bool
+    """Whether `module.generate` works during training (sample captions)."""
+
+    synced_gpus: bool
+    """Whether generation must keep every rank stepping together (ZeRO-3 gathers parameters in
+    every forward, so a rank that finished early must keep joining)."""
+
+    def init_distributed(self) -> tuple[int, int]:
+        """Join the process group (and build the backend's own groups); -> (rank, world size)."""
+
+    def model_init_context(self) -> AbstractContextManager:
+        """The context the model is built in (e.g. ZeRO-3's partitioned init)."""
+
+    def setup(self, model: torch.nn.Module) -> None:
+        """Take the built model, already frozen for its stage, and wrap it with the optimizer,
+        the LR schedule and the parallel layout."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where batches go and where collectives reduce (NCCL reduces only GPU tensors)."""
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model as trained (for generation)."""
+
+    def train(self, mode: bool = True) -> None:
+        """Training or evaluation mode (dropout)."""
+
+    def train_batch(self, micro_batches: list[Batch], targets: float, step: int) -> torch.Tensor:
+        """Forward and backward over the micro-batches and one optimizer step at step index `step`.
+        `targets`: answer tokens of the whole global batch (all ranks, all micro-batches); the
+        gradient must be that of the summed token loss / targets. Returns this rank's summed
+        token loss (a 0-d tensor on `device`; summed over ranks, each token counts once)."""
+
+    def eval_loss_sum(self, batch: Batch) -> torch.Tensor:
+        """This rank's summed token loss on one batch, no gradient (counted as in train_batch)."""
+
+    def set_step(self, step: int) -> None:
+        """Put the LR schedule at optimizer step `step` (the schedule is a function of the step)."""
+
+    def learning_rates(self) -> dict[str, float]:
+        """Current rate per parameter group, by part name (what the next step uses)."""
+
+    def grad_norm(self) -> float | None:
+        """Global gradient norm of the last step before clipping, if the backend knows it."""
+
+    def layout(self) -> dict[str, int]:
+        """How ranks are arranged (dp, tp, pp, zero_stage): recorded in each checkpoint."""
+
+    def save(self, step_dir: Path) -> None:
+        """Collective: write model and optimizer state into `step_dir` (the checkpoint manager
+        made it and marks it complete afterwards). Frozen parameters may be left out."""
+
+    def load(self, step_dir: Path, saved_world: int) -> bool:
+        """Collective: restore what `save` wrote, written by `saved_world` ranks. Returns True when
+        the optimizer state came back exactly; False when only the weights could be restored
+        (another rank count where the format does not reshard: Adam's moments start again)."""

@@ -1,0 +1,55 @@
+"""The collated batch: what the data pipeline hands the loop and the loop hands a backend.
+
+A typed dataclass rather than a dict, so every field has one meaning and one name. It imports
+only torch: models and backends may use it without knowing where batches come from.
+
+`num_targets` (the answer tokens the loss counts) is computed on the CPU when the batch is
+collated. The loop normalises the loss by the global count of targets; counting them on the
+GPU would make every step wait for the device before it could even start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+from pargo_dist.constants import IGNORE_INDEX
+
+# The fields the model's forward takes, in the order HF models name them.
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values")
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Tokens a causal LM loss counts: position i predicts label i+1, so the first label of
+    every row is never a target, and IGNORE_INDEX labels are skipped."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (rows, width)
+    labels: torch.Tensor  # (rows, width), IGNORE_INDEX where nothing is predicted
+    attention_mask: torch.Tensor | None = None  # (rows, width) 1/0; None when packed
+    position_ids: torch.Tensor | None = None  # (rows, width), restarting per sample when packed
+    pixel_values: torch.Tensor | None = None  # (images, 3, H, W) or None for a text-only batch
+    num_samples: int = 0  # samples in the batch (packed rows hold several)
+    num_tokens: int = 0  # non-padding tokens
+    num_targets: int = 0  # answer tokens the loss counts (count_targets(labels))
+    sample_ids: list[Any] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample id, reason) replaced on the way
+    streams: list[int] = field(default_factory=list)  # each sample's dataset in a mixture
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the model's forward (absent fields left out)."""
+        return {k: getattr(self, k) for k in MODEL_INPUTS if getattr(self, k) is not None}
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """A copy with every tensor on `device` (asynchronous copies where the source allows)."""
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=True)
+                 for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])

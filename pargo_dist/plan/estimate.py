@@ -1,0 +1,200 @@
+"""Memory per GPU and step time of a layout (ZeRO stage or megatron TP x PP, recompute, offload)
+from a model's Shapes; the candidate layouts `--fit` tries and the printed estimate. The formulas
+are explained in pargo_dist.plan's docstring.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from pargo_dist.errors import UserError
+from pargo_dist.plan.trace import Shapes
+
+GiB = 2**30
+FRAMEWORK_RESERVE_GIB = 2.5
+DS_REDUCE_BUCKET = 5e8  # DeepSpeed's default reduce/allgather bucket (elements)
+DS_PREFETCH_BUCKET = 5e7  # stage3_prefetch_bucket_size default
+DS_MAX_LIVE = 1e9  # stage3_max_live_parameters / stage3_max_reuse_distance defaults
+H100_BF16_TFLOPS = 989.0
+
+
+@dataclass
+class Hardware:
+    gpus: int
+    gpu_mem_gib: float = 80.0
+    peak_tflops: float = H100_BF16_TFLOPS  # dense bf16 per GPU
+    mfu: float = 0.40
+    gpus_per_node: int = 8
+
+
+@dataclass
+class Layout:
+    backend: str
+    zero_stage: int = 3
+    tp: int = 1
+    pp: int = 1
+    offload_optimizer: bool = False
+    recompute: bool = False
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+
+    def name(self) -> str:
+        if self.backend == "megatron":
+            extra = (" SP" if self.sequence_parallel else "") + (" recompute" if self.recompute else "")
+            return f"megatron TP{self.tp} PP{self.pp}{extra}"
+        extra = (" +offload" if self.offload_optimizer else "") + (" recompute" if self.recompute else "")
+        return f"ZeRO-{self.zero_stage}{extra}"
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    dp: int
+    memory: dict[str, float]  # component -> GiB per GPU
+    step_time_s: float
+    tokens_per_s: float
+    samples_per_s: float
+
+    @property
+    def total_gib(self) -> float:
+        return sum(self.memory.values())
+
+
+def model_state_bytes(s: Shapes, layout: Layout, world: int, precision: str = "bf16") -> dict[str, float]:
+    """Weights, gradients and optimizer state on one GPU (see pargo_dist.plan's docstring)."""
+    P, T = float(sum(s.params.values())), float(sum(s.trainable.values()))
+    w = 2.0 if precision == "bf16" else 4.0
+    adam = 12.0  # bf16: fp32 master + m + v; fp32: m + v + the optimizer's fp32 partition copy
+    if layout.backend == "megatron":
+        tp, pp = layout.tp, layout.pp
+        dp = max(world // (tp * pp), 1)
+        llm_p, llm_t = float(s.params["language_model"]), float(s.trainable["language_model"])
+        lm_train_frac = llm_t / llm_p if llm_p else 0.0
+        # the largest stage: the first holds embeddings, vision and projector on top of its layers
+        stage_llm = (math.ceil(s.llm_layers / pp) * s.llm_layer_params + s.llm_embed_params) / tp
+        replicated = float(s.params["vision_tower"] + s.params["projector"])
+        rep_t = float(s.trainable["vision_tower"] + s.trainable["projector"])
+        weights = w * (stage_llm + replicated)
+        t_local = stage_llm * lm_train_frac + rep_t
+        grads = 4.0 * t_local
+        optim = adam * t_local / (dp if layout.distributed_optimizer else 1)
+    else:
+        dp = world
+        z = layout.zero_stage
+        weights = w * P / (dp if z == 3 else 1)
+        if precision == "bf16":  # bf16 grads, reduced into fp32 partitions
+            grads = (w * T + 4.0 * T / dp) if z == 1 else 4.0 * T / dp
+        else:  # fp32: ZeRO-1 keeps every gradient until the step, 2 and 3 only their partition
+            grads = w * T if z == 1 else w * T / dp
+        optim = adam * T / dp
+    if layout.offload_optimizer:
+        optim = 0.0
+    return {"weights": weights, "gradients": grads, "optimizer": optim}
+
+
+def activation_bytes(s: Shapes, layout: Layout, in_flight: int = 1) -> dict[str, float]:
+    """Activations kept for the backward on one GPU, and the loss's transient logits gradient.
+    `in_flight`: micro-batches whose activations the first pipeline stage holds (1F1B: pp)."""
+    a = s.act_bytes
+    tp = layout.tp if layout.backend == "megatron" else 1
+    sp = tp if layout.sequence_parallel else 1
+    wide, rest = s.act_layer_split
+    layer = wide / sp + rest / tp
+    if layout.recompute:  # each layer keeps its input; one layer is live again while recomputed
+        llm = s.llm_layers * s.tokens * s.hidden * s.dtype_bytes / sp + layer
+    else:
+        llm = s.llm_layers * layer
+    # 1F1B: the first stage holds `pp` micro-batches of its layers/pp layers (the same total)
+    # but also `pp` micro-batches of vision and projector activations
+    front = (a["vision"] + a["projector"]) * in_flight
+    return {"activations": llm + front + a["llm_head"] / tp,
+            "loss (logits grad)": 4.0 * s.tokens * s.vocab / tp}
+
+
+def zero3_live_bytes(s: Shapes, precision: str = "bf16") -> float:
+    """Parameters ZeRO-3 keeps gathered: DeepSpeed releases a parameter only when it will not be
+    reused within stage3_max_reuse_distance (1e9) and keeps up to stage3_max_live_parameters
+    (1e9) whole, so up to 1e9 parameters (2 GB in bf16) stay resident, the whole model below that."""
+    P = float(sum(s.params.values()))
+    return (2.0 if precision == "bf16" else 4.0) * min(P, max(DS_MAX_LIVE, s.largest_module))
+
+
+def buffer_bytes(s: Shapes, layout: Layout, world: int, precision: str = "bf16") -> dict[str, float]:
+    if layout.backend == "megatron":
+        return {"buffers": FRAMEWORK_RESERVE_GIB * GiB}
+    if layout.zero_stage == 3:
+        live = zero3_live_bytes(s, precision)
+        bucket = 2.0 * DS_REDUCE_BUCKET
+    else:  # DeepSpeed's docs: overlap_comm needs 4.5x the bucket (reduce + allgather, double-buffered)
+        live, bucket = 0.0, 2.0 * DS_REDUCE_BUCKET * (4.5 if world > 1 else 1.0)
+    return {"buffers": live + bucket + FRAMEWORK_RESERVE_GIB * GiB}
+
+
+def estimate(cfg, hw: Hardware, layout: Layout, shapes: Shapes) -> Estimate:
+    world = hw.gpus
+    if layout.backend == "megatron" and world % (layout.tp * layout.pp):
+        raise UserError(f"{layout.name()} needs a multiple of {layout.tp * layout.pp} GPUs "
+                         f"(tensor x pipeline parallel), not {world}")
+    in_flight = min(layout.pp, cfg.train.grad_accum) if layout.backend == "megatron" else 1
+    mem = {**model_state_bytes(shapes, layout, world, cfg.train.precision),
+           **activation_bytes(shapes, layout, in_flight), **buffer_bytes(shapes, layout, world, cfg.train.precision)}
+    replicas = world // (layout.tp * layout.pp) if layout.backend == "megatron" else world
+    global_batch = cfg.train.micro_batch * cfg.train.grad_accum * replicas
+    flops = shapes.flops_per_sample * global_batch
+    step = flops / (world * hw.peak_tflops * 1e12 * hw.mfu)
+    if layout.recompute:
+        step *= 4.0 / 3.0  # the forward of every layer runs twice
+    seq = cfg.data.train.max_len
+    return Estimate(layout=layout, dp=replicas, memory={k: v / GiB for k, v in mem.items()}, step_time_s=step,
+                    tokens_per_s=global_batch * seq / step, samples_per_s=global_batch / step)
+
+
+def checkpoint_bytes(s: Shapes, stage: str, precision: str = "bf16", lora: bool = False) -> float:
+    """One checkpoint: the saved weights (trained parts only in `align` and with LoRA, the whole
+    model else) plus the trained parameters' optimizer state (bf16: fp32 master + Adam m, v; fp32: m, v)."""
+    P, T = float(sum(s.params.values())), float(sum(s.trainable.values()))
+    weights = (T if stage == "align" or lora else P) * (2.0 if precision == "bf16" else 4.0)
+    return weights + T * (12.0 if precision == "bf16" else 8.0)
+
+
+def layout_of(cfg) -> Layout:
+    b = cfg.backend
+    return Layout(backend=b.name, zero_stage=b.zero_stage, tp=b.tensor_parallel, pp=b.pipeline_parallel,
+                  offload_optimizer=b.offload_optimizer, recompute=cfg.train.activation_checkpointing,
+                  sequence_parallel=b.sequence_parallel, distributed_optimizer=b.distributed_optimizer)
+
+
+def candidates(cfg, hw: Hardware) -> list[Layout]:
+    """Layouts to try, cheapest in communication first: ZeRO-1..3 (then recompute, offload) for
+    deepspeed; TP within a node x PP, with and without recompute, for megatron."""
+    if cfg.backend.name == "megatron":
+        out = []
+        for recompute in (False, True):
+            for tp in (1, 2, 4, 8):
+                for pp in (1, 2, 4, 8, 16):
+                    if tp <= hw.gpus_per_node and hw.gpus % (tp * pp) == 0:
+                        out.append(Layout("megatron", tp=tp, pp=pp, recompute=recompute, sequence_parallel=tp > 1))
+        return sorted(out, key=lambda lay: (lay.recompute, lay.tp * lay.pp, lay.pp))
+    return [Layout("deepspeed", zero_stage=z, recompute=r, offload_optimizer=o)
+            for o in (False, True) for r in (False, True) for z in (1, 2, 3)]
+
+
+def fits(est: Estimate, hw: Hardware) -> bool:
+    return est.total_gib <= hw.gpu_mem_gib
+
+
+def options(cfg, hw: Hardware, shapes: Shapes) -> list[Estimate]:
+    """Every candidate layout estimated, in `candidates` order (the first that fits is the pick)."""
+    return [estimate(cfg, hw, lay, shapes) for lay in candidates(cfg, hw)]
+
+
+def format_estimate(est: Estimate, hw: Hardware) -> str:
+    lines = [f"layout {est.layout.name()} on {hw.gpus} GPU(s): data-parallel replicas {est.dp}"]
+    for name, gib in est.memory.items():
+        lines.append(f"  {name:<20}{gib:>9.2f} GiB")
+    verdict = "fits" if fits(est, hw) else "DOES NOT FIT"
+    lines.append(f"  {'total':<20}{est.total_gib:>9.2f} GiB   of {hw.gpu_mem_gib:g} GiB: {verdict}")
+    lines.append(f"  step {est.step_time_s:.2f} s | {est.tokens_per_s:,.0f} tokens/s | {est.samples_per_s:,.1f} "
+                 f"samples/s at MFU {hw.mfu:.0%} of {hw.peak_tflops:g} TFLOP/s")
+    return "\n".join(lines)

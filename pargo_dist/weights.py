@@ -1,0 +1,102 @@
+"""Reading a checkpoint's (or an export's) weights back into a model, whatever wrote them.
+
+One path for the three places that need it: `model.init_from` (some parts from an earlier
+run), `pargo-dist export` (everything, into one HF model), and an elastic resume (a ZeRO
+checkpoint on another rank count, whose optimizer shards do not fit). The formats are the
+checkpoint layout's (pargo_dist/checkpoint.py): an exported HF directory of safetensors, a
+DeepSpeed tag dir (consolidated to fp32 by DeepSpeed's zero_to_fp32), a megatron distributed
+checkpoint (reassembled by the megatron backend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Callable, ContextManager, Iterable
+
+import torch
+
+from pargo_dist.checkpoint import DEEPSPEED_DIR, MEGATRON_DIR, resolve_checkpoint
+from pargo_dist.errors import UserError
+
+
+def _export_weights(path: Path, names: set[str] | None) -> dict[str, torch.Tensor]:
+    """Tensors of an exported HF directory (one or several safetensors files), only `names` if
+    given: a 70B export holds 140 GB, its projector 40 MB."""
+    from safetensors import safe_open
+
+    state = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as reader:
+            state.update({k: reader.get_tensor(k) for k in reader.keys() if names is None or k in names})
+    return state
+
+
+def checkpoint_weights(source: str | Path, model: torch.nn.Module | None = None,
+                       names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """The weights `source` holds, by the HF model's parameter names: an exported directory
+    (safetensors), a DeepSpeed checkpoint (consolidated to fp32 from any ZeRO stage and rank
+    count) or a megatron one (reassembled from any TP/PP layout; needs `model`, whose vision
+    tower and projector modules it loads in place, and a process with no process group yet).
+    `source` may be a run dir (its newest complete checkpoint)."""
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"{path} does not exist")
+    if any(path.glob("*.safetensors")):
+        return _export_weights(path, names)
+    step_dir = resolve_checkpoint(path)
+    if (step_dir / DEEPSPEED_DIR).is_dir():
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DEEPSPEED_DIR)
+    if (step_dir / MEGATRON_DIR).is_dir():
+        if model is None or torch.distributed.is_initialized():
+            raise UserError(f"{step_dir} is a megatron checkpoint, which is read back in a process of its own: "
+                            "export it first (`pargo-dist export`) and use the export")
+        from pargo_dist.backends.megatron import hf_state_dict
+
+        return hf_state_dict(step_dir, model)
+    raise UserError(f"{step_dir} holds neither {DEEPSPEED_DIR}/ (DeepSpeed) nor {MEGATRON_DIR}/ (megatron) "
+                    "checkpoint files, and no safetensors")
+
+
+def load_trained_weights(model: torch.nn.Module, source: str | Path, parts: Iterable[str] | None = None,
+                         gather: Callable[[list[torch.nn.Parameter]], ContextManager] | None = None) -> list[str]:
+    """Copy the weights of `source` (see `checkpoint_weights`) into `model`; returns the names loaded.
+
+    parts=None (export, elastic resume): every parameter that trains must come from the source;
+    frozen ones may be absent (align and LoRA checkpoints hold only what trains: the frozen rest
+    comes from the recipe and model.init_from); a tensor the model does not have is an error.
+    parts=[...] (model.init_from): every parameter of those parts must come from the source, the
+    rest of the source is ignored. Shapes must match. Errors name the source and the keys.
+    `gather`: a context in which partitioned parameters are whole and writable (ZeRO-3's
+    GatheredParameters with a modifier rank), entered for one parameter at a time."""
+    prefixes = tuple(f"{p}." for p in parts) if parts is not None else None
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(params)  # tied weights
+    wanted = {n for n in params if prefixes is None or n.startswith(prefixes)}
+    state = checkpoint_weights(source, model, names=wanted | set(buffers) if prefixes else None)
+    if prefixes is not None:
+        state = {k: v for k, v in state.items() if k in wanted}
+        required = wanted
+    else:
+        unexpected = sorted(set(state) - set(params) - set(buffers) - aliases)
+        if unexpected:
+            raise ValueError(f"{source} does not fit the model: it holds {len(unexpected)} tensors the model lacks "
+                             f"({unexpected[:5]})")
+        required = {n for n, p in params.items() if p.requires_grad}
+    missing = sorted(required - set(state))
+    if missing:
+        raise UserError(f"{source} lacks {len(missing)} weights the model needs: {missing[:5]}")
+    targets = {**{k: v for k, v in buffers.items() if k in state}, **{k: p for k, p in params.items() if k in state}}
+    for name, target in targets.items():
+        shape = tuple(getattr(target, "ds_shape", target.shape))
+        if tuple(state[name].shape) != shape:
+            raise UserError(f"{source}: {name} has shape {tuple(state[name].shape)}, the model {shape} "
+                            "(a different projector or LLM config?)")
+    with torch.no_grad():
+        for name, target in targets.items():  # one at a time: a gathered 70B model fits no GPU
+            with gather([target]) if gather else contextlib.nullcontext():
+                target.copy_(state[name].to(target.dtype))
+    return sorted(targets)

@@ -1,0 +1,166 @@
+"""The training loop's own logic, in-process with a fake backend (tests/support/fake_backend.py):
+when it evaluates, saves and stops, what it counts and hands the backend, how it resumes.
+
+The fake is a deterministic bigram LM trained with SGD, so "resumes exactly" is checked as
+equality of the loss curve; one real 1-rank gloo process group serves the loop's all-reduces.
+What needs real ranks and real backends (ZeRO partitions, megatron layouts, SIGKILL) is in
+test_train.py and test_megatron.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+import torch.distributed as dist
+from support.fake_backend import FakeBackend, ListLoader
+
+from pargo_dist.backends.base import Backend
+from pargo_dist.checkpoint import CheckpointManager, TrainState
+from pargo_dist.config import load_config
+from pargo_dist.data.collate import Collator
+from pargo_dist.errors import UserError
+from pargo_dist.metrics import MetricsLogger
+from pargo_dist.signals import StopSignal
+from pargo_dist.slurm import REQUEUE_EXIT
+from pargo_dist.train import Trainer
+
+MICRO = 3  # samples per micro-batch
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_rank_group(tmp_path_factory):
+    """The loop all-reduces its counts: a real 1-rank gloo group, in this process."""
+    store = tmp_path_factory.mktemp("store") / "file"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def batches(n: int, seed: int = 0) -> list:
+    """n collated micro-batches of random token rows: a prompt (ignored), an answer, padding;
+    samples alternate between two streams of a mixture."""
+    g = torch.Generator().manual_seed(seed)
+    collate = Collator(pad_id=0)
+    out = []
+    for b in range(n):
+        examples = []
+        for i in range(MICRO):
+            k = int(torch.randint(6, 12, (1,), generator=g))
+            ids = torch.randint(1, 32, (k,), generator=g).tolist()
+            labels = [-100] * 3 + ids[3:]
+            examples.append({"id": f"s{b}:{i}", "input_ids": ids, "labels": labels, "stream": (b * MICRO + i) % 2})
+        out.append(collate(examples))
+    return out
+
+
+def recipe(tmp_path, *overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return load_config(None, [f"run.dir={tmp_path}", "train.steps=6", "train.grad_accum=2", "train.eval_every=0",
+                              "train.sample_every=0", "checkpoint.every=0", "checkpoint.keep_last=10",
+                              "logging.every=100", "logging.tensorboard=false", "logging.sample_ids=true",
+                              *overrides])
+
+
+def trainer(cfg, backend=None, loader=None, eval_batches=None, resume=False):
+    backend = backend or FakeBackend()
+    ckpt = CheckpointManager(cfg.run.dir, keep_last=cfg.checkpoint.keep_last)
+    held_out = eval_batches if eval_batches is not None else batches(2, seed=99)
+    return Trainer(cfg, backend, loader or ListLoader(batches(40)), ckpt,
+                   MetricsLogger(cfg.run.dir, total_steps=cfg.train.steps, enabled_tensorboard=False),
+                   StopSignal(), model=backend.module, eval_loader=lambda: held_out, streams=["a", "b"],
+                   resume_from=ckpt.latest() if resume else None)
+
+
+def run(t: Trainer) -> int:
+    try:
+        return t.run()
+    finally:
+        t.stop.close()
+
+
+def logged(run_dir, key="train/loss") -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def test_the_fake_follows_the_backend_contract():
+    assert isinstance(FakeBackend(), Backend)
+
+
+def test_each_step_hands_the_backend_the_global_answer_token_count_and_counts_what_it_read(tmp_path):
+    cfg = recipe(tmp_path, "checkpoint.every=6")
+    data = batches(40)
+    t = trainer(cfg, loader=ListLoader(data))
+    assert run(t) == 0
+    trained = [v for kind, v in t.backend.calls if kind == "train"]
+    want = [float(data[2 * s].num_targets + data[2 * s + 1].num_targets) for s in range(6)]
+    assert trained == want  # grad_accum=2: both micro-batches' targets, counted at collate time
+    state = CheckpointManager.load_state(tmp_path / "checkpoints" / "step_00000006")
+    assert state.step == 6 and state.samples_seen == 6 * 2 * MICRO
+    assert state.tokens_seen == sum(b.num_tokens for b in data[:12])
+    assert state.stream_samples == {"a": 18, "b": 18} and state.loader == {"consumed": 12}
+    assert state.backend == "fake" and state.layout == {"dp": 1} and state.world_size == 1
+    loss = logged(tmp_path)
+    assert sorted(loss) == list(range(1, 7)) and loss[6] < loss[1]
+    # the logged loss is the global mean over answer tokens: the fake's summed loss / targets
+    ids = [json.loads(line)["ids"] for line in (tmp_path / "sample_ids.rank0.jsonl").read_text().splitlines()]
+    assert ids[0] == data[0].sample_ids + data[1].sample_ids
+
+
+def test_evaluation_and_checkpoints_come_when_the_recipe_says_and_at_the_end(tmp_path):
+    cfg = recipe(tmp_path, "train.steps=7", "train.eval_every=3", "checkpoint.every=2", "checkpoint.keep_last=2")
+    held_out = batches(2, seed=99)
+    t = trainer(cfg, eval_batches=held_out)
+    assert run(t) == 0
+    order = [(kind, v) for kind, v in t.backend.calls if kind != "train"]
+    evals = [("eval", b.num_targets) for b in held_out]
+    assert order == [("save", 2), *evals, ("save", 4), *evals, ("save", 6), *evals, ("save", 7)]
+    assert sorted(logged(tmp_path, "eval/loss")) == [3, 6, 7]
+    assert CheckpointManager(tmp_path).complete_steps() == [6, 7]  # keep_last=2
+
+
+def test_a_signal_saves_after_the_step_exits_75_and_the_resume_continues_exactly(tmp_path):
+    whole = tmp_path / "whole"
+    assert run(trainer(recipe(whole))) == 0
+    cut = tmp_path / "cut"
+    cfg = recipe(cut)
+    first = trainer(cfg)
+    first.backend.hooks[2] = lambda: os.kill(os.getpid(), signal.SIGUSR1)  # during step 3
+    assert run(first) == REQUEUE_EXIT
+    assert CheckpointManager(cut).complete_steps() == [3]  # finished the step, saved, stopped
+    assert sorted(logged(cut)) == [1, 2, 3]
+    second = trainer(cfg, resume=True)  # a fresh backend and loader, as after a requeue
+    assert run(second) == 0
+    assert second.loader.consumed == 12 and second.state.samples_seen == 6 * 2 * MICRO
+    assert logged(cut) == logged(whole)  # steps 4-6 from the checkpoint equal the uninterrupted run
+
+
+def test_resume_refuses_a_checkpoint_of_another_backend(tmp_path):
+    cfg = recipe(tmp_path)
+    ckpt = CheckpointManager(tmp_path)
+    step_dir = ckpt.begin(2)
+    ckpt.save_state(step_dir, TrainState(step=2, backend="megatron"))
+    ckpt.commit(step_dir, 2)
+    with pytest.raises(UserError, match="written by the megatron backend, this recipe uses fake"):
+        run(trainer(cfg, resume=True))
+
+
+def test_an_elastic_load_continues_the_schedule_and_the_data(tmp_path, capsys):
+    cfg = recipe(tmp_path, "checkpoint.every=3")
+    assert run(trainer(cfg, FakeBackend())) == 0
+    (tmp_path / "checkpoints" / "step_00000006").rename(tmp_path / "later")  # resume at 3
+    backend = FakeBackend(exact_load=False)  # the optimizer state did not come back (ZeRO, other rank count)
+    t = trainer(cfg, backend, resume=True)
+    assert run(t) == 0
+    out = capsys.readouterr().out
+    assert "elastic resume: checkpoint of 1 rank(s) on 1" in out and "resumed from" in out
+    assert t.loader.consumed == 12 and t.state.step == 6
+
+
+def test_empty_training_data_is_an_error_that_says_so(tmp_path):
+    with pytest.raises(UserError, match="gave no batch"):
+        run(trainer(recipe(tmp_path), loader=ListLoader([])))
