@@ -11,6 +11,7 @@ checkpoint (reassembled by the megatron backend).
 from __future__ import annotations
 
 import contextlib
+import io
 from pathlib import Path
 from typing import Callable, ContextManager, Iterable
 
@@ -46,9 +47,13 @@ def checkpoint_weights(source: str | Path, model: torch.nn.Module | None = None,
         return _export_weights(path, names)
     step_dir = resolve_checkpoint(path)
     if (step_dir / DEEPSPEED_DIR).is_dir():
+        from pargo_dist.compat import configure_deepspeed_env
+
+        configure_deepspeed_env()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DEEPSPEED_DIR)
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints; errors still raise
+            return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DEEPSPEED_DIR)
     if (step_dir / MEGATRON_DIR).is_dir():
         if model is None or torch.distributed.is_initialized():
             raise UserError(f"{step_dir} is a megatron checkpoint, which is read back in a process of its own: "

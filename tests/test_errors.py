@@ -37,10 +37,11 @@ def launch(recipe: Path, *overrides: str, fault: str | None = None, nproc: int =
 
 
 def test_an_exception_on_one_rank_ends_the_run_at_once_with_its_traceback(recipe):
-    """Rank 1 raises in step 2 while rank 0 waits for it in the step's all-reduce. Before, rank 1
-    sat in the teardown barrier with its error unprinted and rank 0 waited for the hang detector
-    (30 minutes). Now rank 1 prints its traceback and leaves, rank 0 says it lost a peer, and the
-    launcher names rank 1 and returns its exit code, in seconds."""
+    """Rank 1 raises in step 2 (a bug, an OOM, a damaged input that only it reads) while rank 0
+    waits for it in the step's all-reduce. Before, rank 1 sat in the teardown barrier with its
+    error unprinted and rank 0 waited for the hang detector (30 minutes), and any ValueError was
+    printed as one line, exit 2, "bad recipe". Now rank 1 prints its traceback and leaves, rank 0
+    says it lost a peer, and the launcher names rank 1 and returns its exit code 1, in seconds."""
     out, took = launch(recipe, "train.hang_timeout_s=1800", fault="1:2")
     assert out.returncode == 1, out.stderr[-3000:]
     assert took < 30, took  # the whole run, start-up included
@@ -50,16 +51,7 @@ def test_an_exception_on_one_rank_ends_the_run_at_once_with_its_traceback(recipe
     assert "pargo-dist launch: rank 1 exited with 1 (failed: its traceback is above)" in err
     assert "rank 0: a peer rank went away during a collective" in err or "rank 0 failed" not in err
     assert "step 1/6" in out.stdout and "step 2/6" not in out.stdout
-
-
-def test_a_failure_inside_training_keeps_its_traceback_and_exits_1(recipe):
-    """Not a bad recipe: a bug, an OOM, a damaged input at step 3 on every rank. Before, every
-    ValueError anywhere was printed as one line, exit 2, 'bad recipe'."""
-    out, _ = launch(recipe, fault="*:3")
-    assert out.returncode == 1, out.stderr[-3000:]
-    assert "Traceback (most recent call last):" in out.stderr
-    assert "RuntimeError: injected fault on rank 0 in step 3" in out.stderr
-    assert "bad recipe" not in out.stderr
+    assert "bad recipe" not in err
 
 
 def test_what_the_user_can_fix_is_one_line_and_exit_2(recipe, tmp_path):

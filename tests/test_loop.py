@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 
 import pytest
@@ -129,7 +130,7 @@ def test_a_signal_saves_after_the_step_exits_75_and_the_resume_continues_exactly
     cut = tmp_path / "cut"
     cfg = recipe(cut)
     first = trainer(cfg)
-    first.backend.hooks[2] = lambda: os.kill(os.getpid(), signal.SIGUSR1)  # during step 3
+    first.backend.hooks[2] = lambda: os.kill(os.getpid(), signal.SIGTERM)  # during step 3
     assert run(first) == REQUEUE_EXIT
     assert CheckpointManager(cut).complete_steps() == [3]  # finished the step, saved, stopped
     assert sorted(logged(cut)) == [1, 2, 3]
@@ -137,6 +138,22 @@ def test_a_signal_saves_after_the_step_exits_75_and_the_resume_continues_exactly
     assert run(second) == 0
     assert second.loader.consumed == 12 and second.state.samples_seen == 6 * 2 * MICRO
     assert logged(cut) == logged(whole)  # steps 4-6 from the checkpoint equal the uninterrupted run
+
+
+def test_a_checkpoint_without_its_marker_is_never_resumed_from(tmp_path):
+    """A crash in the middle of the last save leaves a directory without COMPLETE: the resume
+    takes the one before it and replays the lost steps exactly."""
+    whole = tmp_path / "whole"
+    cfg = recipe(whole, "checkpoint.every=2")
+    assert run(trainer(cfg)) == 0
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    (cut / "checkpoints" / "step_00000006" / "COMPLETE").unlink()
+    (cut / "train_log.jsonl").unlink()
+    t = trainer(recipe(cut, "checkpoint.every=2"), resume=True)
+    assert t.resume_from.name == "step_00000004"
+    assert run(t) == 0
+    assert logged(cut) == {s: v for s, v in logged(whole).items() if s > 4}
 
 
 def test_resume_refuses_a_checkpoint_of_another_backend(tmp_path):

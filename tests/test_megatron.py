@@ -9,16 +9,14 @@ References and tolerances:
   uses (HF loss normalised by the answer-token count): loss to 1e-6 relative, every LLM and
   projector gradient to 1e-6 absolute (gradients are ~0.1), megatron's grad norm (which must
   skip TP duplicates) to 1e-5 relative.
-- Training: a TP=2 run follows the DeepSpeed 1-rank loss curve to 1e-4 relative; a resumed run
-  replays the uninterrupted one to 1e-6; TP=2 -> TP=1 resume to 1e-4 (the same math, other
-  float order).
+- Training: a TP=2 run follows the DeepSpeed loss curve (2 ranks x 4, the same global batch) to
+  1e-4 relative; a resume at TP=2 replays the uninterrupted run to 1e-6; TP=2 -> TP=1 resume to
+  1e-4 (the same math, other float order).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,21 +24,27 @@ from pathlib import Path
 import pytest
 import torch
 from support.ranks import run_ranks
-from support.training import env, losses, marker, run_train, sample_ids, start_train, wait_for, write_recipe
+from support.training import env, losses, run_train, sample_ids, write_recipe
 
 WORKER = Path(__file__).parent / "support" / "megatron_worker.py"
 MEGATRON = ["backend.name=megatron"]
 
 
-def worker(tmp_path: Path, world: int, *args: str) -> dict:
-    out = tmp_path / f"result-{'-'.join(args[:3])}.json"
-    run_ranks(WORKER, [args[0], str(out), *args[1:]], world, env={"OMP_NUM_THREADS": "1"}, timeout=600)
+def worker(tmp_path: Path, world: int, mode: str, *args: str) -> dict:
+    out = tmp_path / f"result-{mode}.json"
+    run_ranks(WORKER, [mode, str(out), *args], world, env={"OMP_NUM_THREADS": "1"}, timeout=600)
     return json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def conversions(tmp_path_factory) -> dict:
+    """Every (model type, TP) case of the conversion check, from one start of 2 ranks."""
+    return worker(tmp_path_factory.mktemp("logits"), 2, "logits", "llama:1", "llama:2", "qwen2:1", "qwen2:2")
+
+
 @pytest.mark.parametrize("model_type,tp", [("llama", 1), ("llama", 2), ("qwen2", 1), ("qwen2", 2)])
-def test_hf_logits_equal_megatron_logits_and_conversion_round_trips(tmp_path, model_type, tp):
-    res = worker(tmp_path, tp, "logits", model_type, str(tp))
+def test_hf_logits_equal_megatron_logits_and_conversion_round_trips(conversions, model_type, tp):
+    res = conversions[f"{model_type}:{tp}"]
     assert res["logit_scale"] > 0.1  # not a degenerate model
     assert res["max_abs_diff"] < 1e-5, res
     assert res["round_trip_identical"], res
@@ -52,10 +56,17 @@ def grad_recipe(tmp_path_factory, data_dir):
     return write_recipe(tmp / "recipe.yaml", tmp / "run", data_dir)
 
 
+@pytest.fixture(scope="module")
+def gradients(tmp_path_factory, grad_recipe) -> dict:
+    """The gradient check at TP2 PP1, TP1 PP2 (2 data-parallel replicas each) and TP2 PP2 tied, from
+    one start of 4 ranks."""
+    return worker(tmp_path_factory.mktemp("grads"), 4, "grads", str(grad_recipe), "2:1:untied", "1:2:untied",
+                  "2:2:tied")
+
+
 @pytest.mark.parametrize("tp,pp,tied", [(2, 1, False), (1, 2, False), (2, 2, True)])
-def test_megatron_loss_and_gradients_equal_the_deepspeed_reference(tmp_path, grad_recipe, tp, pp, tied):
-    extra = ["model.llm.config.tie_word_embeddings=true"] if tied else []
-    res = worker(tmp_path, tp * pp, "grads", str(tp), str(pp), str(grad_recipe), *extra)
+def test_megatron_loss_and_gradients_equal_the_deepspeed_reference(gradients, tp, pp, tied):
+    res = gradients[f"{tp}:{pp}:{'tied' if tied else 'untied'}"]
     assert res["loss"] == pytest.approx(res["ref_loss"], rel=1e-6)
     assert res["llm_tensors_compared"] == (20 if tied else 21)
     assert res["llm_grad_scale"] > 1e-2 and res["projector_grad_scale"] > 1e-2
@@ -65,27 +76,21 @@ def test_megatron_loss_and_gradients_equal_the_deepspeed_reference(tmp_path, gra
     assert res["grad_norm"] == pytest.approx(res["ref_grad_norm"], rel=1e-5)
 
 
+TP2 = [*MEGATRON, "backend.tensor_parallel=2", "train.micro_batch=8"]  # one replica of 8: the reference's global batch
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, data_dir):
-    """Uninterrupted runs shared below: DeepSpeed 1 rank, megatron TP=2 (2 ranks)."""
-    cache = {}
-
-    def get(name: str) -> Path:
-        if name not in cache:
-            tmp = tmp_path_factory.mktemp(name)
-            rec = write_recipe(tmp / "recipe.yaml", tmp / "run", data_dir)
-            if name == "deepspeed":
-                run_train(rec, ["train.micro_batch=4"], nproc=1)
-            else:
-                run_train(rec, [*MEGATRON, "backend.tensor_parallel=2"], nproc=2)
-            cache[name] = tmp / "run"
-        return cache[name]
-
-    return get
+def tp2_run(tmp_path_factory, data_dir) -> Path:
+    """An uninterrupted megatron TP=2 run (2 ranks, one model replica reading 8 samples a step),
+    shared below; checkpoints at steps 2, 4 and 6."""
+    tmp = tmp_path_factory.mktemp("megatron_tp2")
+    run_train(write_recipe(tmp / "recipe.yaml", tmp / "run", data_dir), TP2, nproc=2)
+    return tmp / "run"
 
 
-def test_tp2_training_follows_the_deepspeed_loss_curve(runs):
-    ds, mg = runs("deepspeed"), runs("megatron_tp2")
+def test_tp2_training_follows_the_deepspeed_loss_curve(tp2_run, reference):
+    """The DeepSpeed reference: 2 ranks x 4 samples, ZeRO-3 (the same global batch of 8)."""
+    ds, mg = reference(3, "finetune"), tp2_run
     a, b = losses(ds), losses(mg)
     assert sorted(a) == sorted(b) == list(range(1, 7))
     ids_mg, ids_ds = sample_ids(mg), sample_ids(ds)
@@ -98,46 +103,53 @@ def test_tp2_training_follows_the_deepspeed_loss_curve(runs):
     assert b[6] < b[1] - 0.3
 
 
-def test_resume_after_sigkill_reproduces_the_uninterrupted_tp2_run(runs, tmp_path, data_dir):
+def resume_copy(tp2_run: Path, tmp_path: Path, data_dir) -> Path:
+    """A copy of the TP=2 run as a crash after step 2 would leave it: later checkpoints and log
+    lines gone. Returns its recipe. (What a SIGKILL leaves is tested with DeepSpeed in
+    test_train.py; the checkpoint rules are the backend's own.)"""
+    import shutil
+
     recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
-    overrides = [*MEGATRON, "backend.tensor_parallel=2"]
-    proc = start_train(recipe, overrides, nproc=2)
-    wait_for(marker(tmp_path / "run", 2), proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    out = run_train(recipe, overrides, nproc=2)
-    assert "resumed from" in out.stdout
-    ref, got = losses(runs("megatron_tp2")), losses(tmp_path / "run")
+    shutil.copytree(tp2_run, tmp_path / "run")
+    for step in (4, 6):
+        shutil.rmtree(tmp_path / "run" / "checkpoints" / f"step_{step:08d}")
+    for name in ("train_log.jsonl", "sample_ids.rank0.jsonl", "sample_ids.rank1.jsonl"):
+        log = tmp_path / "run" / name
+        log.write_text("".join(line for line in log.read_text().splitlines(True) if json.loads(line)["step"] <= 2))
+    return recipe
+
+
+def test_resume_at_the_same_layout_reproduces_the_uninterrupted_tp2_run(tp2_run, tmp_path, data_dir):
+    """Model and optimizer from megatron's distributed checkpoint, at TP=2 again: steps 3..6 equal."""
+    out = run_train(resume_copy(tp2_run, tmp_path, data_dir), TP2, nproc=2)
+    assert "resumed from" in out.stdout and "step_00000002" in out.stdout
+    ref, got = losses(tp2_run), losses(tmp_path / "run")
     assert sorted(got) == list(range(1, 7))
     for step in range(3, 7):
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, got)
+    assert sample_ids(tmp_path / "run") == sample_ids(tp2_run)
 
 
-def test_checkpoint_saved_at_tp2_resumes_at_tp1_with_optimizer_state(runs, tmp_path, data_dir):
-    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
-    run_train(recipe, [*MEGATRON, "backend.tensor_parallel=2", "train.steps=6", "checkpoint.every=3"], nproc=2)
-    # Drop the final checkpoint so the TP=1 run resumes from step 3 and recomputes 4..6.
-    import shutil
-
-    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000006")
-    log = (tmp_path / "run" / "train_log.jsonl")
-    log.write_text("".join(line for line in log.read_text().splitlines(True) if json.loads(line)["step"] <= 3))
-    out = run_train(recipe, [*MEGATRON, "backend.tensor_parallel=1"], nproc=1)
-    assert "resumed from" in out.stdout and "step_00000003" in out.stdout
-    ref, got = losses(runs("megatron_tp2")), losses(tmp_path / "run")
-    for step in range(4, 7):  # Adam moments came along: the curve continues, not restarts
+def test_checkpoint_saved_at_tp2_resumes_at_tp1_with_optimizer_state(tp2_run, tmp_path, data_dir):
+    """The TP=2 run's step-2 checkpoint, resumed on one rank at TP=1: steps 3..6 recomputed."""
+    out = run_train(resume_copy(tp2_run, tmp_path, data_dir), [*MEGATRON, "backend.tensor_parallel=1",
+                                                                "train.micro_batch=8"], nproc=1)
+    assert "resumed from" in out.stdout and "step_00000002" in out.stdout
+    ref, got = losses(tp2_run), losses(tmp_path / "run")
+    assert sorted(got) == list(range(1, 7))
+    for step in range(3, 7):  # Adam moments came along: the curve continues, not restarts
         assert got[step] == pytest.approx(ref[step], rel=1e-4), (step, ref, got)
     meta = json.loads((tmp_path / "run" / "checkpoints" / "step_00000006" / "meta.json").read_text())
     assert meta["layout"] == {"tp": 1, "pp": 1, "dp": 1} and meta["backend"] == "megatron"
 
 
-def test_export_of_a_tp2_checkpoint_gives_the_logged_eval_loss(runs, tmp_path):
+def test_export_of_a_tp2_checkpoint_gives_the_logged_eval_loss(tp2_run, tmp_path):
     from pargo_dist import build
     from pargo_dist.config import load_config
     from pargo_dist.generate import load_exported
     from pargo_dist.constants import IGNORE_INDEX
 
-    run_dir = runs("megatron_tp2")
+    run_dir = tp2_run
     subprocess.run([sys.executable, "-m", "pargo_dist.cli", "export", str(run_dir), "--out", str(tmp_path / "hf")],
                    check=True, env=env(), capture_output=True)
     model, tok, _ = load_exported(tmp_path / "hf")

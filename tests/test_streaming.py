@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import threading
 import time
 from collections import Counter
@@ -76,6 +77,18 @@ def run(tmp_path: Path, name: str, world: int, data: dict, **spec) -> list[dict]
     out = tmp_path / name
     full = {"words": WORDS, "batch_size": BATCH, "out": str(out),
             "data": {"max_len": 64, "download_retry": 5, "download_timeout": 30, **data}, **spec}
+    if world == 1:  # no process group needed: in this process (streaming reads rank 0 of 1)
+        from support.data_worker import read
+
+        endpoint = full.get("endpoint")
+        saved = os.environ.get("S3_ENDPOINT_URL")
+        try:
+            if endpoint:
+                os.environ["S3_ENDPOINT_URL"] = endpoint
+            return [json.loads(json.dumps(read(full)))]  # as the worker's JSON file would give it
+        finally:
+            if endpoint:
+                os.environ.pop("S3_ENDPOINT_URL") if saved is None else os.environ.update(S3_ENDPOINT_URL=saved)
     spec_path = tmp_path / f"{name}.spec.json"
     spec_path.write_text(json.dumps(full))
     run_ranks(WORKER, [str(spec_path)], world)
@@ -100,16 +113,17 @@ def test_two_ranks_cover_every_sample_once(remote, tmp_path):
 
 
 def test_restored_loader_continues_with_identical_batches(remote, tmp_path):
+    """Two ranks read an epoch, noting the loader state after k batches; a new pair of ranks
+    (new caches) restored from that state reads exactly the batches the first pair read next."""
     data = {"remote": remote, "seed": 7}
-    full = run(tmp_path, "full", 2, {**data, "local": str(tmp_path / "c1")})
     k = 2
-    first = run(tmp_path, "first", 2, {**data, "local": str(tmp_path / "c2")}, take=k)
+    full = run(tmp_path, "full", 2, {**data, "local": str(tmp_path / "c1")}, state_after=k)
     state = tmp_path / "state.json"
-    state.write_text(json.dumps(first[0]["state"]))
-    assert first[0]["state"]["sample_in_epoch"] == k * BATCH * 2
+    state.write_text(json.dumps(full[0]["state"]))
+    assert full[0]["state"]["sample_in_epoch"] == k * BATCH * 2
     rest = run(tmp_path, "rest", 2, {**data, "local": str(tmp_path / "c3")}, state_in=str(state))
     for r in range(2):
-        assert first[r]["batches"] == full[r]["batches"][:k]
+        assert len(full[r]["batches"]) == N // (BATCH * 2) > k
         assert rest[r]["batches"] == full[r]["batches"][k:]  # the identical next batches
 
 
@@ -138,6 +152,7 @@ def test_corrupt_samples_are_replaced_and_counted(tmp_path):
     assert seen[5] == seen[6] == "s007"  # replaced by the next usable sample, in order
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # streaming reading garbage sizes
 def test_a_damaged_shard_is_skipped_and_counted_or_named_never_a_silent_wait(tmp_path):
     """Bytes of a written shard overwritten, or the shard truncated (a bad copy, a full disk):
     records that no longer decode are replaced and counted like corrupt images, with the shard

@@ -94,11 +94,6 @@ class ProjectorConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @property
-    def num_queries(self) -> int:
-        """Visual tokens per image for the query-based projectors."""
-        return self.num_global if self.type == "qformer" else self.num_partial + self.num_global
-
     def cascade_schedule(self) -> list[int]:
         """Partial-query group size for every layer (P for "all")."""
         P = self.num_partial

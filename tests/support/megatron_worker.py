@@ -1,15 +1,19 @@
-"""One rank of a megatron-backend check, started by tests/test_megatron.py via run_ranks.
+"""The ranks of megatron-backend checks, started by tests/test_megatron.py via run_ranks. One
+start runs several cases in turn (the model-parallel groups are rebuilt between them), so the
+ranks pay their imports once.
 
-    python megatron_worker.py logits  OUT MODEL_TYPE TP
-    python megatron_worker.py grads   OUT TP PP RECIPE [KEY=VALUE ...]
+    python megatron_worker.py logits  OUT MODEL_TYPE:TP [MODEL_TYPE:TP ...]
+    python megatron_worker.py grads   OUT RECIPE TP:PP:TIED [TP:PP:TIED ...]
 
 `logits`: a random tiny HF causal LM (Llama or Qwen2) converted to this rank's GPTModel shard;
 rank 0 writes the largest |HF logits - megatron logits| and whether HF -> megatron -> HF gives
 back identical tensors.
-`grads`: the tiny ParGo MLLM of RECIPE on one batch, through MegatronBackend at TP x PP, and
+`grads`: the tiny ParGo MLLM of RECIPE on one batch, through MegatronBackend at TP x PP (the
+rest of the ranks data parallel, each replica on the same batch), and
 the same HF model on rank 0 as the reference (what the DeepSpeed backend computes: HF's loss
 normalised by the answer-token count). Rank 0 writes loss and gradient differences for the
 projector and every LLM weight (megatron grads converted back to HF names).
+OUT gets one JSON object per case, keyed by the case as given.
 """
 
 from __future__ import annotations
@@ -35,7 +39,9 @@ from pargo_dist.backends.megatron_convert import hf_state_from_megatron, megatro
 
 
 def init(tp: int, pp: int = 1) -> None:
-    dist.init_process_group("gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                              order="tp-pp-dp")
     tensor_parallel.model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
@@ -61,7 +67,7 @@ def gather_shards(local: dict, tp_rank: int, pp_rank: int) -> dict:
     return dict(everything)
 
 
-def check_logits(out: str, model_type: str, tp: int) -> None:
+def check_logits(model_type: str, tp: int) -> dict | None:
     from megatron.core.transformer import TransformerConfig
 
     from pargo_dist.backends.megatron_model import build_gpt, causal_padding_mask
@@ -91,9 +97,9 @@ def check_logits(out: str, model_type: str, tp: int) -> None:
         if getattr(hf.config, "tie_word_embeddings", False):
             original = {k: v for k, v in original.items() if k != "lm_head.weight"}
         identical = sorted(back) == sorted(original) and all(torch.equal(back[k], original[k]) for k in original)
-        json.dump({"max_abs_diff": float((logits - ref)[real].abs().max()), "logit_scale": float(ref.abs().max()),
-                   "round_trip_identical": identical, "keys": len(original)}, open(out, "w"))
-    dist.destroy_process_group()
+        return {"max_abs_diff": float((logits - ref)[real].abs().max()), "logit_scale": float(ref.abs().max()),
+                "round_trip_identical": identical, "keys": len(original)}
+    return None
 
 
 def batch_for(model, tokenizer, n: int = 3, seq: int = 40):
@@ -114,7 +120,7 @@ def batch_for(model, tokenizer, n: int = 3, seq: int = 40):
                  num_samples=n, num_tokens=int(mask.sum()), num_targets=count_targets(labels))
 
 
-def check_grads(out: str, tp: int, pp: int, recipe: str, overrides: list[str]) -> None:
+def check_grads(tp: int, pp: int, recipe: str, overrides: list[str]) -> dict | None:
     from pargo_dist import build
     from pargo_dist.backends.megatron import MegatronBackend
     from pargo_dist.config import load_config
@@ -122,6 +128,7 @@ def check_grads(out: str, tp: int, pp: int, recipe: str, overrides: list[str]) -
     cfg = load_config(recipe, ["backend.name=megatron", f"backend.tensor_parallel={tp}",
                                f"backend.pipeline_parallel={pp}", "optim.clip_grad=0", *overrides])
     backend = MegatronBackend(cfg)
+    parallel_state.destroy_model_parallel()  # the previous case's layout
     backend.init_distributed()
     tokenizer = build.build_tokenizer(cfg)
     model = build.build_model(cfg, tokenizer)
@@ -136,14 +143,17 @@ def check_grads(out: str, tp: int, pp: int, recipe: str, overrides: list[str]) -
               for rows in (slice(0, 2), slice(2, None))]
     loss_sum = backend._run_schedule(halves, 1.0 / targets, forward_only=False)
     backend.ddp.finish_grad_sync()
-    dist.all_reduce(loss_sum)
+    dist.all_reduce(loss_sum)  # every data-parallel replica ran the same batch: counted dp times
+    dp = parallel_state.get_data_parallel_world_size()
     backend.optimizer.prepare_grads()  # main_grad -> grad, as step() does first
     grad_norm = backend.optimizer.get_grad_norm()  # megatron's, over TP/PP shards without duplicates
     stage = backend.model
     grads = {f"language_model.{k}": p.main_grad for k, p in stage.language_model.named_parameters()}
     tp_rank, pp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
     shards = gather_shards({k.removeprefix("language_model."): v for k, v in grads.items()}, tp_rank, pp_rank)
-    projector = {n: p.main_grad.clone() for n, p in stage.projector.named_parameters()} if stage.pre_process else None
+    first_replica = parallel_state.get_data_parallel_rank() == 0  # the others hold the same gradients
+    projector = ({n: p.main_grad.clone() for n, p in stage.projector.named_parameters()}
+                 if stage.pre_process and first_replica else None)
     projectors = [None] * dist.get_world_size()
     dist.all_gather_object(projectors, projector)
     if dist.get_rank() == 0:
@@ -158,18 +168,29 @@ def check_grads(out: str, tp: int, pp: int, recipe: str, overrides: list[str]) -
         ref_proj = {n: p.grad for n, p in reference.projector.named_parameters()}
         proj_diffs = [max(float((pg[n] - g).abs().max()) for n, g in ref_proj.items()) for pg in projectors if pg]
         ref_norm = torch.cat([p.grad.flatten() for p in reference.parameters() if p.grad is not None]).norm()
-        json.dump({"loss": float(loss_sum) / targets, "ref_loss": float(ref_out.loss),
+        return {"loss": float(loss_sum) / dp / targets, "ref_loss": float(ref_out.loss),
                    "grad_norm": float(grad_norm), "ref_grad_norm": float(ref_norm),
                    "llm_grad_max_diff": llm_diff, "llm_grad_scale": max(float(g.abs().max()) for g in ref_llm.values()),
                    "projector_grad_max_diff": max(proj_diffs), "projector_copies": len(proj_diffs),
                    "projector_grad_scale": max(float(g.abs().max()) for g in ref_proj.values()),
-                   "llm_tensors_compared": sum(n in hf_grads for n in ref_llm)}, open(out, "w"))
-    dist.destroy_process_group()
+                   "llm_tensors_compared": sum(n in hf_grads for n in ref_llm)}
+    return None
 
 
 if __name__ == "__main__":
     mode, out, *rest = sys.argv[1:]
+    results = {}
     if mode == "logits":
-        check_logits(out, rest[0], int(rest[1]))
+        for case in rest:
+            model_type, tp = case.split(":")
+            results[case] = check_logits(model_type, int(tp))
     else:
-        check_grads(out, int(rest[0]), int(rest[1]), rest[2], rest[3:])
+        recipe, *cases = rest
+        for case in cases:
+            tp, pp, tied = case.split(":")
+            extra = ["model.llm.config.tie_word_embeddings=true"] if tied == "tied" else []
+            results[case] = check_grads(int(tp), int(pp), recipe, extra)
+    if dist.get_rank() == 0:
+        json.dump(results, open(out, "w"))
+    dist.barrier()
+    dist.destroy_process_group()
