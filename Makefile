@@ -7,12 +7,18 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: install test demo bench study clean
 
+# Byte-code: pip would compile every module of the 2 GB stack at install (~90 s on 2 cores, most
+# never imported); with --no-compile Python compiles a module the first time it is imported and
+# keeps the result. PYTHONDONTWRITEBYTECODE (set in some environments, this one's included) would make
+# every process compile again, so it is cleared for the commands below.
+export PYTHONDONTWRITEBYTECODE :=
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/python -m pip install -q --no-compile -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 test: $(STAMP)
