@@ -90,14 +90,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import os
 
-    from pargo_dist.config import DEFAULT_RECIPE, load_config
-    from pargo_dist.data.synthetic import prepare_for_recipe
+    from pargo_dist.config import DEFAULT_RECIPE
+    from pargo_dist.launch import prepare_training
 
     if args.recipe and "=" in args.recipe:  # no recipe named: the first word is an override
         args.overrides.insert(0, args.recipe)
         args.recipe = None
-    cfg = load_config(args.recipe, args.overrides)  # fails here, before any rank starts
-    prepare_for_recipe(cfg)  # the built-in synthetic data, if the recipe asks and it is absent
+    ranks = int(os.environ.get("WORLD_SIZE", args.nproc)) if "LOCAL_RANK" in os.environ else args.nproc
+    cfg = prepare_training(args.recipe, args.overrides, ranks)  # fails here, before any rank starts
     if "LOCAL_RANK" not in os.environ and args.nproc > 1:
         from pargo_dist.launch import launch
 

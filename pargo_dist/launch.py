@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 from pargo_dist.errors import UserError
 from pargo_dist.signals import hold_signals, release_signals
@@ -130,15 +133,38 @@ def single_process_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-def _prepare_training(train_args: list[str]) -> None:
-    """Check the recipe and write its synthetic data (if it asks and it is absent) before the ranks
-    start, so that no rank waits on another for it."""
+def check_layout_fits(cfg, world: int) -> None:
+    """What can be refused before any rank starts, once the rank count is known: a megatron
+    layout that does not divide the ranks or the LLM (heads, layers). The backend checks the
+    built model again; this only spares a job its start-up (and on a cluster, its queue wait)."""
+    b = cfg.backend
+    if b.name != "megatron":
+        return
+    model_parallel = b.tensor_parallel * b.pipeline_parallel
+    if world % model_parallel:
+        raise UserError(f"{world} rank(s) do not divide into tensor_parallel x pipeline_parallel = {b.tensor_parallel} "
+                        f"x {b.pipeline_parallel}: launch a multiple of {model_parallel} ranks")
+    llm = dict(cfg.model.llm.config)
+    config_json = Path(cfg.model.llm.path or "") / "config.json"
+    if not llm and cfg.model.llm.path and config_json.is_file():
+        llm = json.loads(config_json.read_text())
+    if llm:
+        from pargo_dist.backends.megatron_layout import check_layout
+
+        check_layout(SimpleNamespace(**{"model_type": "llama", **llm}), b.tensor_parallel, b.pipeline_parallel)
+
+
+def prepare_training(recipe: str | None, overrides: list[str], world: int):
+    """Before the ranks of a training run start: read and check the recipe (a bad one is said
+    once, here), check its layout against the rank count, and write its synthetic data if it
+    asks and it is absent, so that no rank waits on another for it. Returns the config."""
     from pargo_dist.config import load_config
     from pargo_dist.data.synthetic import prepare_for_recipe
 
-    recipe = train_args[0] if train_args and "=" not in train_args[0] else None
-    overrides = train_args[1:] if recipe else train_args
-    prepare_for_recipe(load_config(recipe, [a for a in overrides if not a.startswith("--")]))
+    cfg = load_config(recipe, overrides)
+    check_layout_fits(cfg, world)
+    prepare_for_recipe(cfg)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pargo-dist launch: error: {err}", file=sys.stderr)
             return 2
         args.nnodes, args.node_rank, args.master = rdzv.nnodes, rdzv.node_rank, rdzv.master
+    recipe = rest[0] if rest and "=" not in rest[0] else None
     try:
-        _prepare_training(rest)
+        prepare_training(recipe, [a for a in rest[1 if recipe else 0:] if not a.startswith("--")],
+                         args.nproc * args.nnodes)
     except UserError as err:  # a bad recipe: said once, here, before any rank starts
         print(f"pargo-dist launch: error: {err}", file=sys.stderr)
         return 2

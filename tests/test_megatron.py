@@ -170,7 +170,13 @@ def test_megatron_recipe_errors_name_the_key(grad_recipe):
         load_config(grad_recipe, [*MEGATRON, "data.train.pack=true"])
     with pytest.raises(ConfigError, match="backend.name=megatron"):
         load_config(grad_recipe, ["backend.tensor_parallel=2"])
-    out = subprocess.run([sys.executable, "-m", "pargo_dist.cli", "train", str(grad_recipe), *MEGATRON,
-                          "backend.tensor_parallel=3", "--nproc", "3"], capture_output=True, text=True, env=env(),
-                         timeout=300)
-    assert out.returncode != 0 and "not divisible by tensor parallel size 3" in out.stdout + out.stderr
+    def train(*args):  # refused by the command line, before any rank starts
+        return subprocess.run([sys.executable, "-m", "pargo_dist.cli", "train", str(grad_recipe), *MEGATRON, *args],
+                              capture_output=True, text=True, env=env(), timeout=300)
+
+    out = train("backend.tensor_parallel=3", "--nproc", "3")
+    assert out.returncode == 2 and "num_attention_heads=4 is not divisible by tensor parallel size 3" in out.stderr
+    assert "Traceback" not in out.stderr and "started" not in out.stdout
+    out = train("backend.tensor_parallel=2", "--nproc", "3")
+    assert out.returncode == 2 and "3 rank(s) do not divide into tensor_parallel x pipeline_parallel = 2 x 1" \
+        in out.stderr

@@ -44,8 +44,8 @@ from megatron.core.optimizer.optimizer_config import ParamKey  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 
-from pargo_dist.backends.megatron_convert import check_layout, megatron_state_from_hf, \
-    transformer_config_kwargs  # noqa: E402
+from pargo_dist.backends.megatron_convert import megatron_state_from_hf, transformer_config_kwargs  # noqa: E402
+from pargo_dist.backends.megatron_layout import check_layout  # noqa: E402
 from pargo_dist.backends.megatron_model import ParGoMegatron  # noqa: E402
 from pargo_dist.batch import Batch  # noqa: E402
 from pargo_dist.checkpoint import MEGATRON_DIR  # noqa: E402

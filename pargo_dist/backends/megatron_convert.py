@@ -24,13 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pargo_dist.errors import UserError
-
-LLAMA_FAMILY = ("llama", "qwen2", "mistral")
-
-
-class ConversionError(UserError):
-    """The HF model (or the requested layout) cannot be expressed as our megatron GPTModel."""
+from pargo_dist.backends.megatron_layout import ConversionError, check_layout
 
 
 def _head_dim(cfg) -> int:
@@ -39,30 +33,6 @@ def _head_dim(cfg) -> int:
 
 def _qkv_bias(cfg) -> bool:
     return cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False))
-
-
-def check_layout(cfg, tp: int, pp: int) -> None:
-    """Why this model cannot be split TP x PP, as an error naming the numbers."""
-    if cfg.model_type not in LLAMA_FAMILY:
-        raise ConversionError(f"model_type {cfg.model_type!r} is not supported by the megatron backend "
-                              f"(supported: {', '.join(LLAMA_FAMILY)})")
-    kv = cfg.num_key_value_heads or cfg.num_attention_heads
-    for what, n in (("num_attention_heads", cfg.num_attention_heads), ("num_key_value_heads", kv),
-                    ("intermediate_size", cfg.intermediate_size), ("vocab_size", cfg.vocab_size)):
-        if n % tp:
-            hint = " (pad it: a vocab that is a multiple of 64 * TP is usual)" if what == "vocab_size" else ""
-            raise ConversionError(f"{what}={n} is not divisible by tensor parallel size {tp}{hint}")
-    if cfg.num_hidden_layers % pp:
-        raise ConversionError(f"num_hidden_layers={cfg.num_hidden_layers} is not divisible by pipeline "
-                              f"parallel size {pp}")
-    scaling = getattr(cfg, "rope_scaling", None) or {}
-    kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
-    if kind not in (None, "default", "llama3"):
-        raise ConversionError(f"rope_scaling type {kind!r} is not supported (default and llama3 are)")
-    if kind == "llama3" and (scaling.get("low_freq_factor", 1.0) != 1.0 or scaling.get("high_freq_factor", 4.0) != 4.0
-                             or scaling.get("original_max_position_embeddings", 8192) != 8192):
-        raise ConversionError(f"rope_scaling {scaling}: megatron-core implements Llama-3.1 scaling with "
-                              "low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=8192 only")
 
 
 def transformer_config_kwargs(cfg) -> dict[str, Any]:
