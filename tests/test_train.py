@@ -81,7 +81,7 @@ def test_elastic_resume_two_ranks_to_one_continues_without_repeats(reference, re
     got, ref = losses(run_dir), losses(reference(3, "finetune"))
     assert sorted(got) == [3, 4, 5, 6]
     assert got[3] == pytest.approx(ref[3], rel=1e-4)  # the weights came back exactly
-    assert got[6] < ref[1]
+    assert got[4] < got[3] and got[6] < got[4]  # and training goes on from them (the fp32 master copies too)
 
 
 def test_export_round_trip_matches_the_logged_eval_loss(reference, tmp_path):
