@@ -1,0 +1,185 @@
+"""Start-up of a pretrained backbone: peak host memory per rank and the time to the first step.
+
+What a new user does at scale, shrunk to a CPU: a random Llama of a chosen size is saved by
+transformers as bf16 safetensors (as the hub ships checkpoints), named as `model.llm.path` of a
+small recipe, and trained for one step by `pargo-dist train` on 1 and 2 ranks with each
+backend: megatron TP=1 / TP=2, DeepSpeed ZeRO-3 in fp32 and bf16 (with and without
+`backend.zero_init`). Per case:
+
+  peak GiB   the largest rank's peak resident memory (VmHWM, polled from /proc) until its first
+             step is logged
+  x model    that peak minus the baseline, divided by the whole model in fp32 (4 bytes x params):
+             how many copies of the whole model one rank held at its worst
+  baseline   the same case with a 2-layer toy LLM instead of the checkpoint: imports, tower,
+             projector, buffers (what a rank holds without the model)
+  first step seconds from the launch to the first progress line (model build and load included)
+
+    .venv/bin/python benchmarks/startup.py                        # ~300M parameters, every case
+    .venv/bin/python benchmarks/startup.py --hidden 512 --layers 8 --cases megatron-tp2 zero3-bf16-2
+
+A case that fails prints its last error line in the table instead of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+GiB = 2**30
+
+RECIPE = """
+run: {{dir: {run}, seed: 0}}
+model:
+  vision:
+    config: {{model_type: clip_vision_model, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2,
+             num_attention_heads: 4, image_size: 32, patch_size: 8}}
+    feature_layer: -1
+  llm: {llm}
+  projector: {{num_partial: 8, num_global: 2, depth: 1, width: 64, heads: 4, ffn: 128}}
+  tokenizer: synthetic
+data:
+  synthetic: {{num_samples: 64, image_size: 48}}
+  train: {{local: {data}, max_len: 96, num_canonical_nodes: 1}}
+train: {{stage: finetune, steps: 2, micro_batch: 1, eval_every: 0, sample_every: 0, hang_timeout_s: 0}}
+checkpoint: {{every: 0}}
+logging: {{every: 1, tensorboard: false}}
+"""
+TOY_LLM = ("{config: {model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
+           "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 256}}")
+
+# name -> (ranks, overrides)
+CASES = {
+    "megatron-tp1": (1, ["backend.name=megatron", "backend.tensor_parallel=1"]),
+    "megatron-tp2": (2, ["backend.name=megatron", "backend.tensor_parallel=2"]),
+    "zero3-fp32-1": (1, ["backend.zero_stage=3", "train.precision=fp32"]),
+    "zero3-fp32-2": (2, ["backend.zero_stage=3", "train.precision=fp32"]),
+    "zero3-bf16-1": (1, ["backend.zero_stage=3", "train.precision=bf16"]),
+    "zero3-bf16-2": (2, ["backend.zero_stage=3", "train.precision=bf16"]),
+    "zero3-bf16-2-init": (2, ["backend.zero_stage=3", "train.precision=bf16", "backend.zero_init=true"]),
+}
+
+
+def save_llama(out: Path, hidden: int, layers: int, intermediate: int, vocab: int) -> int:
+    """A random Llama saved by transformers in bf16 safetensors; returns its parameter count."""
+    import torch
+
+    import pargo_dist  # noqa: F401  (its torchvision shim, before transformers imports torchvision)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    heads = max(hidden // 64, 2)
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1), vocab_size=vocab,
+                         max_position_embeddings=512, torch_dtype="bfloat16")
+    with torch.device("meta"):
+        params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="200MB")
+    del model
+    return params
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def vm_hwm(pid: int) -> int:
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_case(recipe: Path, ranks: int, overrides: list[str], timeout: float) -> dict:
+    """Launch, poll every rank's peak RSS until the first step is logged (or the run ends)."""
+    cmd = [sys.executable, "-m", "pargo_dist.cli", "train", str(recipe), *overrides, "--nproc", str(ranks)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # line by line
+    reader.start()
+    peaks: dict[int, int] = {}
+    first = None
+    while time.monotonic() - start < timeout:
+        rank_pids = children(proc.pid) if ranks > 1 else [proc.pid]
+        for pid in rank_pids:
+            peaks[pid] = max(peaks.get(pid, 0), vm_hwm(pid))
+        if any(line.startswith("step 1/") for line in list(lines)):
+            first = time.monotonic() - start
+            break
+        if proc.poll() is not None:
+            reader.join(timeout=5)
+            break
+        time.sleep(0.05)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    if first is None:
+        errors = [line for line in lines if "Error" in line or "error" in line] or lines[-1:] or ["timed out"]
+        return {"error": errors[-1].strip()[:90]}
+    return {"peak": max(peaks.values(), default=0), "first": first}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=20)
+    ap.add_argument("--intermediate", type=int, default=2816)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per case")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="pargo-startup-") as tmp:
+        tmp = Path(tmp)
+        params = save_llama(tmp / "llama", args.hidden, args.layers, args.intermediate, args.vocab)
+        fp32 = 4 * params
+        print(f"random Llama: {params / 1e6:.0f}M parameters, hidden {args.hidden}, {args.layers} layers, saved as "
+              f"bf16 safetensors ({sum(f.stat().st_size for f in (tmp / 'llama').glob('*.safetensors')) / GiB:.2f} "
+              f"GiB); whole model in fp32 {fp32 / GiB:.2f} GiB", flush=True)
+        rows = []
+        for name in args.cases:
+            ranks, overrides = CASES[name]
+            results = {}
+            for kind, llm in (("model", f"{{path: {tmp / 'llama'}}}"), ("baseline", TOY_LLM)):
+                recipe = tmp / f"{name}-{kind}.yaml"
+                recipe.write_text(RECIPE.format(run=tmp / f"run-{name}-{kind}", llm=llm, data=tmp / "data"))
+                results[kind] = run_case(recipe, ranks, overrides, args.timeout)
+            rows.append((name, ranks, results))
+            model, base = results["model"], results["baseline"]
+            if "error" in model:
+                print(f"{name:<20} {ranks} rank(s): {model['error']}", flush=True)
+            else:
+                print(f"{name:<20} {ranks} rank(s): peak {model['peak'] / GiB:.2f} GiB, first step "
+                      f"{model['first']:.1f} s", flush=True)
+
+    print("\n| case | ranks | peak GiB (largest rank) | x whole fp32 model | baseline GiB | first step s |")
+    print("|---|---|---|---|---|---|")
+    for name, ranks, results in rows:
+        model, base = results["model"], results["baseline"]
+        if "error" in model:
+            print(f"| {name} | {ranks} | fails: {model['error']} | | | |")
+            continue
+        base_peak = base.get("peak", 0)
+        print(f"| {name} | {ranks} | {model['peak'] / GiB:.2f} | {(model['peak'] - base_peak) / fp32:.2f} | "
+              f"{base_peak / GiB:.2f} | {model['first']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
