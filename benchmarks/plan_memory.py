@@ -9,7 +9,7 @@ counted) minus its RSS before the model was built; the largest rank is reported.
 `pargo_dist.plan.estimate.model_state_bytes` for fp32, what stays resident after a step: weights and
 optimizer state, and for ZeRO-3 the gradient partitions and the parameters it keeps gathered
 (`zero3_live_bytes`; ZeRO-1/2 free their gradients at the end of the step, the planner's total
-counts them as part of the backward's peak). ZeRO-3 runs build under zero.Init.
+counts them as part of the backward's peak).
 Also shown: the planner's bf16 figure (what a GPU
 run holds) next to DeepSpeed's own estimators for bf16/fp16 on GPU
 (`estimate_zero2_model_states_mem_needs` for ZeRO-1/2, it has none for 1; and
@@ -81,8 +81,7 @@ def worker(size: str, zero: int) -> None:
     backend.init_distributed()
     tokenizer = build.build_tokenizer(cfg)
     before = settle()
-    with backend.model_init_context():
-        model = build.build_model(cfg, tokenizer)
+    model = build.build_model(cfg, tokenizer)
     model.freeze(cfg.train.stage)
     backend.setup(model)
     del model

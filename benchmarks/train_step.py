@@ -11,7 +11,7 @@ same frozen parts), on the same batch; the DeepSpeed ones under the same DeepSpe
   pargo_dist      our loop: `Trainer.train_step` itself (global target-token count, its
                   all-reduces, the loss normalisation), over the backend `make_backend(cfg)`
                   gives, set up as `build_trainer` does it (init_distributed, the model built
-                  in its model_init_context, frozen for the stage, `backend.setup`, which builds
+                  frozen for the stage, `backend.setup`, which builds
                   the optimizer and LR schedule): here backend.name=deepspeed.
   megatron        the same, with backend.name=megatron at TP=1, PP=1 (one process): the LLM is
                   converted to a megatron-core GPTModel, megatron DDP + its optimizer (on GPU:
@@ -181,7 +181,7 @@ def timed_loop(step, warmup: int, steps: int) -> list[float]:
 
 def run_pargo(cfg, model, batch, args, backend) -> list[float]:
     """Trainer.train_step over `backend` (already through init_distributed, model built in its
-    model_init_context and frozen, as build_trainer does); setup builds the optimizer and LR
+    frozen, as build_trainer does); setup builds the optimizer and LR
     schedule. The step count advances as in Trainer.run."""
     from pargo_dist.checkpoint import CheckpointManager
     from pargo_dist.metrics import MetricsLogger
@@ -276,7 +276,6 @@ def run_one(size: str, contender: str, args) -> dict:
 
     single_process_env()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import contextlib
 
     from pargo_dist.build import build_model, init_freeze_and_adapt
     from pargo_dist.data.tokenizer import synthetic_tokenizer
@@ -294,15 +293,12 @@ def run_one(size: str, contender: str, args) -> dict:
     if contender in ("pargo_dist", "megatron", "finetune", "lora"):  # as build_trainer: the backend joins
         backend = make_backend(cfg)
         backend.init_distributed()
-        init_context = backend.model_init_context()
     else:
         from pargo_dist.backends.deepspeed import init_distributed
 
         init_distributed()
-        init_context = contextlib.nullcontext()
     tokenizer = synthetic_tokenizer()
-    with init_context:
-        model = build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer)
     init_freeze_and_adapt(model, cfg)  # frozen parts, LoRA adapters: as build_trainer
     n = batch_size(size, args)
     batch = fixed_batch(model, tokenizer, n, seed=cfg.run.seed, text_tokens=TEXT_TOKENS_OF.get(size, TEXT_TOKENS))

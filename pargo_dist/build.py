@@ -31,9 +31,23 @@ def build_tokenizer(cfg: Config):
     return load_tokenizer(m.tokenizer)
 
 
-def build_model(cfg: Config, tokenizer, seed: int | None = None) -> ParGoForConditionalGeneration:
+def llm_vocab_size(cfg: Config, tokenizer) -> int | None:
+    """The vocabulary a pretrained LLM needs for this tokenizer: its own, or, when the tokenizer
+    added tokens (<image>), the tokenizer's padded to a multiple of 64 so that tensor parallelism
+    still splits it (Llama-3: 128256 + 1 would not). None for a config-only LLM."""
+    if not cfg.model.llm.path:
+        return None
+    own = AutoConfig.from_pretrained(cfg.model.llm.path).vocab_size
+    return own if len(tokenizer) <= own else -(-len(tokenizer) // 64) * 64
+
+
+def build_model(cfg: Config, tokenizer, seed: int | None = None, llm_weights: bool = True,
+                llm_dtype: torch.dtype = torch.float32) -> ParGoForConditionalGeneration:
     """The recipe's model: pretrained parts from paths, random parts from configs (seeded, so
-    every rank and every resume builds the identical initial weights)."""
+    every rank and every resume builds the identical initial weights).
+
+    A pretrained LLM is filled from its checkpoint tensor by tensor as `llm_dtype`, or, with
+    `llm_weights=False`, left on the meta device for a backend that reads its own share."""
     m = cfg.model
     _require_local("model.llm.path", m.llm.path, "HF causal-LM")
     _require_local("model.vision.path", m.vision.path, "HF vision model (CLIP, SigLIP, ...)")
@@ -42,10 +56,10 @@ def build_model(cfg: Config, tokenizer, seed: int | None = None) -> ParGoForCond
     vision = m.vision.path or dict(m.vision.config)
     model = ParGoForConditionalGeneration.from_components(
         vision, llm, projector=dict(m.projector), image_token_id=image_token_id(tokenizer),
+        llm_weights=llm_weights, vocab_size=llm_vocab_size(cfg, tokenizer), llm_dtype=llm_dtype,
         vision_feature_layer=m.vision.feature_layer, vision_drop_cls=m.vision.drop_cls,
         vision_post_layernorm=m.vision.post_layernorm, vision_class=m.vision.class_name)
-    if len(tokenizer) > model.config.text_config.vocab_size:  # <image> added to a pretrained tokenizer
-        # padded to a multiple of 64 so tensor parallelism still splits it (Llama-3: 128256 + 1 would not)
+    if len(tokenizer) > model.config.text_config.vocab_size:  # a config-only LLM smaller than the tokenizer
         model.language_model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
         model.config.text_config.vocab_size = model.get_input_embeddings().num_embeddings
     return model
@@ -79,20 +93,21 @@ def meta_model(cfg: Config) -> ParGoForConditionalGeneration:
             vision_post_layernorm=m.vision.post_layernorm, vision_class=m.vision.class_name)
 
 
-def init_freeze_and_adapt(model: ParGoForConditionalGeneration, cfg: Config) -> list[str]:
+def init_freeze_and_adapt(model: ParGoForConditionalGeneration, cfg: Config, gather=None) -> list[str]:
     """What every rebuild of a run's model does after `build_model`, so training, resume and
     export agree: load the parts model.init_from names (weights from an earlier run), freeze
     what the stage does not train, add LoRA adapters. Returns the keys loaded from init_from.
 
     init_from is applied on a resume and an export too: checkpoints hold only what trains
-    (align, LoRA), so frozen parts that came from init_from must come from there again."""
+    (align, LoRA), so frozen parts that came from init_from must come from there again.
+    `gather`: for parameters partitioned as they were built (ZeRO-3), see Backend.param_gather."""
     loaded = []
     if cfg.model.init_from:
         if not Path(cfg.model.init_from).exists():
             raise UserError(f"model.init_from={cfg.model.init_from} does not exist: point it at a `pargo-dist export` "
                             "directory or a run directory of the earlier stage")
         try:
-            loaded = load_trained_weights(model, cfg.model.init_from, parts=cfg.model.init_parts)
+            loaded = load_trained_weights(model, cfg.model.init_from, parts=cfg.model.init_parts, gather=gather)
         except UserError as err:
             raise UserError(f"model.init_from={cfg.model.init_from}: {err}") from None
     model.freeze(cfg.train.stage)

@@ -145,7 +145,10 @@ class BackendConfig:
     zero_stage: int = 3
     offload_optimizer: bool = False
     offload_params: bool = False
-    zero_init: bool = False  # build the model under zero.Init (models too large for one rank's memory)
+    # ZeRO-3: partition the pretrained LLM as it is read (zero.Init; rank 0 reads each tensor),
+    # so no rank holds it whole; null (auto): when its fp32 copies on a node's ranks would fill
+    # over a quarter of the node's memory (the run says what it chose)
+    zero_init: bool | None = None
     # megatron: world size = tensor_parallel x pipeline_parallel x data-parallel replicas
     tensor_parallel: int = 1  # splits every LLM layer over this many ranks (keep it within a node)
     pipeline_parallel: int = 1  # splits the LLM's layers into this many consecutive stages
@@ -202,9 +205,14 @@ class Config:
         bad = [p for p in self.model.init_parts if p not in PARTS]
         if bad or not self.model.init_parts:
             raise ConfigError(f"model.init_parts={self.model.init_parts}: name one or more of {list(PARTS)}")
-        if self.model.init_from and self.backend.zero_init:
-            raise ConfigError("model.init_from with backend.zero_init=true is not supported yet (the parameters are "
-                              "partitioned as they are built): set backend.zero_init=false")
+        if (self.backend.name == "megatron" and self.model.llm.path and self.model.init_from
+                and "language_model" in self.model.init_parts):
+            raise ConfigError("model.init_parts with language_model and backend.name=megatron: the megatron backend "
+                              "reads the LLM from model.llm.path itself; point model.llm.path at an export of the "
+                              "earlier run instead (`pargo-dist export`)")
+        if self.backend.zero_init and not self.model.llm.path:
+            raise ConfigError("backend.zero_init=true partitions a pretrained LLM (model.llm.path) as it is read; a "
+                              "random-init LLM (model.llm.config) is built whole: set backend.zero_init=null")
         lora = self.model.lora
         if lora.r:
             if lora.r < 0 or lora.alpha <= 0 or not 0 <= lora.dropout < 1:
@@ -215,9 +223,6 @@ class Config:
                                   "align trains no LLM weights, full trains all of them")
             if self.backend.name != "deepspeed":
                 raise ConfigError("model.lora needs backend.name=deepspeed (megatron trains the whole LLM)")
-            if self.backend.zero_init:
-                raise ConfigError("model.lora with backend.zero_init=true is not supported (adapters are added "
-                                  "after the model is built): set backend.zero_init=false")
             if lora.target_modules and lora.target_regex:
                 raise ConfigError("model.lora: give target_modules or target_regex, not both")
         if not (self.model.vision.path or self.model.vision.config):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -281,6 +282,7 @@ def build_trainer(cfg: Config, stop: StopSignal | None = None) -> Trainer:
     from pargo_dist import build
     from pargo_dist.data.dataset import stream_names
 
+    start = time.monotonic()
     stop = stop or StopSignal()  # first: a signal during start-up is honoured at the first step
     # armed before the rendezvous: a node that never shows up is a hang too
     watchdog = HangWatchdog(cfg.train.hang_timeout_s, int(os.environ.get("RANK", 0)))
@@ -294,9 +296,11 @@ def build_trainer(cfg: Config, stop: StopSignal | None = None) -> Trainer:
                                     barrier=dist.barrier)
     resume_from = checkpoints.resolve(cfg.checkpoint.resume)
     tokenizer = build.build_tokenizer(cfg)
-    with backend.model_init_context():
-        model = build.build_model(cfg, tokenizer)
-    loaded = build.init_freeze_and_adapt(model, cfg)
+    model = build.build_model(cfg, tokenizer, llm_weights=not backend.reads_pretrained_llm,
+                              llm_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
+    if backend.reads_pretrained_llm:
+        backend.load_pretrained_llm(model)
+    loaded = build.init_freeze_and_adapt(model, cfg, gather=backend.param_gather)
     if rank == 0 and loaded and resume_from is None:
         print(f"initialised {', '.join(cfg.model.init_parts)} from {cfg.model.init_from} ({len(loaded)} tensors)",
               flush=True)
@@ -319,6 +323,11 @@ def build_trainer(cfg: Config, stop: StopSignal | None = None) -> Trainer:
                             enabled_tensorboard=cfg.logging.tensorboard)
     if rank == 0:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        count = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        trained = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        layout = ", ".join(f"{k} {v}" for k, v in backend.layout().items())
+        print(f"set up in {time.monotonic() - start:.1f} s: {count / 1e6:,.1f}M parameters ({trained / 1e6:,.1f}M "
+              f"trained), {backend.name} ({layout}), {world} rank(s)", flush=True)
     return Trainer(cfg, backend, loader, checkpoints, metrics, stop, model=model, tokenizer=tokenizer,
                    eval_loader=eval_loader, streams=stream_names(cfg.data.train), resume_from=resume_from,
                    watchdog=watchdog)

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from support.pretrained import save_hub_style
 from support.training import run_train, write_recipe
 
 from pargo_dist import build
@@ -82,20 +83,24 @@ def test_lora_config_errors_say_what_to_change(tmp_path, data_dir):
 
 
 def test_lora_zero3_resumes_exactly_and_exports_merged_or_adapters(tmp_path, data_dir):
-    """2 ranks, ZeRO-3: the checkpoint holds adapters + projector (and their Adam state) only; a
-    resume continues the loss curve exactly; the merged export and the adapters export both give
-    the trained model's logits."""
+    """2 ranks, ZeRO-3, a pretrained LLM (bf16 safetensors) partitioned as it is read: the
+    checkpoint holds adapters + projector (and their Adam state) only; a resume (from what a kill
+    after step 2 leaves) continues the loss curve exactly; the merged export and the adapters
+    export both give the trained model's logits."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from pargo_dist.weights import checkpoint_weights
     from pargo_dist.export import export
     from pargo_dist.models import ParGoForConditionalGeneration
+    from pargo_dist.weights import checkpoint_weights
 
     run = tmp_path / "run"
+    llm = [f"model.llm.path={save_hub_style(tmp_path / 'llm', 'llama')}", "model.llm.config={}"]
     recipe = write_recipe(tmp_path / "recipe.yaml", run, data_dir)
-    args = ["model.lora.r=4", "model.lora.alpha=8", "train.steps=3", "checkpoint.every=1", "optim.lr=1e-2"]
-    run_train(recipe, args, nproc=2)
+    args = ["model.lora.r=4", "model.lora.alpha=8", "train.steps=3", "checkpoint.every=1", "optim.lr=1e-2",
+            "backend.zero_init=true", *llm]
+    out = run_train(recipe, args, nproc=2)
+    assert "ZeRO-3: the pretrained LLM is partitioned as it is read" in out.stdout
     step3 = run / "checkpoints" / "step_00000003"
     state = checkpoint_weights(step3)
     assert state and all(".lora_" in k or k.startswith("projector.") for k in state)
@@ -105,7 +110,7 @@ def test_lora_zero3_resumes_exactly_and_exports_merged_or_adapters(tmp_path, dat
     third = [r["train/loss"] for r in rows if r.get("step") == 3 and "train/loss" in r]
     assert len(third) == 2 and third[1] == pytest.approx(third[0], rel=1e-6)
 
-    cfg, tokenizer, trained = lora_model(recipe, ["model.lora.r=4"])
+    cfg, tokenizer, trained = lora_model(recipe, ["model.lora.r=4", *llm])
     missing, unexpected = trained.load_state_dict(checkpoint_weights(step3), strict=False)
     assert not unexpected and all(".lora_" not in k and not k.startswith("projector.") for k in missing)
     want = logits_of(trained, tokenizer, cfg)

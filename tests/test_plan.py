@@ -4,6 +4,7 @@ process memory, and `pargo-dist plan` on the shipped recipes."""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -124,3 +125,39 @@ def test_plan_cli_prints_memory_time_and_the_fitting_layout(capsys):
 def test_plan_cli_bad_override_names_the_key(capsys):
     assert cli.main(["plan", str(RECIPES / "paper-stage2-finetune.yaml"), "train.micro_bach=2"]) == 2
     assert "train.micro_batch" in capsys.readouterr().err
+
+
+def test_start_up_host_memory_follows_how_each_backend_loads_the_checkpoint(capsys):
+    """Per rank: a megatron rank holds its TP x PP share in fp32 before it moves to the GPU; a
+    ZeRO rank that fills the whole LLM holds it in the training precision; ZeRO-3 partitioned as
+    it is read holds one tensor (on rank 0). A layout whose start-up exceeds --host-mem is refused."""
+    from pargo_dist.plan.estimate import GiB, HOST_RESERVE_GIB, startup_host
+
+    cfg = load_config(RECIPES / "qwen2.5-32b-stage2.yaml")
+    s = shapes_of(cfg)
+    hw = Hardware(gpus=64, host_mem_gib=256.0)
+    llm, rest = s.params["language_model"], 4.0 * (s.params["vision_tower"] + s.params["projector"])
+    base = HOST_RESERVE_GIB * GiB + rest
+    whole = startup_host(s, Layout("deepspeed", zero_stage=3, zero_init=False), hw)
+    assert whole["rank_gib"] * GiB == pytest.approx(base + 2.0 * llm)  # bf16: the LLM once per rank
+    assert whole["node_gib"] == pytest.approx(8 * whole["rank_gib"]) and whole["read_gb"] == pytest.approx(16 * llm / 1e9)
+    parts = startup_host(s, Layout("deepspeed", zero_stage=3, zero_init=None), hw)  # auto: 32B x 8 ranks > 64 GiB
+    assert parts["partitioned"] and parts["rank_gib"] * GiB == pytest.approx(base + 6.0 * s.largest_module)
+    assert parts["read_gb"] == pytest.approx(2 * llm / 1e9)  # rank 0 reads it once
+    tp = startup_host(s, Layout("megatron", tp=8, pp=2), hw)
+    stage = (math.ceil(s.llm_layers / 2) * s.llm_layer_params + s.llm_embed_params) / 8
+    assert tp["rank_gib"] * GiB == pytest.approx(base + 4.0 * stage)
+    assert tp["rank_gib"] < parts["rank_gib"] + 4.0 * stage / GiB < whole["rank_gib"]
+
+    assert cli.main(["plan", str(RECIPES / "qwen2.5-32b-stage2.yaml"), "--gpus", "64", "--host-mem", "256",
+                     "backend.zero_init=false"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"start-up: \d+ GiB host memory per node .* of 256 GiB: DOES NOT FIT: set backend.zero_init=true",
+                     out)
+    from dataclasses import replace
+
+    from pargo_dist.plan.estimate import layout_of
+
+    recipe_layout = layout_of(cfg)  # ZeRO-3 with recompute: fits the GPUs
+    assert fits(estimate(cfg, hw, recipe_layout, s), hw)
+    assert not fits(estimate(cfg, hw, replace(recipe_layout, zero_init=False), s), hw)  # not the host

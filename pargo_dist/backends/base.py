@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -32,6 +32,15 @@ class Backend(Protocol):
     """Consecutive ranks that read the same samples: the ranks of one model replica (TP x PP
     under megatron, 1 under ZeRO). The loop counts their samples once."""
 
+    reads_pretrained_llm: bool
+    """True: the backend reads its own share of a pretrained LLM (model.llm.path) itself, in
+    `load_pretrained_llm` (ZeRO-3 partitioned) or `setup` (megatron's TP x PP share), so the model
+    is built with the LLM's weights left on the meta device. False: it arrives with them."""
+
+    param_gather: Callable[[list[torch.nn.Parameter]], AbstractContextManager] | None
+    """A context in which partitioned parameters are whole and writable (to fill them from an
+    earlier run, model.init_from), or None when nothing is partitioned before `setup`."""
+
     generates: bool
     """Whether `module.generate` works during training (sample captions)."""
 
@@ -42,8 +51,10 @@ class Backend(Protocol):
     def init_distributed(self) -> tuple[int, int]:
         """Join the process group (and build the backend's own groups); -> (rank, world size)."""
 
-    def model_init_context(self) -> AbstractContextManager:
-        """The context the model is built in (e.g. ZeRO-3's partitioned init)."""
+    def load_pretrained_llm(self, model: torch.nn.Module) -> None:
+        """Called when `reads_pretrained_llm`, right after the model is built (its LLM on the meta
+        device) and before the stage freezes parts or LoRA wraps the LLM: give the LLM its
+        pretrained weights this backend's way."""
 
     def setup(self, model: torch.nn.Module) -> None:
         """Take the built model, already frozen for its stage, and wrap it with the optimizer,

@@ -13,7 +13,9 @@ rank: on another rank count `load` takes the consolidated weights instead and Ad
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 import warnings
 from typing import Any
@@ -98,16 +100,70 @@ class DeepSpeedBackend:
     def synced_gpus(self) -> bool:
         return self._zero3 and self.world_size > 1
 
-    def model_init_context(self):
-        """Where to build the model: under zero.Init when the recipe asks (too big for one rank)."""
-        if self.cfg.backend.zero_init and self._zero3:
-            return deepspeed.zero.Init(config_dict_or_path=ds_config(self.cfg, self.world_size))
-        import contextlib
+    # -- building the model ---------------------------------------------------------------
 
-        return contextlib.nullcontext()
+    @functools.cached_property
+    def partitioned_build(self) -> bool:
+        """Whether the pretrained LLM is partitioned as it is read (zero.Init), so that no rank
+        ever holds it whole: backend.zero_init, or with `auto` (null), when its fp32 copies on
+        this node's ranks would take over a quarter of the node's memory. Said once, on rank 0,
+        with the numbers it was decided on. ZeRO-3 only; a random-init LLM is built whole."""
+        choice = self.cfg.backend.zero_init
+        if not self._zero3 or not self.cfg.model.llm.path:
+            return False
+        if choice is not None:
+            partitioned, why = choice, f"backend.zero_init={str(choice).lower()}"
+        else:
+            from pargo_dist.hf_checkpoint import HFCheckpoint
+
+            ckpt = HFCheckpoint(self.cfg.model.llm.path)
+            params = sum(math.prod(ckpt.shape(n)) for n in ckpt.names())
+            ckpt.close()
+            ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+            host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            partitioned = 4 * params * ranks > host / 4
+            why = (f"backend.zero_init=auto: {params / 1e9:.2f}B parameters x {ranks} rank(s) on this node in fp32 = "
+                   f"{4 * params * ranks / 2**30:.1f} GiB {'>' if partitioned else '<='} a quarter of its "
+                   f"{host / 2**30:.0f} GiB")
+        if torch.distributed.get_rank() == 0:
+            how = ("partitioned as it is read (zero.Init; rank 0 reads each tensor once)" if partitioned else
+                   "built whole on each rank, then partitioned by DeepSpeed")
+            print(f"ZeRO-3: the pretrained LLM is {how} ({why})", flush=True)
+        return partitioned
+
+    @property
+    def reads_pretrained_llm(self) -> bool:
+        return self.partitioned_build
+
+    @property
+    def param_gather(self):
+        """Where partitioned parameters are whole and writable by rank 0 (init_from fills them)."""
+        if not self.partitioned_build:
+            return None
+        return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+    def load_pretrained_llm(self, model: torch.nn.Module) -> None:
+        """The LLM built under zero.Init (each rank allocates only its partition) and filled one
+        tensor at a time: rank 0 reads it from the safetensors, DeepSpeed scatters it."""
+        from transformers import AutoModelForCausalLM
+
+        from pargo_dist.hf_checkpoint import fill_causal_lm
+
+        with deepspeed.zero.Init(config_dict_or_path=ds_config(self.cfg, self.world_size)):
+            llm = AutoModelForCausalLM.from_config(model.config.text_config)
+        dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
+        fill_causal_lm(llm, self.cfg.model.llm.path, dtype, gather=self.param_gather,
+                       reads=torch.distributed.get_rank() == 0)
+        model.language_model = llm
 
     def setup(self, model: torch.nn.Module) -> None:
         """AdamW with one group per trained part, the warmup-cosine schedule, then DeepSpeed."""
+        if self.cfg.train.precision == "bf16" and self.partitioned_build:
+            # zero.Init made the LLM's partitions bf16; DeepSpeed then takes every other parameter
+            # (tower, projector, LoRA adapters) as it finds it, and its flat buffers need one dtype
+            for param in model.parameters():
+                if not hasattr(param, "ds_id"):
+                    param.data = param.data.to(torch.bfloat16)
         o = self.cfg.optim
         optimizer = torch.optim.AdamW(param_groups(model, self.cfg), betas=tuple(o.betas), eps=o.eps,
                                       weight_decay=o.weight_decay)

@@ -12,16 +12,17 @@ optimizer shards Adam state there on GPU); `finalize_model_grads` also all-reduc
 embedding gradient between the first and last pipeline stage. The loss is normalised by the
 global count of answer tokens, as in the DeepSpeed backend, so both follow the same curve.
 
-Weights enter from the HF model the loop builds (same seed, same pretrained paths, so both
-backends start identically): the LLM is converted to this rank's GPTModel shard and the HF
-copy is dropped to the meta device. Checkpoints use megatron's distributed checkpointing
+Weights: a pretrained LLM (model.llm.path) is never built whole. The loop builds the HF model
+with its LLM on the meta device and this backend reads only this rank's tensor-parallel slice
+and pipeline layers from the safetensors files. A random-init LLM (a config only) comes from
+the HF model the loop builds (same seed, so every layout starts from identical weights),
+converted to this rank's shard. Either way the HF LLM stays on the meta device, for FLOP counts. Checkpoints use megatron's distributed checkpointing
 (model + optimizer, sharded by global tensor coordinates), so a checkpoint saved at one
 TP/PP/DP layout loads at another.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from pathlib import Path
@@ -44,7 +45,8 @@ from megatron.core.optimizer.optimizer_config import ParamKey  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 
-from pargo_dist.backends.megatron_convert import megatron_state_from_hf, transformer_config_kwargs  # noqa: E402
+from pargo_dist.backends.megatron_convert import megatron_state_from_checkpoint, megatron_state_from_hf, \
+    transformer_config_kwargs  # noqa: E402
 from pargo_dist.backends.megatron_layout import check_layout  # noqa: E402
 from pargo_dist.backends.megatron_model import ParGoMegatron  # noqa: E402
 from pargo_dist.batch import Batch  # noqa: E402
@@ -91,6 +93,8 @@ class MegatronBackend:
     name = "megatron"
     generates = False  # captions come from the exported HF model
     synced_gpus = False
+    reads_pretrained_llm = True  # setup() reads this rank's TP x PP share of model.llm.path
+    param_gather = None  # its parameters are never partitioned before setup
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -125,8 +129,8 @@ class MegatronBackend:
     def module(self) -> ParGoMegatron:
         return self.model
 
-    def model_init_context(self):
-        return contextlib.nullcontext()
+    def load_pretrained_llm(self, model) -> None:
+        """Nothing yet: `setup` reads this rank's share when it builds its GPTModel stage."""
 
     # -- model and optimizer ---------------------------------------------------------------
 
@@ -140,10 +144,14 @@ class MegatronBackend:
         first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
         trains_llm = any(p.requires_grad for p in hf_model.language_model.parameters())
         stage = ParGoMegatron(config, hf_model, pre_process=first, post_process=last)
-        shard = megatron_state_from_hf(hf_model.language_model.state_dict(), text, self.tp,
-                                       parallel_state.get_tensor_model_parallel_rank(), self.pp,
-                                       parallel_state.get_pipeline_model_parallel_rank())
+        where = (self.tp, parallel_state.get_tensor_model_parallel_rank(), self.pp,
+                 parallel_state.get_pipeline_model_parallel_rank())
+        if cfg.model.llm.path:  # only this rank's TP slice and PP layers leave the files
+            shard = megatron_state_from_checkpoint(cfg.model.llm.path, text, *where)
+        else:  # a random-init LLM: the seeded HF init, so every layout starts from the same weights
+            shard = megatron_state_from_hf(hf_model.language_model.state_dict(), text, *where)
         stage.language_model.load_state_dict(shard, strict=True)
+        del shard
         stage.language_model.requires_grad_(trains_llm)
         hf_model.language_model.to("meta")  # the HF copy is only needed for FLOP counts now
         stage.to(self.device)

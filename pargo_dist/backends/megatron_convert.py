@@ -133,6 +133,69 @@ def megatron_state_from_hf(hf: dict[str, torch.Tensor], cfg, tp: int = 1, tp_ran
     return out
 
 
+def megatron_state_from_checkpoint(path, cfg, tp: int = 1, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0,
+                                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The same state dict as `megatron_state_from_hf`, read from an HF safetensors checkpoint
+    directory: only this rank's TP slice of each weight and only its PP stage's layers leave the
+    files (`safe_open(...).get_slice`), converted to `dtype`. `cfg` is the model's text config,
+    whose vocabulary may exceed the checkpoint's (grown rows: see hf_checkpoint.read_rows)."""
+    from pargo_dist.hf_checkpoint import HFCheckpoint, read_rows
+
+    check_layout(cfg, tp, pp)
+    ckpt = HFCheckpoint(path)
+    groups = cfg.num_key_value_heads or cfg.num_attention_heads
+    d = _head_dim(cfg)
+    q_per_group = cfg.num_attention_heads // groups * d
+    local_groups = groups // tp
+    hidden, inter, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    first, last = pp_rank == 0, pp_rank == pp - 1
+
+    def part(n: int, rank: int = tp_rank) -> slice:  # this rank's contiguous 1/tp of n
+        return slice(rank * n // tp, (rank + 1) * n // tp)
+
+    def read(name: str, shape: tuple[int, ...], rows: slice | None = None, cols: slice | None = None):
+        return ckpt.read(name, rows=rows, cols=cols, dtype=dtype, expect=shape)
+
+    out: dict[str, torch.Tensor] = {}
+    vocab_rows = part(vocab)
+    if first or (last and tied):
+        embed = read_rows(ckpt, "model.embed_tokens.weight", range(vocab_rows.start, vocab_rows.stop), hidden, dtype)
+        if first:
+            out["embedding.word_embeddings.weight"] = embed
+        if last and tied and not first:  # the last stage keeps its own copy of the tied weight
+            out["output_layer.weight"] = embed.clone()
+    if last:
+        out["decoder.final_layernorm.weight"] = read("model.norm.weight", (hidden,))
+        if not tied:
+            out["output_layer.weight"] = read_rows(ckpt, "lm_head.weight", range(vocab_rows.start, vocab_rows.stop),
+                                                   hidden, dtype)
+    g = slice(tp_rank * local_groups, (tp_rank + 1) * local_groups)
+    for local, layer in enumerate(_layer_range(cfg, pp, pp_rank)):
+        src, dst = f"model.layers.{layer}.", f"decoder.layers.{local}."
+        att = src + "self_attn."
+        q_rows = slice(g.start * q_per_group, g.stop * q_per_group)
+        kv_rows = slice(g.start * d, g.stop * d)
+        for kind in ("weight", "bias"):
+            if att + f"q_proj.{kind}" not in ckpt:
+                continue
+            width = (hidden,) if kind == "weight" else ()
+            q = read(att + f"q_proj.{kind}", (cfg.num_attention_heads * d, *width), rows=q_rows)
+            k = read(att + f"k_proj.{kind}", (groups * d, *width), rows=kv_rows)
+            v = read(att + f"v_proj.{kind}", (groups * d, *width), rows=kv_rows)
+            out[dst + f"self_attention.linear_qkv.{kind}"] = _interleave_qkv(q, k, v, local_groups)
+        out[dst + "self_attention.linear_proj.weight"] = read(att + "o_proj.weight", (hidden, cfg.num_attention_heads * d),
+                                                              cols=part(cfg.num_attention_heads * d))
+        out[dst + "input_layernorm.weight"] = read(src + "input_layernorm.weight", (hidden,))
+        out[dst + "pre_mlp_layernorm.weight"] = read(src + "post_attention_layernorm.weight", (hidden,))
+        gate = read(src + "mlp.gate_proj.weight", (inter, hidden), rows=part(inter))
+        up = read(src + "mlp.up_proj.weight", (inter, hidden), rows=part(inter))
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat([gate, up])
+        out[dst + "mlp.linear_fc2.weight"] = read(src + "mlp.down_proj.weight", (hidden, inter), cols=part(inter))
+    ckpt.close()
+    return out
+
+
 def hf_state_from_megatron(shards: dict[tuple[int, int], dict[str, torch.Tensor]], cfg, tp: int = 1,
                            pp: int = 1) -> dict[str, torch.Tensor]:
     """HF state dict from every (tp_rank, pp_rank) GPTModel state dict (the inverse of the above)."""

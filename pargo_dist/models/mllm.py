@@ -14,10 +14,12 @@ inside the model, padding (left or right), labels and generation line up without
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -30,6 +32,7 @@ from transformers import (
 
 from pargo_dist.constants import IGNORE_INDEX, PARTS, STAGES
 from pargo_dist.errors import UserError
+from pargo_dist.hf_checkpoint import fill_causal_lm
 from pargo_dist.models.projector import (
     MLPProjector,
     ProjectorConfig,
@@ -113,7 +116,9 @@ class ParGoPreTrainedModel(PreTrainedModel):
 class ParGoForConditionalGeneration(ParGoPreTrainedModel):
     """Vision tower + ParGo projector + any AutoModelForCausalLM."""
 
-    def __init__(self, config: ParGoConfig):
+    def __init__(self, config: ParGoConfig, empty_llm: bool = False):
+        """`empty_llm`: build the LLM's parameters on the meta device (no memory, no random init),
+        for weights that come from a checkpoint afterwards (`from_components`, the backends)."""
         super().__init__(config)
         if config.image_token_id is None:
             raise UserError("ParGoConfig.image_token_id is not set: give the id of the image placeholder token")
@@ -133,7 +138,8 @@ class ParGoForConditionalGeneration(ParGoPreTrainedModel):
             config.text_config.hidden_size,
             self.vision_tower.grid,
         )
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        with init_empty_weights(include_buffers=False) if empty_llm else contextlib.nullcontext():
+            self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
 
     # -- construction from pretrained parts -----------------------------------------------
@@ -145,12 +151,27 @@ class ParGoForConditionalGeneration(ParGoPreTrainedModel):
         llm: str | Path | PretrainedConfig | dict,
         projector: dict | ProjectorConfig | None = None,
         image_token_id: int | None = None,
+        llm_weights: bool = True,
+        vocab_size: int | None = None,
+        llm_dtype: torch.dtype = torch.float32,
         **config_kwargs: Any,
     ) -> "ParGoForConditionalGeneration":
         """Assemble from a vision tower and an LLM, each a local directory (pretrained weights)
-        or a config (random weights). The projector always starts from its initialisation."""
+        or a config (random weights). The projector always starts from its initialisation.
+
+        A pretrained LLM is built without weights and filled from its safetensors tensor by
+        tensor, as `llm_dtype` (the peak is one copy of it, not the three that a random init,
+        `from_pretrained` and a copy would hold). `llm_weights=False` leaves it on the meta
+        device, for a backend that reads only its own share (megatron, ZeRO-3 partitioned).
+        `vocab_size`: the LLM's vocabulary when the tokenizer added tokens (grown rows start at
+        the mean of the pretrained ones, see hf_checkpoint.read_rows)."""
         llm_is_path = isinstance(llm, (str, Path))
         text_config = AutoConfig.from_pretrained(str(llm)) if llm_is_path else llm
+        if vocab_size is not None:
+            if isinstance(text_config, dict):
+                text_config = {**text_config, "vocab_size": vocab_size}
+            else:
+                text_config.vocab_size = vocab_size
         config = ParGoConfig(
             vision_config=vision_config_from(vision),
             text_config=text_config,
@@ -158,13 +179,12 @@ class ParGoForConditionalGeneration(ParGoPreTrainedModel):
             image_token_id=image_token_id,
             **config_kwargs,
         )
-        model = cls(config)
+        model = cls(config, empty_llm=llm_is_path)
         if isinstance(vision, (str, Path)):
             pretrained = VisionTower.build(config.vision_config, vision, config.vision_class).model
             model.vision_tower.model.load_state_dict(pretrained.state_dict())
-        if llm_is_path:
-            pretrained = AutoModelForCausalLM.from_pretrained(str(llm), torch_dtype=torch.float32)
-            model.language_model.load_state_dict(pretrained.state_dict())
+        if llm_is_path and llm_weights:
+            fill_causal_lm(model.language_model, llm, llm_dtype)
         return model
 
     # -- HF plumbing -----------------------------------------------------------------------

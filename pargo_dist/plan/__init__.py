@@ -33,6 +33,11 @@ Everything comes from the recipe's model built on the meta device (no weights, n
 - Step time: model FLOPs per sample (pargo_dist.flops, vision tower included) x global batch
   / (GPUs x peak x MFU). The MFU is an input (--mfu, default 0.40), not a promise: measure it
   with benchmarks/train_step.py on your GPUs and pass it here.
+- Start-up host memory per node, and the time to read a bf16 checkpoint at --fs-gbps, as the
+  backends load it (estimate.startup_host): a megatron rank holds its TP x PP share in fp32; a
+  ZeRO rank that fills the whole LLM holds it in the training precision; ZeRO-3 partitioned as
+  it is read (backend.zero_init, auto for large models) holds one tensor. A layout whose start-up
+  exceeds --host-mem (default 1 TiB) does not fit. Measure it with benchmarks/startup.py.
 """
 
 from __future__ import annotations

@@ -30,7 +30,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation to assume (default 0.40)")
     ap.add_argument("--samples", type=float, default=1e6, help="samples per epoch for the time estimate")
     ap.add_argument("--fs-gbps", type=float, default=2.0,
-                    help="checkpoint write bandwidth per node, GB/s (default 2: a parallel filesystem)")
+                    help="filesystem bandwidth per node, GB/s: checkpoint writes and the pretrained weights' reads "
+                    "(default 2: a parallel filesystem)")
+    ap.add_argument("--host-mem", type=float, default=1024.0,
+                    help="host memory per node, GiB (default 1024); a layout whose start-up needs more is refused")
     ap.add_argument("--sample-kb", type=float, default=150.0,
                     help="bytes of one sample in the shards, KB (default 150: a JPEG caption pair)")
     ap.add_argument("--fit", action="store_true", help="also list layouts and the smallest that fits")
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.recipe, args.overrides)
     hw = Hardware(gpus=args.gpus, gpu_mem_gib=args.gpu_mem, peak_tflops=args.peak_tflops, mfu=args.mfu,
-                  gpus_per_node=args.gpus_per_node)
+                  gpus_per_node=args.gpus_per_node, host_mem_gib=args.host_mem, fs_gbps=args.fs_gbps)
     shapes = shapes_of(cfg)
     total = sum(shapes.params.values())
     p = shapes.params
@@ -68,15 +71,17 @@ def run(args: argparse.Namespace) -> int:
         print(f"  data from object storage: {est.samples_per_s / nodes * args.sample_kb / 1e3:,.1f} MB/s per node "
               f"at {args.sample_kb:g} KB per sample")
     if args.fit:
-        print(f"\n{'layout':<34}{'GiB/GPU':>9}{'step s':>9}{'tokens/s':>12}  fits in {hw.gpu_mem_gib:g} GiB")
+        print(f"\n{'layout':<34}{'GiB/GPU':>9}{'host GiB/node':>15}{'step s':>9}{'tokens/s':>12}  fits in "
+              f"{hw.gpu_mem_gib:g} GiB / {hw.host_mem_gib:g} GiB")
         best = None
         for e in options(cfg, hw, shapes):
             ok = fits(e, hw)
             best = best or (e if ok else None)
-            print(f"{e.layout.name():<34}{e.total_gib:>9.1f}{e.step_time_s:>9.2f}{e.tokens_per_s:>12,.0f}  "
-                  f"{'yes' if ok else 'no'}")
+            print(f"{e.layout.name():<34}{e.total_gib:>9.1f}{e.startup['node_gib']:>15,.0f}{e.step_time_s:>9.2f}"
+                  f"{e.tokens_per_s:>12,.0f}  {'yes' if ok else 'no'}")
         if best:
-            print(f"smallest layout that fits: {best.layout.name()} ({best.total_gib:.1f} GiB per GPU; "
+            print(f"smallest layout that fits: {best.layout.name()} ({best.total_gib:.1f} GiB per GPU, "
+                  f"{best.startup['node_gib']:,.0f} GiB host memory per node at start-up; "
                   "layouts are listed cheapest first: least parallelism, no recompute, no offload)")
         else:
             print("nothing fits: lower train.micro_batch, raise --gpus, or turn on activation checkpointing")

@@ -6,13 +6,14 @@ are explained in pargo_dist.plan's docstring.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pargo_dist.errors import UserError
 from pargo_dist.plan.trace import Shapes
 
 GiB = 2**30
 FRAMEWORK_RESERVE_GIB = 2.5
+HOST_RESERVE_GIB = 4.0  # per rank, host side: interpreter, torch, CUDA / NCCL buffers, libraries
 DS_REDUCE_BUCKET = 5e8  # DeepSpeed's default reduce/allgather bucket (elements)
 DS_PREFETCH_BUCKET = 5e7  # stage3_prefetch_bucket_size default
 DS_MAX_LIVE = 1e9  # stage3_max_live_parameters / stage3_max_reuse_distance defaults
@@ -26,6 +27,8 @@ class Hardware:
     peak_tflops: float = H100_BF16_TFLOPS  # dense bf16 per GPU
     mfu: float = 0.40
     gpus_per_node: int = 8
+    host_mem_gib: float = 1024.0  # per node
+    fs_gbps: float = 2.0  # filesystem bandwidth per node (checkpoint writes, pretrained weights' reads)
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Layout:
     recompute: bool = False
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
+    zero_init: bool | None = None  # ZeRO-3 partitions a pretrained LLM as it is read (None: auto)
 
     def name(self) -> str:
         if self.backend == "megatron":
@@ -55,6 +59,7 @@ class Estimate:
     step_time_s: float
     tokens_per_s: float
     samples_per_s: float
+    startup: dict[str, float] = field(default_factory=dict)  # see startup_host
 
     @property
     def total_gib(self) -> float:
@@ -131,6 +136,41 @@ def buffer_bytes(s: Shapes, layout: Layout, world: int, precision: str = "bf16")
     return {"buffers": live + bucket + FRAMEWORK_RESERVE_GIB * GiB}
 
 
+def startup_host(s: Shapes, layout: Layout, hw: Hardware, precision: str = "bf16",
+                 pretrained: bool = True) -> dict[str, float]:
+    """Host memory of start-up and the bytes each node reads from a bf16 checkpoint (2 bytes per
+    parameter), as the backends load a model (pargo_dist/hf_checkpoint.py):
+
+      megatron         each rank reads its TP slice and PP layers, held in fp32 until they move
+                       to the GPU: 4 x stage parameters / TP
+      ZeRO, whole      each rank fills the whole LLM in the training precision (w x P), then
+                       DeepSpeed partitions it; every rank reads the whole checkpoint
+      ZeRO-3, parts    (zero_init; auto when the whole-LLM fills of a node would take over a
+                       quarter of its memory) rank 0 reads one tensor at a time (2 + 4 bytes of
+                       the largest); nobody else reads; each rank holds only its partition, on GPU
+    plus, per rank, the vision tower and projector in fp32 and HOST_RESERVE_GIB. A random-init
+    LLM (no checkpoint) is built whole in fp32 on every rank. Returns GiB per rank and per node,
+    GB read per node, seconds to read them at hw.fs_gbps, and whether ZeRO-3 partitions."""
+    ranks = min(hw.gpus_per_node, hw.gpus)
+    llm = float(s.params["language_model"])
+    rest = 4.0 * float(s.params["vision_tower"] + s.params["projector"])
+    w = 2.0 if precision == "bf16" else 4.0
+    partitioned = False
+    if layout.backend == "megatron":
+        stage = (math.ceil(s.llm_layers / layout.pp) * s.llm_layer_params + s.llm_embed_params) / layout.tp
+        held, reads = (4.0 * stage, 2.0 * stage * ranks) if pretrained else (4.0 * (llm + stage), 0.0)
+    elif not pretrained:
+        held, reads = 4.0 * llm, 0.0
+    else:
+        whole = w * llm
+        auto = 4.0 * llm * ranks > hw.host_mem_gib * GiB / 4
+        partitioned = layout.zero_stage == 3 and (auto if layout.zero_init is None else layout.zero_init)
+        held, reads = (6.0 * s.largest_module, 2.0 * llm) if partitioned else (whole, 2.0 * llm * ranks)
+    per_rank = HOST_RESERVE_GIB * GiB + rest + held
+    return {"rank_gib": per_rank / GiB, "node_gib": per_rank * ranks / GiB, "read_gb": reads / 1e9,
+            "read_s": reads / (hw.fs_gbps * 1e9), "partitioned": float(partitioned)}
+
+
 def estimate(cfg, hw: Hardware, layout: Layout, shapes: Shapes) -> Estimate:
     world = hw.gpus
     if layout.backend == "megatron" and world % (layout.tp * layout.pp):
@@ -147,7 +187,8 @@ def estimate(cfg, hw: Hardware, layout: Layout, shapes: Shapes) -> Estimate:
         step *= 4.0 / 3.0  # the forward of every layer runs twice
     seq = cfg.data.train.max_len
     return Estimate(layout=layout, dp=replicas, memory={k: v / GiB for k, v in mem.items()}, step_time_s=step,
-                    tokens_per_s=global_batch * seq / step, samples_per_s=global_batch / step)
+                    tokens_per_s=global_batch * seq / step, samples_per_s=global_batch / step,
+                    startup=startup_host(shapes, layout, hw, cfg.train.precision, bool(cfg.model.llm.path)))
 
 
 def checkpoint_bytes(s: Shapes, stage: str, precision: str = "bf16", lora: bool = False) -> float:
@@ -162,7 +203,8 @@ def layout_of(cfg) -> Layout:
     b = cfg.backend
     return Layout(backend=b.name, zero_stage=b.zero_stage, tp=b.tensor_parallel, pp=b.pipeline_parallel,
                   offload_optimizer=b.offload_optimizer, recompute=cfg.train.activation_checkpointing,
-                  sequence_parallel=b.sequence_parallel, distributed_optimizer=b.distributed_optimizer)
+                  sequence_parallel=b.sequence_parallel, distributed_optimizer=b.distributed_optimizer,
+                  zero_init=b.zero_init)
 
 
 def candidates(cfg, hw: Hardware) -> list[Layout]:
@@ -176,12 +218,13 @@ def candidates(cfg, hw: Hardware) -> list[Layout]:
                     if tp <= hw.gpus_per_node and hw.gpus % (tp * pp) == 0:
                         out.append(Layout("megatron", tp=tp, pp=pp, recompute=recompute, sequence_parallel=tp > 1))
         return sorted(out, key=lambda lay: (lay.recompute, lay.tp * lay.pp, lay.pp))
-    return [Layout("deepspeed", zero_stage=z, recompute=r, offload_optimizer=o)
+    return [Layout("deepspeed", zero_stage=z, recompute=r, offload_optimizer=o, zero_init=cfg.backend.zero_init)
             for o in (False, True) for r in (False, True) for z in (1, 2, 3)]
 
 
 def fits(est: Estimate, hw: Hardware) -> bool:
-    return est.total_gib <= hw.gpu_mem_gib
+    """In GPU memory, and its start-up in the node's host memory."""
+    return est.total_gib <= hw.gpu_mem_gib and est.startup.get("node_gib", 0.0) <= hw.host_mem_gib
 
 
 def options(cfg, hw: Hardware, shapes: Shapes) -> list[Estimate]:
@@ -197,4 +240,11 @@ def format_estimate(est: Estimate, hw: Hardware) -> str:
     lines.append(f"  {'total':<20}{est.total_gib:>9.2f} GiB   of {hw.gpu_mem_gib:g} GiB: {verdict}")
     lines.append(f"  step {est.step_time_s:.2f} s | {est.tokens_per_s:,.0f} tokens/s | {est.samples_per_s:,.1f} "
                  f"samples/s at MFU {hw.mfu:.0%} of {hw.peak_tflops:g} TFLOP/s")
+    up = est.startup
+    if up:
+        how = " (ZeRO-3 partitions the LLM as rank 0 reads it)" if up["partitioned"] else ""
+        host = "fits" if up["node_gib"] <= hw.host_mem_gib else "DOES NOT FIT: set backend.zero_init=true, or more TP/PP"
+        lines.append(f"  start-up: {up['node_gib']:,.0f} GiB host memory per node ({up['rank_gib']:,.1f} per rank){how} "
+                     f"of {hw.host_mem_gib:g} GiB: {host}; reads {up['read_gb']:,.1f} GB per node from the "
+                     f"checkpoint, ~{up['read_s']:,.0f} s at {hw.fs_gbps:g} GB/s")
     return "\n".join(lines)

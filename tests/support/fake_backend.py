@@ -8,7 +8,6 @@ train_batch at that step (index), e.g. to send the process a signal or raise on 
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +21,8 @@ from pargo_dist.constants import IGNORE_INDEX
 class FakeBackend:
     name = "fake"
     replication = 1
+    reads_pretrained_llm = False
+    param_gather = None
     generates = False
     synced_gpus = False
 
@@ -37,8 +38,8 @@ class FakeBackend:
     def init_distributed(self) -> tuple[int, int]:
         return 0, 1
 
-    def model_init_context(self):
-        return contextlib.nullcontext()
+    def load_pretrained_llm(self, model) -> None:
+        raise AssertionError("never called: reads_pretrained_llm is False")
 
     def setup(self, model) -> None:
         pass

@@ -1,0 +1,35 @@
+"""Pretrained causal LMs as the hub ships them, for tests: random weights saved by transformers
+in bf16 safetensors, in several shards with an index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+LLMS = {
+    # GQA, untied: Llama
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=100, max_position_embeddings=256),
+    # GQA, q/k/v biases, tied embeddings: Qwen2
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=100, max_position_embeddings=256,
+                  tie_word_embeddings=True),
+}
+
+
+def save_hub_style(out: Path, kind: str) -> Path:
+    """A random causal LM saved by transformers in bf16, in several shards with an index."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = dict(LLMS[kind])
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # Qwen2's q/k/v biases start at zero: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    model.to(torch.bfloat16).save_pretrained(out, max_shard_size="100KB")
+    assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
+    return out

@@ -1,0 +1,158 @@
+"""Pretrained LLMs as the hub ships them (bf16 safetensors, several shards, an index): read
+tensor by tensor and slice by slice, never built whole on a megatron rank; errors that name the
+file and the tensor. The reference is transformers' own `from_pretrained` of the same files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from support.pretrained import save_hub_style
+from support.training import losses, run_train, write_recipe
+
+from pargo_dist import build
+from pargo_dist.backends.megatron_convert import megatron_state_from_checkpoint, megatron_state_from_hf
+from pargo_dist.config import load_config
+from pargo_dist.data.tokenizer import load_tokenizer
+from pargo_dist.errors import UserError
+from pargo_dist.hf_checkpoint import HFCheckpoint
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def checkpoint(request, tmp_path_factory) -> Path:
+    return save_hub_style(tmp_path_factory.mktemp(request.param) / "llm", request.param)
+
+
+def reference(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def recipe_for(path: Path, *extra: str):
+    return load_config(None, [f"model.llm.path={path}", "model.llm.config={}", *extra])
+
+
+def test_the_llm_is_filled_tensor_by_tensor_as_from_pretrained_fills_it(checkpoint):
+    """fp32 training: the same numbers as transformers' from_pretrained (bf16 -> fp32 is exact);
+    bf16 training: the checkpoint's own bf16 tensors. The tokenizer's extra tokens grow the
+    vocabulary to a multiple of 64; the new rows start at the mean of the pretrained rows."""
+    tok = load_tokenizer("synthetic")  # 116 tokens > the checkpoint's 100
+    ref = reference(checkpoint)
+    model = build.build_model(recipe_for(checkpoint), tok)
+    llm = model.language_model
+    assert llm.get_input_embeddings().weight.shape == (128, 64) and model.config.text_config.vocab_size == 128
+    want = ref.state_dict()
+    got = llm.state_dict()
+    for name, tensor in want.items():
+        if "embed_tokens" in name or "lm_head" in name:
+            assert torch.equal(got[name][:100], tensor), name
+            assert torch.allclose(got[name][100:], tensor.double().mean(0).float().expand(28, -1)), name
+        else:
+            assert torch.equal(got[name], tensor), name
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(llm(ids).logits[..., :100], ref(ids).logits)
+    tied = bool(ref.config.tie_word_embeddings)
+    assert (llm.get_output_embeddings().weight is llm.get_input_embeddings().weight) == tied
+    half = build.build_model(recipe_for(checkpoint), tok, llm_dtype=torch.bfloat16).language_model
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert torch.equal(half.state_dict()["model.layers.1.mlp.down_proj.weight"],
+                       want["model.layers.1.mlp.down_proj.weight"].bfloat16())
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_each_megatron_rank_reads_exactly_its_slice(checkpoint, tp, pp):
+    """What every (tp_rank, pp_rank) reads from the files equals the slice that the tested
+    whole-model conversion (test_megatron.py: logits equal HF's) gives it."""
+    tok = load_tokenizer("synthetic")
+    model = build.build_model(recipe_for(checkpoint), tok)  # filled whole: the reference
+    text, full = model.config.text_config, model.language_model.state_dict()
+    for tp_rank in range(tp):
+        for pp_rank in range(pp):
+            want = megatron_state_from_hf(full, text, tp, tp_rank, pp, pp_rank)
+            got = megatron_state_from_checkpoint(checkpoint, text, tp, tp_rank, pp, pp_rank)
+            assert sorted(got) == sorted(want)
+            for key in want:
+                assert torch.equal(got[key], want[key]), (tp_rank, pp_rank, key)
+
+
+def test_a_megatron_rank_never_builds_the_llm(checkpoint):
+    tok = load_tokenizer("synthetic")
+    model = build.build_model(recipe_for(checkpoint, "backend.name=megatron"), tok, llm_weights=False)
+    assert {p.device.type for p in model.language_model.parameters()} == {"meta"}
+    assert {p.device.type for p in model.projector.parameters()} == {"cpu"}
+    assert all(b.device.type == "cpu" for b in model.language_model.buffers())  # rotary frequencies stay real
+
+
+def test_a_damaged_checkpoint_is_an_error_naming_the_file_and_the_tensor(tmp_path):
+    path = save_hub_style(tmp_path / "llm", "llama")
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    tok = load_tokenizer("synthetic")
+
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 256}))  # weights of another size
+    with pytest.raises(UserError, match=r"model.layers.0.mlp.gate_proj.weight has shape \(128, 64\), the model needs "
+                                        r"\(256, 64\)"):
+        build.build_model(recipe_for(path), tok)
+    (path / "config.json").write_text(json.dumps(config))
+
+    missing_tensor = dict(index)
+    gone = missing_tensor.pop("model.layers.1.self_attn.v_proj.weight")
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": missing_tensor}))
+    with pytest.raises(UserError, match=r"has no tensor for the model's model.layers.1.self_attn.v_proj.weight"):
+        build.build_model(recipe_for(path), tok)
+    with pytest.raises(UserError, match=r"has no tensor model.layers.1.self_attn.v_proj.weight"):
+        megatron_state_from_checkpoint(path, build.build_model(recipe_for(path, "model.llm.config={}"), tok,
+                                                               llm_weights=False).config.text_config)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+
+    (path / gone).unlink()  # a shard the index names
+    with pytest.raises(UserError, match=rf"{path}: shard {gone} is missing \(1 of 2 files\), the index names it for "
+                                        r"\S+ and others"):
+        HFCheckpoint(path)
+
+
+def test_megatron_tp2_from_a_bf16_checkpoint_follows_deepspeed_from_the_same_checkpoint(tmp_path, data_dir):
+    """End to end, real ranks: the same pretrained Llama (bf16 safetensors, shards, index) trained
+    by DeepSpeed (the LLM filled whole) and by megatron at TP=2 (each rank reading its half):
+    the same loss curve, from the first step."""
+    path = save_hub_style(tmp_path / "llm", "llama")
+    common = [f"model.llm.path={path}", "model.llm.config={}", "train.steps=3", "train.micro_batch=8",
+              "checkpoint.every=0", "data.eval=null"]
+    ds = write_recipe(tmp_path / "ds.yaml", tmp_path / "ds", data_dir)
+    run_train(ds, common, nproc=1)
+    mg = write_recipe(tmp_path / "mg.yaml", tmp_path / "mg", data_dir)
+    run_train(mg, [*common, "backend.name=megatron", "backend.tensor_parallel=2"], nproc=2)
+    a, b = losses(tmp_path / "ds"), losses(tmp_path / "mg")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a, b)
+
+
+def test_zero3_partitioned_as_it_is_read_starts_where_the_whole_build_does(tmp_path, data_dir):
+    """ZeRO-3 on 2 ranks from a bf16 checkpoint. Partitioned as it is read (zero.Init, rank 0
+    reads each tensor, DeepSpeed scatters it): after one step at lr 0 the consolidated weights are
+    the checkpoint's (fp32 and bf16 training), and the first loss equals the whole build's."""
+    from pargo_dist.weights import checkpoint_weights
+
+    path = save_hub_style(tmp_path / "llm", "llama")
+    ref = reference(path).state_dict()
+    common = [f"model.llm.path={path}", "model.llm.config={}", "train.steps=1", "optim.lr=0", "data.eval=null",
+              "backend.zero_stage=3"]
+    first = {}
+    for name, extra in (("whole", ["backend.zero_init=false"]), ("parts", ["backend.zero_init=true"]),
+                        ("parts16", ["backend.zero_init=true", "train.precision=bf16"])):
+        recipe = write_recipe(tmp_path / f"{name}.yaml", tmp_path / name, data_dir)
+        run_train(recipe, [*common, *extra], nproc=2)
+        first[name] = losses(tmp_path / name)[1]
+        if name != "whole":
+            saved = checkpoint_weights(tmp_path / name)
+            for key, tensor in ref.items():
+                got = saved[f"language_model.{key}"]
+                rows = slice(0, 100) if "embed_tokens" in key or "lm_head" in key else slice(None)
+                assert torch.equal(got[rows], tensor), (name, key)
+    assert first["parts"] == pytest.approx(first["whole"], rel=1e-6)
+    assert first["parts16"] == pytest.approx(first["whole"], rel=2e-2)  # the same weights, bf16 arithmetic
