@@ -6,11 +6,14 @@ small recipe, and trained for one step by `pargo-dist train` on 1 and 2 ranks wi
 backend: megatron TP=1 / TP=2, DeepSpeed ZeRO-3 in fp32 and bf16, the LLM built whole on each
 rank (`backend.zero_init=false`) or partitioned as it is read (`true`). Per case:
 
-  peak GiB   the largest rank's peak resident memory (VmHWM, polled from /proc) during start-up:
-             until the run says "set up in" (model built and loaded, backend set up, loaders
-             open), before the first step allocates gradients and optimizer state
-  x model    that peak minus the baseline, divided by the whole model in fp32 (4 bytes x params):
-             how many copies of the whole model one rank held at its worst
+  load GiB   the largest rank's peak resident memory (VmHWM, polled from /proc) until the run
+             says "model built and loaded": what building the model and reading the checkpoint
+             cost, before the backend allocates its own state (on a GPU node that goes to the
+             GPU; on these CPU ranks it is host memory too)
+  set-up GiB the same until "set up in": the backend's set-up included (DeepSpeed's flat
+             partitions and fp32 master copies, megatron's grad buffers)
+  x model    the load peak minus the baseline, divided by the whole model in fp32 (4 bytes x
+             params): how many copies of the whole model one rank held while loading
   baseline   the same case with a 2-layer toy LLM instead of the checkpoint: imports, tower,
              projector, buffers (what a rank holds without the model)
   first step seconds from the launch to the first progress line (model build and load included)
@@ -115,14 +118,20 @@ def run_case(recipe: Path, ranks: int, overrides: list[str], timeout: float) -> 
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # line by line
     reader.start()
     peaks: dict[int, int] = {}
+    load = None
     first = None
     set_up = False
+    def poll() -> None:
+        for pid in children(proc.pid) if ranks > 1 else [proc.pid]:
+            peaks[pid] = max(peaks.get(pid, 0), vm_hwm(pid))
+
     while time.monotonic() - start < timeout:
-        set_up = set_up or any(line.startswith("set up in") for line in list(lines))
+        seen = list(lines)
         if not set_up:
-            rank_pids = children(proc.pid) if ranks > 1 else [proc.pid]
-            for pid in rank_pids:
-                peaks[pid] = max(peaks.get(pid, 0), vm_hwm(pid))
+            poll()  # after reading the lines: a peak reached before a line was printed is counted
+        if load is None and any(line.startswith("model built and loaded") for line in seen):
+            load = max(peaks.values(), default=0)
+        set_up = set_up or any(line.startswith("set up in") for line in seen)
         if any(line.startswith("step 1/") for line in list(lines)):
             first = time.monotonic() - start
             break
@@ -138,7 +147,7 @@ def run_case(recipe: Path, ranks: int, overrides: list[str], timeout: float) -> 
     if first is None:
         errors = [line for line in lines if "Error" in line or "error" in line] or lines[-1:] or ["timed out"]
         return {"error": errors[-1].strip()[:90]}
-    return {"peak": max(peaks.values(), default=0), "first": first}
+    return {"load": load or 0, "peak": max(peaks.values(), default=0), "first": first}
 
 
 def main() -> None:
@@ -173,19 +182,21 @@ def main() -> None:
             if "error" in model:
                 print(f"{name:<20} {ranks} rank(s): {model['error']}", flush=True)
             else:
-                print(f"{name:<20} {ranks} rank(s): start-up peak {model['peak'] / GiB:.2f} GiB, first step "
+                print(f"{name:<20} {ranks} rank(s): load peak {model['load'] / GiB:.2f} GiB, set-up peak "
+                      f"{model['peak'] / GiB:.2f} GiB, first step "
                       f"{model['first']:.1f} s", flush=True)
 
-    print("\n| case | ranks | start-up peak GiB (largest rank) | x whole fp32 model | baseline GiB | first step s |")
-    print("|---|---|---|---|---|---|")
+    print("\n| case | ranks | load GiB (largest rank) | x whole fp32 model | set-up GiB | baseline GiB | "
+          "first step s |")
+    print("|---|---|---|---|---|---|---|")
     for name, ranks, results in rows:
         model, base = results["model"], results["baseline"]
         if "error" in model:
-            print(f"| {name} | {ranks} | fails: {model['error']} | | | |")
+            print(f"| {name} | {ranks} | fails: {model['error']} | | | | |")
             continue
-        base_peak = base.get("peak", 0)
-        print(f"| {name} | {ranks} | {model['peak'] / GiB:.2f} | {(model['peak'] - base_peak) / fp32:.2f} | "
-              f"{base_peak / GiB:.2f} | {model['first']:.1f} |")
+        base_peak = base.get("load", 0)
+        print(f"| {name} | {ranks} | {model['load'] / GiB:.2f} | {(model['load'] - base_peak) / fp32:.2f} | "
+              f"{model['peak'] / GiB:.2f} | {base_peak / GiB:.2f} | {model['first']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -77,6 +77,14 @@ class HFCheckpoint:
                 raise UserError(f"{file} cannot be read as safetensors ({type(err).__name__}: {err})") from None
         return self._open[file]
 
+    def release_except(self, name: str) -> None:
+        """Unmap every file but the one holding `name`: safetensors memory-maps a file, and the
+        pages a read touched count as this process's memory until it is unmapped. Readers that go
+        through the model in file order keep one shard mapped at a time."""
+        keep = self.files.get(name)
+        for file in [f for f in self._open if f != keep]:
+            del self._open[file]
+
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._reader(name).get_slice(name).get_shape())
 
@@ -167,6 +175,8 @@ def fill_causal_lm(llm: torch.nn.Module, path: str | Path, dtype: torch.dtype,
             raise UserError(f"{path} has no tensor for the model's {name}: is model.llm.path the checkpoint of "
                             f"this model type ({type(llm).__name__})?")
         shape = tuple(getattr(param, "ds_shape", param.shape))
+
+        ckpt.release_except(source)
 
         def read() -> torch.Tensor:
             if id(param) in embeddings:

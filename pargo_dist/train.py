@@ -306,6 +306,8 @@ def build_trainer(cfg: Config, stop: StopSignal | None = None) -> Trainer:
               flush=True)
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
+    if rank == 0:
+        print(f"model built and loaded in {time.monotonic() - start:.1f} s; setting up {backend.name}", flush=True)
     backend.setup(model)
     loader = build.loader(cfg, cfg.data.train, model, tokenizer, cfg.train.micro_batch,
                           replication=backend.replication)

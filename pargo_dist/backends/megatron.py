@@ -45,7 +45,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 
-from pargo_dist.backends.megatron_convert import megatron_state_from_checkpoint, megatron_state_from_hf, \
+from pargo_dist.backends.megatron_convert import iter_megatron_state_from_checkpoint, megatron_state_from_hf, \
     transformer_config_kwargs  # noqa: E402
 from pargo_dist.backends.megatron_layout import check_layout  # noqa: E402
 from pargo_dist.backends.megatron_model import ParGoMegatron  # noqa: E402
@@ -146,12 +146,12 @@ class MegatronBackend:
         stage = ParGoMegatron(config, hf_model, pre_process=first, post_process=last)
         where = (self.tp, parallel_state.get_tensor_model_parallel_rank(), self.pp,
                  parallel_state.get_pipeline_model_parallel_rank())
-        if cfg.model.llm.path:  # only this rank's TP slice and PP layers leave the files
-            shard = megatron_state_from_checkpoint(cfg.model.llm.path, text, *where)
+        if cfg.model.llm.path:  # only this rank's TP slice and PP layers leave the files, one tensor at a time
+            self._fill(stage.language_model, iter_megatron_state_from_checkpoint(cfg.model.llm.path, text, *where))
         else:  # a random-init LLM: the seeded HF init, so every layout starts from the same weights
             shard = megatron_state_from_hf(hf_model.language_model.state_dict(), text, *where)
-        stage.language_model.load_state_dict(shard, strict=True)
-        del shard
+            stage.language_model.load_state_dict(shard, strict=True)
+            del shard
         stage.language_model.requires_grad_(trains_llm)
         hf_model.language_model.to("meta")  # the HF copy is only needed for FLOP counts now
         stage.to(self.device)
@@ -182,6 +182,22 @@ class MegatronBackend:
                 and dist.get_rank() == 0:
             print("megatron: no GPU, so Adam state is replicated over data-parallel ranks (the distributed "
                   "optimizer needs CUDA)", flush=True)
+
+    @staticmethod
+    def _fill(module: torch.nn.Module, tensors) -> None:
+        """Copy (name, tensor) pairs into `module`'s parameters as they come, checking that every
+        parameter got exactly one of the right shape (what load_state_dict(strict=True) checks)."""
+        params = dict(module.named_parameters())
+        filled = set()
+        with torch.no_grad():
+            for name, tensor in tensors:
+                if name not in params or tuple(params[name].shape) != tuple(tensor.shape):
+                    raise RuntimeError(f"megatron stage has no parameter {name} of shape {tuple(tensor.shape)}")
+                params[name].copy_(tensor)
+                filled.add(name)
+        missing = sorted(set(params) - filled)
+        if missing:
+            raise RuntimeError(f"the checkpoint filled no tensor for the megatron stage's {missing[:5]}")
 
     def _name_groups(self) -> None:
         """Label each optimizer group with the parts it holds, for logging. (A "name" key in the

@@ -136,9 +136,18 @@ def megatron_state_from_hf(hf: dict[str, torch.Tensor], cfg, tp: int = 1, tp_ran
 def megatron_state_from_checkpoint(path, cfg, tp: int = 1, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0,
                                    dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The same state dict as `megatron_state_from_hf`, read from an HF safetensors checkpoint
-    directory: only this rank's TP slice of each weight and only its PP stage's layers leave the
-    files (`safe_open(...).get_slice`), converted to `dtype`. `cfg` is the model's text config,
-    whose vocabulary may exceed the checkpoint's (grown rows: see hf_checkpoint.read_rows)."""
+    directory (see `iter_megatron_state_from_checkpoint`)."""
+    return dict(iter_megatron_state_from_checkpoint(path, cfg, tp, tp_rank, pp, pp_rank, dtype))
+
+
+def iter_megatron_state_from_checkpoint(path, cfg, tp: int = 1, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0,
+                                        dtype: torch.dtype = torch.float32):
+    """(name, tensor) of the GPTModel on (tp_rank, pp_rank), one at a time, read from an HF
+    safetensors checkpoint directory: only this rank's TP slice of each weight and only its PP
+    stage's layers leave the files (`safe_open(...).get_slice`), converted to `dtype`. A caller
+    that copies each into its parameter holds one tensor beside the model, never a second model.
+    `cfg` is the model's text config, whose vocabulary may exceed the checkpoint's (grown rows:
+    see hf_checkpoint.read_rows)."""
     from pargo_dist.hf_checkpoint import HFCheckpoint, read_rows
 
     check_layout(cfg, tp, pp)
@@ -155,20 +164,21 @@ def megatron_state_from_checkpoint(path, cfg, tp: int = 1, tp_rank: int = 0, pp:
         return slice(rank * n // tp, (rank + 1) * n // tp)
 
     def read(name: str, shape: tuple[int, ...], rows: slice | None = None, cols: slice | None = None):
+        ckpt.release_except(name)
         return ckpt.read(name, rows=rows, cols=cols, dtype=dtype, expect=shape)
 
-    out: dict[str, torch.Tensor] = {}
     vocab_rows = part(vocab)
     if first or (last and tied):
         embed = read_rows(ckpt, "model.embed_tokens.weight", range(vocab_rows.start, vocab_rows.stop), hidden, dtype)
         if first:
-            out["embedding.word_embeddings.weight"] = embed
+            yield "embedding.word_embeddings.weight", embed
         if last and tied and not first:  # the last stage keeps its own copy of the tied weight
-            out["output_layer.weight"] = embed.clone()
+            yield "output_layer.weight", embed
+        del embed
     if last:
-        out["decoder.final_layernorm.weight"] = read("model.norm.weight", (hidden,))
+        yield "decoder.final_layernorm.weight", read("model.norm.weight", (hidden,))
         if not tied:
-            out["output_layer.weight"] = read_rows(ckpt, "lm_head.weight", range(vocab_rows.start, vocab_rows.stop),
+            yield "output_layer.weight", read_rows(ckpt, "lm_head.weight", range(vocab_rows.start, vocab_rows.stop),
                                                    hidden, dtype)
     g = slice(tp_rank * local_groups, (tp_rank + 1) * local_groups)
     for local, layer in enumerate(_layer_range(cfg, pp, pp_rank)):
@@ -183,17 +193,17 @@ def megatron_state_from_checkpoint(path, cfg, tp: int = 1, tp_rank: int = 0, pp:
             q = read(att + f"q_proj.{kind}", (cfg.num_attention_heads * d, *width), rows=q_rows)
             k = read(att + f"k_proj.{kind}", (groups * d, *width), rows=kv_rows)
             v = read(att + f"v_proj.{kind}", (groups * d, *width), rows=kv_rows)
-            out[dst + f"self_attention.linear_qkv.{kind}"] = _interleave_qkv(q, k, v, local_groups)
-        out[dst + "self_attention.linear_proj.weight"] = read(att + "o_proj.weight", (hidden, cfg.num_attention_heads * d),
-                                                              cols=part(cfg.num_attention_heads * d))
-        out[dst + "input_layernorm.weight"] = read(src + "input_layernorm.weight", (hidden,))
-        out[dst + "pre_mlp_layernorm.weight"] = read(src + "post_attention_layernorm.weight", (hidden,))
+            yield dst + f"self_attention.linear_qkv.{kind}", _interleave_qkv(q, k, v, local_groups)
+        yield dst + "self_attention.linear_proj.weight", read(att + "o_proj.weight", (hidden, cfg.num_attention_heads * d),
+                                                             cols=part(cfg.num_attention_heads * d))
+        yield dst + "input_layernorm.weight", read(src + "input_layernorm.weight", (hidden,))
+        yield dst + "pre_mlp_layernorm.weight", read(src + "post_attention_layernorm.weight", (hidden,))
         gate = read(src + "mlp.gate_proj.weight", (inter, hidden), rows=part(inter))
         up = read(src + "mlp.up_proj.weight", (inter, hidden), rows=part(inter))
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat([gate, up])
-        out[dst + "mlp.linear_fc2.weight"] = read(src + "mlp.down_proj.weight", (hidden, inter), cols=part(inter))
+        yield dst + "mlp.linear_fc1.weight", torch.cat([gate, up])
+        del gate, up
+        yield dst + "mlp.linear_fc2.weight", read(src + "mlp.down_proj.weight", (hidden, inter), cols=part(inter))
     ckpt.close()
-    return out
 
 
 def hf_state_from_megatron(shards: dict[tuple[int, int], dict[str, torch.Tensor]], cfg, tp: int = 1,
