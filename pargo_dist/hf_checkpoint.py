@@ -14,7 +14,9 @@ holds, a tensor of another shape or of a dtype that is not floating point.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -90,8 +92,8 @@ class HFCheckpoint:
 
     def read(self, name: str, rows: slice | None = None, cols: slice | None = None,
              dtype: torch.dtype | None = None, expect: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Tensor `name` (its rows / columns range only, if given), as `dtype`. `expect`: the full
-        shape the model needs; another is an error naming the tensor and the file."""
+        """Tensor `name` (its rows / columns range only, if given), as `dtype`, in memory of its own.
+        `expect`: the full shape the model needs; another is an error naming the tensor and the file."""
         reader = self._reader(name)
         part = reader.get_slice(name)
         shape = tuple(part.get_shape())
@@ -107,7 +109,9 @@ class HFCheckpoint:
             tensor = part[rows]
         else:
             tensor = part[rows or slice(None), cols]
-        return tensor if dtype is None else tensor.to(dtype)
+        # a read is a view of the file's memory map: copy it out (converting on the way), so that
+        # no parameter keeps a shard mapped and release_except can unmap it
+        return tensor.to(dtype=dtype or tensor.dtype, copy=True)
 
     def close(self) -> None:
         self._open.clear()
@@ -153,18 +157,36 @@ def read_rows(ckpt: HFCheckpoint, name: str, rows: range, width: int, dtype: tor
     if new > 0:
         mean = mean_row(ckpt, name)
         parts.append((mean if cols is None else mean[cols]).to(dtype).expand(new, -1))
-    return torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+    if len(parts) > 1:
+        return torch.cat(parts)
+    return parts[0] if new <= 0 else parts[0].contiguous()  # a read is already a tensor of its own
+
+
+def read_flat(ckpt: HFCheckpoint, name: str, shape: tuple[int, ...], start: int, stop: int, dtype: torch.dtype,
+              embedding: bool = False) -> torch.Tensor:
+    """Elements [start, stop) of tensor `name` flattened, reading only the rows that hold them: a
+    ZeRO-3 partition is a contiguous range of the flattened parameter. `shape` is the model's
+    (an embedding may have more rows than the checkpoint: see read_rows)."""
+    width = math.prod(shape[1:])
+    first, last = start // width, -(-stop // width)
+    if embedding:
+        rows = read_rows(ckpt, name, range(first, last), shape[1], dtype)
+    else:
+        rows = ckpt.read(name, rows=slice(first, last), dtype=dtype, expect=shape)
+    return rows.reshape(-1)[start - first * width:stop - first * width]
 
 
 def fill_causal_lm(llm: torch.nn.Module, path: str | Path, dtype: torch.dtype,
-                   gather=None, reads: bool = True) -> int:
+                   partition: Callable[[torch.nn.Parameter], tuple[torch.Tensor, int]] | None = None) -> int:
     """Give every parameter of `llm` (an HF causal LM built without weights: on the meta device,
     or partitioned by ZeRO-3) the checkpoint's tensor, converted to `dtype`, one tensor at a time:
     the peak is the model plus its largest tensor, never a second copy of the model.
 
-    gather: for partitioned parameters, a context in which one parameter is whole and writable
-    by rank 0 (ZeRO-3's GatheredParameters with modifier_rank=0); then only the rank with
-    `reads` True reads the file. Tied weights are filled once. Returns the tensors filled."""
+    partition: for partitioned parameters, this rank's share of one: the flat tensor that holds
+    it and the offset of its first element in the flattened parameter (trailing padding is left
+    alone). Then each rank reads only its share's rows from the files, with no collective: the
+    filesystem serves each byte to the rank that keeps it. Tied weights are filled once.
+    Returns the tensors filled."""
     ckpt = HFCheckpoint(path)
     prefix = getattr(llm, "base_model_prefix", "model")
     embeddings = {id(m.weight) for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}
@@ -175,24 +197,23 @@ def fill_causal_lm(llm: torch.nn.Module, path: str | Path, dtype: torch.dtype,
             raise UserError(f"{path} has no tensor for the model's {name}: is model.llm.path the checkpoint of "
                             f"this model type ({type(llm).__name__})?")
         shape = tuple(getattr(param, "ds_shape", param.shape))
-
+        embedding = id(param) in embeddings
         ckpt.release_except(source)
-
-        def read() -> torch.Tensor:
-            if id(param) in embeddings:
-                return read_rows(ckpt, source, range(shape[0]), shape[1], dtype)
-            return ckpt.read(source, dtype=dtype, expect=shape)
-
-        if gather is None:
+        if partition is None:
+            whole = read_rows(ckpt, source, range(shape[0]), shape[1], dtype) if embedding else \
+                ckpt.read(source, dtype=dtype, expect=shape)
             module_name, _, attr = name.rpartition(".")
             module = llm.get_submodule(module_name)
-            module._parameters[attr] = torch.nn.Parameter(read(), requires_grad=param.requires_grad)
+            module._parameters[attr] = torch.nn.Parameter(whole, requires_grad=param.requires_grad)
         else:
-            with gather([param]), torch.no_grad():
-                if reads:
-                    param.data.copy_(read())
+            target, offset = partition(param)
+            count = min(target.numel(), math.prod(shape) - offset)
+            if count > 0:
+                with torch.no_grad():
+                    target[:count].copy_(read_flat(ckpt, source, shape, offset, offset + count, target.dtype,
+                                                   embedding))
         filled += 1
-    if gather is None and getattr(llm.config, "tie_word_embeddings", False):
+    if partition is None and getattr(llm.config, "tie_word_embeddings", False):
         llm.tie_weights()  # the output layer takes the filled input embedding again
     ckpt.close()
     return filled

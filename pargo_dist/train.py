@@ -39,6 +39,7 @@ import torch.distributed as dist
 from pargo_dist.backends.base import Backend
 from pargo_dist.batch import Batch
 from pargo_dist.checkpoint import CheckpointManager, TrainState, capture_rng_state, restore_rng_state
+from pargo_dist.compat import return_freed_host_memory
 from pargo_dist.config import Config, to_yaml
 from pargo_dist.errors import UserError
 from pargo_dist.flops import mfu, model_flops_per_sample, peak_flops_per_device
@@ -306,9 +307,11 @@ def build_trainer(cfg: Config, stop: StopSignal | None = None) -> Trainer:
               flush=True)
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
+    return_freed_host_memory()
     if rank == 0:
         print(f"model built and loaded in {time.monotonic() - start:.1f} s; setting up {backend.name}", flush=True)
     backend.setup(model)
+    return_freed_host_memory()  # DeepSpeed copied the weights into its flat buffers
     loader = build.loader(cfg, cfg.data.train, model, tokenizer, cfg.train.micro_batch,
                           replication=backend.replication)
     eval_loader = None

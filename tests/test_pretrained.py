@@ -63,6 +63,37 @@ def test_the_llm_is_filled_tensor_by_tensor_as_from_pretrained_fills_it(checkpoi
                        want["model.layers.1.mlp.down_proj.weight"].bfloat16())
 
 
+def test_partitions_read_row_ranges_that_reassemble_the_whole_fill(checkpoint):
+    """ZeRO-3 gives rank r the r-th equal slice of each flattened, padded parameter; each rank
+    reads only the rows that hold its slice. Three ranks (so most tensors need padding), the
+    vocabulary grown past the checkpoint's: the slices put end to end equal the whole fill."""
+    from transformers import AutoModelForCausalLM
+
+    from pargo_dist.hf_checkpoint import fill_causal_lm
+
+    tok = load_tokenizer("synthetic")
+    whole = build.build_model(recipe_for(checkpoint), tok).language_model.state_dict()
+    config = build.build_model(recipe_for(checkpoint), tok, llm_weights=False).config.text_config
+    ranks, shares = 3, {}
+    for rank in range(ranks):
+        with torch.device("meta"):
+            llm = AutoModelForCausalLM.from_config(config)
+
+        def partition(param, rank=rank):
+            size = -(-param.numel() // ranks)
+            flat = torch.full((size,), float("nan"))
+            shares[(rank, names[id(param)])] = flat
+            return flat, rank * size
+
+        names = {id(p): n for n, p in llm.named_parameters()}
+        assert fill_causal_lm(llm, checkpoint, torch.float32, partition=partition) == len(names)
+    for name in names.values():
+        joined = torch.cat([shares[(r, name)] for r in range(ranks)])
+        want = whole[name].reshape(-1)
+        assert torch.equal(joined[:want.numel()], want), name
+        assert joined[want.numel():].isnan().all(), name  # the padding is left alone
+
+
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
 def test_each_megatron_rank_reads_exactly_its_slice(checkpoint, tp, pp):
     """What every (tp_rank, pp_rank) reads from the files equals the slice that the tested
@@ -133,8 +164,8 @@ def test_megatron_tp2_from_a_bf16_checkpoint_follows_deepspeed_from_the_same_che
 
 
 def test_zero3_partitioned_as_it_is_read_starts_where_the_whole_build_does(tmp_path, data_dir):
-    """ZeRO-3 on 2 ranks from a bf16 checkpoint. Partitioned as it is read (zero.Init, rank 0
-    reads each tensor, DeepSpeed scatters it): after one step at lr 0 the consolidated weights are
+    """ZeRO-3 on 2 ranks from a bf16 checkpoint. Partitioned as it is read (zero.Init, each rank
+    reads the rows of its partition): after one step at lr 0 the consolidated weights are
     the checkpoint's (fp32 and bf16 training), and the first loss equals the whole build's."""
     from pargo_dist.weights import checkpoint_weights
 

@@ -78,6 +78,14 @@ def ds_config(cfg, world_size: int) -> dict[str, Any]:
     return out
 
 
+def zero3_partition(param: torch.nn.Parameter) -> tuple[torch.Tensor, int]:
+    """This rank's share of a ZeRO-3 parameter: the flat partition tensor and the offset of its
+    first element in the flattened parameter. ZeRO-3 pads the parameter to a multiple of its
+    group's size and gives rank r the r-th equal slice (partition_parameters._partition_param)."""
+    rank = torch.distributed.get_rank(group=param.ds_process_group)
+    return param.ds_tensor, rank * param.ds_tensor.ds_numel
+
+
 class DeepSpeedBackend:
     name = "deepspeed"
     replication = 1  # every rank reads its own samples (pure data parallel)
@@ -126,7 +134,7 @@ class DeepSpeedBackend:
                    f"{4 * params * ranks / 2**30:.1f} GiB {'>' if partitioned else '<='} a quarter of its "
                    f"{host / 2**30:.0f} GiB")
         if torch.distributed.get_rank() == 0:
-            how = ("partitioned as it is read (zero.Init; rank 0 reads each tensor once)" if partitioned else
+            how = ("partitioned as it is read (zero.Init; each rank reads its partition)" if partitioned else
                    "built whole on each rank, then partitioned by DeepSpeed")
             print(f"ZeRO-3: the pretrained LLM is {how} ({why})", flush=True)
         return partitioned
@@ -143,8 +151,9 @@ class DeepSpeedBackend:
         return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
     def load_pretrained_llm(self, model: torch.nn.Module) -> None:
-        """The LLM built under zero.Init (each rank allocates only its partition) and filled one
-        tensor at a time: rank 0 reads it from the safetensors, DeepSpeed scatters it."""
+        """The LLM built under zero.Init (each rank allocates only its partition), then each rank
+        copies its partition of every tensor in from the safetensors, reading only the rows that
+        hold it: no collective, no whole tensor, and the files are read once across the ranks."""
         from transformers import AutoModelForCausalLM
 
         from pargo_dist.hf_checkpoint import fill_causal_lm
@@ -152,8 +161,7 @@ class DeepSpeedBackend:
         with deepspeed.zero.Init(config_dict_or_path=ds_config(self.cfg, self.world_size)):
             llm = AutoModelForCausalLM.from_config(model.config.text_config)
         dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
-        fill_causal_lm(llm, self.cfg.model.llm.path, dtype, gather=self.param_gather,
-                       reads=torch.distributed.get_rank() == 0)
+        fill_causal_lm(llm, self.cfg.model.llm.path, dtype, partition=zero3_partition)
         model.language_model = llm
 
     def setup(self, model: torch.nn.Module) -> None:
