@@ -113,7 +113,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pargo_dist.export import export
 
-    out = export(args.checkpoint, args.out, adapters_only=args.adapters_only)
+    out = export(args.checkpoint, args.out, adapters_only=args.adapters_only, max_shard_bytes=args.max_shard_size,
+                 dtype=args.dtype)
     print(f"exported {args.checkpoint} -> {out} (load with ParGoForConditionalGeneration.from_pretrained)")
     return 0
 
@@ -217,6 +218,20 @@ def _train_parser() -> argparse.ArgumentParser:
     return train
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """'5GB' -> 5e9, '2GiB' -> 2 * 2**30, '1000' -> 1000 (the units of transformers' max_shard_size)."""
+    import re
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", text, flags=re.IGNORECASE)
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: write it as 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").upper()])
+
+
 def _export_parser() -> argparse.ArgumentParser:
     export = _parser("export", "A checkpoint of any backend, stage and rank count -> one HF directory that "
                      "ParGoForConditionalGeneration.from_pretrained loads on one process, with its tokenizer "
@@ -226,6 +241,12 @@ def _export_parser() -> argparse.ArgumentParser:
     export.add_argument("--adapters-only", action="store_true",
                         help="LoRA runs: write the LLM adapters (peft format) and the projector instead of "
                         "merging the adapters into the LLM weights")
+    export.add_argument("--max-shard-size", type=byte_size, default="5GB", metavar="SIZE",
+                        help="largest safetensors file, as 5GB, 500MB, 2GiB (default 5GB); larger models are "
+                        "written in several, with the index transformers reads")
+    export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="precision of the written weights (default fp32, what the optimizer held; bf16 "
+                        "halves the files, as the hub ships models)")
     export.set_defaults(func=cmd_export)
     return export
 

@@ -162,6 +162,15 @@ def read_rows(ckpt: HFCheckpoint, name: str, rows: range, width: int, dtype: tor
     return parts[0] if new <= 0 else parts[0].contiguous()  # a read is already a tensor of its own
 
 
+def read_whole(ckpt: HFCheckpoint, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+               embedding: bool = False) -> torch.Tensor:
+    """Tensor `name` with the model's `shape` (an embedding may have more rows than the
+    checkpoint: see read_rows), as `dtype`."""
+    if embedding:
+        return read_rows(ckpt, name, range(shape[0]), shape[1], dtype)
+    return ckpt.read(name, dtype=dtype, expect=shape)
+
+
 def read_flat(ckpt: HFCheckpoint, name: str, shape: tuple[int, ...], start: int, stop: int, dtype: torch.dtype,
               embedding: bool = False) -> torch.Tensor:
     """Elements [start, stop) of tensor `name` flattened, reading only the rows that hold them: a
@@ -200,8 +209,7 @@ def fill_causal_lm(llm: torch.nn.Module, path: str | Path, dtype: torch.dtype,
         embedding = id(param) in embeddings
         ckpt.release_except(source)
         if partition is None:
-            whole = read_rows(ckpt, source, range(shape[0]), shape[1], dtype) if embedding else \
-                ckpt.read(source, dtype=dtype, expect=shape)
+            whole = read_whole(ckpt, source, shape, dtype, embedding)
             module_name, _, attr = name.rpartition(".")
             module = llm.get_submodule(module_name)
             module._parameters[attr] = torch.nn.Parameter(whole, requires_grad=param.requires_grad)

@@ -308,6 +308,9 @@ def build_trainer(cfg: Config, stop: StopSignal | None = None) -> Trainer:
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable({"use_reentrant": False})
     return_freed_host_memory()
+    # counted before set-up: a backend may take parts out of the module it wraps (ZeRO-3: a frozen tower)
+    count = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    trained = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     if rank == 0:
         print(f"model built and loaded in {time.monotonic() - start:.1f} s; setting up {backend.name}", flush=True)
     backend.setup(model)
@@ -328,8 +331,6 @@ def build_trainer(cfg: Config, stop: StopSignal | None = None) -> Trainer:
                             enabled_tensorboard=cfg.logging.tensorboard)
     if rank == 0:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        count = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-        trained = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         layout = ", ".join(f"{k} {v}" for k, v in backend.layout().items())
         print(f"set up in {time.monotonic() - start:.1f} s: {count / 1e6:,.1f}M parameters ({trained / 1e6:,.1f}M "
               f"trained), {backend.name} ({layout}), {world} rank(s)", flush=True)

@@ -11,7 +11,9 @@ checkpoint (reassembled by the megatron backend).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable, ContextManager, Iterable
 
@@ -21,39 +23,74 @@ from pargo_dist.checkpoint import DEEPSPEED_DIR, MEGATRON_DIR, resolve_checkpoin
 from pargo_dist.errors import UserError
 
 
-def _export_weights(path: Path, names: set[str] | None) -> dict[str, torch.Tensor]:
+class LazyWeights(Mapping):
+    """Weights by name, each read when it is asked for (and not kept): a 70B checkpoint is read
+    one tensor at a time. Built from a name -> reader table."""
+
+    def __init__(self, readers: dict[str, Callable[[], torch.Tensor]]):
+        self._readers = readers
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._readers[name]()
+
+    def __iter__(self):
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+
+def _export_weights(path: Path, names: set[str] | None, lazy: bool = False) -> Mapping[str, torch.Tensor]:
     """Tensors of an exported HF directory (one or several safetensors files), only `names` if
     given: a 70B export holds 140 GB, its projector 40 MB."""
     from safetensors import safe_open
 
-    state = {}
+    readers = {}
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(f, framework="pt") as reader:
-            state.update({k: reader.get_tensor(k) for k in reader.keys() if names is None or k in names})
-    return state
+            keys = [k for k in reader.keys() if names is None or k in names]
+
+        def read(k: str, f: Path = f) -> torch.Tensor:
+            with safe_open(f, framework="pt") as reader:
+                return reader.get_tensor(k)
+
+        readers.update({k: functools.partial(read, k) for k in keys})
+    lazy_weights = LazyWeights(readers)
+    return lazy_weights if lazy else dict(lazy_weights.items())
+
+
+def _deepspeed_weights(step_dir: Path, lazy: bool) -> Mapping[str, torch.Tensor]:
+    """fp32 weights consolidated from a DeepSpeed checkpoint of any ZeRO stage and rank count
+    (DeepSpeed's zero_to_fp32). Lazily: its optimizer files memory-mapped, each ZeRO-3 tensor
+    put together from the ranks' partitions when asked for (its lazy_mode)."""
+    from pargo_dist.compat import configure_deepspeed_env
+
+    configure_deepspeed_env()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress prints; errors still raise
+        state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DEEPSPEED_DIR, lazy_mode=lazy)
+    if not lazy:
+        return state
+    return LazyWeights({k: v.contiguous for k, v in state.items()})  # a tensor, or DeepSpeed's GatheredTensor
 
 
 def checkpoint_weights(source: str | Path, model: torch.nn.Module | None = None,
-                       names: set[str] | None = None) -> dict[str, torch.Tensor]:
+                       names: set[str] | None = None, lazy: bool = False) -> Mapping[str, torch.Tensor]:
     """The weights `source` holds, by the HF model's parameter names: an exported directory
     (safetensors), a DeepSpeed checkpoint (consolidated to fp32 from any ZeRO stage and rank
     count) or a megatron one (reassembled from any TP/PP layout; needs `model`, whose vision
     tower and projector modules it loads in place, and a process with no process group yet).
-    `source` may be a run dir (its newest complete checkpoint)."""
+    `source` may be a run dir (its newest complete checkpoint). `lazy`: a mapping that reads
+    each tensor when it is asked for (export); a megatron checkpoint is still read whole."""
     path = Path(source)
     if not path.exists():
         raise UserError(f"{path} does not exist")
     if any(path.glob("*.safetensors")):
-        return _export_weights(path, names)
+        return _export_weights(path, names, lazy)
     step_dir = resolve_checkpoint(path)
     if (step_dir / DEEPSPEED_DIR).is_dir():
-        from pargo_dist.compat import configure_deepspeed_env
-
-        configure_deepspeed_env()
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress prints; errors still raise
-            return get_fp32_state_dict_from_zero_checkpoint(str(step_dir), tag=DEEPSPEED_DIR)
+        return _deepspeed_weights(step_dir, lazy)
     if (step_dir / MEGATRON_DIR).is_dir():
         if model is None or torch.distributed.is_initialized():
             raise UserError(f"{step_dir} is a megatron checkpoint, which is read back in a process of its own: "

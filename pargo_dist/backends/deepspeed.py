@@ -172,6 +172,7 @@ class DeepSpeedBackend:
             for param in model.parameters():
                 if not hasattr(param, "ds_id"):
                     param.data = param.data.to(torch.bfloat16)
+        tower = self._take_out_frozen_tower(model)
         o = self.cfg.optim
         optimizer = torch.optim.AdamW(param_groups(model, self.cfg), betas=tuple(o.betas), eps=o.eps,
                                       weight_decay=o.weight_decay)
@@ -180,6 +181,26 @@ class DeepSpeedBackend:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=ds_config(self.cfg, self.world_size))
+        if tower is not None:
+            dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
+            tower.to(self.engine.device, dtype)
+
+    def _take_out_frozen_tower(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """Under ZeRO-3, keep a frozen vision tower whole on every rank, out of DeepSpeed's hands.
+
+        ZeRO-3 partitions every parameter of the module it wraps and gathers each one again in
+        every forward; it has no way to leave a module out (DeepSpeed #7271). For a module that
+        never changes that is pure cost: an all-gather per tower layer per step, and hooks on
+        each of its modules. So the tower leaves the module tree DeepSpeed walks and stays a
+        plain attribute of the model, which its forward calls as before; it is put on the device
+        in the training precision. It holds nothing a checkpoint needs (frozen parameters come
+        from the recipe), so checkpoints are unchanged. Returns the tower taken out, or None."""
+        tower = model._modules.get("vision_tower")
+        if not self._zero3 or tower is None or any(p.requires_grad for p in tower.parameters()):
+            return None
+        del model._modules["vision_tower"]
+        object.__setattr__(model, "vision_tower", tower.eval())  # an attribute, not a submodule
+        return tower
 
     @property
     def device(self) -> torch.device:

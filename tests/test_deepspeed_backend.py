@@ -1,0 +1,72 @@
+"""The DeepSpeed backend's own choices, in-process on a 1-rank gloo group: what ZeRO-3 is given
+to partition. Training behaviour across ranks (loss curves, resume) is in test_train.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from support.training import write_recipe
+
+from pargo_dist import build
+from pargo_dist.config import load_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_rank_group(tmp_path_factory):
+    store = tmp_path_factory.mktemp("store") / "file"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LOCAL_RANK", "0")  # what a launcher sets; DeepSpeed asserts it
+        yield
+    dist.destroy_process_group()
+
+
+def built(tmp_path, *overrides: str):
+    cfg = load_config(write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", tmp_path / "data"), list(overrides))
+    tokenizer = build.build_tokenizer(cfg)
+    model = build.build_model(cfg, tokenizer)
+    build.init_freeze_and_adapt(model, cfg)
+    return cfg, model
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_zero3_keeps_the_frozen_tower_whole_and_out_of_its_partitions(tmp_path, precision):
+    """ZeRO-3 partitions what it wraps and gathers it in every forward: the frozen tower is left
+    out (whole, in the training precision, no ZeRO attributes, no DeepSpeed hooks), what trains is
+    partitioned, and the model computes what it computed before set-up."""
+    from pargo_dist.backends.deepspeed import DeepSpeedBackend
+
+    cfg, model = built(tmp_path, "backend.zero_stage=3", f"train.precision={precision}")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = model.encode_images(pixels)
+    tower = model.vision_tower
+    backend = DeepSpeedBackend(cfg)
+    backend.init_distributed()
+    backend.setup(model)
+    engine_params = {id(p) for p in backend.module.parameters()}
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    for name, p in tower.named_parameters():
+        assert id(p) not in engine_params and not hasattr(p, "ds_id"), name
+        assert p.dtype == dtype and p.numel() > 0, name
+    assert not any(name.startswith("vision_tower.") for name in backend.module.state_dict())
+    assert all(hasattr(p, "ds_id") for p in backend.module.language_model.parameters())
+    assert all(not m._forward_pre_hooks for m in tower.modules())
+    assert backend.module.vision_tower is tower
+    with torch.no_grad():
+        got = backend.module.encode_images(pixels.to(dtype))
+    tol = 1e-6 if precision == "fp32" else 5e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+
+
+def test_a_trained_tower_stays_with_zero3(tmp_path):
+    """A tower that trains needs its optimizer partitions: it stays in the module DeepSpeed wraps."""
+    from pargo_dist.backends.deepspeed import DeepSpeedBackend
+
+    cfg, model = built(tmp_path, "backend.zero_stage=3", "train.stage=full")
+    assert any(p.requires_grad for p in model.vision_tower.parameters())
+    backend = DeepSpeedBackend(cfg)
+    backend.init_distributed()
+    backend.setup(model)
+    assert all(hasattr(p, "ds_id") for p in backend.module.vision_tower.parameters())
