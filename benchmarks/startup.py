@@ -18,6 +18,13 @@ rank (`backend.zero_init=false`) or partitioned as it is read (`true`). Per case
              projector, buffers (what a rank holds without the model)
   first step seconds from the launch to the first progress line (model build and load included)
 
+Then (--export) a 1-step ZeRO-3 bf16 run of the same checkpoint is trained to its end and
+exported with `pargo-dist export --dtype fp32|bf16 --max-shard-size 200MB` (shards smaller than
+the model, as 5GB shards are for a 70B model): the export
+process's peak RSS (ru_maxrss), its peak anonymous memory (RssAnon, polled: what it allocated,
+without the pages of memory-mapped checkpoint files, which the kernel can drop at any time),
+each less the toy LLM's export and divided by the whole fp32 model, and its time.
+
     .venv/bin/python benchmarks/startup.py                        # ~300M parameters, every case
     .venv/bin/python benchmarks/startup.py --hidden 512 --layers 8 --cases megatron-tp2 zero3-bf16-2
 
@@ -97,14 +104,19 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in out]
 
 
-def vm_hwm(pid: int) -> int:
+def status_bytes(pid: int, field: str) -> int:
+    """A memory field of /proc/PID/status (VmHWM:, RssAnon:) in bytes; 0 once the process is gone."""
     try:
         for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def vm_hwm(pid: int) -> int:
+    return status_bytes(pid, "VmHWM:")
 
 
 def run_case(recipe: Path, ranks: int, overrides: list[str], timeout: float) -> dict:
@@ -150,14 +162,54 @@ def run_case(recipe: Path, ranks: int, overrides: list[str], timeout: float) -> 
     return {"load": load or 0, "peak": max(peaks.values(), default=0), "first": first}
 
 
+WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+           "print('MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True); sys.exit(code)")
+
+
+def run_export(recipe: Path, run: Path, out: Path, dtype: str, timeout: float, pretrained: bool,
+               export_from: Path | None = None) -> dict:
+    """Train the recipe to its end (a checkpoint), then time `pargo-dist export` of it and take
+    its peak RSS (ru_maxrss, from a fresh wrapper process whose only child is the export)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    train = [sys.executable, "-m", "pargo_dist.cli", "train", str(recipe), "backend.zero_stage=3",
+             "train.precision=bf16", "train.steps=1", "--nproc", "2"]
+    # the toy baseline's LLM is a config: nothing to partition as it is read
+    train.insert(-2, f"backend.zero_init={str(pretrained).lower()}")
+    done = subprocess.run(train, capture_output=True, text=True, env=env, timeout=timeout)
+    if done.returncode:
+        return {"error": (done.stdout + done.stderr).strip().splitlines()[-1][:90]}
+    start = time.monotonic()
+    cmd = [sys.executable, "-c", WRAPPER, sys.executable, "-m", "pargo_dist.cli", "export", str(run), "--out", str(out)]
+    if export_from is None:  # (an older checkout has neither option: it writes fp32 in 5GB files)
+        cmd += ["--dtype", dtype, "--max-shard-size", "200MB"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=export_from)  # python -m imports pargo_dist from the working directory
+    anon = 0
+    while proc.poll() is None and time.monotonic() - start < timeout:
+        for pid in children(proc.pid):
+            anon = max(anon, status_bytes(pid, "RssAnon:"))
+        time.sleep(0.02)
+    output = proc.communicate()[0]
+    if proc.returncode:
+        return {"error": output.strip().splitlines()[-1][:90]}
+    rss = next(int(line.split()[1]) for line in output.splitlines() if line.startswith("MAXRSS"))
+    return {"peak": rss * 1024, "anon": anon, "seconds": time.monotonic() - start}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=20)
     ap.add_argument("--intermediate", type=int, default=2816)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    ap.add_argument("--cases", nargs="*", choices=list(CASES), default=list(CASES))
     ap.add_argument("--timeout", type=float, default=900, help="seconds per case")
+    ap.add_argument("--export", nargs="*", choices=["fp32", "bf16"], default=["fp32", "bf16"],
+                    help="also export a 1-step ZeRO-3 run in these dtypes and take the export's peak RSS "
+                    "(none: skip)")
+    ap.add_argument("--export-from", type=Path, metavar="CHECKOUT",
+                    help="run the export with the pargo_dist of another checkout (a before measurement; the runs "
+                    "are trained by this one)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="pargo-startup-") as tmp:
@@ -186,6 +238,18 @@ def main() -> None:
                       f"{model['peak'] / GiB:.2f} GiB, first step "
                       f"{model['first']:.1f} s", flush=True)
 
+        exports = []
+        for dtype in args.export:
+            results = {}
+            for kind, llm in (("model", f"{{path: {tmp / 'llama'}}}"), ("baseline", TOY_LLM)):
+                recipe = tmp / f"export-{kind}.yaml"
+                run = tmp / f"run-export-{kind}-{dtype}"
+                recipe.write_text(RECIPE.format(run=run, llm=llm, data=tmp / "data"))
+                results[kind] = run_export(recipe, run, tmp / f"out-{kind}-{dtype}", dtype, args.timeout,
+                                           pretrained=kind == "model", export_from=args.export_from)
+            exports.append((dtype, results))
+            print(f"export {dtype}: {results['model']}", flush=True)
+
     print("\n| case | ranks | load GiB (largest rank) | x whole fp32 model | set-up GiB | baseline GiB | "
           "first step s |")
     print("|---|---|---|---|---|---|---|")
@@ -197,6 +261,19 @@ def main() -> None:
         base_peak = base.get("load", 0)
         print(f"| {name} | {ranks} | {model['load'] / GiB:.2f} | {(model['load'] - base_peak) / fp32:.2f} | "
               f"{model['peak'] / GiB:.2f} | {base_peak / GiB:.2f} | {model['first']:.1f} |")
+
+    if exports:
+        print("\n| export (1-step ZeRO-3 run, 2 ranks) | peak GiB | x whole fp32 model | peak anonymous GiB | "
+              "x whole fp32 model | baseline GiB (anonymous) | seconds |")
+        print("|---|---|---|---|---|---|---|")
+        for dtype, results in exports:
+            model, base = results["model"], results["baseline"]
+            if "error" in model or "error" in base:
+                print(f"| --dtype {dtype} | fails: {model.get('error') or base.get('error')} | | | | | |")
+                continue
+            print(f"| --dtype {dtype} | {model['peak'] / GiB:.2f} | {(model['peak'] - base['peak']) / fp32:.2f} | "
+                  f"{model['anon'] / GiB:.2f} | {(model['anon'] - base['anon']) / fp32:.2f} | "
+                  f"{base['peak'] / GiB:.2f} ({base['anon'] / GiB:.2f}) | {model['seconds']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def load_trained_weights(model: torch.nn.Module, source: str | Path, parts: Iter
                          gather: Callable[[list[torch.nn.Parameter]], ContextManager] | None = None) -> list[str]:
     """Copy the weights of `source` (see `checkpoint_weights`) into `model`; returns the names loaded.
 
-    parts=None (export, elastic resume): every parameter that trains must come from the source;
+    parts=None (the elastic resume): every parameter that trains must come from the source;
     frozen ones may be absent (align and LoRA checkpoints hold only what trains: the frozen rest
     comes from the recipe and model.init_from); a tensor the model does not have is an error.
     parts=[...] (model.init_from): every parameter of those parts must come from the source, the
@@ -118,27 +118,30 @@ def load_trained_weights(model: torch.nn.Module, source: str | Path, parts: Iter
     buffers = dict(model.named_buffers())
     aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(params)  # tied weights
     wanted = {n for n in params if prefixes is None or n.startswith(prefixes)}
-    state = checkpoint_weights(source, model, names=wanted | set(buffers) if prefixes else None)
+    # lazily: each tensor is read when it is copied (init_from of a 70B LLM under ZeRO-3 never
+    # holds that LLM whole on a rank)
+    state = checkpoint_weights(source, model, names=wanted | set(buffers) if prefixes else None, lazy=True)
     if prefixes is not None:
-        state = {k: v for k, v in state.items() if k in wanted}
         required = wanted
+        keys = [k for k in state if k in wanted]
     else:
         unexpected = sorted(set(state) - set(params) - set(buffers) - aliases)
         if unexpected:
             raise ValueError(f"{source} does not fit the model: it holds {len(unexpected)} tensors the model lacks "
                              f"({unexpected[:5]})")
         required = {n for n, p in params.items() if p.requires_grad}
+        keys = [k for k in state if k in params or k in buffers]
     missing = sorted(required - set(state))
     if missing:
         raise UserError(f"{source} lacks {len(missing)} weights the model needs: {missing[:5]}")
-    targets = {**{k: v for k, v in buffers.items() if k in state}, **{k: p for k, p in params.items() if k in state}}
-    for name, target in targets.items():
-        shape = tuple(getattr(target, "ds_shape", target.shape))
-        if tuple(state[name].shape) != shape:
-            raise UserError(f"{source}: {name} has shape {tuple(state[name].shape)}, the model {shape} "
-                            "(a different projector or LLM config?)")
+    targets = {k: params[k] if k in params else buffers[k] for k in keys}
     with torch.no_grad():
         for name, target in targets.items():  # one at a time: a gathered 70B model fits no GPU
+            value = state[name]
+            shape = tuple(getattr(target, "ds_shape", target.shape))
+            if tuple(value.shape) != shape:
+                raise UserError(f"{source}: {name} has shape {tuple(value.shape)}, the model {shape} "
+                                "(a different projector or LLM config?)")
             with gather([target]) if gather else contextlib.nullcontext():
-                target.copy_(state[name].to(target.dtype))
+                target.copy_(value.to(target.dtype))
     return sorted(targets)

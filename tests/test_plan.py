@@ -83,6 +83,18 @@ def test_bf16_model_states_match_deepspeeds_estimators():
         assert ours2 == pytest.approx(ds2 - 2 * total / gpus, rel=1e-6)
 
 
+def test_zero3_counts_a_frozen_tower_whole_on_every_gpu():
+    """The DeepSpeed backend keeps a frozen vision tower out of ZeRO-3's partitions (whole on each
+    rank); the planner counts it so: the rest partitioned over the GPUs, the tower once per GPU."""
+    cfg = load_config(RECIPES / "llama3-8b-stage2.yaml")  # finetune: the tower is frozen
+    s = shapes_of(cfg, micro_batch=1, seq_len=128)
+    assert cfg.train.stage == "finetune" and cfg.train.precision == "bf16" and not s.trainable["vision_tower"]
+    tower, total = s.params["vision_tower"], sum(s.params.values())
+    for gpus in (8, 64):
+        got = model_state_bytes(s, Layout("deepspeed", zero_stage=3), gpus)["weights"]
+        assert got == pytest.approx(2.0 * (total - tower) / gpus + 2.0 * tower)
+
+
 def test_megatron_states_shrink_with_tensor_and_pipeline_parallel():
     cfg = load_config(RECIPES / "llama3-70b-stage2.yaml")
     s = shapes_of(cfg, micro_batch=1, seq_len=256)
@@ -130,7 +142,8 @@ def test_plan_cli_bad_override_names_the_key(capsys):
 def test_start_up_host_memory_follows_how_each_backend_loads_the_checkpoint(capsys):
     """Per rank: a megatron rank holds its TP x PP share in fp32 before it moves to the GPU; a
     ZeRO rank that fills the whole LLM holds it in the training precision; ZeRO-3 partitioned as
-    it is read holds one tensor (on rank 0). A layout whose start-up exceeds --host-mem is refused."""
+    it is read holds its share of one tensor, and the ranks read the checkpoint once between
+    them. A layout whose start-up exceeds --host-mem is refused."""
     from pargo_dist.plan.estimate import GiB, HOST_RESERVE_GIB, startup_host
 
     cfg = load_config(RECIPES / "qwen2.5-32b-stage2.yaml")
@@ -142,8 +155,8 @@ def test_start_up_host_memory_follows_how_each_backend_loads_the_checkpoint(caps
     assert whole["rank_gib"] * GiB == pytest.approx(base + 2.0 * llm)  # bf16: the LLM once per rank
     assert whole["node_gib"] == pytest.approx(8 * whole["rank_gib"]) and whole["read_gb"] == pytest.approx(16 * llm / 1e9)
     parts = startup_host(s, Layout("deepspeed", zero_stage=3, zero_init=None), hw)  # auto: 32B x 8 ranks > 64 GiB
-    assert parts["partitioned"] and parts["rank_gib"] * GiB == pytest.approx(base + 6.0 * s.largest_module)
-    assert parts["read_gb"] == pytest.approx(2 * llm / 1e9)  # rank 0 reads it once
+    assert parts["partitioned"] and parts["rank_gib"] * GiB == pytest.approx(base + 6.0 * s.largest_module / 64)
+    assert parts["read_gb"] == pytest.approx(8 / 64 * 2 * llm / 1e9)  # each rank its 1/64: the node its 8/64
     tp = startup_host(s, Layout("megatron", tp=8, pp=2), hw)
     stage = (math.ceil(s.llm_layers / 2) * s.llm_layer_params + s.llm_embed_params) / 8
     assert tp["rank_gib"] * GiB == pytest.approx(base + 4.0 * stage)

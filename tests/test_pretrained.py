@@ -187,3 +187,17 @@ def test_zero3_partitioned_as_it_is_read_starts_where_the_whole_build_does(tmp_p
                 assert torch.equal(got[rows], tensor), (name, key)
     assert first["parts"] == pytest.approx(first["whole"], rel=1e-6)
     assert first["parts16"] == pytest.approx(first["whole"], rel=2e-2)  # the same weights, bf16 arithmetic
+
+
+def test_a_checkpoint_that_does_not_fit_stops_every_rank_with_the_named_tensor(tmp_path, data_dir):
+    """Real ranks, each reading its own partition (ZeRO-3 partitioned as read): weights of another
+    size end the job with exit 2 and one line naming the file and the tensor, not a traceback."""
+    path = save_hub_style(tmp_path / "llm", "llama")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "intermediate_size": 256}))
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
+    out = run_train(recipe, [f"model.llm.path={path}", "model.llm.config={}", "backend.zero_init=true"],
+                    nproc=2, expect=2)
+    err = out.stdout + out.stderr
+    assert "Traceback" not in err, err[-3000:]
+    assert "model.layers.0.mlp.gate_proj.weight has shape (128, 64), the model needs (256, 64)" in err, err[-3000:]

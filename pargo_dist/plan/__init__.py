@@ -36,7 +36,8 @@ Everything comes from the recipe's model built on the meta device (no weights, n
 - Start-up host memory per node, and the time to read a bf16 checkpoint at --fs-gbps, as the
   backends load it (estimate.startup_host): a megatron rank holds its TP x PP share in fp32; a
   ZeRO rank that fills the whole LLM holds it in the training precision; ZeRO-3 partitioned as
-  it is read (backend.zero_init, auto for large models) holds one tensor. A layout whose start-up
+  it is read (backend.zero_init, auto for large models) holds its share of one tensor, and the
+  ranks read the checkpoint once between them. A layout whose start-up
   exceeds --host-mem (default 1 TiB) does not fit. Measure it with benchmarks/startup.py.
 """
 

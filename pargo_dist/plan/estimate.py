@@ -87,7 +87,9 @@ def model_state_bytes(s: Shapes, layout: Layout, world: int, precision: str = "b
     else:
         dp = world
         z = layout.zero_stage
-        weights = w * P / (dp if z == 3 else 1)
+        # ZeRO-3 leaves a frozen vision tower whole on every GPU (DeepSpeedBackend._take_out_frozen_tower)
+        whole_tower = float(s.params["vision_tower"]) if z == 3 and not s.trainable["vision_tower"] else 0.0
+        weights = w * (P - whole_tower) / (dp if z == 3 else 1) + w * whole_tower
         if precision == "bf16":  # bf16 grads, reduced into fp32 partitions
             grads = (w * T + 4.0 * T / dp) if z == 1 else 4.0 * T / dp
         else:  # fp32: ZeRO-1 keeps every gradient until the step, 2 and 3 only their partition
@@ -146,8 +148,9 @@ def startup_host(s: Shapes, layout: Layout, hw: Hardware, precision: str = "bf16
       ZeRO, whole      each rank fills the whole LLM in the training precision (w x P), then
                        DeepSpeed partitions it; every rank reads the whole checkpoint
       ZeRO-3, parts    (zero_init; auto when the whole-LLM fills of a node would take over a
-                       quarter of its memory) rank 0 reads one tensor at a time (2 + 4 bytes of
-                       the largest); nobody else reads; each rank holds only its partition, on GPU
+                       quarter of its memory) each rank reads the rows of its own partition of
+                       one tensor at a time (2 + 4 bytes of 1/world of the largest) and holds
+                       only its partition, on GPU; the ranks read the checkpoint once between them
     plus, per rank, the vision tower and projector in fp32 and HOST_RESERVE_GIB. A random-init
     LLM (no checkpoint) is built whole in fp32 on every rank. Returns GiB per rank and per node,
     GB read per node, seconds to read them at hw.fs_gbps, and whether ZeRO-3 partitions."""
@@ -165,7 +168,8 @@ def startup_host(s: Shapes, layout: Layout, hw: Hardware, precision: str = "bf16
         whole = w * llm
         auto = 4.0 * llm * ranks > hw.host_mem_gib * GiB / 4
         partitioned = layout.zero_stage == 3 and (auto if layout.zero_init is None else layout.zero_init)
-        held, reads = (6.0 * s.largest_module, 2.0 * llm) if partitioned else (whole, 2.0 * llm * ranks)
+        held, reads = (6.0 * s.largest_module / hw.gpus, 2.0 * llm * ranks / hw.gpus) if partitioned else \
+            (whole, 2.0 * llm * ranks)
     per_rank = HOST_RESERVE_GIB * GiB + rest + held
     return {"rank_gib": per_rank / GiB, "node_gib": per_rank * ranks / GiB, "read_gb": reads / 1e9,
             "read_s": reads / (hw.fs_gbps * 1e9), "partitioned": float(partitioned)}
@@ -242,7 +246,7 @@ def format_estimate(est: Estimate, hw: Hardware) -> str:
                  f"samples/s at MFU {hw.mfu:.0%} of {hw.peak_tflops:g} TFLOP/s")
     up = est.startup
     if up:
-        how = " (ZeRO-3 partitions the LLM as rank 0 reads it)" if up["partitioned"] else ""
+        how = " (ZeRO-3: each rank reads its partition of the LLM)" if up["partitioned"] else ""
         host = "fits" if up["node_gib"] <= hw.host_mem_gib else "DOES NOT FIT: set backend.zero_init=true, or more TP/PP"
         lines.append(f"  start-up: {up['node_gib']:,.0f} GiB host memory per node ({up['rank_gib']:,.1f} per rank){how} "
                      f"of {hw.host_mem_gib:g} GiB: {host}; reads {up['read_gb']:,.1f} GB per node from the "
