@@ -7,12 +7,13 @@ model.init_from), with the checkpoint's weights over it. It is written one block
 (one decoder layer, one embedding), never whole: a pretrained LLM stays on the meta device and
 each block is filled, written and dropped in turn, taking every tensor from the first of
 
-  1. the checkpoint (what trained; DeepSpeed's ZeRO-3 tensors put together one at a time),
+  1. the checkpoint (what trained): DeepSpeed's ZeRO-3 tensors put together one at a time, a
+     megatron checkpoint of any TP/PP layout read one decoder layer at a time
+     (backends/megatron_weights.py),
   2. model.init_from, for the parts it names (weights of an earlier stage),
   3. the pretrained LLM's safetensors (model.llm.path), or the rebuilt tower and projector.
 
 So a 70B export holds one shard being written (`--max-shard-size`) and one layer, not 280 GB.
-A megatron checkpoint is still reassembled whole before it is written (docs/scaling.md).
 In the `align` stage the checkpoint holds only the trained weights: the frozen backbones come
 from 2 and 3, and a trained weight missing from it is an error, not a silent random weight.
 A LoRA run is exported merged (peft merges each adapted layer as it is written: a plain model),

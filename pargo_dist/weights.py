@@ -1,11 +1,12 @@
-"""Reading a checkpoint's (or an export's) weights back into a model, whatever wrote them.
+"""Reading a checkpoint's (or an export's) weights back, by the HF model's names, whatever wrote them.
 
 One path for the three places that need it: `model.init_from` (some parts from an earlier
 run), `pargo-dist export` (everything, into one HF model), and an elastic resume (a ZeRO
 checkpoint on another rank count, whose optimizer shards do not fit). The formats are the
 checkpoint layout's (pargo_dist/checkpoint.py): an exported HF directory of safetensors, a
 DeepSpeed tag dir (consolidated to fp32 by DeepSpeed's zero_to_fp32), a megatron distributed
-checkpoint (reassembled by the megatron backend).
+checkpoint (read one decoder layer at a time: backends/megatron_weights.py). Each can be read
+lazily, one tensor when it is asked for, so no reader needs the whole model.
 """
 
 from __future__ import annotations
@@ -79,10 +80,10 @@ def checkpoint_weights(source: str | Path, model: torch.nn.Module | None = None,
                        names: set[str] | None = None, lazy: bool = False) -> Mapping[str, torch.Tensor]:
     """The weights `source` holds, by the HF model's parameter names: an exported directory
     (safetensors), a DeepSpeed checkpoint (consolidated to fp32 from any ZeRO stage and rank
-    count) or a megatron one (reassembled from any TP/PP layout; needs `model`, whose vision
-    tower and projector modules it loads in place, and a process with no process group yet).
-    `source` may be a run dir (its newest complete checkpoint). `lazy`: a mapping that reads
-    each tensor when it is asked for (export); a megatron checkpoint is still read whole."""
+    count) or a megatron one (any TP/PP layout, read one decoder layer at a time; needs `model`
+    for its names and shapes, and a process with no process group yet). `source` may be a run
+    dir (its newest complete checkpoint). `lazy`: a mapping that reads each tensor when it is
+    asked for (export, init_from)."""
     path = Path(source)
     if not path.exists():
         raise UserError(f"{path} does not exist")
@@ -95,9 +96,11 @@ def checkpoint_weights(source: str | Path, model: torch.nn.Module | None = None,
         if model is None or torch.distributed.is_initialized():
             raise UserError(f"{step_dir} is a megatron checkpoint, which is read back in a process of its own: "
                             "export it first (`pargo-dist export`) and use the export")
-        from pargo_dist.backends.megatron import hf_state_dict
+        from pargo_dist.backends.megatron_weights import MegatronWeights
 
-        return hf_state_dict(step_dir, model)
+        reader = MegatronWeights(step_dir, model)
+        weights = LazyWeights({name: functools.partial(reader.read, name) for name in reader.names()})
+        return weights if lazy else dict(weights.items())
     raise UserError(f"{step_dir} holds neither {DEEPSPEED_DIR}/ (DeepSpeed) nor {MEGATRON_DIR}/ (megatron) "
                     "checkpoint files, and no safetensors")
 

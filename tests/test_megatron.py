@@ -163,6 +163,39 @@ def test_export_of_a_tp2_checkpoint_gives_the_logged_eval_loss(tp2_run, tmp_path
     assert total / n == pytest.approx(losses(run_dir, "eval/loss")[6], rel=1e-5)
 
 
+def test_a_checkpoint_is_read_back_one_decoder_layer_at_a_time(tp2_run, monkeypatch):
+    """Export and init_from read a TP=2 checkpoint at TP=1 through one chunk per tensor: each
+    read holds the tower and projector, one decoder layer, or the embeddings and norm, and each
+    is read once (the export's logits are checked above against the run's own eval loss)."""
+    from pargo_dist import build
+    from pargo_dist.backends import megatron_weights
+    from pargo_dist.checkpoint import resolve_checkpoint
+    from pargo_dist.config import load_config
+    from pargo_dist.weights import checkpoint_weights
+
+    reads = []
+    read = megatron_weights.MegatronWeights._read
+
+    def counted(self, names):
+        out = read(self, names)
+        reads.append(sum(t.numel() for t in out.values()))
+        return out
+
+    monkeypatch.setattr(megatron_weights.MegatronWeights, "_read", counted)
+    step = resolve_checkpoint(tp2_run)
+    cfg = load_config(step / "config.yaml")
+    model = build.build_model(cfg, build.build_tokenizer(cfg))
+    state = dict(checkpoint_weights(step, model, lazy=True).items())
+    assert set(state) == {n for n, _ in model.named_parameters()}
+    layers = model.config.text_config.num_hidden_layers
+    layer = sum(t.numel() for k, t in state.items() if k.startswith("language_model.model.layers.0."))
+    assert len(reads) == 1 + layers + 1
+    assert reads[1:-1] == [layer] * layers  # one decoder layer per read, at TP=1
+    assert sum(reads) == sum(t.numel() for t in state.values())  # each tensor read once
+    for name, tensor in state.items():
+        assert tensor.shape == model.get_parameter(name).shape, name
+
+
 def test_megatron_recipe_errors_name_the_key(grad_recipe):
     from pargo_dist.config import ConfigError, load_config
 

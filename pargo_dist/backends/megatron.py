@@ -301,36 +301,3 @@ class MegatronBackend:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return True
-
-
-def hf_state_dict(step_dir: Path, hf_model) -> dict[str, torch.Tensor]:
-    """The weights of a megatron checkpoint (any TP/PP/DP layout) by the HF model's names, read in
-    this process alone (used through pargo_dist.checkpoint.checkpoint_weights by export).
-
-    The checkpoint is read at TP=PP=1 (distributed checkpointing reassembles every shard) into a
-    one-stage model around `hf_model`'s vision tower and projector (loaded in place), then the
-    GPTModel weights are converted back to HF names."""
-    from dataclasses import replace
-
-    from pargo_dist.backends.megatron_convert import hf_state_from_megatron
-    from pargo_dist.config import load_config
-    from pargo_dist.launch import single_process_env
-
-    cfg = load_config(Path(step_dir) / "config.yaml")
-    single_process_env()
-    one = replace(cfg, backend=replace(cfg.backend, tensor_parallel=1, pipeline_parallel=1, sequence_parallel=False))
-    backend = MegatronBackend(one)
-    backend.init_distributed()
-    try:
-        text = hf_model.config.text_config
-        stage = ParGoMegatron(transformer_config(one, text), hf_model, pre_process=True, post_process=True)
-        state = dist_checkpointing.load({"model": stage.sharded_state_dict()}, str(Path(step_dir) / MEGATRON_DIR))
-        stage.load_state_dict(state["model"])
-        llm = {k: v for k, v in stage.language_model.state_dict().items() if torch.is_tensor(v)}
-        out = {f"language_model.{k}": v for k, v in hf_state_from_megatron({(0, 0): llm}, text).items()}
-        for part in ("vision_tower", "projector"):
-            out.update({f"{part}.{k}": v for k, v in getattr(stage, part).state_dict().items()})
-        return out
-    finally:
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()

@@ -206,6 +206,50 @@ def iter_megatron_state_from_checkpoint(path, cfg, tp: int = 1, tp_rank: int = 0
     ckpt.close()
 
 
+def hf_layer_from_megatron(shards: dict[tuple[int, int], dict[str, torch.Tensor]], cfg, pp_rank: int, local: int,
+                           layer: int, tp: int = 1) -> dict[str, torch.Tensor]:
+    """The HF tensors of decoder layer `layer` (local index `local` in stage `pp_rank`) from the
+    (tp_rank, pp_rank) GPTModel state dicts that hold it. Works on meta tensors too (names and
+    shapes without reading a checkpoint)."""
+    groups = cfg.num_key_value_heads or cfg.num_attention_heads
+    d = _head_dim(cfg)
+    q_rows = cfg.num_attention_heads // groups * d
+
+    def cat(key: str, dim: int = 0) -> torch.Tensor:
+        return torch.cat([shards[(t, pp_rank)][key] for t in range(tp)], dim=dim)
+
+    out: dict[str, torch.Tensor] = {}
+    src, dst = f"decoder.layers.{local}.", f"model.layers.{layer}."
+    for kind in ("weight", "bias"):
+        key = src + f"self_attention.linear_qkv.{kind}"
+        if key not in shards[(0, pp_rank)]:
+            continue
+        parts = [_split_qkv(shards[(t, pp_rank)][key], groups // tp, q_rows, d) for t in range(tp)]
+        for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            out[dst + f"self_attn.{name}.{kind}"] = torch.cat([p[i] for p in parts])
+    out[dst + "self_attn.o_proj.weight"] = cat(src + "self_attention.linear_proj.weight", dim=1)
+    out[dst + "input_layernorm.weight"] = shards[(0, pp_rank)][src + "input_layernorm.weight"].clone()
+    out[dst + "post_attention_layernorm.weight"] = shards[(0, pp_rank)][src + "pre_mlp_layernorm.weight"].clone()
+    fc1 = [shards[(t, pp_rank)][src + "mlp.linear_fc1.weight"].chunk(2) for t in range(tp)]
+    out[dst + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in fc1])
+    out[dst + "mlp.up_proj.weight"] = torch.cat([u for _, u in fc1])
+    out[dst + "mlp.down_proj.weight"] = cat(src + "mlp.linear_fc2.weight", dim=1)
+    return out
+
+
+def hf_ends_from_megatron(shards: dict[tuple[int, int], dict[str, torch.Tensor]], cfg, tp: int = 1,
+                          pp: int = 1) -> dict[str, torch.Tensor]:
+    """The HF tensors around the decoder layers: input embedding, final norm, output layer (untied)."""
+    def cat(pp_rank: int, key: str) -> torch.Tensor:
+        return torch.cat([shards[(t, pp_rank)][key] for t in range(tp)])
+
+    out = {"model.embed_tokens.weight": cat(0, "embedding.word_embeddings.weight"),
+           "model.norm.weight": shards[(0, pp - 1)]["decoder.final_layernorm.weight"].clone()}
+    if not getattr(cfg, "tie_word_embeddings", False):
+        out["lm_head.weight"] = cat(pp - 1, "output_layer.weight")
+    return out
+
+
 def hf_state_from_megatron(shards: dict[tuple[int, int], dict[str, torch.Tensor]], cfg, tp: int = 1,
                            pp: int = 1) -> dict[str, torch.Tensor]:
     """HF state dict from every (tp_rank, pp_rank) GPTModel state dict (the inverse of the above)."""
@@ -213,32 +257,8 @@ def hf_state_from_megatron(shards: dict[tuple[int, int], dict[str, torch.Tensor]
     missing = [(t, p) for t in range(tp) for p in range(pp) if (t, p) not in shards]
     if missing:
         raise ConversionError(f"shards missing for (tp_rank, pp_rank) {missing}")
-    groups = cfg.num_key_value_heads or cfg.num_attention_heads
-    d = _head_dim(cfg)
-    q_rows = cfg.num_attention_heads // groups * d
-
-    def cat(pp_rank: int, key: str, dim: int = 0) -> torch.Tensor:
-        return torch.cat([shards[(t, pp_rank)][key] for t in range(tp)], dim=dim)
-
-    out: dict[str, torch.Tensor] = {"model.embed_tokens.weight": cat(0, "embedding.word_embeddings.weight"),
-                                    "model.norm.weight": shards[(0, pp - 1)]["decoder.final_layernorm.weight"].clone()}
-    if not getattr(cfg, "tie_word_embeddings", False):
-        out["lm_head.weight"] = cat(pp - 1, "output_layer.weight")
+    out = hf_ends_from_megatron(shards, cfg, tp, pp)
     for pp_rank in range(pp):
         for local, layer in enumerate(_layer_range(cfg, pp, pp_rank)):
-            src, dst = f"decoder.layers.{local}.", f"model.layers.{layer}."
-            for kind in ("weight", "bias"):
-                key = src + f"self_attention.linear_qkv.{kind}"
-                if key not in shards[(0, pp_rank)]:
-                    continue
-                parts = [_split_qkv(shards[(t, pp_rank)][key], groups // tp, q_rows, d) for t in range(tp)]
-                for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                    out[dst + f"self_attn.{name}.{kind}"] = torch.cat([p[i] for p in parts])
-            out[dst + "self_attn.o_proj.weight"] = cat(pp_rank, src + "self_attention.linear_proj.weight", dim=1)
-            out[dst + "input_layernorm.weight"] = shards[(0, pp_rank)][src + "input_layernorm.weight"].clone()
-            out[dst + "post_attention_layernorm.weight"] = shards[(0, pp_rank)][src + "pre_mlp_layernorm.weight"].clone()
-            fc1 = [shards[(t, pp_rank)][src + "mlp.linear_fc1.weight"].chunk(2) for t in range(tp)]
-            out[dst + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in fc1])
-            out[dst + "mlp.up_proj.weight"] = torch.cat([u for _, u in fc1])
-            out[dst + "mlp.down_proj.weight"] = cat(pp_rank, src + "mlp.linear_fc2.weight", dim=1)
+            out.update(hf_layer_from_megatron(shards, cfg, pp_rank, local, layer, tp))
     return out

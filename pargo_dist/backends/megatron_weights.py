@@ -1,0 +1,160 @@
+"""A megatron checkpoint's weights by the HF model's names, read one decoder layer at a time.
+
+Export and `model.init_from` read a checkpoint saved at any TP/PP/DP layout in one process.
+Megatron's distributed checkpoint (torch.distributed.checkpoint underneath) stores each tensor
+by its global coordinates; the decoder layers of one kind are one global tensor with a leading
+layer axis. So layer i is the slice [i] of each of those tensors, at TP=1 whatever TP saved it,
+and that slice alone is read (a load plan for just that chunk): a 70B checkpoint gives up one
+0.9 GB layer at a time, never 280 GB.
+
+Which global tensor and which offset each parameter lives at comes from megatron itself: the
+one-stage (TP=PP=1) model is built on the meta device and asked for its sharded state dict.
+The layer's megatron tensors are then converted to HF names (megatron_convert), and the vision
+tower and projector, kept whole by the backend, are read whole.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, load
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from pargo_dist.backends.megatron_convert import hf_ends_from_megatron, hf_layer_from_megatron
+
+_LAYER = re.compile(r"language_model\.decoder\.layers\.(\d+)\.")
+
+
+class _ChunkPlanner(DefaultLoadPlanner):
+    """A torch.distributed.checkpoint load plan that reads, for each requested tensor, only the
+    chunk at its given global offset, of the requested tensor's shape."""
+
+    def __init__(self, offsets: dict[str, tuple[int, ...]]):
+        super().__init__()
+        self.offsets = offsets
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for fqn, tensor in self.state_dict.items():
+            chunk = ChunkStorageMetadata(offsets=torch.Size(self.offsets[fqn]), sizes=tensor.shape)
+            items += create_read_items_for_chunk_list(fqn, self.metadata.state_dict_metadata[fqn], [chunk])
+        return LoadPlan(items)
+
+    def resolve_tensor(self, read_item) -> torch.Tensor:
+        """Where a read lands: its offsets are relative to the requested chunk (a plain tensor)."""
+        tensor = self.state_dict[read_item.dest_index.fqn]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            tensor = tensor.narrow(dim, start, length)
+        return tensor
+
+
+class MegatronWeights:
+    """Reader of one checkpoint: `names()` (HF names, without reading) and `read(name)`, which
+    reads and converts the block holding `name` (one decoder layer, or the embeddings and
+    norm) and keeps that one block until another is asked for."""
+
+    def __init__(self, step_dir: str | Path, hf_model):
+        from pargo_dist.backends.megatron import MegatronBackend, ParGoMegatron, transformer_config
+        from pargo_dist.checkpoint import MEGATRON_DIR
+        from pargo_dist.config import load_config
+
+        cfg = load_config(Path(step_dir) / "config.yaml")
+        self.dir = Path(step_dir) / MEGATRON_DIR
+        self.text = hf_model.config.text_config
+        one = replace(cfg, backend=replace(cfg.backend, tensor_parallel=1, pipeline_parallel=1, sequence_parallel=False))
+        self._run_alone(lambda: MegatronBackend(one).init_distributed())
+        try:
+            with torch.device("meta"):  # names, global keys and offsets; no weights
+                stage = ParGoMegatron(transformer_config(one, self.text), hf_model, pre_process=True, post_process=True)
+            sharded = stage.sharded_state_dict()
+        finally:
+            self._run_alone(None)
+        # local state-dict name -> (global key, chunk offset, chunk shape, dtype); a decoder
+        # layer's chunk has the layer axis in front (size 1), dropped once read
+        self._where: dict[str, tuple[str, tuple[int, ...], tuple[int, ...], torch.dtype]] = {}
+        for name, entry in sharded.items():
+            data = getattr(entry, "data", None)
+            if not torch.is_tensor(data):  # _extra_state objects
+                continue
+            layer = _LAYER.match(name)
+            lead = (int(layer.group(1)),) if layer else ()  # megatron numbers them globally: TP=PP=1 here
+            offset = tuple(getattr(entry, "global_offset", None) or lead + (0,) * data.dim())  # a factory: none
+            self._where[name] = (entry.key, offset, (1,) * len(lead) + tuple(data.shape), data.dtype)
+        self._blocks: dict[str, str] = {}  # HF name -> block
+        for block in self._block_names():
+            for hf_name in self._convert(block, meta=True):
+                self._blocks[hf_name] = block
+        self._cached: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    @staticmethod
+    def _run_alone(start: Callable[[], object] | None) -> None:
+        """A one-process group while megatron builds its meta model; torn down after."""
+        from megatron.core import parallel_state
+
+        from pargo_dist.launch import single_process_env
+
+        if start is not None:
+            single_process_env()
+            start()
+            return
+        parallel_state.destroy_model_parallel()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def _block_names(self) -> list[str]:
+        layers = sorted({int(m.group(1)) for n in self._where if (m := _LAYER.match(n))})
+        return ["vision_tower+projector", *(f"layer {i}" for i in layers), "ends"]
+
+    def _members(self, block: str) -> list[str]:
+        if block == "vision_tower+projector":
+            return [n for n in self._where if n.startswith(("vision_tower.", "projector."))]
+        if block == "ends":
+            return [n for n in self._where if n.startswith("language_model.") and not _LAYER.match(n)]
+        index = int(block.split()[1])
+        return [n for n in self._where if (m := _LAYER.match(n)) and int(m.group(1)) == index]
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        targets = {self._where[n][0]: torch.empty(self._where[n][2], dtype=self._where[n][3]) for n in names}
+        offsets = {self._where[n][0]: self._where[n][1] for n in names}
+        with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process, as meant
+            warnings.simplefilter("ignore", UserWarning)
+            load(targets, storage_reader=FileSystemReader(str(self.dir)), planner=_ChunkPlanner(offsets),
+                 no_dist=True)
+        return {n: targets[self._where[n][0]].flatten(0, 1) if _LAYER.match(n) else targets[self._where[n][0]]
+                for n in names}
+
+    def _convert(self, block: str, meta: bool = False) -> dict[str, torch.Tensor]:
+        names = self._members(block)
+        if meta:
+            local = {n: torch.empty(self._where[n][2], dtype=self._where[n][3], device="meta") for n in names}
+            local = {n: t.flatten(0, 1) if _LAYER.match(n) else t for n, t in local.items()}
+        else:
+            local = self._read(names)
+        if block == "vision_tower+projector":
+            return local
+        state = {(0, 0): {n.removeprefix("language_model."): t for n, t in local.items()}}
+        if block == "ends":
+            hf = hf_ends_from_megatron(state, self.text)
+        else:
+            index = int(block.split()[1])
+            hf = hf_layer_from_megatron(state, self.text, 0, index, index)
+        return {f"language_model.{k}": v for k, v in hf.items()}
+
+    def names(self) -> list[str]:
+        return list(self._blocks)
+
+    def read(self, name: str) -> torch.Tensor:
+        block = self._blocks[name]
+        if self._cached is None or self._cached[0] != block:
+            self._cached = None  # drop the last block before reading the next
+            self._cached = (block, self._convert(block))
+        return self._cached[1][name]
+
