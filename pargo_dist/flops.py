@@ -98,10 +98,10 @@ def _vision_forward(model: nn.Module, crops_per_sample: float) -> dict[str, floa
       + 2 * (patch-conv multiply-adds)                             patch embedding
       + layers * 2 * 2 * L * L * D                                 scores QK^T and P @ V
       + pooling head, if the tower has one (SigLIP): 1 probe query attending over L tokens.
-    The whole encoder runs even when the features come from an earlier layer; the blocks past
-    `feature_layer`, the pooling head and any projection of the pooled token (Linears outside
-    the inner transformer, e.g. CLIPVisionModelWithProjection's) never reach the loss: they
-    are "forward_only". The patch conv reads the pixels, whose gradient nobody needs:
+    The blocks past `feature_layer` do not run (VisionTower runs only the blocks the features
+    need) and count nothing; the pooling head and any projection of the pooled token (Linears
+    outside the inner transformer, e.g. CLIPVisionModelWithProjection's) run but never reach the
+    loss: they are "forward_only". The patch conv reads the pixels, whose gradient nobody needs:
     "input_weights".
     """
     tower = model.vision_tower
@@ -128,12 +128,12 @@ def _vision_forward(model: nn.Module, crops_per_sample: float) -> dict[str, floa
             if id(m) not in inner_ids:
                 out["forward_only"] += 2 * macs  # applied to the pooled token
             else:
-                out["forward_only" if id(m) in dead else "weights"] += 2 * macs * tokens
+                if id(m) not in dead:
+                    out["weights"] += 2 * macs * tokens
         elif isinstance(m, nn.Conv2d):
             out["input_weights"] += 2 * _conv_macs(m, tower.image_size)
     attention = 4 * tokens * tokens * width
-    out["attention"] += used * attention
-    out["forward_only"] += (n_layers - used) * attention
+    out["attention"] += used * attention  # the blocks past `used` do not run
     if head is not None:
         out["forward_only"] += _pooling_head_forward(head, tokens)
     return _scaled(out, crops_per_sample)

@@ -30,6 +30,17 @@ def param_groups(model, cfg: Config) -> list[dict]:
     return groups
 
 
+def adamw(groups: list[dict], cfg: Config, fused: bool = True):
+    """torch AdamW with the recipe's betas, eps and weight decay. Fused: one kernel per step over a
+    group's tensors (CUDA; CPU too since torch 2.4) instead of a chain of foreach kernels, for
+    the same update (tests/test_optim.py compares the two)."""
+    import torch
+
+    o = cfg.optim
+    return torch.optim.AdamW(groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                             fused=fused, foreach=None if fused else True)
+
+
 def lr_lambda(cfg: Config):
     """Linear warmup, then cosine decay to min_lr_ratio at the last step."""
     warmup, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio

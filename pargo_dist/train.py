@@ -91,8 +91,13 @@ class Trainer:
         if exact and rank_state is not None:
             restore_rng_state(rank_state["rng"])
         if not exact:
-            self._say(f"elastic resume: checkpoint of {saved.world_size} rank(s) on {self.world}; weights, "
-                      "schedule and data position restored, optimizer moments re-initialised")
+            def shown(layout: dict) -> str:
+                return ", ".join(f"{k} {v}" for k, v in layout.items())
+
+            before = shown(saved.layout) if saved.layout else f"{saved.world_size} rank(s)"
+            layouts = f"{before} -> {shown(self.backend.layout())}"
+            self._say(f"elastic resume: the checkpoint's optimizer shards do not fit this layout ({layouts}); "
+                      "weights, schedule and data position restored, optimizer moments re-initialised")
         self._say(f"resumed from {step_dir} at step {saved.step} ({saved.samples_seen:,} samples seen)")
 
     def save(self) -> Path:

@@ -37,7 +37,8 @@ def test_zero3_keeps_the_frozen_tower_whole_and_out_of_its_partitions(tmp_path, 
     partitioned, and the model computes what it computed before set-up."""
     from pargo_dist.backends.deepspeed import DeepSpeedBackend
 
-    cfg, model = built(tmp_path, "backend.zero_stage=3", f"train.precision={precision}")
+    # (one rank runs ZeRO-3 as ZeRO-2 unless parameters are offloaded: offloading keeps stage 3 here)
+    cfg, model = built(tmp_path, "backend.zero_stage=3", "backend.offload_params=true", f"train.precision={precision}")
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         want = model.encode_images(pixels)
@@ -64,9 +65,26 @@ def test_a_trained_tower_stays_with_zero3(tmp_path):
     """A tower that trains needs its optimizer partitions: it stays in the module DeepSpeed wraps."""
     from pargo_dist.backends.deepspeed import DeepSpeedBackend
 
-    cfg, model = built(tmp_path, "backend.zero_stage=3", "train.stage=full")
+    cfg, model = built(tmp_path, "backend.zero_stage=3", "backend.offload_params=true", "train.stage=full")
     assert any(p.requires_grad for p in model.vision_tower.parameters())
     backend = DeepSpeedBackend(cfg)
     backend.init_distributed()
     backend.setup(model)
     assert all(hasattr(p, "ds_id") for p in backend.module.vision_tower.parameters())
+
+
+def test_zero3_on_one_rank_runs_as_zero2_and_says_so(tmp_path, capsys):
+    """One rank has nothing to partition: ZeRO-3's gathers and hooks would be pure cost. The run
+    says what it chose; more ranks, or offloaded parameters (stage 3 only), keep stage 3."""
+    from pargo_dist.backends.deepspeed import DeepSpeedBackend, zero_stage_for
+
+    cfg, model = built(tmp_path, "backend.zero_stage=3")
+    backend = DeepSpeedBackend(cfg)
+    backend.init_distributed()
+    backend.setup(model)
+    assert "ZeRO-3 on one rank partitions nothing: running ZeRO-2" in capsys.readouterr().out
+    assert backend.engine.zero_optimization_stage() == 2 and backend.layout() == {"dp": 1, "zero_stage": 2}
+    assert not any(hasattr(p, "ds_id") for p in backend.module.parameters())
+    assert zero_stage_for(cfg, 2) == (3, "")
+    offloaded, _ = built(tmp_path, "backend.zero_stage=3", "backend.offload_params=true")
+    assert zero_stage_for(offloaded, 1) == (3, "")

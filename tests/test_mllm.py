@@ -166,6 +166,34 @@ def test_clip_tower_selects_penultimate_layer_and_drops_cls():
     torch.testing.assert_close(normed, tower.model.vision_model.post_layernorm(hidden[-1][:, 1:]))
 
 
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+@pytest.mark.parametrize("feature_layer", [-2, 1, -1])
+def test_the_tower_runs_only_the_blocks_its_features_need(kind, feature_layer):
+    """Features from block k: the blocks past k do not run (no hook fires), the features and the
+    gradients of a trained tower equal the whole encoder's, and the encoder keeps all its blocks."""
+    torch.manual_seed(0)
+    tower = VisionTower.build(vision_config_from(TINY_VISION[kind]), feature_layer=feature_layer, drop_cls=False,
+                              trainable=True).eval()
+    layers = tower.model.vision_model.encoder.layers
+    ran = []
+    for i, layer in enumerate(layers):
+        layer.register_forward_hook(lambda *_, i=i: ran.append(i))
+    px = torch.randn(2, 3, 32, 32)
+    feats = tower(px)
+    used = feature_layer % (len(layers) + 1)
+    assert ran == list(range(used)) and len(tower.model.vision_model.encoder.layers) == len(layers) == 2
+    feats.square().sum().backward()
+    got = {n: p.grad.clone() for n, p in tower.model.named_parameters() if p.grad is not None}
+    tower.zero_grad(set_to_none=True)
+    whole = tower.model(pixel_values=px, output_hidden_states=True).hidden_states[feature_layer]
+    torch.testing.assert_close(feats, whole)
+    whole.square().sum().backward()
+    want = {n: p.grad for n, p in tower.model.named_parameters() if p.grad is not None and p.grad.any()}
+    assert want and set(want) <= set(got)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6)
+
+
 def test_siglip_tower_has_no_cls_to_drop():
     torch.manual_seed(0)
     tower = VisionTower.build(vision_config_from(TINY_VISION["siglip"]), feature_layer=-1).eval()

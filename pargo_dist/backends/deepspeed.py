@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ from deepspeed.utils import logger as _ds_logger  # noqa: E402
 
 from pargo_dist.batch import Batch  # noqa: E402
 from pargo_dist.checkpoint import DEEPSPEED_DIR  # noqa: E402
-from pargo_dist.optim import lr_lambda, param_groups  # noqa: E402
+from pargo_dist.optim import adamw, lr_lambda, param_groups  # noqa: E402
 from pargo_dist.weights import load_trained_weights  # noqa: E402
 
 skip_deepspeed_cpu_shm_op()
@@ -52,12 +53,25 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+def zero_stage_for(cfg, world_size: int) -> tuple[int, str]:
+    """The ZeRO stage to run, and why when it is not the recipe's: ZeRO-3 on one rank has nothing
+    to partition, so its per-module gathers and hooks are pure cost; ZeRO-2 does the same
+    arithmetic without them (and its checkpoints consolidate the same way). Offloaded parameters
+    need stage 3, so they keep it."""
+    stage = cfg.backend.zero_stage
+    if stage == 3 and world_size == 1 and not cfg.backend.offload_params:
+        return 2, "ZeRO-3 on one rank partitions nothing: running ZeRO-2 (the same arithmetic, without ZeRO-3's " \
+                  "per-module gathers)"
+    return stage, ""
+
+
 def ds_config(cfg, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config from our recipe (batch sizes, ZeRO, precision, clipping)."""
-    zero: dict[str, Any] = {"stage": cfg.backend.zero_stage}
-    if cfg.backend.zero_stage >= 2:
+    stage, _ = zero_stage_for(cfg, world_size)
+    zero: dict[str, Any] = {"stage": stage}
+    if stage >= 2:
         zero.update(contiguous_gradients=True, overlap_comm=torch.cuda.is_available())
-    if cfg.backend.zero_stage == 3:
+    if stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False)
     if cfg.backend.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -101,8 +115,13 @@ class DeepSpeedBackend:
         return rank, self.world_size
 
     @property
+    def zero_stage(self) -> int:
+        """The stage run (zero_stage_for): known once the world size is."""
+        return zero_stage_for(self.cfg, self.world_size)[0]
+
+    @property
     def _zero3(self) -> bool:
-        return self.cfg.backend.zero_stage == 3
+        return self.zero_stage == 3
 
     @property
     def synced_gpus(self) -> bool:
@@ -172,10 +191,11 @@ class DeepSpeedBackend:
             for param in model.parameters():
                 if not hasattr(param, "ds_id"):
                     param.data = param.data.to(torch.bfloat16)
+        _, why = zero_stage_for(self.cfg, self.world_size)
+        if why and torch.distributed.get_rank() == 0:
+            print(why, flush=True)
         tower = self._take_out_frozen_tower(model)
-        o = self.cfg.optim
-        optimizer = torch.optim.AdamW(param_groups(model, self.cfg), betas=tuple(o.betas), eps=o.eps,
-                                      weight_decay=o.weight_decay)
+        optimizer = adamw(param_groups(model, self.cfg), self.cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(self.cfg))
         self.optimizer, self.scheduler = optimizer, scheduler
         self.engine, _, _, _ = deepspeed.initialize(
@@ -214,7 +234,7 @@ class DeepSpeedBackend:
         self.engine.train(mode)
 
     def layout(self) -> dict[str, int]:
-        return {"dp": self.world_size, "zero_stage": self.cfg.backend.zero_stage}
+        return {"dp": self.world_size, "zero_stage": self.zero_stage}
 
     def set_step(self, step: int) -> None:
         """Put the LR schedule at `step` (LambdaLR's epoch is our optimizer step)."""
@@ -263,7 +283,10 @@ class DeepSpeedBackend:
         self.engine.save_checkpoint(str(step_dir), tag=DEEPSPEED_DIR, exclude_frozen_parameters=self._has_frozen)
 
     def load(self, step_dir, saved_world: int) -> bool:
-        if saved_world == self.world_size:
+        # ZeRO-3 writes per-rank model-state files, stages 0-2 one mp_rank_00 file: a checkpoint of
+        # another stage (a recipe changed, or one rank running ZeRO-3 as ZeRO-2) takes the elastic way
+        saved_zero3 = any((Path(step_dir) / DEEPSPEED_DIR).glob("zero_pp_rank_*_model_states.pt"))
+        if saved_world == self.world_size and saved_zero3 == self._zero3:
             path, _ = self.engine.load_checkpoint(
                 str(step_dir), tag=DEEPSPEED_DIR, load_module_strict=not self._has_frozen,
                 load_optimizer_states=True, load_lr_scheduler_states=True)

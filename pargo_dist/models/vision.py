@@ -14,6 +14,8 @@ crop-major, raster order inside each crop.
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import torch
@@ -113,6 +115,35 @@ class VisionTower(nn.Module):
             self.model.eval()
         return self
 
+    def _encoder_layers(self) -> nn.ModuleList | None:
+        inner = getattr(self.model, "vision_model", self.model)
+        layers = getattr(getattr(inner, "encoder", None), "layers", None)
+        return layers if isinstance(layers, nn.ModuleList) else None
+
+    @property
+    def layers_used(self) -> int | None:
+        """Encoder blocks the features need: all up to feature_layer (hidden_states[0] is the
+        embeddings). None for a model whose blocks are not an `encoder.layers` list."""
+        layers = self._encoder_layers()
+        return None if layers is None else self.feature_layer % (len(layers) + 1)
+
+    @contextlib.contextmanager
+    def _only_layers(self, used: int | None):
+        """Run only the first `used` blocks (those up to feature_layer): with ParGo's -2 the last
+        block's output is thrown away, so computing it is waste (1/24 of CLIP-L's FLOPs). The
+        encoder is given the first blocks for this forward and its own list back after; its
+        weights stay in place."""
+        layers = self._encoder_layers()
+        if layers is None or used is None or used == len(layers):
+            yield
+            return
+        encoder = getattr(self.model, "vision_model", self.model).encoder
+        encoder.layers = layers[:used]
+        try:
+            yield
+        finally:
+            encoder.layers = layers
+
     @property
     def num_patches(self) -> int:
         """Patches per crop after CLS removal."""
@@ -124,10 +155,11 @@ class VisionTower(nn.Module):
         if pixel_values.dim() == 5:
             n, crops = pixel_values.shape[:2]
             pixel_values = pixel_values.flatten(0, 1)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+        used = self.layers_used  # the blocks past it do not run
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen), self._only_layers(used):
             dtype = next(self.model.parameters()).dtype
             out = self.model(pixel_values=pixel_values.to(dtype), output_hidden_states=True)
-            feats = out.hidden_states[self.feature_layer]
+            feats = out.hidden_states[self.feature_layer if used is None else used]
             drop = self.drop_cls if self.drop_cls is not None else feats.shape[1] == self.num_patches + 1
             if drop:
                 feats = feats[:, 1:]
