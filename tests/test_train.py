@@ -73,8 +73,8 @@ def test_elastic_resume_two_ranks_to_one_continues_without_repeats(reference, re
     for f in run_dir.glob("sample_ids.rank*.jsonl"):  # what the 2 ranks read up to the checkpoint
         f.write_text("".join(line + "\n" for line in f.read_text().splitlines() if json.loads(line)["step"] <= 2))
     out = run_train(recipe, ["train.micro_batch=8"], nproc=1)  # the same global batch
-    assert "elastic resume: the checkpoint's optimizer shards do not fit this layout (dp 2, zero_stage 3 -> dp 1, "
-            "zero_stage 2)" in out.stdout and "at step 2" in out.stdout
+    assert ("elastic resume: the checkpoint's optimizer shards do not fit this layout (dp 2, zero_stage 3 -> dp 1, "
+            "zero_stage 2)") in out.stdout and "at step 2" in out.stdout
     ids = sample_ids(run_dir)
     seen = [i for s in sorted(ids) for i in ids[s]]
     assert sorted(ids) == list(range(1, 7)) and len(seen) == 6 * 8
