@@ -48,7 +48,7 @@ from megatron.core.transformer import TransformerConfig  # noqa: E402
 from pargo_dist.backends.megatron_convert import iter_megatron_state_from_checkpoint, megatron_state_from_hf, \
     transformer_config_kwargs  # noqa: E402
 from pargo_dist.backends.megatron_layout import check_layout  # noqa: E402
-from pargo_dist.backends.megatron_model import ParGoMegatron  # noqa: E402
+from pargo_dist.backends.megatron_model import ParGoMegatron, needs_padding_mask  # noqa: E402
 from pargo_dist.batch import Batch  # noqa: E402
 from pargo_dist.checkpoint import MEGATRON_DIR  # noqa: E402
 from pargo_dist.errors import UserError  # noqa: E402
@@ -234,8 +234,11 @@ class MegatronBackend:
         counts_here = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
 
         def step_fn(data_iterator, model):
-            batch = next(data_iterator).to(device)
-            out = model(batch.input_ids, batch.attention_mask, labels=batch.labels, pixel_values=batch.pixel_values)
+            batch = next(data_iterator)
+            masked = batch.attention_mask is not None and needs_padding_mask(batch.attention_mask)
+            batch = batch.to(device)
+            out = model(batch.input_ids, batch.attention_mask if masked else None, labels=batch.labels,
+                        pixel_values=batch.pixel_values)
 
             def loss_fn(per_token):
                 total = per_token.float().sum()

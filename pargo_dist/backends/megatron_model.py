@@ -25,16 +25,27 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
+from pargo_dist.backends.megatron_attention import SDPAttention
 from pargo_dist.backends.megatron_convert import gpt_model_kwargs
 from pargo_dist.constants import IGNORE_INDEX, PARTS
 from pargo_dist.models.mllm import splice_visual_tokens
 
 
 def build_gpt(config: TransformerConfig, hf_text_config, pre_process: bool, post_process: bool) -> GPTModel:
-    """A GPTModel (local layer spec: plain torch ops, no Transformer Engine) for one pipeline stage."""
+    """A GPTModel (local layer spec: plain torch ops, no Transformer Engine) for one pipeline stage,
+    its core attention torch's SDPA (megatron_attention.SDPAttention)."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=False)
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return GPTModel(config, spec, pre_process=pre_process, post_process=post_process,
                     **gpt_model_kwargs(hf_text_config))
+
+
+def needs_padding_mask(mask_2d: torch.Tensor) -> bool:
+    """Whether a (b, s) key mask needs an explicit attention mask. A right-padded batch (each row
+    its tokens, then padding) does not: its padding keys come after every real query, so causal
+    attention alone gives the real tokens the same result, and what padding queries compute never
+    reaches the loss. Asked of the batch on the host, before it moves to the GPU (no sync)."""
+    return bool((mask_2d[:, 1:] > mask_2d[:, :-1]).any())
 
 
 def causal_padding_mask(mask_2d: torch.Tensor) -> torch.Tensor:
@@ -78,11 +89,12 @@ class ParGoMegatron(MegatronModule):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.projector(self.vision_tower(pixel_values))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Returns the per-token loss (b, s) on the last stage when labels are given (HF's
         shift: position i predicts token i+1; ignored positions give 0), logits (b, s, V/TP)
-        without labels, and the hidden states (s, b, h) on other stages."""
+        without labels, and the hidden states (s, b, h) on other stages. attention_mask None:
+        causal attention only (a right-padded batch needs no more: see needs_padding_mask)."""
         b, s = input_ids.shape
         decoder_input = None
         if self.pre_process:

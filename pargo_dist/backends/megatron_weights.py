@@ -15,6 +15,7 @@ tower and projector, kept whole by the backend, are read whole.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import replace
@@ -70,6 +71,7 @@ class MegatronWeights:
         self.dir = Path(step_dir) / MEGATRON_DIR
         self.text = hf_model.config.text_config
         one = replace(cfg, backend=replace(cfg.backend, tensor_parallel=1, pipeline_parallel=1, sequence_parallel=False))
+        environ = dict(os.environ)
         self._run_alone(lambda: MegatronBackend(one).init_distributed())
         try:
             with torch.device("meta"):  # names, global keys and offsets; no weights
@@ -77,6 +79,8 @@ class MegatronWeights:
             sharded = stage.sharded_state_dict()
         finally:
             self._run_alone(None)
+            os.environ.clear()  # the launcher variables of that group must not reach later processes
+            os.environ.update(environ)
         # local state-dict name -> (global key, chunk offset, chunk shape, dtype); a decoder
         # layer's chunk has the layer axis in front (size 1), dropped once read
         self._where: dict[str, tuple[str, tuple[int, ...], tuple[int, ...], torch.dtype]] = {}
