@@ -32,9 +32,8 @@ CLIP-L/336-shaped tower and the paper's ParGo projector, ~1.5B parameters in all
 are the same recipe with overrides (SIZES below). Vocabulary: the synthetic tokenizer's
 ~100 ids for tiny, 32,000 (Llama-2's, passed as llm vocab_size) for small and 1b, so the LM
 head costs what it really does. Sequence: the visual tokens + 64 text tokens (tiny, small),
-304 visual + 718 text = 1,022 (1b; see TEXT_TOKENS_OF). Micro batch: --batch, default 8
-(tiny, small) and 4 (1b: fits an 80 GB H100 in bf16 for ZeRO-3 and for megatron, whose
-local-spec attention keeps the s x s scores). The recipe's stage (full: tower, projector and
+304 visual + 720 text = 1,024 (1b; see TEXT_TOKENS_OF). Micro batch: --batch, default 8
+(tiny, small) and 4 (1b: fits an 80 GB H100 in bf16 for ZeRO-3 and for megatron). The recipe's stage (full: tower, projector and
 LLM all train) holds for all sizes and contenders.
 
 Every contender runs in its own subprocess (one rank: RANK=0, WORLD_SIZE=1; gloo on CPU, NCCL
@@ -102,11 +101,10 @@ SIZES: dict[str, list[str]] = {
            "model.vision.feature_layer=-2", "model.vision.post_layernorm=false"],
 }
 DEFAULT_PROJECTOR = {"1b"}  # sizes that use ProjectorConfig's defaults (the paper's 288 + 16 queries)
-# Sizes with longer text: 304 visual + 718 = 1,022 tokens a sample. Not 1,024: megatron's
-# FusedScaleMaskSoftmax takes its CUDA-kernel path when seq % 4 == 0 and then imports
-# scaled_masked_softmax_cuda (apex), which the device lacks; the backend turns the fusion on
-# whenever CUDA is present. At 1,022 every row runs the same unfused softmax path.
-TEXT_TOKENS_OF = {"1b": 718}
+# Sizes with longer text: 304 visual + 720 = 1,024 tokens a sample (a multiple of 64, as bf16
+# matmuls want; the former 1,022 dodged an apex softmax kernel that megatron's SDPA core
+# attention no longer reaches).
+TEXT_TOKENS_OF = {"1b": 720}
 BATCH_OF = {"1b": 4}  # default micro batch where not 8
 
 

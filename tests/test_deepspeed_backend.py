@@ -55,14 +55,14 @@ def test_zero3_keeps_the_frozen_tower_whole_and_out_of_its_partitions(tmp_path, 
     assert all(hasattr(p, "ds_id") for p in backend.module.language_model.parameters())
     assert all(not m._forward_pre_hooks for m in tower.modules())
     assert backend.module.vision_tower is tower
-    # whole transformer blocks are ZeRO-3 leaves (one gather each); buckets sized from the LLM
+    # whole transformer blocks are ZeRO-3 leaves (one gather each); small parameters stay whole
     from deepspeed.utils import z3_leaf_module
 
     assert all(z3_leaf_module(layer) for layer in backend.module.language_model.model.layers)
     assert all(z3_leaf_module(layer) for layer in backend.module.projector.layers)
     hidden = model.config.text_config.hidden_size
     zero = backend.engine.config["zero_optimization"]
-    assert zero["stage3_param_persistence_threshold"] == 10 * hidden and zero["reduce_bucket_size"] == hidden**2
+    assert zero["stage3_param_persistence_threshold"] == max(100_000, 10 * hidden)
     with torch.no_grad():
         got = backend.module.encode_images(pixels.to(dtype))
     tol = 1e-6 if precision == "fp32" else 5e-2
