@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 import re
 import sys
 import tempfile
@@ -38,13 +39,30 @@ import train_step  # noqa: E402  (its sizes, recipe and fixed batch)
 COLLECTIVE = re.compile(r"nccl|all_?reduce|all_?gather|reduce_?scatter|broadcast|c10d::|gloo", re.IGNORECASE)
 
 
-def label_parts(model, parts: dict[str, torch.nn.Module]) -> list:
+def backward_units(name: str, module: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules whose backward can be hooked for a part. Backward hooks need tensor outputs and
+    positional tensor inputs, which neither an HF causal LM (a ModelOutput) nor megatron's
+    GPTModel (its input as a keyword) has, so for the LLM: each decoder layer, and the HF output
+    layer (the embedding's and the final norm's backward are left out)."""
+    if name != "language_model":
+        return [module]
+    if not hasattr(module, "get_output_embeddings"):  # megatron's layers: their hooks do not bracket
+        return []  # their backward (measured ~0); the step's remainder row covers it
+    layers = [m for n, m in module.named_modules() if isinstance(m, torch.nn.ModuleList) and n.endswith("layers")]
+    # (megatron's output layer is left out too: its vocab-parallel cross entropy works in place on
+    # the logits, which a backward hook's view forbids)
+    head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+    return ([head] if head is not None else []) + [layer for group in layers for layer in group]
+
+
+def label_parts(parts: dict[str, torch.nn.Module]) -> list:
     """record_function ranges around each part's forward and backward, opened and closed by hooks."""
     handles = []
     for name, module in parts.items():
-        for phase, enter, leave in (("forward", module.register_forward_pre_hook, module.register_forward_hook),
-                                    ("backward", module.register_full_backward_pre_hook,
-                                     module.register_full_backward_hook)):
+        hooks = [("forward", module.register_forward_pre_hook, module.register_forward_hook)]
+        hooks += [("backward", unit.register_full_backward_pre_hook, unit.register_full_backward_hook)
+                  for unit in backward_units(name, module)]
+        for phase, enter, leave in hooks:
             label = f"{phase}: {name}"
             ranges: list = []
 
@@ -82,6 +100,8 @@ def main() -> None:
     ap.add_argument("--recipe", type=Path, default=train_step.RECIPE)
     ap.add_argument("--trace", type=Path, help="also write a Chrome trace here")
     args = ap.parse_args()
+    # backward hooks on layers whose inputs need no gradient fire on their outputs' gradients: what is wanted
+    warnings.filterwarnings("ignore", message=r".*(Full backward hook is firing|For backward hooks to be called).*")
 
     from pargo_dist.build import build_model, init_freeze_and_adapt
     from pargo_dist.checkpoint import CheckpointManager
@@ -107,7 +127,7 @@ def main() -> None:
     module = backend.module
     parts = module.parts() if hasattr(module, "parts") else \
         {p: getattr(module, p) for p in ("vision_tower", "projector", "language_model")}
-    label_parts(module, parts)
+    label_parts(parts)
     holder, method = (backend.engine, "step") if getattr(backend, "engine", None) is not None else \
         (backend.optimizer, "step")
     labelled(holder, method, "optimizer step")
@@ -150,12 +170,19 @@ def report(prof, wall_ms: float, args, cfg, batch, cuda: bool) -> None:
                         for p in ("vision_tower", "projector", "language_model")] + ["optimizer step"]
     by_name = {e.key: e for e in events}
     print(f"{'part':<28}{'host ms/step':>14}{'share':>8}{'GPU ms/step':>13}")
+    labelled_ms = 0.0
     for name in order:
         e = by_name.get(name)
-        host = e.cpu_time_total / 1e3 / steps if e is not None else 0.0
-        gpu = device_ms(e) / steps if e is not None else 0.0
+        if e is None:
+            print(f"{name:<28}{'n/a':>14}")
+            continue
+        host, gpu = e.cpu_time_total / 1e3 / steps, device_ms(e) / steps
+        labelled_ms += host if name != "step" else 0.0
         print(f"{name:<28}{host:>14.1f}{host / wall_ms:>8.0%}{gpu:>13.1f}" if cuda else
               f"{name:<28}{host:>14.1f}{host / wall_ms:>8.0%}{'-':>13}")
+    if "step" in by_name:
+        rest = by_name["step"].cpu_time_total / 1e3 / steps - labelled_ms
+        print(f"{'rest of the step (unlabelled)':<28}{rest:>14.1f}{rest / wall_ms:>8.0%}")
     comm = [e for e in events if COLLECTIVE.search(e.key)]
     comm_host = sum(e.self_cpu_time_total for e in comm) / 1e3 / steps
     comm_gpu = sum(getattr(e, "self_device_time_total", 0.0) for e in comm) / 1e3 / steps if cuda else 0.0
