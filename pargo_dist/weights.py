@@ -48,14 +48,9 @@ def _export_weights(path: Path, names: set[str] | None, lazy: bool = False) -> M
 
     readers = {}
     for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as reader:
-            keys = [k for k in reader.keys() if names is None or k in names]
-
-        def read(k: str, f: Path = f) -> torch.Tensor:
-            with safe_open(f, framework="pt") as reader:
-                return reader.get_tensor(k)
-
-        readers.update({k: functools.partial(read, k) for k in keys})
+        reader = safe_open(f, framework="pt")  # opened once, read per tensor
+        readers.update({k: functools.partial(reader.get_tensor, k) for k in reader.keys()
+                        if names is None or k in names})
     lazy_weights = LazyWeights(readers)
     return lazy_weights if lazy else dict(lazy_weights.items())
 

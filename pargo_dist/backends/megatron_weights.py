@@ -34,6 +34,15 @@ from pargo_dist.backends.megatron_convert import hf_ends_from_megatron, hf_layer
 _LAYER = re.compile(r"language_model\.decoder\.layers\.(\d+)\.")
 
 
+def _block_of(name: str) -> str:
+    """The read unit of a local state-dict name: one decoder layer, the replicated tower and
+    projector, or what is around the layers (embeddings, final norm, output layer)."""
+    layer = _LAYER.match(name)
+    if layer:
+        return f"layer {int(layer.group(1))}"
+    return "vision_tower+projector" if name.startswith(("vision_tower.", "projector.")) else "ends"
+
+
 class _ChunkPlanner(DefaultLoadPlanner):
     """A torch.distributed.checkpoint load plan that reads, for each requested tensor, only the
     chunk at its given global offset, of the requested tensor's shape."""
@@ -92,8 +101,14 @@ class MegatronWeights:
             lead = (int(layer.group(1)),) if layer else ()  # megatron numbers them globally: TP=PP=1 here
             offset = tuple(getattr(entry, "global_offset", None) or lead + (0,) * data.dim())  # a factory: none
             self._where[name] = (entry.key, offset, (1,) * len(lead) + tuple(data.shape), data.dtype)
+        groups: dict[str, list[str]] = {}
+        for name in self._where:
+            groups.setdefault(_block_of(name), []).append(name)
+        layers = sorted((k for k in groups if k.startswith("layer ")), key=lambda k: int(k.split()[1]))
+        # the order export writes them in: tower and projector, the layers, the embeddings and norm
+        self._members = {k: groups[k] for k in ("vision_tower+projector", *layers, "ends") if k in groups}
         self._blocks: dict[str, str] = {}  # HF name -> block
-        for block in self._block_names():
+        for block in self._members:
             for hf_name in self._convert(block, meta=True):
                 self._blocks[hf_name] = block
         self._cached: tuple[str, dict[str, torch.Tensor]] | None = None
@@ -113,18 +128,6 @@ class MegatronWeights:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
-    def _block_names(self) -> list[str]:
-        layers = sorted({int(m.group(1)) for n in self._where if (m := _LAYER.match(n))})
-        return ["vision_tower+projector", *(f"layer {i}" for i in layers), "ends"]
-
-    def _members(self, block: str) -> list[str]:
-        if block == "vision_tower+projector":
-            return [n for n in self._where if n.startswith(("vision_tower.", "projector."))]
-        if block == "ends":
-            return [n for n in self._where if n.startswith("language_model.") and not _LAYER.match(n)]
-        index = int(block.split()[1])
-        return [n for n in self._where if (m := _LAYER.match(n)) and int(m.group(1)) == index]
-
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         targets = {self._where[n][0]: torch.empty(self._where[n][2], dtype=self._where[n][3]) for n in names}
         offsets = {self._where[n][0]: self._where[n][1] for n in names}
@@ -136,7 +139,7 @@ class MegatronWeights:
                 for n in names}
 
     def _convert(self, block: str, meta: bool = False) -> dict[str, torch.Tensor]:
-        names = self._members(block)
+        names = self._members[block]
         if meta:
             local = {n: torch.empty(self._where[n][2], dtype=self._where[n][3], device="meta") for n in names}
             local = {n: t.flatten(0, 1) if _LAYER.match(n) else t for n, t in local.items()}
