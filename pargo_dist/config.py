@@ -130,6 +130,10 @@ class TrainConfig:
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | bf16
     activation_checkpointing: bool = False
+    # torch.compile each transformer block (tower, projector, LLM layers; pargo_dist.compile):
+    # fused kernels for the norm / rotary / activation chains; the first steps pay the compile
+    compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: trace only, no codegen)
     eval_every: int = 0  # steps; 0: only at the end (if data.eval is set)
     eval_batches: int = 4
     sample_every: int = 0  # steps between sample captions in TensorBoard; 0: only at the end
@@ -196,6 +200,13 @@ class Config:
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
                 raise ConfigError(f"{key} must be >= 1")
+        if self.train.compile:
+            import torch._dynamo
+
+            known = torch._dynamo.list_backends(exclude_tags=())
+            if self.train.compile_backend not in known:
+                raise ConfigError(f"train.compile_backend={self.train.compile_backend!r}: must be one of {known} "
+                                  "(torch.compile's backends; inductor is the one that generates kernels)")
         if self.backend.name == "megatron" and self.data.train.pack:
             raise ConfigError("data.train.pack=true is not supported by backend.name=megatron (RoPE positions "
                               "run 0..s-1 per row): set data.train.pack=false")

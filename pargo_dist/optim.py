@@ -41,6 +41,26 @@ def adamw(groups: list[dict], cfg: Config, fused: bool = True):
                              fused=fused, foreach=None if fused else True)
 
 
+def fuse_adamw(optimizer) -> int:
+    """Switch every torch AdamW inside a wrapper (megatron's ChainedOptimizer, mixed-precision and
+    distributed optimizers; `.chained_optimizers`, `.optimizer`) to the fused implementation.
+    Returns how many it switched. megatron-core without apex / Transformer Engine falls back to
+    torch AdamW with foreach kernels and has no option for fused; the flag is read per group at
+    every step, and a state made later holds its step count on the parameters' device, as fused
+    needs (torch's load_state_dict moves a loaded one there too)."""
+    import torch
+
+    if isinstance(optimizer, torch.optim.AdamW):
+        if optimizer.defaults.get("differentiable"):
+            return 0
+        for group in [optimizer.defaults, *optimizer.param_groups]:
+            group["fused"], group["foreach"] = True, None
+        optimizer._step_supports_amp_scaling = True
+        return 1
+    inner = getattr(optimizer, "chained_optimizers", None) or [getattr(optimizer, "optimizer", None)]
+    return sum(fuse_adamw(o) for o in inner if o is not None and o is not optimizer)
+
+
 def lr_lambda(cfg: Config):
     """Linear warmup, then cosine decay to min_lr_ratio at the last step."""
     warmup, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from pargo_dist.backends.base import Backend
 from pargo_dist.batch import Batch
 from pargo_dist.checkpoint import CheckpointManager, TrainState, capture_rng_state, restore_rng_state
+from pargo_dist.compile import compile_blocks
 from pargo_dist.compat import return_freed_host_memory
 from pargo_dist.config import Config, to_yaml
 from pargo_dist.errors import UserError
@@ -318,8 +319,15 @@ def build_trainer(cfg: Config, stop: StopSignal | None = None) -> Trainer:
     trained = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     if rank == 0:
         print(f"model built and loaded in {time.monotonic() - start:.1f} s; setting up {backend.name}", flush=True)
+    if cfg.train.compile:  # before set-up: a frozen tower may leave the module tree there (ZeRO-3)
+        compiled = compile_blocks([model], cfg.train.compile_backend)
     backend.setup(model)
     return_freed_host_memory()  # DeepSpeed copied the weights into its flat buffers
+    if cfg.train.compile:  # and the blocks a backend built itself (megatron's TransformerLayers)
+        compiled += compile_blocks([backend.module], cfg.train.compile_backend)
+        if rank == 0:
+            print(f"train.compile: {compiled} transformer blocks compiled ({cfg.train.compile_backend}); the first "
+                  "steps include compiling", flush=True)
     loader = build.loader(cfg, cfg.data.train, model, tokenizer, cfg.train.micro_batch,
                           replication=backend.replication)
     eval_loader = None

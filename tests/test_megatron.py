@@ -61,12 +61,15 @@ def gradients(tmp_path_factory, grad_recipe) -> dict:
     """The gradient check at TP2 PP1, TP1 PP2 (2 data-parallel replicas each) and TP2 PP2 tied, from
     one start of 4 ranks."""
     return worker(tmp_path_factory.mktemp("grads"), 4, "grads", str(grad_recipe), "2:1:untied", "1:2:untied",
-                  "2:2:tied")
+                  "2:2:tied", "2:1:untied:compiled")
 
 
-@pytest.mark.parametrize("tp,pp,tied", [(2, 1, False), (1, 2, False), (2, 2, True)])
-def test_megatron_loss_and_gradients_equal_the_deepspeed_reference(gradients, tp, pp, tied):
-    res = gradients[f"{tp}:{pp}:{'tied' if tied else 'untied'}"]
+@pytest.mark.parametrize("tp,pp,tied,compiled", [(2, 1, False, False), (1, 2, False, False), (2, 2, True, False),
+                                                 (2, 1, False, True)])
+def test_megatron_loss_and_gradients_equal_the_deepspeed_reference(gradients, tp, pp, tied, compiled):
+    """compiled: train.compile's blocks (tower, projector, megatron's TransformerLayers, the
+    tensor-parallel collectives inside them) give the same gradients."""
+    res = gradients[f"{tp}:{pp}:{'tied' if tied else 'untied'}" + (":compiled" if compiled else "")]
     assert res["loss"] == pytest.approx(res["ref_loss"], rel=1e-6)
     assert res["llm_tensors_compared"] == (20 if tied else 21)
     assert res["llm_grad_scale"] > 1e-2 and res["projector_grad_scale"] > 1e-2
@@ -74,6 +77,7 @@ def test_megatron_loss_and_gradients_equal_the_deepspeed_reference(gradients, tp
     assert res["projector_grad_max_diff"] < 1e-6, res
     assert res["projector_copies"] == tp  # every TP rank of the first stage holds the same gradient
     assert res["grad_norm"] == pytest.approx(res["ref_grad_norm"], rel=1e-5)
+    assert res["adamw_fused"] and set(res["adamw_fused"]) == {"AdamW"}  # every group: torch AdamW, fused
 
 
 TP2 = [*MEGATRON, "backend.tensor_parallel=2", "train.micro_batch=8"]  # one replica of 8: the reference's global batch

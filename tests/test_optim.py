@@ -27,3 +27,32 @@ def test_fused_adamw_steps_equal_the_foreach_ones():
     for a, b, s in zip(runs[True], runs[False], start):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
         assert not torch.equal(a, s)  # they moved
+
+
+
+def test_fuse_adamw_reaches_torch_adamw_inside_wrappers_and_keeps_its_update():
+    """megatron's fallback optimizer is torch AdamW (foreach) inside its wrappers; fuse_adamw
+    switches it to the fused kernel, for the same update."""
+    from types import SimpleNamespace
+
+    from pargo_dist.optim import fuse_adamw
+
+    torch.manual_seed(0)
+    start = [torch.randn(19, 7), torch.randn(23)]
+    runs = {}
+    for fuse in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        inner = torch.optim.AdamW([{"params": params[:1], "lr": 1e-2}, {"params": params[1:], "lr": 2e-3}],
+                                  weight_decay=0.1, foreach=True)
+        if fuse:  # megatron's nesting: ChainedOptimizer -> mixed-precision optimizer -> torch's
+            assert fuse_adamw(SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=inner)])) == 1
+        assert [bool(group["fused"]) for group in inner.param_groups] == [fuse, fuse]
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            inner.step()
+        runs[fuse] = [p.detach() for p in params]
+    for a, b, s in zip(runs[True], runs[False], start):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(a, s)

@@ -188,3 +188,15 @@ def test_frozen_parts_from_init_from_survive_resume_and_export(reference, tmp_pa
     backbone = [k for k in want if k.startswith(("vision_tower.", "language_model."))]
     assert backbone and all(torch.equal(got[k], want[k]) for k in backbone)
     assert any(not torch.equal(got[k], want[k]) for k in want if k.startswith("projector."))  # it trained
+
+
+def test_compiled_blocks_under_two_rank_zero3_follow_the_eager_run(reference, recipe):
+    """train.compile under ZeRO-3 on 2 ranks: the blocks are ZeRO-3 leaves whose gather hooks run
+    around the compiled forward. aot_eager traces the same graphs inductor would compile (seconds
+    instead of minutes on CPU; see tests/test_compile.py): the loss curve is the eager run's."""
+    out = run_train(recipe, ["train.compile=true", "train.compile_backend=aot_eager", "checkpoint.every=100"], nproc=2)
+    assert "transformer blocks compiled (aot_eager)" in out.stdout
+    got, ref = losses(recipe.parent / "run"), losses(reference(3, "finetune"))
+    assert sorted(got) == list(range(1, 7))
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, got)

@@ -31,6 +31,7 @@ import deepspeed  # noqa: E402
 from deepspeed.utils import logger as _ds_logger  # noqa: E402
 
 from pargo_dist.batch import Batch  # noqa: E402
+from pargo_dist.compile import transformer_blocks  # noqa: E402
 from pargo_dist.checkpoint import DEEPSPEED_DIR  # noqa: E402
 from pargo_dist.optim import adamw, lr_lambda, param_groups  # noqa: E402
 from pargo_dist.weights import load_trained_weights  # noqa: E402
@@ -224,8 +225,7 @@ class DeepSpeedBackend:
         Returns the classes marked."""
         from deepspeed.utils import set_z3_leaf_modules
 
-        classes = {type(module[0]) for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.ModuleList) and name.endswith("layers") and len(module)}
+        classes = {type(block) for block in transformer_blocks(model)}
         if classes:
             set_z3_leaf_modules(model, sorted(classes, key=lambda c: c.__name__))
         return sorted(classes, key=lambda c: c.__name__)
@@ -280,7 +280,8 @@ class DeepSpeedBackend:
         (in backward) and by the world size (gradient all-reduce average), so this makes the
         gradient that of sum(global token losses) / targets."""
         device = self.device
-        num_items = torch.tensor(targets / (self.world_size * len(micro_batches)), device=device)
+        # torch.full, not torch.tensor(float, device=...): a fill kernel instead of a blocking host copy
+        num_items = torch.full((), targets / (self.world_size * len(micro_batches)), device=device)
         loss_sum = torch.zeros((), device=device)
         for batch in micro_batches:
             out = self.engine(**batch.to(device).model_inputs(), num_items_in_batch=num_items)

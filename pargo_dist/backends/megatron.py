@@ -52,7 +52,7 @@ from pargo_dist.backends.megatron_model import ParGoMegatron, needs_padding_mask
 from pargo_dist.batch import Batch  # noqa: E402
 from pargo_dist.checkpoint import MEGATRON_DIR  # noqa: E402
 from pargo_dist.errors import UserError  # noqa: E402
-from pargo_dist.optim import PART_LR_KEYS, lr_lambda, part_lr  # noqa: E402
+from pargo_dist.optim import PART_LR_KEYS, fuse_adamw, lr_lambda, part_lr  # noqa: E402
 
 
 def _on_gpu() -> bool:
@@ -82,8 +82,13 @@ def transformer_config(cfg, text_config) -> TransformerConfig:
         # The weights come from the HF model, but megatron marks tensor-parallel weights (what
         # grad-norm and clipping rely on to skip TP duplicates) only while initialising them.
         perform_initialization=True,
-        # Fusions need apex / TE kernels that the megatron-core wheel does not ship: off.
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        # On a GPU, the two fusions megatron-core writes with its own jit fuser (torch.compile):
+        # SwiGLU as one kernel forward and one backward, keeping only its input for the backward,
+        # and bias + dropout + residual add. Off on the CPU, where each would compile a C++ kernel
+        # at start (~30 s on 2 cores) for no gain. The rest need apex / Transformer Engine
+        # kernels that the megatron-core wheel does not ship; the softmax fusion is moot
+        # (megatron_attention.SDPAttention).
+        bias_activation_fusion=gpu, bias_dropout_fusion=gpu, masked_softmax_fusion=False,
         persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
         **recompute,
     )
@@ -174,6 +179,7 @@ class MegatronBackend:
         overrides = {ParamKey(name=(f"{part}.*", f"*.{part}.*")): {"max_lr": part_lr(cfg, part)}
                      for part in PART_LR_KEYS}
         self.optimizer = get_megatron_optimizer(ocfg, [self.ddp], config_overrides=overrides)
+        fuse_adamw(self.optimizer)  # without apex / TE megatron falls back to torch AdamW, unfused
         self._name_groups()
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.ddp.no_sync

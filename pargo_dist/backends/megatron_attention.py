@@ -48,6 +48,6 @@ class SDPAttention(DotProductAttention):
             else contextlib.nullcontext()
         with rng:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout,
-                                                 is_causal=causal and q.shape[2] > 1, scale=self.softmax_scale,
+                                                 is_causal=causal, scale=self.softmax_scale,
                                                  enable_gqa=k.shape[1] != q.shape[1])
         return out.permute(2, 0, 1, 3).reshape(out.shape[2], out.shape[0], -1)

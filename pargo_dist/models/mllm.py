@@ -298,20 +298,30 @@ def splice_visual_tokens(embeds: torch.Tensor, input_ids: torch.Tensor, pixel_va
     is_image = input_ids == image_token_id
     if pixel_values is not None:
         visual = encode(pixel_values)
-        n_slots, n_tokens = int(is_image.sum()), visual.shape[0] * visual.shape[1]
-        if n_slots != n_tokens:
-            raise ValueError(
-                f"input_ids hold {n_slots} image placeholder tokens (id {image_token_id}) but "
-                f"{visual.shape[0]} image(s) give {n_tokens} visual tokens ({visual.shape[1]} each): "
-                "expand each image's placeholder with insert_image_tokens"
-            )
+        n_tokens = visual.shape[0] * visual.shape[1]
+        _check(is_image.sum() == n_tokens, lambda: (
+            f"input_ids hold {int(is_image.sum())} image placeholder tokens (id {image_token_id}) but "
+            f"{visual.shape[0]} image(s) give {n_tokens} visual tokens ({visual.shape[1]} each): "
+            "expand each image's placeholder with insert_image_tokens"))
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
-    if bool(is_image.any()):
-        raise ValueError("input_ids hold image placeholder tokens but no pixel_values were given")
+    _check(~is_image.any(), lambda: "input_ids hold image placeholder tokens but no pixel_values were given")
     if dummy_side:
         dummy = embeds.new_zeros(1, 3, dummy_side, dummy_side)
         embeds = embeds + 0.0 * encode(dummy).sum()
     return embeds
+
+
+def _check(ok: torch.Tensor, message) -> None:
+    """Raise ValueError(message()) unless the one-element tensor `ok` is true. On the CPU that is
+    free; on an accelerator reading `ok` would make the host wait for the device in the middle of
+    every forward (the placeholder count is only known there), so the check is a device-side
+    assert instead: the step still fails, at the next kernel launch, without a sync. The batches
+    the data pipeline collates always pass (their placeholders are expanded on the host)."""
+    if ok.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(message())
+    else:
+        torch._assert_async(ok)
 
 
 def insert_image_tokens(ids: Iterable[int], image_token_id: int, num_tokens: int) -> list[int]:

@@ -232,6 +232,9 @@ class QueryProjector(nn.Module):
                 mask = self_attention_mask(self.num_partial, self.num_global, group)
                 self.register_buffer(f"self_mask_{i}", mask, persistent=False)
         self._regions: dict[int, torch.Tensor] = {}
+        # Per (patches, device): the region indices and the dense cross mask. Copied to the
+        # device once: a copy from host memory in every forward is a host sync mid-step.
+        self._on_device: dict[tuple[int, str, str], torch.Tensor] = {}
         # Set by transformers' gradient_checkpointing_enable(), like its own decoder stacks.
         self.gradient_checkpointing = False
         init_projector_weights(self, cfg.init_std)
@@ -248,16 +251,24 @@ class QueryProjector(nn.Module):
             )
         return self._regions[num_patches]
 
+    def _cached(self, what: str, num_patches: int, device: torch.device) -> torch.Tensor:
+        key = (num_patches, str(device), what)
+        if key not in self._on_device:
+            regions = self.regions(num_patches)
+            host = regions if what == "regions" else cross_attention_mask(regions, num_patches, self.num_global)
+            self._on_device[key] = host.to(device)
+        return self._on_device[key]
+
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """(batch, patches, vision_width) -> (batch, P + G, llm_width)."""
         B, N, _ = feats.shape
         x = self.query_drop(self.query_norm(self.queries + self.query_pos))
-        x = x.unsqueeze(0).expand(B, -1, -1)
+        x = x.unsqueeze(0).expand(B, -1, -1).contiguous()  # one layout for every layer (train.compile)
         P, cross_mask = self.num_partial, None
         if P:
-            regions = self.regions(N).to(feats.device)
+            regions = self._cached("regions", N, feats.device)  # (the first call checks the layout)
             if self.cfg.cross_attn_impl == "dense":
-                cross_mask = cross_attention_mask(regions, N, self.num_global).to(feats.device)
+                cross_mask = self._cached("cross_mask", N, feats.device)
             elif self.cfg.region != "raster":  # raster regions are already contiguous runs
                 feats = feats.index_select(1, regions.flatten())
         for i, layer in enumerate(self.layers):

@@ -3,7 +3,7 @@ start runs several cases in turn (the model-parallel groups are rebuilt between 
 ranks pay their imports once.
 
     python megatron_worker.py logits  OUT MODEL_TYPE:TP [MODEL_TYPE:TP ...]
-    python megatron_worker.py grads   OUT RECIPE TP:PP:TIED [TP:PP:TIED ...]
+    python megatron_worker.py grads   OUT RECIPE TP:PP:TIED[:compiled] [...]
 
 `logits`: a random tiny HF causal LM (Llama or Qwen2) converted to this rank's GPTModel shard;
 rank 0 writes the largest |HF logits - megatron logits| and whether HF -> megatron -> HF gives
@@ -12,7 +12,8 @@ back identical tensors.
 rest of the ranks data parallel, each replica on the same batch), and
 the same HF model on rank 0 as the reference (what the DeepSpeed backend computes: HF's loss
 normalised by the answer-token count). Rank 0 writes loss and gradient differences for the
-projector and every LLM weight (megatron grads converted back to HF names).
+projector and every LLM weight (megatron grads converted back to HF names). A case ending in
+`:compiled` first compiles the blocks as train.compile does (aot_eager backend).
 OUT gets one JSON object per case, keyed by the case as given.
 """
 
@@ -120,9 +121,18 @@ def batch_for(model, tokenizer, n: int = 3, seq: int = 40):
                  num_samples=n, num_tokens=int(mask.sum()), num_targets=count_targets(labels))
 
 
-def check_grads(tp: int, pp: int, recipe: str, overrides: list[str]) -> dict | None:
+def torch_optimizers(opt) -> list:
+    """The torch optimizers inside megatron's wrappers."""
+    if isinstance(opt, torch.optim.Optimizer):
+        return [opt]
+    inner = getattr(opt, "chained_optimizers", None) or [getattr(opt, "optimizer", None)]
+    return [o for sub in inner if sub is not None for o in torch_optimizers(sub)]
+
+
+def check_grads(tp: int, pp: int, recipe: str, overrides: list[str], compiled: bool = False) -> dict | None:
     from pargo_dist import build
     from pargo_dist.backends.megatron import MegatronBackend
+    from pargo_dist.compile import compile_blocks
     from pargo_dist.config import load_config
 
     cfg = load_config(recipe, ["backend.name=megatron", f"backend.tensor_parallel={tp}",
@@ -136,7 +146,11 @@ def check_grads(tp: int, pp: int, recipe: str, overrides: list[str]) -> dict | N
     reference = copy.deepcopy(model)
     batch = batch_for(model, tokenizer)
     targets = float((batch.labels[:, 1:] != -100).sum())  # counted here, independently of Batch
+    if compiled:  # as build_trainer does for train.compile: the HF parts, then megatron's own layers
+        compile_blocks([model], "aot_eager")
     backend.setup(model)
+    if compiled:
+        assert compile_blocks([backend.module], "aot_eager") > 0
     backend.train(True)
     backend.ddp.zero_grad_buffer()
     halves = [replace(batch, **{k: v[rows] for k, v in vars(batch).items() if torch.is_tensor(v)})
@@ -173,7 +187,9 @@ def check_grads(tp: int, pp: int, recipe: str, overrides: list[str]) -> dict | N
                    "llm_grad_max_diff": llm_diff, "llm_grad_scale": max(float(g.abs().max()) for g in ref_llm.values()),
                    "projector_grad_max_diff": max(proj_diffs), "projector_copies": len(proj_diffs),
                    "projector_grad_scale": max(float(g.abs().max()) for g in ref_proj.values()),
-                   "llm_tensors_compared": sum(n in hf_grads for n in ref_llm)}
+                   "llm_tensors_compared": sum(n in hf_grads for n in ref_llm),
+                   "adamw_fused": [bool(g["fused"]) and type(o).__name__ for o in torch_optimizers(backend.optimizer)
+                                   for g in o.param_groups]}
     return None
 
 
@@ -187,9 +203,9 @@ if __name__ == "__main__":
     else:
         recipe, *cases = rest
         for case in cases:
-            tp, pp, tied = case.split(":")
+            tp, pp, tied, *compiled = case.split(":")
             extra = ["model.llm.config.tie_word_embeddings=true"] if tied == "tied" else []
-            results[case] = check_grads(int(tp), int(pp), recipe, extra)
+            results[case] = check_grads(int(tp), int(pp), recipe, extra, compiled == ["compiled"])
     if dist.get_rank() == 0:
         json.dump(results, open(out, "w"))
     dist.barrier()
