@@ -149,6 +149,9 @@ class BackendConfig:
     zero_stage: int = 3
     offload_optimizer: bool = False
     offload_params: bool = False
+    # ZeRO-3 on one rank partitions nothing, so it runs as ZeRO-2 (the log says so); true keeps
+    # stage 3 there (to measure ZeRO-3's own cost on one GPU, or to write its checkpoint layout)
+    zero3_on_one_rank: bool = False
     # ZeRO-3: partition the pretrained LLM as it is read (zero.Init; rank 0 reads each tensor),
     # so no rank holds it whole; null (auto): when its fp32 copies on a node's ranks would fill
     # over a quarter of the node's memory (the run says what it chose)

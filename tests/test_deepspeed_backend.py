@@ -96,3 +96,5 @@ def test_zero3_on_one_rank_runs_as_zero2_and_says_so(tmp_path, capsys):
     assert zero_stage_for(cfg, 2) == (3, "")
     offloaded, _ = built(tmp_path, "backend.zero_stage=3", "backend.offload_params=true")
     assert zero_stage_for(offloaded, 1) == (3, "")
+    kept, _ = built(tmp_path, "backend.zero_stage=3", "backend.zero3_on_one_rank=true")
+    assert zero_stage_for(kept, 1) == (3, "")  # asked for (the benchmark's ZeRO-3 row on one GPU)

@@ -58,11 +58,11 @@ def zero_stage_for(cfg, world_size: int) -> tuple[int, str]:
     """The ZeRO stage to run, and why when it is not the recipe's: ZeRO-3 on one rank has nothing
     to partition, so its per-module gathers and hooks are pure cost; ZeRO-2 does the same
     arithmetic without them (and its checkpoints consolidate the same way). Offloaded parameters
-    need stage 3, so they keep it."""
+    need stage 3, so they keep it, as does `backend.zero3_on_one_rank: true`."""
     stage = cfg.backend.zero_stage
-    if stage == 3 and world_size == 1 and not cfg.backend.offload_params:
+    if stage == 3 and world_size == 1 and not cfg.backend.offload_params and not cfg.backend.zero3_on_one_rank:
         return 2, "ZeRO-3 on one rank partitions nothing: running ZeRO-2 (the same arithmetic, without ZeRO-3's " \
-                  "per-module gathers)"
+                  "per-module gathers; backend.zero3_on_one_rank=true keeps stage 3)"
     return stage, ""
 
 
