@@ -27,6 +27,12 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def pads_before_tokens(mask_2d: torch.Tensor) -> bool:
+    """Whether some row of a (b, s) 1/0 mask has a padding position before a real token (left
+    padding, or gaps): the case that needs an explicit attention mask (see Batch.causal_only)."""
+    return bool((mask_2d[:, 1:] > mask_2d[:, :-1]).any())
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (rows, width)
@@ -44,6 +50,22 @@ class Batch:
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """The keyword arguments of the model's forward (absent fields left out)."""
         return {k: getattr(self, k) for k in MODEL_INPUTS if getattr(self, k) is not None}
+
+    def causal_only(self) -> "Batch":
+        """This batch with an all-ones attention mask when its padding is all on the right (or
+        absent); otherwise itself. Asked on the host, before the batch moves to the GPU.
+
+        In training a right-padded batch needs no padding mask: its padding keys come after
+        every real query, so causal attention alone gives the real tokens the same result, the
+        position ids of real tokens are the same, and what padding positions compute never
+        reaches the loss (their labels are IGNORE_INDEX). With its real mask, transformers
+        builds a (b, 1, s, s) mask and attention cannot use the flash kernel; with all ones it
+        runs plain causal attention. (No mask at all would be worse: transformers then looks for
+        packed sequences in the position ids and builds the 4-D mask anyway.)"""
+        mask = self.attention_mask
+        if mask is None or mask.dim() != 2 or pads_before_tokens(mask):
+            return self  # packed rows (positions restart), or a pad before a real token
+        return replace(self, attention_mask=torch.ones_like(mask))
 
     def to(self, device: torch.device | str) -> "Batch":
         """A copy with every tensor on `device` (asynchronous copies where the source allows)."""

@@ -132,7 +132,8 @@ class Trainer:
         dist.all_reduce(counts)
         # Ranks of one model replica (megatron TP x PP) read the same samples: count them once.
         targets, tokens, samples, skipped, *per_stream = (c / self.backend.replication for c in counts.tolist())
-        loss_sum = self.backend.train_batch(micro_batches, targets, self.state.step)
+        # right-padded batches train with plain causal attention (Batch.causal_only: same loss)
+        loss_sum = self.backend.train_batch([b.causal_only() for b in micro_batches], targets, self.state.step)
         dist.all_reduce(loss_sum)
         s = self.state
         s.samples_seen += int(samples)
@@ -229,7 +230,7 @@ class Trainer:
                 break
             self.watchdog.beat(f"evaluating (batch {i + 1} after step {self.state.step})")
             n = batch.num_targets / self.backend.replication
-            total += torch.stack([self.backend.eval_loss_sum(batch).double().reshape(()),
+            total += torch.stack([self.backend.eval_loss_sum(batch.causal_only()).double().reshape(()),
                                   torch.tensor(n, dtype=torch.float64, device=total.device)])
         dist.all_reduce(total)
         loss = (total[0] / total[1].clamp(min=1)).item()

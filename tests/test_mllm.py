@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from conftest import IMAGE_TOKEN, TINY_TEXT, TINY_VISION, tiny_config, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+from pargo_dist.constants import IGNORE_INDEX
 from pargo_dist.models import ParGoForConditionalGeneration, VisionTower, insert_image_tokens
 from pargo_dist.models.vision import vision_config_from
 
@@ -308,3 +309,53 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     assert grads[0].keys() == grads[1].keys() and any(n.startswith("projector") for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("text_type", ["llama", "qwen2", "gpt2"])
+def test_a_right_padded_batch_trains_with_plain_causal_attention(text_type, monkeypatch):
+    """Batch.causal_only: a right-padded batch's mask becomes all ones, so transformers runs SDPA
+    with is_causal and no (b, 1, s, s) mask (the flash kernel on a GPU); loss and gradients are
+    the masked batch's. A left-padded batch keeps its mask."""
+    from pargo_dist.batch import Batch, count_targets
+
+    model = tiny_model(text_type)
+    model.freeze("full")
+    model.eval()  # no dropout (gpt2 has some): both passes must see the same function
+    seqs = [prompt(model, [5, 6, 7], [8, 9]), prompt(model, [11], [12, 13, 14, 15, 16, 17])]
+    ids, mask = pad(seqs, "right")
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    batch = Batch(input_ids=ids, labels=labels, attention_mask=mask, pixel_values=torch.randn(2, 3, 32, 32),
+                  num_targets=count_targets(labels))
+    causal = batch.causal_only()
+    assert bool(causal.attention_mask.all()) and batch.attention_mask is mask  # a copy; the batch as it was
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs.get("attn_mask") is None, kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+
+    results = []
+    for b in (batch, causal):
+        model.zero_grad(set_to_none=True)
+        seen.clear()
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+        loss = model(**b.model_inputs()).loss
+        monkeypatch.undo()
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                        list(seen)))
+    (loss0, grads0, calls0), (loss1, grads1, calls1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=1e-6)
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-6, msg=name)
+    llm_calls = calls1[-model.config.text_config.num_hidden_layers:]  # the LLM's layers run last
+    assert llm_calls and all(no_mask and is_causal for no_mask, is_causal in llm_calls), calls1
+    assert not all(no_mask for no_mask, _ in calls0[-len(llm_calls):])  # with the real mask: a 4-D mask
+
+    left_ids, left_mask = pad(seqs, "left")
+    left = Batch(input_ids=left_ids, labels=left_ids, attention_mask=left_mask)
+    assert left.causal_only() is left
+    assert Batch(input_ids=ids, labels=labels).causal_only().attention_mask is None  # packed rows: as they are

@@ -27,6 +27,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from pargo_dist.backends.megatron_attention import SDPAttention
 from pargo_dist.backends.megatron_convert import gpt_model_kwargs
+from pargo_dist.batch import pads_before_tokens
 from pargo_dist.constants import IGNORE_INDEX, PARTS
 from pargo_dist.models.mllm import splice_visual_tokens
 
@@ -45,7 +46,7 @@ def needs_padding_mask(mask_2d: torch.Tensor) -> bool:
     its tokens, then padding) does not: its padding keys come after every real query, so causal
     attention alone gives the real tokens the same result, and what padding queries compute never
     reaches the loss. Asked of the batch on the host, before it moves to the GPU (no sync)."""
-    return bool((mask_2d[:, 1:] > mask_2d[:, :-1]).any())
+    return pads_before_tokens(mask_2d)
 
 
 def causal_padding_mask(mask_2d: torch.Tensor) -> torch.Tensor:
