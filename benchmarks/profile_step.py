@@ -10,11 +10,25 @@ the LLM, forward and backward, and the optimizer step. One table per run:
   communication   collectives (all-reduce, all-gather, reduce-scatter, broadcast) by name
   GPU busy        kernel time / step wall time: what is left is host overhead and waiting
   top ops         the 12 ops (GPU: kernels) with the most self time
+  host syncs      (CUDA) how often a step makes the host wait for the GPU (`.item()`, a
+                  device-to-host copy, `nonzero`, ...): each such sync drains the GPU's queue,
+                  so the next kernels start only after the host has caught up: the "waiting"
+                  in GPU busy. Counted with torch.cuda.set_sync_debug_mode("warn"), which
+                  raises a warning per synchronizing call, over --steps further steps after
+                  the profiled ones (the same step; not under the profiler, whose figures the
+                  per-warning stack walk would skew), and printed per step with the 5 most
+                  frequent call sites: the innermost frame in pargo_dist/, transformers/,
+                  deepspeed/ or megatron/ (syncs inside autograd's backward are reported where
+                  the backward was called). On CPU: n/a.
 
     python benchmarks/profile_step.py                                   # CPU: tiny, DeepSpeed ZeRO-2
     python benchmarks/profile_step.py --size small --backend megatron
     python benchmarks/profile_step.py --size 1b --zero 3 --batch 16     # CUDA, bf16
+    python benchmarks/profile_step.py --size 1b --zero 3 --force-zero3  # stage 3 on one GPU (see below)
     python benchmarks/profile_step.py --trace /tmp/step.json            # also a Chrome trace
+
+The header says the ZeRO stage DeepSpeed's engine really runs: on one rank DeepSpeedBackend runs
+ZeRO-3 as ZeRO-2 (nothing to partition), unless --force-zero3 (as in benchmarks/train_step.py).
 
 Figures: quote them with the command that printed them; GPU figures only from a GPU run.
 """
@@ -23,20 +37,62 @@ from __future__ import annotations
 
 import argparse
 import os
-import warnings
 import re
 import sys
 import tempfile
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import train_step  # noqa: E402  (its sizes, recipe and fixed batch)
+import train_step  # (its sizes, recipe and fixed batch)
 
 COLLECTIVE = re.compile(r"nccl|all_?reduce|all_?gather|reduce_?scatter|broadcast|c10d::|gloo", re.IGNORECASE)
+SYNC_WARNING = re.compile(r"synchroniz", re.IGNORECASE)  # "called a synchronizing CUDA operation"
+SITE_PACKAGES = ("pargo_dist", "transformers", "deepspeed", "megatron")  # where a sync's call site is looked for
+
+
+def call_site() -> str:
+    """The innermost frame of the current stack in one of SITE_PACKAGES, as package/path:line
+    (function); "elsewhere" if none. Called while a warning is shown, so the stack is the
+    synchronizing call's (a frame walk, no source lines read: cheap enough per warning)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = frame.f_code.co_filename.replace(os.sep, "/")
+        for package in SITE_PACKAGES:
+            marker = f"/{package}/"
+            if marker in path:
+                return f"{package}/{path.rsplit(marker, 1)[1]}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    return "elsewhere (no pargo_dist / transformers / deepspeed / megatron frame)"
+
+
+def count_syncs(step, steps: int, debug_mode=None) -> tuple[int, Counter]:
+    """Synchronizing calls in `steps` calls of step(), and their call sites. `debug_mode`: sets
+    the sync debug mode (default torch.cuda.set_sync_debug_mode; "warn" on, 0 off)."""
+    set_mode = debug_mode or torch.cuda.set_sync_debug_mode
+    sites: Counter = Counter()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if SYNC_WARNING.search(str(message)):
+            sites[call_site()] += 1
+        else:  # anything else is shown as usual
+            warnings._showwarning_orig(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", message=r"(?i).*synchroniz")  # every one, not once per site
+        warnings.showwarning = show
+        set_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            set_mode(0)
+    return sum(sites.values()), sites
 
 
 def backward_units(name: str, module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -93,6 +149,8 @@ def main() -> None:
     ap.add_argument("--size", choices=list(train_step.SIZES), default="tiny")
     ap.add_argument("--backend", choices=["deepspeed", "megatron"], default="deepspeed")
     ap.add_argument("--zero", type=int, choices=[1, 2, 3], default=2)
+    ap.add_argument("--force-zero3", action="store_true",
+                    help="run --zero 3 as stage 3 on one rank (DeepSpeedBackend runs it as ZeRO-2 there)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=2)
@@ -154,17 +212,33 @@ def main() -> None:
     wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
     if args.trace:
         prof.export_chrome_trace(str(args.trace))
-    report(prof, wall_ms, args, cfg, batch, cuda)
+    syncs = count_syncs(step, args.steps) if cuda else None
+    train_step.sync()
+    engine = getattr(backend, "engine", None)
+    layout = train_step.ran_as(engine) if engine is not None else "TP=1"
+    report(prof, wall_ms, args, cfg, batch, cuda, layout)
+    report_syncs(syncs, args.steps)
 
 
-def report(prof, wall_ms: float, args, cfg, batch, cuda: bool) -> None:
+def report_syncs(syncs: tuple[int, Counter] | None, steps: int) -> None:
+    if syncs is None:
+        print("host syncs: n/a (CUDA only)")
+        return
+    total, sites = syncs
+    print(f"host syncs: {total / steps:.1f} per step ({total} in {steps} steps after the profiled ones; "
+          f"torch.cuda.set_sync_debug_mode)")
+    for site, n in sites.most_common(5):
+        print(f"  {n / steps:>9.1f}  {site}")
+
+
+def report(prof, wall_ms: float, args, cfg, batch, cuda: bool, layout: str) -> None:
     steps = args.steps
     events = prof.key_averages()
     device_ms = (lambda e: getattr(e, "device_time_total", 0.0) / 1e3) if cuda else (lambda e: 0.0)
     device = torch.cuda.get_device_name() if cuda else f"CPU, {os.cpu_count()} cores, OMP_NUM_THREADS=" \
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}"
-    print(f"[{args.size}] {device} | {cfg.backend.name}"
-          f"{f' ZeRO-{args.zero}' if cfg.backend.name == 'deepspeed' else ' TP=1'} | {cfg.train.precision} | batch "
+    asked = f" (asked ZeRO-{args.zero})" if cfg.backend.name == "deepspeed" and layout != f"ZeRO-{args.zero}" else ""
+    print(f"[{args.size}] {device} | {cfg.backend.name} {layout}{asked} | {cfg.train.precision} | batch "
           f"{len(batch)} x seq {batch.input_ids.shape[1]} | {steps} profiled steps | step wall {wall_ms:.1f} ms")
     order = ["step"] + [f"{phase}: {p}" for phase in ("forward", "backward")
                         for p in ("vision_tower", "projector", "language_model")] + ["optimizer step"]

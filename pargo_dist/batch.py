@@ -58,13 +58,14 @@ class Batch:
         In training a right-padded batch needs no padding mask: its padding keys come after
         every real query, so causal attention alone gives the real tokens the same result, the
         position ids of real tokens are the same, and what padding positions compute never
-        reaches the loss (their labels are IGNORE_INDEX). With its real mask, transformers
+        reaches the loss (their labels are IGNORE_INDEX). A batch already on a GPU is left as it
+        is: reading its mask there would make the host wait. With its real mask, transformers
         builds a (b, 1, s, s) mask and attention cannot use the flash kernel; with all ones it
         runs plain causal attention. (No mask at all would be worse: transformers then looks for
         packed sequences in the position ids and builds the 4-D mask anyway.)"""
         mask = self.attention_mask
-        if mask is None or mask.dim() != 2 or pads_before_tokens(mask):
-            return self  # packed rows (positions restart), or a pad before a real token
+        if mask is None or mask.dim() != 2 or mask.device.type != "cpu" or pads_before_tokens(mask):
+            return self  # packed rows (positions restart), a pad before a real token, or already on a GPU
         return replace(self, attention_mask=torch.ones_like(mask))
 
     def to(self, device: torch.device | str) -> "Batch":
