@@ -91,14 +91,17 @@ class Trainer:
         rank_state = self.ckpt.load_rank_state(step_dir)
         if exact and rank_state is not None:
             restore_rng_state(rank_state["rng"])
-        if not exact:
-            def shown(layout: dict) -> str:
-                return ", ".join(f"{k} {v}" for k, v in layout.items())
+        def shown(layout: dict) -> str:
+            return ", ".join(f"{k} {v}" for k, v in layout.items())
 
-            before = shown(saved.layout) if saved.layout else f"{saved.world_size} rank(s)"
-            layouts = f"{before} -> {shown(self.backend.layout())}"
+        before = shown(saved.layout) if saved.layout else f"{saved.world_size} rank(s)"
+        layouts = f"{before} -> {shown(self.backend.layout())}"
+        if not exact:
             self._say(f"elastic resume: the checkpoint's optimizer shards do not fit this layout ({layouts}); "
                       "weights, schedule and data position restored, optimizer moments re-initialised")
+        elif saved.world_size != self.world or (saved.layout and saved.layout != self.backend.layout()):
+            self._say(f"elastic resume ({layouts}): weights, optimizer moments, schedule and data position "
+                      "restored, resharded for this layout")
         self._say(f"resumed from {step_dir} at step {saved.step} ({saved.samples_seen:,} samples seen)")
 
     def save(self) -> Path:

@@ -60,11 +60,13 @@ def test_align_checkpoint_holds_only_the_projector(reference):
     assert names and all(n.startswith("projector.") for n in names)
 
 
-def test_elastic_resume_two_ranks_to_one_continues_without_repeats(reference, recipe):
-    """A 2-rank ZeRO-3 checkpoint resumed on 1 rank: ZeRO's optimizer shards are per rank, so the
-    backend loads the consolidated weights and Adam starts again. The first resumed step's loss
-    is computed from the checkpoint's weights before any update, so it equals the uninterrupted
-    run's (1 rank x 8 = 2 ranks x 4, as in the first test); no sample is seen twice."""
+def test_elastic_resume_two_ranks_to_one_continues_the_uninterrupted_curve(reference, recipe):
+    """A 2-rank ZeRO-3 checkpoint resumed on 1 rank (which runs ZeRO-2): the ZeRO shards are put
+    together per parameter in DeepSpeed's universal format and cut again for the new layout, so
+    weights, Adam's moments and step all come back (tests/test_checkpoint_elastic.py checks them
+    exactly). The resumed run then follows the uninterrupted one (1 rank x 8 = 2 ranks x 4, as
+    in the first test, only the float order of the gradient sums differs), and no sample is seen
+    twice."""
     run_dir = recipe.parent / "run"
     shutil.copytree(reference(3, "finetune"), run_dir)
     for step in (4, 6):
@@ -73,16 +75,16 @@ def test_elastic_resume_two_ranks_to_one_continues_without_repeats(reference, re
     for f in run_dir.glob("sample_ids.rank*.jsonl"):  # what the 2 ranks read up to the checkpoint
         f.write_text("".join(line + "\n" for line in f.read_text().splitlines() if json.loads(line)["step"] <= 2))
     out = run_train(recipe, ["train.micro_batch=8"], nproc=1)  # the same global batch
-    assert ("elastic resume: the checkpoint's optimizer shards do not fit this layout (dp 2, zero_stage 3 -> dp 1, "
-            "zero_stage 2)") in out.stdout and "at step 2" in out.stdout
+    assert ("elastic resume (dp 2, zero_stage 3 -> dp 1, zero_stage 2): weights, optimizer moments, schedule and "
+            "data position restored") in out.stdout and "at step 2" in out.stdout
     ids = sample_ids(run_dir)
     seen = [i for s in sorted(ids) for i in ids[s]]
     assert sorted(ids) == list(range(1, 7)) and len(seen) == 6 * 8
     assert len(set(seen)) == len(seen)  # 512 samples, 48 consumed: no sample twice
     got, ref = losses(run_dir), losses(reference(3, "finetune"))
     assert sorted(got) == [3, 4, 5, 6]
-    assert got[3] == pytest.approx(ref[3], rel=1e-4)  # the weights came back exactly
-    assert got[4] < got[3] and got[6] < got[4]  # and training goes on from them (the fp32 master copies too)
+    for step in got:  # the same math in another float order
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, got, ref)
 
 
 def test_export_round_trip_matches_the_logged_eval_loss(reference, tmp_path):

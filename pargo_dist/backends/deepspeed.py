@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from pargo_dist.compat import configure_deepspeed_env, skip_deepspeed_cpu_shm_op
 
@@ -52,6 +53,86 @@ def init_distributed() -> tuple[int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+UNIVERSAL_DIR = "ds_universal"  # beside ds/ in a step directory, written on the first elastic resume
+
+
+def universal_checkpoint(step_dir: Path, rank: int) -> Path:
+    """`step_dir/ds_universal`: the ZeRO checkpoint in `step_dir/ds` converted to DeepSpeed's
+    universal format (one folder per parameter with its fp32 weights and Adam moments), which
+    loads at any rank count and ZeRO stage. Collective: rank 0 converts it (DeepSpeed's own
+    ds_to_universal, one extraction worker so host memory stays at one rank's shard plus one
+    parameter), written under a temporary name and renamed when complete, so a conversion cut
+    short is never loaded; the other ranks wait. Made once per checkpoint, then reused."""
+    import shutil
+    import sys
+    from contextlib import redirect_stderr, redirect_stdout
+    from io import StringIO
+
+    out = step_dir / UNIVERSAL_DIR
+    if rank == 0 and not out.is_dir():
+        from deepspeed.checkpoint import ds_to_universal
+
+        partial = step_dir / f"{UNIVERSAL_DIR}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        argv = ["ds_to_universal", "--input_folder", str(step_dir / DEEPSPEED_DIR), "--output_folder", str(partial),
+                "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
+        saved_argv, sys.argv = sys.argv, argv
+        try:
+            with redirect_stdout(StringIO()), redirect_stderr(StringIO()):  # its banners and progress bars
+                ds_to_universal.main(ds_to_universal.parse_arguments())
+        except Exception as err:
+            raise RuntimeError(f"could not convert the ZeRO checkpoint {step_dir / DEEPSPEED_DIR} to DeepSpeed's "
+                               f"universal format for an elastic resume: {err}") from err
+        finally:
+            sys.argv = saved_argv
+        _loadable_by_every_stage(partial / "zero", step_dir / DEEPSPEED_DIR)
+        (partial / "latest_universal").write_text(UNIVERSAL_DIR)
+        partial.rename(out)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def _loadable_by_every_stage(zero_dir: Path, source: Path) -> None:
+    """ds_to_universal writes the state as the *saving* stage's loader reads it. From ZeRO-3: each
+    parameter's tensors flat and bare, Adam's step inside `optimizer_state_dict`, no DeepSpeed
+    version. From ZeRO-1/2: `{"param": tensor in its shape, "cat_dim": 0}`, a `step.pt` per
+    parameter, the groups at the top level. A resume may change stage (one rank runs ZeRO-3 as
+    ZeRO-2; a recipe changes), so both forms are written, from the same values; ZeRO-3's loader
+    reads the dict form too. (Its hyperparameters are not used: the loading backend keeps its
+    own groups.) `source`: the ZeRO checkpoint converted, for the parameters' shapes."""
+    import deepspeed
+
+    path = zero_dir / "optimizer_state.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    folders = [d for d in zero_dir.iterdir() if d.is_dir()]
+    inner = state.get("optimizer_state_dict")
+    if inner is not None:  # written from ZeRO-3
+        step = inner["state"][0]["step"] if inner.get("state") else None
+        groups = inner["param_groups"]
+        models = sorted(source.glob("*model_states.pt"))
+        shapes = {}
+        for group in torch.load(models[0], map_location="cpu", weights_only=False)["param_shapes"]:
+            shapes.update(group)
+        for folder in folders:
+            for file in folder.glob("*.pt"):
+                tensor = torch.load(file, map_location="cpu", weights_only=False)
+                if torch.is_tensor(tensor) and file.stem != "step":
+                    torch.save({"param": tensor.view(shapes[folder.name]), "cat_dim": 0}, file)
+    else:  # from ZeRO-1/2
+        steps = [d / "step.pt" for d in folders if (d / "step.pt").is_file()]
+        step = torch.load(steps[0], weights_only=False) if steps else None
+        groups = state["param_groups"]
+    state.setdefault("ds_version", deepspeed.__version__)
+    state.setdefault("param_groups", groups)
+    state.setdefault("optimizer_state_dict", {"state": {0: {"step": step}}, "param_groups": groups})
+    torch.save(state, path)
+    if step is not None:
+        for folder in folders:
+            if not (folder / "step.pt").is_file():
+                torch.save(step, folder / "step.pt")
 
 
 def zero_stage_for(cfg, world_size: int) -> tuple[int, str]:
@@ -264,6 +345,8 @@ class DeepSpeedBackend:
     def set_step(self, step: int) -> None:
         """Put the LR schedule at `step` (LambdaLR's epoch is our optimizer step)."""
         self.scheduler.last_epoch = step
+        self.engine.global_steps = step  # DeepSpeed's own counters (restored by an exact load too)
+        self.engine.global_samples = step * self.engine.train_batch_size()
         factor = lr_lambda(self.cfg)(step)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
             group["lr"] = base * factor
@@ -309,8 +392,11 @@ class DeepSpeedBackend:
         self.engine.save_checkpoint(str(step_dir), tag=DEEPSPEED_DIR, exclude_frozen_parameters=self._has_frozen)
 
     def load(self, step_dir, saved_world: int) -> bool:
-        # ZeRO-3 writes per-rank model-state files, stages 0-2 one mp_rank_00 file: a checkpoint of
-        # another stage (a recipe changed, or one rank running ZeRO-3 as ZeRO-2) takes the elastic way
+        """The checkpoint as saved when the layout is the same. Another rank count or ZeRO stage
+        (ZeRO-3 writes per-rank model-state files, stages 0-2 one mp_rank_00 file; one rank runs
+        ZeRO-3 as ZeRO-2) cannot take ZeRO's per-rank optimizer shards as they are: they are
+        first put together per parameter (weights, Adam's moments, step) in DeepSpeed's universal
+        format, which any layout loads (`universal_checkpoint`)."""
         saved_zero3 = any((Path(step_dir) / DEEPSPEED_DIR).glob("zero_pp_rank_*_model_states.pt"))
         if saved_world == self.world_size and saved_zero3 == self._zero3:
             path, _ = self.engine.load_checkpoint(
@@ -319,9 +405,34 @@ class DeepSpeedBackend:
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load the checkpoint in {step_dir}")
             return True
-        # ZeRO's optimizer shards are per rank: take the consolidated weights; the fp32 master
-        # copies the optimizer steps must follow them, then Adam's moments start from zero.
-        gather = (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=0)) if self._zero3 else None
-        load_trained_weights(self.engine.module, step_dir, gather=gather)
-        self.engine.optimizer.refresh_fp32_params()
-        return False
+        self._load_universal(universal_checkpoint(Path(step_dir), dist.get_rank()))
+        return True
+
+    def _load_universal(self, folder: Path) -> None:
+        """Weights, Adam's moments and step of every trained parameter from a universal checkpoint,
+        into this layout's partitions, through ZeRO's own universal loader. The engine's
+        load_checkpoint would also want the model-state files of this stage's layout, which a
+        checkpoint of another stage does not have; what they hold besides the weights (the LR
+        schedule, DeepSpeed's step counters) is set from our own state (`set_step`)."""
+        zero = self.engine.optimizer
+        base = zero.optimizer
+        # ZeRO-3's universal loader copies group 0's hyperparameters into every group: keep ours
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+        zero.load_state_dict(None, load_optimizer_states=True, load_from_fp32_weights=True,
+                             checkpoint_folder=str(folder))
+        for group, kept in zip(base.param_groups, groups):
+            group.update(kept)
+        if self._zero3:
+            zero.checkpoint_event_epilogue()  # parameters kept whole (persistent) take their new values
+        else:
+            zero.update_lp_params()  # the fp32 master copies -> the training-precision weights
+        for group in base.param_groups:  # fused AdamW wants its step count on the parameters' device
+            for p in group["params"] or []:
+                state = base.state.get(p, {})
+                if "step" in state and (group.get("fused") or group.get("capturable")):
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=p.device)
+        if self._zero3:  # ZeRO-3 sets a group's params only around its step: its flat partitions
+            for flat in zero.fp32_partitioned_groups_flat:
+                state = base.state.get(flat, {})
+                if "step" in state:
+                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=flat.device)

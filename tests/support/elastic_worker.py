@@ -1,0 +1,120 @@
+"""Ranks of the reshardable-optimizer check (tests/test_checkpoint_elastic.py), started by run_ranks.
+
+    python elastic_worker.py RECIPE OUT ZERO_STAGE CASE [--load DIR SAVED_WORLD STEP LOADED_OUT]
+                                                        [--train N] [--save DIR]
+
+Builds the tiny ParGo model of RECIPE for CASE (full: tower, projector and LLM all train; align:
+the projector only; lora: the projector and LoRA adapters on the frozen LLM) through
+DeepSpeedBackend at ZERO_STAGE on this world size (one rank keeps ZeRO-3 when asked, as
+backend.zero3_on_one_rank does), then in order:
+  --load DIR SAVED_WORLD STEP LOADED_OUT
+                          restores the checkpoint DIR written by SAVED_WORLD ranks at optimizer
+                          step STEP (backend.load and set_step, the path a resume takes) and
+                          writes the state it holds then to LOADED_OUT;
+  --train N               N optimizer steps on fixed batches (each rank its own rows of them);
+  --save DIR              backend.save into DIR.
+Rank 0 writes OUT (the state at the end) and LOADED_OUT: for every trained parameter, its full fp32 master weights and Adam moments
+as DeepSpeed assembles them across ranks (deepspeed.utils.safe_get_full_*), and Adam's step,
+so that a test can compare the state one layout saved with the state another layout loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.distributed as dist
+
+import pargo_dist  # noqa: F401  (compat shims first)
+
+
+CASES = {"full": ["train.stage=full"], "align": ["train.stage=align"],
+         "lora": ["train.stage=finetune", "model.lora.r=4", "model.lora.alpha=8"]}
+
+
+def fixed_batches(model, tokenizer, steps: int, rank: int, world: int, rows: int = 4):
+    """`steps` global batches of `rows` samples; this rank's share of each (rows / world)."""
+    from pargo_dist.batch import Batch, count_targets
+
+    g = torch.Generator().manual_seed(5)
+    k, side = model.num_image_tokens(), model.vision_tower.image_size
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(model.config.image_token_id + 1, 60, (rows, 24 + k), generator=g)
+        ids[:, 1:1 + k] = model.config.image_token_id
+        labels = ids.clone()
+        labels[:, :1 + k + 2] = -100
+        pixels = torch.randn(rows, 3, side, side, generator=g)
+        mine = slice(rank * rows // world, (rank + 1) * rows // world)
+        b = Batch(input_ids=ids[mine], labels=labels[mine], attention_mask=torch.ones_like(ids[mine]),
+                  pixel_values=pixels[mine], num_samples=rows // world, num_tokens=int(ids[mine].numel()),
+                  num_targets=count_targets(labels[mine]))
+        out.append((b, count_targets(labels)))
+    return out
+
+
+def full_state(backend) -> dict:
+    """name -> fp32 weights, exp_avg, exp_avg_sq (whole, on CPU) and Adam's step, for every trained
+    parameter. Collective (ZeRO-3 gathers the partitions)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    state = {}
+    for name, p in backend.engine.module.named_parameters():
+        if not p.requires_grad:
+            continue
+        state[name] = {"fp32": safe_get_full_fp32_param(p).detach().cpu().clone(),
+                       "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").detach().cpu().clone(),
+                       "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").detach().cpu().clone()}
+    base = backend.engine.optimizer.optimizer
+    steps = {float(s["step"]) for s in base.state.values() if "step" in s}
+    return {"params": state, "adam_steps": sorted(steps)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("recipe")
+    ap.add_argument("out")
+    ap.add_argument("zero", type=int)
+    ap.add_argument("case", choices=list(CASES))
+    ap.add_argument("--load", nargs=4, metavar=("DIR", "SAVED_WORLD", "STEP", "LOADED_OUT"))
+    ap.add_argument("--train", type=int, default=0)
+    ap.add_argument("--save")
+    args = ap.parse_args()
+
+    from pargo_dist import build
+    from pargo_dist.backends.deepspeed import DeepSpeedBackend
+    from pargo_dist.config import load_config
+
+    cfg = load_config(args.recipe, [f"backend.zero_stage={args.zero}", "backend.zero3_on_one_rank=true",
+                                    "train.micro_batch=2", *CASES[args.case]])
+    backend = DeepSpeedBackend(cfg)
+    rank, world = backend.init_distributed()
+    tokenizer = build.build_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = build.build_model(cfg, tokenizer)
+    build.init_freeze_and_adapt(model, cfg, gather=backend.param_gather)
+    backend.setup(model)
+    backend.train(True)
+    start = 0
+    if args.load:
+        directory, saved_world, start, loaded_out = args.load
+        start = int(start)
+        backend.load(directory, int(saved_world))
+        backend.set_step(start)
+        state = full_state(backend)
+        if rank == 0:
+            torch.save(state, loaded_out)
+    for i, (batch, targets) in enumerate(fixed_batches(model, tokenizer, args.train, rank, world)):
+        backend.train_batch([batch], float(targets), start + i)
+    if args.save:
+        backend.save(args.save)
+    state = full_state(backend)
+    if rank == 0:
+        torch.save(state, args.out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
