@@ -217,3 +217,23 @@ def test_megatron_recipe_errors_name_the_key(grad_recipe):
     out = train("backend.tensor_parallel=2", "--nproc", "3")
     assert out.returncode == 2 and "3 rank(s) do not divide into tensor_parallel x pipeline_parallel = 2 x 1" \
         in out.stderr
+
+
+def test_a_tp2_checkpoint_loaded_at_tp1_holds_the_same_adam_state(tp2_run, tmp_path):
+    """megatron's distributed checkpoint reshards the optimizer: the step-2 checkpoint loaded on
+    2 ranks at TP=2 (its own layout, which replays the run exactly, above) and on 1 rank at TP=1
+    holds the same weights and Adam moments, put together across TP ranks: equal exactly."""
+    recipe, step_dir = tp2_run.parent / "recipe.yaml", tp2_run / "checkpoints" / "step_00000002"
+    states = {}
+    for tp in (2, 1):
+        out = tmp_path / f"tp{tp}.pt"
+        run_ranks(WORKER, ["moments", str(out), str(recipe), str(step_dir), str(tp), "2"], tp,
+                  env={"OMP_NUM_THREADS": "1"}, timeout=600)
+        states[tp] = torch.load(out, weights_only=False)
+    a, b = states[2], states[1]
+    assert a["steps"] == b["steps"] == [2.0]
+    for key in ("weight", "exp_avg", "exp_avg_sq"):
+        assert a[key].keys() == b[key].keys() and len(a[key]) >= 20, key
+        for name, tensor in a[key].items():
+            assert torch.equal(b[key][name], tensor), (key, name)
+    assert all(t.any() for t in a["exp_avg_sq"].values())  # Adam has stepped every LLM weight

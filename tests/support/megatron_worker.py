@@ -4,6 +4,7 @@ ranks pay their imports once.
 
     python megatron_worker.py logits  OUT MODEL_TYPE:TP [MODEL_TYPE:TP ...]
     python megatron_worker.py grads   OUT RECIPE TP:PP:TIED[:compiled] [...]
+    python megatron_worker.py moments OUT RECIPE STEP_DIR TP SAVED_WORLD
 
 `logits`: a random tiny HF causal LM (Llama or Qwen2) converted to this rank's GPTModel shard;
 rank 0 writes the largest |HF logits - megatron logits| and whether HF -> megatron -> HF gives
@@ -14,7 +15,9 @@ the same HF model on rank 0 as the reference (what the DeepSpeed backend compute
 normalised by the answer-token count). Rank 0 writes loss and gradient differences for the
 projector and every LLM weight (megatron grads converted back to HF names). A case ending in
 `:compiled` first compiles the blocks as train.compile does (aot_eager backend).
-OUT gets one JSON object per case, keyed by the case as given.
+`moments`: the checkpoint STEP_DIR loaded at TP (megatron's resharding load); rank 0 torch.saves
+every LLM weight with its Adam moments, whole and under HF names, and Adam's step.
+OUT gets one JSON object per case, keyed by the case as given (moments: a torch file).
 """
 
 from __future__ import annotations
@@ -193,6 +196,39 @@ def check_grads(tp: int, pp: int, recipe: str, overrides: list[str], compiled: b
     return None
 
 
+def loaded_moments(recipe: str, step_dir: str, tp: int, saved_world: int) -> dict | None:
+    """The checkpoint in `step_dir` loaded by MegatronBackend at TP=`tp` (the path a resume takes);
+    every LLM weight and its Adam moments and step, put together across TP ranks and converted to
+    HF names (rank 0 returns them). Two layouts loading one checkpoint must agree exactly."""
+    from pargo_dist import build
+    from pargo_dist.backends.megatron import MegatronBackend
+    from pargo_dist.config import load_config
+
+    cfg = load_config(recipe, ["backend.name=megatron", f"backend.tensor_parallel={tp}"])
+    backend = MegatronBackend(cfg)
+    parallel_state.destroy_model_parallel()
+    backend.init_distributed()
+    tokenizer = build.build_tokenizer(cfg)
+    model = build.build_model(cfg, tokenizer)
+    model.freeze(cfg.train.stage)
+    backend.setup(model)
+    backend.load(step_dir, saved_world)
+    inner = torch_optimizers(backend.optimizer)
+    state = {}
+    for opt in inner:
+        state.update(opt.state)
+    params = dict(backend.model.language_model.named_parameters())
+    tp_rank, pp_rank = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
+    out, steps = {}, set()
+    for key in ("weight", "exp_avg", "exp_avg_sq"):
+        local = {n: (p if key == "weight" else state[p][key]) for n, p in params.items() if p.requires_grad}
+        shards = gather_shards(local, tp_rank, pp_rank)
+        if dist.get_rank() == 0:
+            out[key] = hf_state_from_megatron(shards, model.config.text_config, tp, 1)
+    steps = {float(s["step"]) for s in state.values() if "step" in s}
+    return {**out, "steps": sorted(steps)} if dist.get_rank() == 0 else None
+
+
 if __name__ == "__main__":
     mode, out, *rest = sys.argv[1:]
     results = {}
@@ -200,6 +236,14 @@ if __name__ == "__main__":
         for case in rest:
             model_type, tp = case.split(":")
             results[case] = check_logits(model_type, int(tp))
+    elif mode == "moments":  # RECIPE STEP_DIR TP SAVED_WORLD: the state a load gives, to torch.save
+        recipe, step_dir, tp, saved_world = rest
+        state = loaded_moments(recipe, step_dir, int(tp), int(saved_world))
+        if dist.get_rank() == 0:
+            torch.save(state, out)
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.exit(0)
     else:
         recipe, *cases = rest
         for case in cases:
