@@ -168,6 +168,9 @@ class CheckpointConfig:
     every: int = 0  # steps; 0: only at the end and on SIGTERM / SIGUSR1
     keep_last: int = 3
     resume: str = "auto"  # auto (newest complete in run.dir) | none | a checkpoint dir
+    # write the shards in the background while training goes on (copied to host memory at the
+    # step; marked COMPLETE when every rank's write finished); null (auto): on a GPU
+    async_save: bool | None = None
 
 
 @dataclass

@@ -44,15 +44,6 @@ class StopSignal:
     def requested(self) -> bool:
         return self.signal is not None
 
-    def agreed(self, device) -> bool:
-        """Collective: whether any rank was signalled (so all stop after the same step)."""
-        import torch
-        import torch.distributed as dist
-
-        flag = torch.tensor([1 if self.requested else 0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

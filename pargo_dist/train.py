@@ -68,6 +68,9 @@ class Trainer:
         self.streams = list(streams or ["data"])  # the datasets of a mixture, in order
         self.state = TrainState(step=0, world_size=self.world, stage=cfg.train.stage, backend=backend.name,
                                 stream_samples=dict.fromkeys(self.streams, 0))
+        auto = cfg.checkpoint.async_save
+        self.background_saves = torch.cuda.is_available() if auto is None else bool(auto)
+        self._unmarked: tuple[Path, int] | None = None  # a background save not yet marked COMPLETE
 
     def _say(self, text: str) -> None:
         if self.rank == 0:
@@ -105,13 +108,44 @@ class Trainer:
         self._say(f"resumed from {step_dir} at step {saved.step} ({saved.samples_seen:,} samples seen)")
 
     def save(self) -> Path:
+        """Collective: checkpoint this step. In the background (checkpoint.async_save) the
+        backend copies its state and returns; the COMPLETE marker waits for every rank's writes
+        (`_mark_saved`), so resume never picks a checkpoint still being written."""
+        self._mark_saved(wait=True)  # one save in flight at a time
         step_dir = self.ckpt.begin(self.state.step)
         self.state = replace(self.state, layout=self.backend.layout(), loader=self.loader.state_dict())
-        self.backend.save(step_dir)
+        self.backend.save(step_dir, background=self.background_saves)
         self.ckpt.save_rank_state(step_dir, {"rng": capture_rng_state()})
         self.ckpt.save_state(step_dir, self.state, to_yaml(self.cfg))
-        self.ckpt.commit(step_dir, self.state.step)
+        if self.background_saves:
+            self._unmarked = (step_dir, self.state.step)
+        else:
+            self.ckpt.commit(step_dir, self.state.step)
         return step_dir
+
+    def _mark_saved(self, wait: bool, all_written: bool = False) -> None:
+        """Collective: mark the background save in flight COMPLETE once every rank's writes have
+        finished: at once with `wait` (blocking until they have), or when `all_written` (the
+        ranks agreed on it after a step; see `_agree`)."""
+        if self._unmarked is None or not (wait or all_written):
+            return
+        if wait:
+            self.watchdog.beat(f"finishing the checkpoint writes of step {self._unmarked[1]}")
+            self.backend.wait_for_saves()
+        step_dir, step = self._unmarked
+        self._unmarked = None
+        self.ckpt.commit(step_dir, step)  # a barrier, then rank 0 writes the marker
+        self._say(f"checkpoint {step_dir} complete")
+
+    def _agree(self) -> tuple[bool, bool]:
+        """Collective, once per step: (whether any rank was signalled, whether every rank has
+        finished writing the save in flight), in one all-reduce."""
+        writing = self._unmarked is not None and self.backend.saves_pending()
+        flags = torch.tensor([float(self.stop.requested), float(writing)], device=self.backend.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        stop, writing = (bool(v) for v in flags.tolist())
+        return stop, self._unmarked is not None and not writing
+
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -195,15 +229,20 @@ class Trainer:
             if self.eval_loader is not None and self._due(cfg.train.sample_every, last):
                 self.sample_captions()
             self.watchdog.beat(f"agreeing on signals after step {self.state.step}")
-            stopping = self.stop.agreed(self.backend.device)
+            stopping, written = self._agree()
+            self._mark_saved(wait=False, all_written=written)
             if stopping or self._due(cfg.checkpoint.every, last):
                 self.watchdog.beat(f"saving the checkpoint of step {self.state.step}")
-                self._say(f"saved checkpoint {self.save()}")
+                step_dir = self.save()
+                self._say(f"saving checkpoint {step_dir} in the background" if self.background_saves
+                          else f"saved checkpoint {step_dir}")
             if stopping and not last:
+                self._mark_saved(wait=True)  # exit 75 only with the checkpoint complete
                 self._say(f"received signal {self.stop.signal}: saved at step {self.state.step}, exiting with "
                           f"{REQUEUE_EXIT} for requeue")
                 self.metrics.close()
                 return REQUEUE_EXIT
+        self._mark_saved(wait=True)
         self.metrics.close()
         return 0
 

@@ -202,3 +202,42 @@ def test_compiled_blocks_under_two_rank_zero3_follow_the_eager_run(reference, re
     assert sorted(got) == list(range(1, 7))
     for step in got:
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, got)
+
+
+def test_background_saves_are_marked_only_when_written_and_a_signal_waits_for_them(reference, recipe):
+    """checkpoint.async_save, with every background write slowed to 2 s (the fault-injection knob):
+    1. killed (SIGKILL) while the step-4 checkpoint is being written: that checkpoint has no
+       COMPLETE marker, and the rerun resumes from step 2;
+    2. the rerun, signalled (SIGTERM) as it resumes, saves after step 3 and waits for that save's
+       writes, marks it complete, then exits 75 for requeue;
+    3. a third run resumes from step 3 and finishes. The whole curve is the uninterrupted
+       (synchronous) run's, to 1e-6: the background checkpoints hold exactly what sync ones do."""
+    run_dir, slow = recipe.parent / "run", {"PARGO_DIST_CHECKPOINT_WRITE_DELAY_S": "2"}
+    args = ["checkpoint.async_save=true"]
+    proc = start_train(recipe, args, nproc=2, extra_env=slow)
+    wait_for(marker(run_dir, 2), proc)  # marked when step 4's save began (one save in flight)
+    wait_for(run_dir / "checkpoints" / "step_00000004" / "meta.json", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not marker(run_dir, 4).exists()  # its shards were still being written
+
+    proc = start_train(recipe, args, nproc=2, extra_env=slow)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("resumed from"):
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    out = "".join(lines) + proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, out[-3000:]
+    assert "step_00000002" in lines[-1]
+    assert out.index("checkpoint " + str(run_dir / "checkpoints" / "step_00000003") + " complete") \
+        < out.index("exiting with 75")
+    assert marker(run_dir, 3).exists()
+
+    out = run_train(recipe, args, nproc=2)
+    assert "resumed from" in out.stdout and "step_00000003" in out.stdout
+    ref, got = losses(reference(3, "finetune")), losses(run_dir)
+    assert sorted(got) == list(range(1, 7))
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, got)

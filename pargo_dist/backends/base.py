@@ -92,9 +92,18 @@ class Backend(Protocol):
     def layout(self) -> dict[str, int]:
         """How ranks are arranged (dp, tp, pp, zero_stage): recorded in each checkpoint."""
 
-    def save(self, step_dir: Path) -> None:
+    def save(self, step_dir: Path, background: bool = False) -> None:
         """Collective: write model and optimizer state into `step_dir` (the checkpoint manager
-        made it and marks it complete afterwards). Frozen parameters may be left out."""
+        made it and marks it complete afterwards). Frozen parameters may be left out.
+        `background`: take the state now, write it while training goes on (checkpoint.async_save);
+        a backend that cannot may write it at once."""
+
+    def saves_pending(self) -> bool:
+        """Whether writes of a background save are still running on this rank (raises the error
+        of one that failed)."""
+
+    def wait_for_saves(self) -> None:
+        """Block until this rank's background writes have finished (raises a failure's error)."""
 
     def load(self, step_dir: Path, saved_world: int) -> bool:
         """Collective: restore what `save` wrote, written by `saved_world` ranks. Returns True when

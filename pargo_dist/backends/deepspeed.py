@@ -29,8 +29,10 @@ from pargo_dist.compat import configure_deepspeed_env, skip_deepspeed_cpu_shm_op
 configure_deepspeed_env()
 
 import deepspeed  # noqa: E402
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
 from deepspeed.utils import logger as _ds_logger  # noqa: E402
 
+from pargo_dist.background_save import BackgroundWriter, save_file  # noqa: E402
 from pargo_dist.batch import Batch  # noqa: E402
 from pargo_dist.compile import transformer_blocks  # noqa: E402
 from pargo_dist.checkpoint import DEEPSPEED_DIR  # noqa: E402
@@ -53,6 +55,20 @@ def init_distributed() -> tuple[int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+class BackgroundCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, with each file's state copied to host memory and
+    written by background threads (pargo_dist.background_save). DeepSpeed builds the state
+    dicts at the step boundary; they hold the live tensors, which nothing changes before the next
+    optimizer update, and `train_batch` waits for the copies before that (`wait_staged`)."""
+
+    def __init__(self, writer: BackgroundWriter, zipfile: bool):
+        super().__init__(None)
+        self.writer, self.zipfile = writer, zipfile
+
+    def save(self, state_dict, path: str) -> None:
+        self.writer.submit(path, state_dict, lambda copy: save_file(copy, path, zipfile=self.zipfile))
 
 
 UNIVERSAL_DIR = "ds_universal"  # beside ds/ in a step directory, written on the first elastic resume
@@ -199,6 +215,7 @@ class DeepSpeedBackend:
         self.cfg = cfg
         self.world_size = 1
         self.engine = self.optimizer = self.scheduler = None
+        self._writer: BackgroundWriter | None = None
 
     def init_distributed(self) -> tuple[int, int]:
         rank, self.world_size = init_distributed()
@@ -369,6 +386,8 @@ class DeepSpeedBackend:
         for batch in micro_batches:
             out = self.engine(**batch.to(device).model_inputs(), num_items_in_batch=num_items)
             self.engine.backward(out.loss)
+            if self._writer is not None:  # a background save is still copying the state this step updates
+                self._writer.wait_staged()
             self.engine.step()
             loss_sum += out.loss.detach().float() * num_items
         return loss_sum
@@ -388,8 +407,28 @@ class DeepSpeedBackend:
         own weights): what trains is decided by requires_grad, nothing else."""
         return any(not p.requires_grad for p in self.engine.module.parameters())
 
-    def save(self, step_dir) -> None:
-        self.engine.save_checkpoint(str(step_dir), tag=DEEPSPEED_DIR, exclude_frozen_parameters=self._has_frozen)
+    def save(self, step_dir, background: bool = False) -> None:
+        """DeepSpeed's checkpoint of this rank. `background`: the state is copied to host memory
+        now and written by a background thread (`saves_pending` / `wait_for_saves`)."""
+        engine = self.engine
+        if background:
+            if self._writer is None:
+                self._writer = BackgroundWriter()
+                self._background_engine = BackgroundCheckpointEngine(
+                    self._writer, zipfile=getattr(engine.checkpoint_engine, "zipfile_serialization", True))
+            sync_engine, engine.checkpoint_engine = engine.checkpoint_engine, self._background_engine
+        try:
+            engine.save_checkpoint(str(step_dir), tag=DEEPSPEED_DIR, exclude_frozen_parameters=self._has_frozen)
+        finally:
+            if background:
+                engine.checkpoint_engine = sync_engine
+
+    def saves_pending(self) -> bool:
+        return self._writer is not None and self._writer.pending()
+
+    def wait_for_saves(self) -> None:
+        if self._writer is not None:
+            self._writer.wait()
 
     def load(self, step_dir, saved_world: int) -> bool:
         """The checkpoint as saved when the layout is the same. Another rank count or ZeRO stage

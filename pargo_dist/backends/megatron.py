@@ -293,7 +293,15 @@ class MegatronBackend:
         model_sd = self.model.sharded_state_dict()
         return {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=loading)}
 
-    def save(self, step_dir: Path) -> None:
+    def saves_pending(self) -> bool:
+        return False
+
+    def wait_for_saves(self) -> None:
+        pass
+
+    def save(self, step_dir: Path, background: bool = False) -> None:
+        """megatron-core's distributed checkpoint, written at once (`background` is not used yet:
+        megatron's own async save is the way to add it)."""
         path = Path(step_dir) / MEGATRON_DIR
         if dist.get_rank() == 0:
             path.mkdir(parents=True, exist_ok=True)

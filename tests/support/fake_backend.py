@@ -92,9 +92,15 @@ class FakeBackend:
     def layout(self) -> dict[str, int]:
         return {"dp": 1}
 
-    def save(self, step_dir: Path) -> None:
+    def save(self, step_dir: Path, background: bool = False) -> None:
         self.calls.append(("save", int(Path(step_dir).name.split("_")[1])))
         torch.save(self.model.state_dict(), Path(step_dir) / "fake.pt")
+
+    def saves_pending(self) -> bool:
+        return False
+
+    def wait_for_saves(self) -> None:
+        pass
 
     def load(self, step_dir: Path, saved_world: int) -> bool:
         self.model.load_state_dict(torch.load(Path(step_dir) / "fake.pt"))

@@ -49,19 +49,21 @@ def env() -> dict[str, str]:
 
 
 def run_train(recipe: Path, overrides: list[str] = (), nproc: int = 2, timeout: float = 600,
-              expect: int = 0) -> subprocess.CompletedProcess:
+              expect: int = 0, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     out = subprocess.run(train_cmd(recipe, list(overrides), nproc), capture_output=True, text=True,
-                         timeout=timeout, env=env())
+                         timeout=timeout, env={**env(), **(extra_env or {})})
     if out.returncode != expect:
         raise AssertionError(f"train exited {out.returncode} (expected {expect}):\n"
                              f"{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
     return out
 
 
-def start_train(recipe: Path, overrides: list[str] = (), nproc: int = 2) -> subprocess.Popen:
+def start_train(recipe: Path, overrides: list[str] = (), nproc: int = 2,
+                extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """Started in its own process group, so the test can signal or kill every rank."""
     return subprocess.Popen(train_cmd(recipe, list(overrides), nproc), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env(), start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, env={**env(), **(extra_env or {})},
+                            start_new_session=True)
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:

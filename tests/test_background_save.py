@@ -1,0 +1,57 @@
+"""pargo_dist.background_save in-process: the host copy a background save writes, and the writer's
+ordering and failure reporting. (The whole protocol, with real ranks, a kill mid-write and a
+signal: tests/test_train.py.)"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from pargo_dist.background_save import BackgroundWriter, host_snapshot, save_file
+
+
+def test_the_snapshot_is_the_state_when_taken_with_views_kept_as_views(tmp_path):
+    flat = torch.arange(12, dtype=torch.float32)
+    state = OrderedDict(a=flat[:6].view(2, 3), b=flat[6:], step=3, nested=[{"m": torch.ones(2)}], empty=torch.empty(0))
+    copy = host_snapshot(state)
+    flat.mul_(-1)  # training goes on: the live tensors change in place
+    state["nested"][0]["m"].add_(5)
+    assert torch.equal(copy["a"], torch.arange(6.0).view(2, 3)) and torch.equal(copy["b"], torch.arange(6.0, 12))
+    assert torch.equal(copy["nested"][0]["m"], torch.ones(2)) and copy["step"] == 3 and type(copy) is OrderedDict
+    assert copy["a"].untyped_storage().data_ptr() == copy["b"].untyped_storage().data_ptr()  # one storage, as saved
+    save_file(copy, tmp_path / "x.pt")
+    back = torch.load(tmp_path / "x.pt")
+    assert torch.equal(back["a"], copy["a"]) and not list(tmp_path.glob("*.writing"))
+
+
+def test_writes_run_in_order_and_the_update_waits_only_for_the_copy(tmp_path):
+    writer = BackgroundWriter()
+    release, order = threading.Event(), []
+
+    def slow_write(copy):
+        release.wait(5)
+        order.append(float(copy["x"][0]))
+
+    first = {"x": torch.zeros(3)}
+    writer.submit("first", first, slow_write)
+    writer.submit("second", {"x": torch.ones(3)}, lambda copy: order.append(float(copy["x"][0])))
+    writer.wait_staged()  # both copied while the first write is still held
+    first["x"].fill_(7)  # so changing the live tensor no longer matters
+    assert writer.pending()
+    release.set()
+    writer.wait()
+    assert order == [0.0, 1.0] and not writer.pending()
+    writer.close()
+
+
+def test_a_failed_write_is_raised_on_the_training_thread_with_its_file(tmp_path):
+    writer = BackgroundWriter()
+    writer.submit(str(tmp_path / "shard.pt"), {"x": torch.zeros(1)},
+                  lambda copy: (_ for _ in ()).throw(OSError("No space left on device")))
+    with pytest.raises(RuntimeError, match=r"shard\.pt failed: OSError: No space left on device"):
+        writer.wait()
+    with pytest.raises(RuntimeError, match="shard.pt"):  # and the next save is refused, not lost silently
+        writer.submit("next", {}, lambda copy: None)
