@@ -129,6 +129,12 @@ def test_plan_cli_prints_memory_time_and_the_fitting_layout(capsys):
         return float(re.search(r"checkpoint ([\d.]+) GB", text).group(1))
 
     assert ckpt(lora) < ckpt(out) / 5  # adapters + projector and their Adam state, not the 7B LLM
+    # a save stops training for the write at 2 GB/s per node; in the background, for what is left
+    # of each GPU's copy to host memory after the next forward and backward (here: nothing)
+    sync_s, bg_s, copy_s, host = re.search(r"written in ~([\d.]+) s by 8 node\(s\).* background \(checkpoint.async_save\) "
+                                           r"~([\d.]+) s \(a ([\d.]+) s copy to host memory.*, ([\d,]+) GiB", out).groups()
+    assert float(sync_s) == pytest.approx(ckpt(out) / 8 / 2, abs=1) and float(bg_s) == 0.0
+    assert float(copy_s) == pytest.approx(ckpt(out) / 64 / 20, abs=0.1) and int(host) == round(ckpt(out) * 1e9 / 8 / 2**30)
     for line in ("weights", "gradients", "optimizer", "activations", "buffers", "total"):
         assert re.search(rf"^\s+{line}\s+[\d.]+ GiB", out, re.M), line
     assert re.search(r"1,000,000 samples: [\d.]+ h", out) and "smallest layout that fits: ZeRO-" in out

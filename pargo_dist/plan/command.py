@@ -10,7 +10,7 @@ import argparse
 import math
 
 from pargo_dist.plan.estimate import H100_BF16_TFLOPS, Hardware, checkpoint_bytes, estimate, fits, format_estimate, \
-    layout_of, options
+    layout_of, options, save_blocking
 from pargo_dist.plan.trace import shapes_of
 from pargo_dist.errors import UserError
 
@@ -66,8 +66,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {args.samples:,.0f} samples: {epoch / 3600:.1f} h ({epoch * hw.gpus / 3600:,.0f} GPU-hours)")
         nodes = max(1, math.ceil(hw.gpus / hw.gpus_per_node))
         ckpt = checkpoint_bytes(shapes, cfg.train.stage, cfg.train.precision, bool(cfg.model.lora.r))
-        print(f"  checkpoint {ckpt / 1e9:,.1f} GB, written in ~{ckpt / (nodes * args.fs_gbps * 1e9):,.0f} s by "
-              f"{nodes} node(s) at {args.fs_gbps:g} GB/s each")
+        save = save_blocking(ckpt, hw, est.step_time_s)
+        print(f"  checkpoint {ckpt / 1e9:,.1f} GB, written in ~{save['sync_s']:,.0f} s by {nodes} node(s) at "
+              f"{args.fs_gbps:g} GB/s each: a synchronous save stops training that long; in the background "
+              f"(checkpoint.async_save) ~{save['background_s']:,.1f} s (a {save['copy_s']:,.1f} s copy to host memory "
+              f"beside the next forward and backward, {save['host_gib_per_node']:,.0f} GiB of it per node)")
         print(f"  data from object storage: {est.samples_per_s / nodes * args.sample_kb / 1e3:,.1f} MB/s per node "
               f"at {args.sample_kb:g} KB per sample")
     if args.fit:

@@ -203,6 +203,22 @@ def checkpoint_bytes(s: Shapes, stage: str, precision: str = "bf16", lora: bool 
     return weights + T * (12.0 if precision == "bf16" else 8.0)
 
 
+HOST_COPY_GBPS = 20.0  # GPU -> pinned host memory per GPU (PCIe Gen5 x16 moves ~25 GB/s each way)
+
+
+def save_blocking(ckpt: float, hw: Hardware, step_time_s: float) -> dict[str, float]:
+    """Seconds one checkpoint stops training, written synchronously or in the background
+    (checkpoint.async_save), and what the background way costs. Synchronous: the nodes write
+    `ckpt` bytes at hw.fs_gbps each. Background: each GPU copies its share to pinned host memory
+    at HOST_COPY_GBPS while the next step's forward and backward run (~2/3 of a step), and
+    that step's optimizer update waits for what is left of the copy; the write then runs behind
+    training, and needs the host memory to hold the copy."""
+    nodes = max(1, math.ceil(hw.gpus / hw.gpus_per_node))
+    copy_s = ckpt / hw.gpus / (HOST_COPY_GBPS * 1e9)
+    return {"sync_s": ckpt / (nodes * hw.fs_gbps * 1e9), "copy_s": copy_s,
+            "background_s": max(0.0, copy_s - step_time_s * 2 / 3), "host_gib_per_node": ckpt / nodes / GiB}
+
+
 def layout_of(cfg) -> Layout:
     b = cfg.backend
     return Layout(backend=b.name, zero_stage=b.zero_stage, tp=b.tensor_parallel, pp=b.pipeline_parallel,
