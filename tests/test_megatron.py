@@ -237,3 +237,24 @@ def test_a_tp2_checkpoint_loaded_at_tp1_holds_the_same_adam_state(tp2_run, tmp_p
         for name, tensor in a[key].items():
             assert torch.equal(b[key][name], tensor), (key, name)
     assert all(t.any() for t in a["exp_avg_sq"].values())  # Adam has stepped every LLM weight
+
+
+def test_background_saves_resume_like_synchronous_ones(tp2_run, tmp_path, data_dir):
+    """checkpoint.async_save with megatron-core's own asynchronous save (shards written by a forked
+    process, finalized when every rank is done): the run is the synchronous one, and its step-2
+    checkpoint resumes to the same curve to 1e-6."""
+    run = tmp_path / "async"
+    out = run_train(write_recipe(tmp_path / "async.yaml", run, data_dir), [*TP2, "checkpoint.async_save=true"],
+                    nproc=2)
+    assert "saving checkpoint" in out.stdout and f"checkpoint {run / 'checkpoints' / 'step_00000006'} complete" \
+        in out.stdout
+    ref = losses(tp2_run)
+    assert losses(run) == pytest.approx(ref, rel=1e-6)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    recipe = resume_copy(run, resumed, data_dir)
+    out = run_train(recipe, TP2, nproc=2)
+    assert "resumed from" in out.stdout and "step_00000002" in out.stdout
+    got = losses(resumed / "run")
+    for step in range(3, 7):
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, got)

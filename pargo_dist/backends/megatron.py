@@ -103,6 +103,7 @@ class MegatronBackend:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self._async_saves = None  # megatron-core's AsyncCallsQueue, from the first background save
         self.tp, self.pp = cfg.backend.tensor_parallel, cfg.backend.pipeline_parallel
         self.replication = self.tp * self.pp
         self.model = self.ddp = self.optimizer = None
@@ -294,19 +295,34 @@ class MegatronBackend:
         return {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=loading)}
 
     def saves_pending(self) -> bool:
-        return False
+        """Collective (megatron-core agrees across ranks whether its writes are done, and then
+        writes the checkpoint's metadata): every rank calls it at the same step."""
+        if self._async_saves is None:
+            return False
+        self._async_saves.maybe_finalize_async_calls(blocking=False)
+        return self._async_saves.get_num_unfinalized_calls() > 0
 
     def wait_for_saves(self) -> None:
-        pass
+        if self._async_saves is not None:
+            self._async_saves.maybe_finalize_async_calls(blocking=True)
 
     def save(self, step_dir: Path, background: bool = False) -> None:
-        """megatron-core's distributed checkpoint, written at once (`background` is not used yet:
-        megatron's own async save is the way to add it)."""
+        """megatron-core's distributed checkpoint. `background`: megatron-core's own asynchronous
+        save: the shards are copied to host memory now and written by a forked process while
+        training goes on; `saves_pending` / `wait_for_saves` finalize it (its metadata file last)."""
         path = Path(step_dir) / MEGATRON_DIR
         if dist.get_rank() == 0:
             path.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        dist_checkpointing.save(self._sharded_state(loading=False), str(path))
+        if not background:
+            dist_checkpointing.save(self._sharded_state(loading=False), str(path))
+            return
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        if self._async_saves is None:
+            self._async_saves = AsyncCallsQueue()
+        request = dist_checkpointing.save(self._sharded_state(loading=False), str(path), async_sharded_save=True)
+        self._async_saves.schedule_async_request(request)
 
     def load(self, step_dir: Path, saved_world: int) -> bool:
         """Distributed checkpoints reshard: model and optimizer come back exactly at any layout."""
