@@ -88,10 +88,11 @@ class BackgroundWriter:
     def __init__(self, name: str = "checkpoint"):
         self._stage_q: queue.Queue = queue.Queue()
         self._write_q: queue.Queue = queue.Queue()
-        self._staged, self._idle = threading.Event(), threading.Event()
-        self._staged.set()
-        self._idle.set()
-        self._unstaged = self._unwritten = 0
+        self._left = {"stage": 0, "write": 0}  # jobs not yet staged / not yet written
+        self._none_left = {kind: threading.Event() for kind in self._left}
+        for event in self._none_left.values():
+            event.set()
+        self._staged, self._idle = self._none_left["stage"], self._none_left["write"]
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self.staged_wait_s = 0.0
@@ -108,11 +109,16 @@ class BackgroundWriter:
             ready = torch.cuda.Event()
             ready.record()  # the state as of now, on the training stream
         with self._lock:
-            self._unstaged += 1
-            self._unwritten += 1
-            self._staged.clear()
-            self._idle.clear()
+            for kind in self._left:
+                self._left[kind] += 1
+                self._none_left[kind].clear()
         self._stage_q.put((what, state, write, ready))
+
+    def _one_done(self, kind: str) -> None:
+        with self._lock:
+            self._left[kind] -= 1
+            if self._left[kind] == 0:
+                self._none_left[kind].set()
 
     def _fail(self, what: str, err: BaseException) -> None:
         if self._error is None:
@@ -134,10 +140,7 @@ class BackgroundWriter:
                 self._fail(what, err)
             finally:
                 del state
-                with self._lock:
-                    self._unstaged -= 1
-                    if self._unstaged == 0:
-                        self._staged.set()
+                self._one_done("stage")
             self._write_q.put((what, copy, write))
 
     def _write_loop(self) -> None:
@@ -156,10 +159,7 @@ class BackgroundWriter:
                 self._fail(what, err)
             finally:
                 del copy
-                with self._lock:
-                    self._unwritten -= 1
-                    if self._unwritten == 0:
-                        self._idle.set()
+                self._one_done("write")
 
     def _raise(self) -> None:
         if self._error is not None:

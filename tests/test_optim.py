@@ -9,6 +9,22 @@ from pargo_dist.config import load_config
 from pargo_dist.optim import adamw
 
 
+def step_with_random_grads(opt, params, steps: int) -> list[torch.Tensor]:
+    """`steps` optimizer steps on seeded random gradients; the parameters after them."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return [p.detach() for p in params]
+
+
+def assert_same_moved(runs: dict, start: list[torch.Tensor]) -> None:
+    for a, b, s in zip(runs[True], runs[False], start):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(a, s)  # they moved
+
+
 def test_fused_adamw_steps_equal_the_foreach_ones():
     cfg = load_config(None, ["optim.weight_decay=0.1", "optim.eps=1e-8"])
     torch.manual_seed(0)
@@ -17,17 +33,9 @@ def test_fused_adamw_steps_equal_the_foreach_ones():
     for fused in (True, False):
         params = [torch.nn.Parameter(t.clone()) for t in start]
         opt = adamw([{"params": params[:2], "lr": 1e-2}, {"params": params[2:], "lr": 3e-3}], cfg, fused=fused)
-        g = torch.Generator().manual_seed(1)
-        for _ in range(5):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=g)
-            opt.step()
-        runs[fused] = [p.detach() for p in params]
+        runs[fused] = step_with_random_grads(opt, params, 5)
         assert opt.defaults["fused"] is fused
-    for a, b, s in zip(runs[True], runs[False], start):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-        assert not torch.equal(a, s)  # they moved
-
+    assert_same_moved(runs, start)
 
 
 def test_fuse_adamw_reaches_torch_adamw_inside_wrappers_and_keeps_its_update():
@@ -47,12 +55,5 @@ def test_fuse_adamw_reaches_torch_adamw_inside_wrappers_and_keeps_its_update():
         if fuse:  # megatron's nesting: ChainedOptimizer -> mixed-precision optimizer -> torch's
             assert fuse_adamw(SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=inner)])) == 1
         assert [bool(group["fused"]) for group in inner.param_groups] == [fuse, fuse]
-        g = torch.Generator().manual_seed(1)
-        for _ in range(4):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=g)
-            inner.step()
-        runs[fuse] = [p.detach() for p in params]
-    for a, b, s in zip(runs[True], runs[False], start):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-        assert not torch.equal(a, s)
+        runs[fuse] = step_with_random_grads(inner, params, 4)
+    assert_same_moved(runs, start)
