@@ -175,7 +175,7 @@ class CheckpointManager:
     """
 
     def __init__(self, run_dir: str | Path, keep_last: int = 3, rank: int = 0, world_size: int = 1,
-                 barrier: Callable[[], None] | None = None):
+                 barrier: Callable[[], None] | None = None, remote: str | None = None):
         if keep_last < 1:
             raise UserError(f"keep_last must be >= 1 (the newest complete checkpoint is always kept), "
                              f"got {keep_last}")
@@ -187,6 +187,12 @@ class CheckpointManager:
         self.rank = rank
         self.world_size = world_size
         self._barrier = barrier
+        # checkpoint.remote: complete checkpoints are uploaded there, and found there at resume
+        self.remote = None
+        if remote:
+            from pargo_dist.remote_checkpoints import RemoteCheckpoints
+
+            self.remote = RemoteCheckpoints(remote, self.root)
 
     def barrier(self) -> None:
         if self._barrier is not None:
@@ -230,7 +236,10 @@ class CheckpointManager:
         silently starting from scratch when a named checkpoint is unusable loses work.
         """
         if resume == "auto":
-            return self.latest()
+            latest = self.latest()
+            if latest is None and self.remote is not None:
+                latest = self._fetch_remote()
+            return latest
         if resume == "none":
             return None
         path = Path(resume)
@@ -246,6 +255,18 @@ class CheckpointManager:
         listing = ", ".join(available) if available else f"none under {self.root}"
         raise UserError(f"cannot resume from checkpoint {path}: it {problem}. "
                          f"Complete checkpoints available: {listing}")
+
+    def _fetch_remote(self) -> Path | None:
+        """Collective: no complete checkpoint here (a job requeued onto new nodes), so the newest
+        complete one in checkpoint.remote is downloaded, by one rank per node (LOCAL_RANK 0;
+        nodes sharing a filesystem download once), and the others wait."""
+        if int(os.environ.get("LOCAL_RANK", self.rank)) == 0:
+            fetched = self.remote.fetch_newest()
+            if fetched is not None and self.rank == 0:
+                print(f"no complete checkpoint under {self.root}: downloaded {fetched.name} from {self.remote.url}",
+                      flush=True)
+        self.barrier()
+        return self.latest()
 
     # -- writing ---------------------------------------------------------------------
 
@@ -297,6 +318,8 @@ class CheckpointManager:
             except OSError as err:  # a failed prune must not take down the run (or hang the barrier)
                 warnings.warn(f"checkpoint cleanup under {self.root} failed: {err}", stacklevel=2)
         self.barrier()
+        if self.remote is not None:  # every rank its own files, then the remote marker
+            self.remote.upload(step_dir, self.rank, self.world_size, self.barrier, self.keep_last)
 
     @staticmethod
     def _fsync_tree(step_dir: Path) -> None:
@@ -395,7 +418,15 @@ def run_dir_of(step_dir: Path) -> Path:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, or a run dir (its newest complete checkpoint)."""
+    """A checkpoint dir, a run dir (its newest complete checkpoint), or a run's checkpoint.remote
+    URL (s3://...: its newest complete checkpoint, downloaded to a cache dir first)."""
+    if "://" in str(path):
+        from pargo_dist.remote_checkpoints import RemoteCheckpoints, cache_dir
+
+        fetched = RemoteCheckpoints(str(path), cache_dir(str(path)) / "checkpoints").fetch_newest()
+        if fetched is None:
+            raise UserError(f"{path} holds no complete checkpoint (no step_*/COMPLETE object)")
+        return fetched
     path = Path(path)
     if (path / "checkpoints").is_dir():
         latest = CheckpointManager(path).latest()

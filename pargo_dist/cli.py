@@ -236,7 +236,8 @@ def _export_parser() -> argparse.ArgumentParser:
     export = _parser("export", "A checkpoint of any backend, stage and rank count -> one HF directory that "
                      "ParGoForConditionalGeneration.from_pretrained loads on one process, with its tokenizer "
                      "and recipe.")
-    export.add_argument("checkpoint", help="a run dir (newest complete checkpoint) or a checkpoint dir")
+    export.add_argument("checkpoint", help="a run dir (newest complete checkpoint), a checkpoint dir, or a run's "
+                        "checkpoint.remote URL (s3://bucket/prefix: its newest complete checkpoint, downloaded)")
     export.add_argument("--out", required=True)
     export.add_argument("--adapters-only", action="store_true",
                         help="LoRA runs: write the LLM adapters (peft format) and the projector instead of "

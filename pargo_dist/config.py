@@ -171,6 +171,9 @@ class CheckpointConfig:
     # write the shards in the background while training goes on (copied to host memory at the
     # step; marked COMPLETE when every rank's write finished); null (auto): on a GPU
     async_save: bool | None = None
+    # also keep every complete checkpoint in object storage (s3://bucket/prefix; gs://, oci://,
+    # azure:// as mosaicml-streaming reaches them); resume finds it there when run.dir has none
+    remote: str | None = None
 
 
 @dataclass

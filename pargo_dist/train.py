@@ -359,7 +359,7 @@ def build_trainer(cfg: Config, stop: StopSignal | None = None) -> Trainer:
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last, rank=rank, world_size=world,
-                                    barrier=dist.barrier)
+                                    barrier=dist.barrier, remote=cfg.checkpoint.remote)
     resume_from = checkpoints.resolve(cfg.checkpoint.resume)
     tokenizer = build.build_tokenizer(cfg)
     model = build.build_model(cfg, tokenizer, llm_weights=not backend.reads_pretrained_llm,

@@ -26,7 +26,8 @@ SETTINGS = ("data", "mme", "mme_images", "limit", "captions", "generate", "max_n
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="exported dir, run dir (newest complete checkpoint) or checkpoint dir")
+    p.add_argument("model", help="exported dir, run dir (newest complete checkpoint), checkpoint dir, or a run's "
+                   "checkpoint.remote URL (s3://...)")
     p.add_argument("--nproc", type=int, default=1, help="ranks on this machine (each a share of the items)")
     p.add_argument("--out", help="results dir (default: RUN/eval/step_N, or EXPORT/eval)")
     p.add_argument("--data", help="held-out MDS split, local dir or s3://... (default: the recipe's data.eval)")
@@ -54,6 +55,8 @@ def _resolve(args, rank: int, barrier) -> tuple[Path, Path, Path | None, int]:
     from pargo_dist.export import export
 
     source = Path(args.model)
+    if "://" in str(args.model):  # a run's checkpoint.remote: its newest complete checkpoint, downloaded
+        source = resolve_checkpoint(args.model)
     if not source.exists():
         raise UserError(f"{source} does not exist: give an exported dir, a run dir or a checkpoint dir")
     if (source / "config.json").exists():

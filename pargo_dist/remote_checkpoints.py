@@ -1,0 +1,175 @@
+"""`checkpoint.remote`: every complete checkpoint also in object storage, found there again when a
+requeued job lands on nodes without the run's local files.
+
+Layout: `<remote>/step_<N:08d>/<the step directory's files>`, the same names as on disk. The
+COMPLETE object is uploaded last, by rank 0, after every rank uploaded its own files (the ones
+it wrote: `rank_<r>.pt`, DeepSpeed's `zero_pp_rank_<r>_*`, megatron's `__<r>_<i>.distcp`; rank
+0 the shared ones), so a remote checkpoint without it is one whose upload did not finish and is
+never resumed from. keep_last applies remotely too (S3; other stores keep every checkpoint).
+
+Transfers go through mosaicml-streaming's storage clients, the ones the data path already uses:
+s3:// (and S3-compatible stores through S3_ENDPOINT_URL), gs://, oci://, azure://, with their
+usual credentials from the environment, which nothing here prints. Each transfer is retried
+with exponential backoff; a failure that outlasts the retries ends the run naming the object,
+and no COMPLETE object is written for that checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from pargo_dist.errors import UserError
+
+COMPLETE = "COMPLETE"
+_STEP = re.compile(r"(?:^|/)step_(\d{8})/COMPLETE$")
+_OWNED = (re.compile(r"^rank_(\d+)\.pt$"), re.compile(r"^zero_pp_rank_(\d+)_"), re.compile(r"^__(\d+)_\d+\.distcp$"))
+_SKIP_DIRS = ("ds_universal",)  # made from ds/ on an elastic resume: a cache, not the checkpoint
+T = TypeVar("T")
+
+
+def cache_dir(url: str) -> Path:
+    """Where `pargo-dist export` / `eval` put a remote run's checkpoint: PARGO_DIST_CACHE (default
+    ~/.cache/pargo_dist) / remote / <the URL, made a directory name>."""
+    root = Path(os.environ.get("PARGO_DIST_CACHE", Path.home() / ".cache" / "pargo_dist"))
+    return root / "remote" / re.sub(r"[^A-Za-z0-9._-]+", "_", url.rstrip("/"))
+
+
+class RemoteError(UserError):
+    """An object-store transfer that failed through every retry."""
+
+
+def owner_of(name: str, world_size: int) -> int:
+    """The rank that uploads a checkpoint file: the one that wrote it, rank 0 for shared files."""
+    for pattern in _OWNED:
+        match = pattern.search(name)
+        if match:
+            return int(match.group(1)) % world_size
+    return 0
+
+
+def retried(what: str, fn: Callable[[], T], attempts: int = 6, first_wait_s: float = 0.5) -> T:
+    """fn(), retried with exponential backoff (0.5, 1, 2, 4, 8 s); the last failure is raised
+    as a RemoteError naming `what` (never the credentials)."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001  the store's or the network's: retried
+            if attempt == attempts - 1:
+                raise RemoteError(f"{what} failed after {attempts} attempts: {type(err).__name__}: {err} (check the "
+                                  "object store's endpoint, e.g. S3_ENDPOINT_URL, and its credentials)") from err
+            time.sleep(first_wait_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+class RemoteCheckpoints:
+    """The checkpoints of one run under `url`, mirrored from `local_root` (run.dir/checkpoints)."""
+
+    def __init__(self, url: str, local_root: str | Path):
+        parsed = urllib.parse.urlparse(url)
+        if not parsed.scheme or not parsed.netloc:
+            raise UserError(f"checkpoint.remote={url!r}: expected an object-store URL such as s3://bucket/prefix")
+        self.url = url.rstrip("/")
+        self.local_root = Path(local_root)
+        self._client = None
+
+    def _uploader(self):
+        """streaming's client for the store (made on first use: it checks the bucket)."""
+        if self._client is None:
+            from streaming.base.storage import CloudUploader
+
+            self.local_root.mkdir(parents=True, exist_ok=True)
+            self._client = retried(f"opening {self.url}", lambda: CloudUploader.get(
+                (str(self.local_root), self.url), keep_local=True, exist_ok=True, retry=1))
+        return self._client
+
+    # -- upload ----------------------------------------------------------------------------
+
+    def upload(self, step_dir: Path, rank: int, world_size: int, barrier: Callable[[], None],
+               keep_last: int) -> None:
+        """Collective: every rank uploads the files of `step_dir` it wrote, then rank 0 the
+        COMPLETE object and prunes to `keep_last`."""
+        step_dir = Path(step_dir)
+        files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != COMPLETE
+                       and not p.name.endswith((".writing", ".tmp"))
+                       and not any(part.startswith(_SKIP_DIRS) for part in p.relative_to(step_dir).parts))
+        uploader = self._uploader()
+        for path in files:
+            if owner_of(path.name, world_size) == rank:
+                name = str(path.relative_to(self.local_root))
+                retried(f"uploading {self.url}/{name}", lambda name=name: uploader.upload_file(name))
+        barrier()
+        if rank == 0:
+            name = str((step_dir / COMPLETE).relative_to(self.local_root))
+            retried(f"uploading {self.url}/{name}", lambda: uploader.upload_file(name))
+            self.prune(keep_last)
+        barrier()
+
+    def steps(self) -> list[int]:
+        """The steps of the complete checkpoints in the store, oldest first."""
+        keys = retried(f"listing {self.url}", lambda: self._uploader().list_objects() or [])
+        return sorted({int(m.group(1)) for k in keys for m in [_STEP.search(k)] if m})
+
+    def prune(self, keep_last: int) -> None:
+        """Delete all but the newest `keep_last` complete checkpoints (and any upload left
+        unfinished before them). S3 only: other stores keep every checkpoint."""
+        client = getattr(self._uploader(), "s3", None)
+        complete = self.steps()
+        if client is None or len(complete) <= keep_last:
+            return
+        parsed = urllib.parse.urlparse(self.url)
+        prefix = parsed.path.lstrip("/")
+        oldest_kept = complete[-keep_last]
+        keys = self._uploader().list_objects() or []
+        doomed = [k for k in keys for m in [re.search(r"(?:^|/)step_(\d{8})/", k[len(prefix):])]
+                  if m and int(m.group(1)) < oldest_kept]
+        doomed.sort(key=lambda k: not k.endswith("/" + COMPLETE))  # markers first: never complete-but-partial
+        for i in range(0, len(doomed), 1000):
+            batch = [{"Key": k} for k in doomed[i:i + 1000]]
+            retried(f"deleting old checkpoints under {self.url}",
+                    lambda batch=batch: client.delete_objects(Bucket=parsed.netloc, Delete={"Objects": batch}))
+
+    # -- download ---------------------------------------------------------------------------
+
+    def download(self, step: int) -> Path:
+        """The complete checkpoint of `step` into local_root/step_<N>, marker last, through a
+        directory of its own renamed into place (so nodes sharing a filesystem do not collide:
+        the first one there wins). Returns the local step directory."""
+        from streaming.base.storage import CloudDownloader
+
+        target = self.local_root / f"step_{step:08d}"
+        if (target / COMPLETE).is_file():
+            return target
+        parsed = urllib.parse.urlparse(self.url)
+        prefix = parsed.path.lstrip("/")
+        keys = retried(f"listing {self.url}", lambda: self._uploader().list_objects(f"step_{step:08d}/") or [])
+        staging = self.local_root / f".step_{step:08d}.{socket.gethostname()}.{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        names = [k[len(prefix):].lstrip("/").split("/", 1)[1] for k in keys]
+        downloader = CloudDownloader.get(self.url)
+        for key, name in sorted(zip(keys, names), key=lambda kn: kn[1] == COMPLETE):
+            remote = f"{parsed.scheme}://{parsed.netloc}/{key}"
+            local = staging / name
+            local.parent.mkdir(parents=True, exist_ok=True)
+            retried(f"downloading {remote}",
+                    lambda remote=remote, local=local: downloader.download(remote, str(local), 600))
+        downloader.clean_up()
+        if not (staging / COMPLETE).is_file():
+            shutil.rmtree(staging, ignore_errors=True)
+            raise RemoteError(f"{self.url}/step_{step:08d} has no {COMPLETE} object: not a finished checkpoint")
+        try:
+            staging.rename(target)
+        except OSError:  # another node got there first
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def fetch_newest(self) -> Path | None:
+        """The newest complete remote checkpoint, downloaded; None when the store has none."""
+        steps = self.steps()
+        return self.download(steps[-1]) if steps else None

@@ -1,0 +1,86 @@
+"""checkpoint.remote: complete checkpoints uploaded to object storage (a moto S3 server on loopback),
+marker last, keep_last applied there, found there by a job that lands on a node without the
+run's files, read by `pargo-dist export`; an outage of the store costs retries, not the run.
+References: the uninterrupted 2-rank run's loss curve (conftest.reference) and the local files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+from safetensors.torch import load_file
+from support.s3 import OutageProxy
+from support.training import losses, marker, run_train, start_train, wait_for, write_recipe
+
+from pargo_dist import cli
+
+SECRET = "s3cret-that-must-never-be-printed"
+
+
+def remote_steps(s3, bucket: str, prefix: str) -> dict[int, set[str]]:
+    """step -> the file names under <prefix>/step_<N>/ (COMPLETE included)."""
+    out: dict[int, set[str]] = {}
+    for key in s3.list_keys(bucket, prefix + "/"):
+        step_dir, name = key[len(prefix) + 1:].split("/", 1)
+        out.setdefault(int(step_dir.split("_")[1]), set()).add(name)
+    return out
+
+
+def local_files(step_dir) -> set[str]:
+    return {str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file()}
+
+
+def test_uploads_survive_an_outage_keep_the_newest_and_print_no_secret(s3_server, tmp_path, data_dir):
+    bucket = s3_server.make_bucket("ckpt-outage")
+    proxy = OutageProxy(int(s3_server.endpoint.rsplit(":", 1)[1]))
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
+    env = {"S3_ENDPOINT_URL": proxy.endpoint, "AWS_SECRET_ACCESS_KEY": SECRET}
+    proc = start_train(recipe, [f"checkpoint.remote={bucket}/run", "checkpoint.keep_last=2"], nproc=2, extra_env=env)
+    wait_for(tmp_path / "run" / "train_log.jsonl", proc)  # step 1 done: the store goes away for step 2's upload
+    proxy.outage(3.0)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert proxy.dropped >= 1  # the upload hit the outage and was retried through it
+    assert SECRET not in out
+    remote = remote_steps(s3_server, "ckpt-outage", "run")
+    assert sorted(remote) == [4, 6]  # keep_last=2, there as here
+    for step, names in remote.items():  # every file of the checkpoint, and the marker
+        assert names == local_files(tmp_path / "run" / "checkpoints" / f"step_{step:08d}"), step
+        assert "COMPLETE" in names
+
+
+def test_a_requeued_job_on_a_new_node_resumes_from_the_store_and_export_reads_it(s3_server, tmp_path, data_dir,
+                                                                              reference):
+    bucket = s3_server.make_bucket("ckpt-resume")
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "recipe.yaml", run_dir, data_dir)
+    args = [f"checkpoint.remote={bucket}/run"]
+    proc = start_train(recipe, args, nproc=2)
+    deadline = time.monotonic() + 300
+    while 4 not in {s for s, names in remote_steps(s3_server, "ckpt-resume", "run").items() if "COMPLETE" in names}:
+        assert proc.poll() is None and time.monotonic() < deadline, "no complete remote checkpoint of step 4"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    shutil.rmtree(run_dir)  # the requeued job lands on nodes without the run's files
+
+    out = run_train(recipe, args, nproc=2)
+    assert f"downloaded step_00000004 from {bucket}/run" in out.stdout and "resumed from" in out.stdout
+    assert marker(run_dir, 6).exists()
+    ref, got = losses(reference(3, "finetune")), losses(run_dir)
+    assert sorted(got) == [5, 6]
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, got)
+
+    os.environ["PARGO_DIST_CACHE"] = str(tmp_path / "cache")
+    try:
+        assert cli.main(["export", f"{bucket}/run", "--out", str(tmp_path / "from_s3")]) == 0
+    finally:
+        del os.environ["PARGO_DIST_CACHE"]
+    assert cli.main(["export", str(run_dir), "--out", str(tmp_path / "from_disk")]) == 0
+    a = {k: v for f in sorted((tmp_path / "from_s3").glob("*.safetensors")) for k, v in load_file(f).items()}
+    b = {k: v for f in sorted((tmp_path / "from_disk").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
