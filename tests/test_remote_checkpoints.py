@@ -84,3 +84,31 @@ def test_a_requeued_job_on_a_new_node_resumes_from_the_store_and_export_reads_it
     a = {k: v for f in sorted((tmp_path / "from_s3").glob("*.safetensors")) for k, v in load_file(f).items()}
     b = {k: v for f in sorted((tmp_path / "from_disk").glob("*.safetensors")) for k, v in load_file(f).items()}
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_an_upload_that_fails_through_every_retry_names_the_object_and_leaves_no_marker(tmp_path, monkeypatch):
+    """In-process, the store replaced by one that refuses one shard: five retries (backoff
+    skipped here), then an error naming that object; the COMPLETE object is never sent."""
+    import pargo_dist.remote_checkpoints as rc
+
+    step_dir = tmp_path / "checkpoints" / "step_00000002"
+    (step_dir / "ds").mkdir(parents=True)
+    for name in ("meta.json", "rank_00000.pt", "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "COMPLETE"):
+        (step_dir / name).write_text("x")
+    sent, tries = [], []
+
+    class Refusing:
+        def upload_file(self, name):
+            if name.endswith("optim_states.pt"):
+                tries.append(name)
+                raise ConnectionError("Connection refused")
+            sent.append(name)
+
+    remote = rc.RemoteCheckpoints("s3://bucket/run", tmp_path / "checkpoints")
+    monkeypatch.setattr(remote, "_uploader", lambda: Refusing())
+    monkeypatch.setattr(rc.time, "sleep", lambda s: None)
+    with pytest.raises(rc.RemoteError, match=r"uploading s3://bucket/run/step_00000002/ds/zero_pp_rank_0_mp_rank_00_"
+                                             r"optim_states.pt failed after 6 attempts: ConnectionError"):
+        remote.upload(step_dir, rank=0, world_size=1, barrier=lambda: None, keep_last=3)
+    assert len(tries) == 6 and not any(n.endswith("COMPLETE") for n in sent)
+    assert rc.owner_of("rank_00003.pt", 4) == 3 and rc.owner_of("__1_0.distcp", 2) == 1 and rc.owner_of("meta.json", 4) == 0
