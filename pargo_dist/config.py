@@ -216,9 +216,6 @@ class Config:
             if self.train.compile_backend not in known:
                 raise ConfigError(f"train.compile_backend={self.train.compile_backend!r}: must be one of {known} "
                                   "(torch.compile's backends; inductor is the one that generates kernels)")
-        if self.backend.name == "megatron" and self.data.train.pack:
-            raise ConfigError("data.train.pack=true is not supported by backend.name=megatron (RoPE positions "
-                              "run 0..s-1 per row): set data.train.pack=false")
         if self.backend.name == "deepspeed" and (self.backend.tensor_parallel > 1 or self.backend.pipeline_parallel > 1):
             raise ConfigError("backend.tensor_parallel / pipeline_parallel need backend.name=megatron "
                               "(DeepSpeed ZeRO is data parallel only)")

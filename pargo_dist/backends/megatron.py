@@ -243,9 +243,10 @@ class MegatronBackend:
         def step_fn(data_iterator, model):
             batch = next(data_iterator)
             masked = batch.attention_mask is not None and needs_padding_mask(batch.attention_mask)
+            packed = batch.attention_mask is None and batch.position_ids is not None  # data.train.pack
             batch = batch.to(device)
             out = model(batch.input_ids, batch.attention_mask if masked else None, labels=batch.labels,
-                        pixel_values=batch.pixel_values)
+                        pixel_values=batch.pixel_values, position_ids=batch.position_ids if packed else None)
 
             def loss_fn(per_token):
                 total = per_token.float().sum()

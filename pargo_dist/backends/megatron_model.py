@@ -57,6 +57,39 @@ def causal_padding_mask(mask_2d: torch.Tensor) -> torch.Tensor:
     return future[None, None] | (mask_2d[:, None, None, :] == 0)
 
 
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(b, s) position ids of packed rows (restarting at 0 where a sample starts) -> megatron's
+    (b, 1, s, s) boolean mask, True where attention is *not* allowed: another sample's tokens,
+    and the future. Each sample attends only to itself, as if alone."""
+    sample = (position_ids == 0).cumsum(-1)  # which sample of the row each token belongs to
+    s = position_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (sample[:, :, None] == sample[:, None, :]) & causal
+    return ~allowed[:, None]
+
+
+def rope_at_positions(gpt: GPTModel) -> None:
+    """Let `gpt`'s rotary embedding follow per-token positions. megatron-core without Transformer
+    Engine rotates token i by position i of its row; a packed row restarts positions at each
+    sample. While `gpt.rotary_pos_emb.positions` holds (b, s) position ids, the embedding it
+    returns (s, 1, 1, d) is gathered per token into (s, b, 1, d), which megatron's
+    apply_rotary_pos_emb broadcasts over heads as before. An instance attribute, not a wrapper
+    module: parameter and buffer names (and so checkpoints) stay megatron's."""
+    rotary = getattr(gpt, "rotary_pos_emb", None)
+    if rotary is None or getattr(rotary, "positions", "unset") != "unset":
+        return
+    base = rotary.forward
+    rotary.positions = None
+
+    def forward(*args, **kwargs):
+        emb = base(*args, **kwargs)
+        if rotary.positions is None:
+            return emb
+        return emb[rotary.positions.t()].squeeze(2)  # (s, b, 1, 1, d) -> (s, b, 1, d)
+
+    rotary.forward = forward
+
+
 class ParGoMegatron(MegatronModule):
     """One pipeline stage of the ParGo MLLM: [vision tower + projector +] GPT layers [+ loss]."""
 
@@ -70,6 +103,7 @@ class ParGoMegatron(MegatronModule):
             self.vision_tower = hf_model.vision_tower
             self.projector = hf_model.projector
         self.language_model = build_gpt(config, hf_model.config.text_config, pre_process, post_process)
+        rope_at_positions(self.language_model)  # packed rows (data.train.pack)
 
     def parts(self) -> dict[str, torch.nn.Module]:
         return {n: getattr(self, n) for n in PARTS if hasattr(self, n)}
@@ -91,11 +125,13 @@ class ParGoMegatron(MegatronModule):
         return self.projector(self.vision_tower(pixel_values))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+                pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Returns the per-token loss (b, s) on the last stage when labels are given (HF's
         shift: position i predicts token i+1; ignored positions give 0), logits (b, s, V/TP)
         without labels, and the hidden states (s, b, h) on other stages. attention_mask None:
-        causal attention only (a right-padded batch needs no more: see needs_padding_mask)."""
+        causal attention only (a right-padded batch needs no more: see needs_padding_mask).
+        position_ids (packed rows, data.train.pack; no attention_mask): positions restart per
+        sample, and each sample attends only to itself (packed_causal_mask)."""
         b, s = input_ids.shape
         decoder_input = None
         if self.pre_process:
@@ -106,14 +142,24 @@ class ParGoMegatron(MegatronModule):
             decoder_input = embeds.transpose(0, 1).contiguous()
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
-        position_ids = torch.arange(s, device=input_ids.device)[None].expand(b, s)
-        mask = causal_padding_mask(attention_mask) if attention_mask is not None else None
+        rotary = getattr(self.language_model, "rotary_pos_emb", None)
+        if position_ids is not None:
+            mask = packed_causal_mask(position_ids)
+            if rotary is not None:
+                rotary.positions = position_ids
+        else:
+            position_ids = torch.arange(s, device=input_ids.device)[None].expand(b, s)
+            mask = causal_padding_mask(attention_mask) if attention_mask is not None else None
         target = None
         if labels is not None and self.post_process:
             labels = labels.masked_fill(input_ids == self.image_token_id, IGNORE_INDEX)
             shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1)
             target, keep = shifted.clamp(min=0), shifted != IGNORE_INDEX
-        out = self.language_model(None, position_ids, mask, decoder_input=decoder_input, labels=target)
+        try:
+            out = self.language_model(None, position_ids, mask, decoder_input=decoder_input, labels=target)
+        finally:
+            if rotary is not None:
+                rotary.positions = None
         if target is not None:
             return out * keep
         return out

@@ -5,6 +5,7 @@ ranks pay their imports once.
     python megatron_worker.py logits  OUT MODEL_TYPE:TP [MODEL_TYPE:TP ...]
     python megatron_worker.py grads   OUT RECIPE TP:PP:TIED[:compiled] [...]
     python megatron_worker.py moments OUT RECIPE STEP_DIR TP SAVED_WORLD
+    python megatron_worker.py packed  OUT MODEL_TYPE:TP [...]
 
 `logits`: a random tiny HF causal LM (Llama or Qwen2) converted to this rank's GPTModel shard;
 rank 0 writes the largest |HF logits - megatron logits| and whether HF -> megatron -> HF gives
@@ -15,6 +16,8 @@ the same HF model on rank 0 as the reference (what the DeepSpeed backend compute
 normalised by the answer-token count). Rank 0 writes loss and gradient differences for the
 projector and every LLM weight (megatron grads converted back to HF names). A case ending in
 `:compiled` first compiles the blocks as train.compile does (aot_eager backend).
+`packed`: a row of three packed samples through the GPTModel shard (restarting positions, the
+block-diagonal mask) against each sample alone; rank 0 writes the largest difference.
 `moments`: the checkpoint STEP_DIR loaded at TP (megatron's resharding load); rank 0 torch.saves
 every LLM weight with its Adam moments, whole and under HF names, and Adam's step.
 OUT gets one JSON object per case, keyed by the case as given (moments: a torch file).
@@ -103,6 +106,48 @@ def check_logits(model_type: str, tp: int) -> dict | None:
         identical = sorted(back) == sorted(original) and all(torch.equal(back[k], original[k]) for k in original)
         return {"max_abs_diff": float((logits - ref)[real].abs().max()), "logit_scale": float(ref.abs().max()),
                 "round_trip_identical": identical, "keys": len(original)}
+    return None
+
+
+def check_packed(model_type: str, tp: int) -> dict | None:
+    """A row packing three samples (positions restarting at each, packed_causal_mask, the rotary
+    embedding at those positions) against each sample run alone: every sample's logits."""
+    from megatron.core.transformer import TransformerConfig
+
+    from pargo_dist.backends.megatron_model import build_gpt, packed_causal_mask, rope_at_positions
+
+    init(tp)
+    hf = tiny_llm(model_type)
+    config = TransformerConfig(**transformer_config_kwargs(hf.config), tensor_model_parallel_size=tp,
+                               use_cpu_initialization=True, perform_initialization=False,
+                               bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+                               persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False)
+    gpt = build_gpt(config, hf.config, pre_process=True, post_process=True).eval()
+    rope_at_positions(gpt)
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    gpt.load_state_dict(megatron_state_from_hf(hf.state_dict(), hf.config, tp, rank), strict=True)
+    torch.manual_seed(3)
+    lengths = [9, 14, 5]
+    samples = [torch.randint(0, hf.config.vocab_size, (1, n)) for n in lengths]
+    row = torch.cat(samples, dim=1)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+
+    def logits(ids, pos, mask):
+        with torch.no_grad():
+            return tensor_parallel.gather_from_tensor_model_parallel_region(gpt(ids, pos, mask))
+
+    gpt.rotary_pos_emb.positions = positions
+    try:
+        packed = logits(row, positions, packed_causal_mask(positions))[0]
+    finally:
+        gpt.rotary_pos_emb.positions = None
+    alone = torch.cat([logits(x, torch.arange(x.shape[1])[None], None)[0] for x in samples])
+    naive = logits(row, torch.arange(row.shape[1])[None], None)[0]  # (collective: every rank)
+    with torch.no_grad():
+        hf_alone = torch.cat([hf(input_ids=x).logits[0] for x in samples])
+    if dist.get_rank() == 0:
+        return {"max_abs_diff": float((packed - alone).abs().max()), "hf_diff": float((alone - hf_alone).abs().max()),
+                "naive_diff": float((naive - alone).abs().max()), "logit_scale": float(alone.abs().max())}
     return None
 
 
@@ -232,10 +277,11 @@ def loaded_moments(recipe: str, step_dir: str, tp: int, saved_world: int) -> dic
 if __name__ == "__main__":
     mode, out, *rest = sys.argv[1:]
     results = {}
-    if mode == "logits":
+    if mode in ("logits", "packed"):
+        check = check_logits if mode == "logits" else check_packed
         for case in rest:
             model_type, tp = case.split(":")
-            results[case] = check_logits(model_type, int(tp))
+            results[case] = check(model_type, int(tp))
     elif mode == "moments":  # RECIPE STEP_DIR TP SAVED_WORLD: the state a load gives, to torch.save
         recipe, step_dir, tp, saved_world = rest
         state = loaded_moments(recipe, step_dir, int(tp), int(saved_world))
