@@ -5,9 +5,15 @@
    (moto_server, started here), 0 workers (in the main process) and 1 worker.
 2. Time to resume a loader at sample K (load_state_dict, then the first batch) versus the
    time to reach the same batch by replaying K samples through the loader.
+3. Padding waste (pad tokens / all tokens of the batch tensors) of the collator, padded to each
+   batch's longest sample vs packed (data.train.pack), on a caption-length mix like LLaVA-1.5's
+   instruction data: ParGo's 304 visual tokens plus text of 50 % short answers (8-40 tokens),
+   35 % paragraphs (100-400) and 15 % long conversations (400-1,200); batch --batch, rows of
+   max_len 2,048 when packed, 2,000 batches.
 
     python benchmarks/dataloader.py                      # K = 100,000
     python benchmarks/dataloader.py --resume-at 20000 --images 256
+    python benchmarks/dataloader.py --only padding       # table 3 alone (seconds)
 
 Needs the test extras (moto[server]) for the S3 column.
 """
@@ -78,13 +84,48 @@ def throughput(cfg: DataConfig, tok, pre, batch: int) -> float:
     return n / (time.perf_counter() - t0) / max(1, cfg.num_workers)
 
 
+def llava_like_lengths(n: int, seed: int = 0) -> list[int]:
+    """Tokens per sample: 304 visual + text from a short / paragraph / conversation mix."""
+    rng = np.random.default_rng(seed)
+    kind = rng.choice(3, size=n, p=[0.5, 0.35, 0.15])
+    text = np.where(kind == 0, rng.integers(8, 41, n), np.where(kind == 1, rng.integers(100, 401, n),
+                                                                 rng.integers(400, 1201, n)))
+    return (304 + text).tolist()
+
+
+def padding_waste(batch: int, batches: int = 2000, max_len: int = 2048) -> None:
+    """Table 3: the real Collator on token-only examples of llava_like_lengths."""
+    from pargo_dist.data.collate import Collator
+
+    lengths = llava_like_lengths(batch * batches)
+    print(f"\nPadding waste, batch {batch}, {batches:,} batches of a LLaVA-like length mix "
+          f"(mean {np.mean(lengths):.0f}, max {max(lengths)} tokens; packed rows of up to {max_len})")
+    print(f"{'collation':>22} {'rows/batch':>11} {'width':>7} {'pad tokens / all':>17}")
+    for name, collate in (("padded to the longest", Collator(pad_id=0)),
+                          ("packed", Collator(pad_id=0, pack=True, max_len=max_len))):
+        pad = total = rows = width = 0
+        for b in range(batches):
+            examples = [{"id": str(i), "input_ids": [1] * k, "labels": [1] * k}
+                        for i, k in enumerate(lengths[b * batch:(b + 1) * batch])]
+            out = collate(examples)
+            cells = out.input_ids.numel()
+            pad, total = pad + cells - out.num_tokens, total + cells
+            rows, width = rows + out.input_ids.shape[0], width + out.input_ids.shape[1]
+        print(f"{name:>22} {rows / batches:>11.1f} {width / batches:>7.0f} {100 * pad / total:>16.1f}%")
+    print(f"{'grouped by length':>22} {'n/a: data.train.group_by_length is not built yet':>37}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=512, help="photo-like JPEGs for the throughput table")
     ap.add_argument("--resume-at", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--only", choices=["padding"], help="print one table only")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.only == "padding":
+        padding_waste(args.batch)
+        return
     from streaming.base.util import clean_stale_shared_memory
 
     tmp = Path(tempfile.mkdtemp(prefix="pargo_bench_"))
@@ -149,6 +190,7 @@ def main() -> None:
         print(f"{'method':>10} {'seconds':>10} {'x':>8}")
         print(f"{'restore':>10} {restore:>10.2f} {1.0:>8.1f}")
         print(f"{'replay':>10} {replay:>10.2f} {replay / restore:>8.1f}")
+        padding_waste(args.batch)
     finally:
         if server:
             server.process.terminate()

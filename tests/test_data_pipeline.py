@@ -149,7 +149,9 @@ def test_packed_batch_gives_each_sample_the_logits_and_loss_it_has_alone(tok):
     out = model(**packed.model_inputs())
     start = 0
     token_losses = []
-    for e in ex:
+    placed = sorted(ex, key=lambda e: packed.sample_ids.index(e["id"]))  # row order (longest first)
+    assert [e["id"] for e in placed] == ["e1", "e0", "e2"]
+    for e in placed:
         k = len(e["input_ids"])
         alone = Collator(pad_id=0)([e])
         ref = model(**alone.model_inputs())
@@ -166,7 +168,8 @@ def test_packing_keeps_the_sample_count_and_splits_rows(tok):
     lengths = [len(e["input_ids"]) for e in ex]
     batch = Collator(pad_id=0, pack=True, max_len=lengths[0] + lengths[1])(ex)
     assert batch.input_ids.shape[0] == 2 and batch.num_samples == 3
-    assert batch.position_ids[0, lengths[0]].item() == 0  # positions restart per sample
-    assert batch.labels[0, lengths[0]].item() == IGNORE_INDEX  # no cross-sample target
+    assert batch.sample_ids == ["e1", "e0", "e2"]  # first fit, longest first: e1 and e0 fill row 0 exactly
+    assert batch.position_ids[0, lengths[1]].item() == 0  # positions restart per sample
+    assert batch.labels[0, lengths[1]].item() == IGNORE_INDEX  # no cross-sample target
     with pytest.raises(ValueError, match="e1 has .* tokens > max_len 5"):
         Collator(pad_id=0, pack=True, max_len=5)(ex[1:])

@@ -65,25 +65,33 @@ class Collator:
                 start += k
             if self.pack and n < width:  # trailing padding: a separate "sequence" of its own
                 positions[r, n:] = torch.arange(width - n)
-        images = [ex["pixel_values"] for ex in examples if ex.get("pixel_values") is not None]
+        placed = [ex for row in rows for ex in row]  # row-major: the order image placeholders appear in
+        images = [ex["pixel_values"] for ex in placed if ex.get("pixel_values") is not None]
         return Batch(input_ids=ids, labels=labels, attention_mask=None if self.pack else mask,
                      position_ids=positions if self.pack else None,
                      pixel_values=torch.stack(images) if images else None,
                      num_samples=len(examples), num_tokens=int(mask.sum()), num_targets=count_targets(labels),
-                     sample_ids=[ex.get("id") for ex in examples],
-                     skipped=[s for ex in examples for s in ex.get("skipped", [])],
-                     streams=[ex.get("stream", 0) for ex in examples])
+                     sample_ids=[ex.get("id") for ex in placed],
+                     skipped=[s for ex in placed for s in ex.get("skipped", [])],
+                     streams=[ex.get("stream", 0) for ex in placed])
 
     def _pack(self, examples: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-        rows: list[list[dict[str, Any]]] = []
-        used = self.max_len
+        """First-fit decreasing: longest samples first, each into the first row with room. Fewer,
+        fuller rows than filling rows in arrival order (on a LLaVA-like length mix, 17.8 % of
+        the tensor was padding that way; see benchmarks/dataloader.py --only padding). The order
+        of samples in rows does not change what the model computes for each."""
         for ex in examples:
+            if len(ex["input_ids"]) > self.max_len:
+                raise ValueError(f"sample {ex.get('id')} has {len(ex['input_ids'])} tokens > max_len {self.max_len}")
+        rows: list[list[dict[str, Any]]] = []
+        room: list[int] = []
+        for ex in sorted(examples, key=lambda e: -len(e["input_ids"])):  # stable: ties keep arrival order
             k = len(ex["input_ids"])
-            if k > self.max_len:
-                raise ValueError(f"sample {ex.get('id')} has {k} tokens > max_len {self.max_len}")
-            if used + k > self.max_len:
+            r = next((i for i, free in enumerate(room) if free >= k), None)
+            if r is None:
                 rows.append([])
-                used = 0
-            rows[-1].append(ex)
-            used += k
+                room.append(self.max_len)
+                r = len(rows) - 1
+            rows[r].append(ex)
+            room[r] -= k
         return rows
