@@ -41,13 +41,15 @@ def assert_same_state(saved: dict, loaded: dict, step: int, case: str) -> None:
     assert saved["adam_steps"] == loaded["adam_steps"] == [float(step)]
 
 
-@pytest.fixture(scope="module", params=["full", "align", "lora"])
+@pytest.fixture(scope="module", params=["full", "lora"])
 def states(request, tmp_path_factory, data_dir) -> dict:
-    """2 ranks ZeRO-3 train 2 steps and save A; 1 rank (ZeRO-2; ZeRO-1 for align) loads A, trains 2
-    steps, saves B; 2 ranks ZeRO-3 load B. Three starts, every state written down. Before the
-    first load, A holds the remains of a conversion killed half-way, which must not be taken for one."""
+    """2 ranks ZeRO-3 train 2 steps and save A; 1 rank (ZeRO-1 for full training, ZeRO-2 for LoRA)
+    loads A, trains 2 steps, saves B; 2 ranks ZeRO-3 load B. Three starts, every state written
+    down. Before the first load, A holds the remains of a conversion killed half-way, which must
+    not be taken for one. (align, the projector alone, worked the same way when it was a case here:
+    frozen parameters are left out as they are with LoRA.)"""
     case = request.param
-    middle = "1" if case == "align" else "2"
+    middle = "1" if case == "full" else "2"
     tmp = tmp_path_factory.mktemp(f"elastic_{case}")
     recipe = write_recipe(tmp / "recipe.yaml", tmp / "run", data_dir)
     a, b = tmp / "A", tmp / "B"

@@ -203,8 +203,6 @@ def test_a_checkpoint_is_read_back_one_decoder_layer_at_a_time(tp2_run, monkeypa
 def test_megatron_recipe_errors_name_the_key(grad_recipe):
     from pargo_dist.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="data.train.pack"):
-        load_config(grad_recipe, [*MEGATRON, "data.train.pack=true"])
     with pytest.raises(ConfigError, match="backend.name=megatron"):
         load_config(grad_recipe, ["backend.tensor_parallel=2"])
     def train(*args):  # refused by the command line, before any rank starts
