@@ -205,14 +205,14 @@ def test_compiled_blocks_under_two_rank_zero3_follow_the_eager_run(reference, re
 
 
 def test_background_saves_are_marked_only_when_written_and_a_signal_waits_for_them(reference, recipe):
-    """checkpoint.async_save, with every background write slowed to 2 s (the fault-injection knob):
+    """checkpoint.async_save, with every background write slowed by 1 s (the fault-injection knob):
     1. killed (SIGKILL) while the step-4 checkpoint is being written: that checkpoint has no
        COMPLETE marker, and the rerun resumes from step 2;
     2. the rerun, signalled (SIGTERM) as it resumes, saves after step 3 and waits for that save's
        writes, marks it complete, then exits 75 for requeue;
     3. a third run resumes from step 3 and finishes. The whole curve is the uninterrupted
        (synchronous) run's, to 1e-6: the background checkpoints hold exactly what sync ones do."""
-    run_dir, slow = recipe.parent / "run", {"PARGO_DIST_CHECKPOINT_WRITE_DELAY_S": "2"}
+    run_dir, slow = recipe.parent / "run", {"PARGO_DIST_CHECKPOINT_WRITE_DELAY_S": "1"}
     args = ["checkpoint.async_save=true"]
     proc = start_train(recipe, args, nproc=2, extra_env=slow)
     wait_for(marker(run_dir, 2), proc)  # marked when step 4's save began (one save in flight)

@@ -74,10 +74,11 @@ def gather_shards(local: dict, tp_rank: int, pp_rank: int) -> dict:
     return dict(everything)
 
 
-def check_logits(model_type: str, tp: int) -> dict | None:
+def tiny_gpt(model_type: str, tp: int):
+    """A random tiny HF causal LM and this TP rank's GPTModel shard of it (eval mode); -> (hf, gpt, tp rank)."""
     from megatron.core.transformer import TransformerConfig
 
-    from pargo_dist.backends.megatron_model import build_gpt, causal_padding_mask
+    from pargo_dist.backends.megatron_model import build_gpt
 
     init(tp)
     hf = tiny_llm(model_type)
@@ -88,6 +89,13 @@ def check_logits(model_type: str, tp: int) -> dict | None:
     gpt = build_gpt(config, hf.config, pre_process=True, post_process=True).eval()
     rank = parallel_state.get_tensor_model_parallel_rank()
     gpt.load_state_dict(megatron_state_from_hf(hf.state_dict(), hf.config, tp, rank), strict=True)
+    return hf, gpt, rank
+
+
+def check_logits(model_type: str, tp: int) -> dict | None:
+    from pargo_dist.backends.megatron_model import causal_padding_mask
+
+    hf, gpt, rank = tiny_gpt(model_type, tp)
     torch.manual_seed(1)
     ids = torch.randint(0, hf.config.vocab_size, (2, 24))
     mask = torch.ones_like(ids)
@@ -112,20 +120,10 @@ def check_logits(model_type: str, tp: int) -> dict | None:
 def check_packed(model_type: str, tp: int) -> dict | None:
     """A row packing three samples (positions restarting at each, packed_causal_mask, the rotary
     embedding at those positions) against each sample run alone: every sample's logits."""
-    from megatron.core.transformer import TransformerConfig
+    from pargo_dist.backends.megatron_model import packed_causal_mask, rope_at_positions
 
-    from pargo_dist.backends.megatron_model import build_gpt, packed_causal_mask, rope_at_positions
-
-    init(tp)
-    hf = tiny_llm(model_type)
-    config = TransformerConfig(**transformer_config_kwargs(hf.config), tensor_model_parallel_size=tp,
-                               use_cpu_initialization=True, perform_initialization=False,
-                               bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-                               persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False)
-    gpt = build_gpt(config, hf.config, pre_process=True, post_process=True).eval()
+    hf, gpt, _ = tiny_gpt(model_type, tp)
     rope_at_positions(gpt)
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    gpt.load_state_dict(megatron_state_from_hf(hf.state_dict(), hf.config, tp, rank), strict=True)
     torch.manual_seed(3)
     lengths = [9, 14, 5]
     samples = [torch.randint(0, hf.config.vocab_size, (1, n)) for n in lengths]
