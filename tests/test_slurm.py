@@ -135,8 +135,11 @@ def test_hang_detector_dumps_stacks_and_ends_the_run(recipe):
     os.kill(ranks[1], signal.SIGSTOP)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == HANG_EXIT, out[-3000:]
-    assert "rank 0 made no progress for" in out and "while training step" in out
-    # the waiting rank's stack (where in the step depends on when its peer froze)
+    # what the waiting rank was doing depends on when its peer froze: in a step's collectives, in
+    # the per-step agreement after it, or in the data loader's cross-rank coordination
+    assert re.search(r"rank 0 made no progress for \d+s .*\) while (training step|agreeing on signals after step"
+                     r"|reading the batch of step) \d+", out), out[-3000:]
+    # the waiting rank's stack
     assert re.search(r'File ".*pargo_dist/train\.py", line \d+ in run', out), out[-3000:]
     assert f"rank 0 exited with {HANG_EXIT}" in out
 
