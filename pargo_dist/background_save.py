@@ -67,8 +67,7 @@ def host_snapshot(obj: Any, ready: "torch.cuda.Event | None" = None) -> Any:
             out = torch.empty(0, dtype=value.dtype)
             return out.set_(storage_copy(value), value.storage_offset(), value.size(), value.stride())
         if isinstance(value, dict):
-            return type(value)((k, copy(v)) for k, v in value.items()) if type(value) is not dict \
-                else {k: copy(v) for k, v in value.items()}
+            return type(value)((k, copy(v)) for k, v in value.items())
         if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
             return type(value)(copy(v) for v in value)
         return value

@@ -111,22 +111,27 @@ class RemoteCheckpoints:
             self.prune(keep_last)
         barrier()
 
-    def steps(self) -> list[int]:
-        """The steps of the complete checkpoints in the store, oldest first."""
-        keys = retried(f"listing {self.url}", lambda: self._uploader().list_objects() or [])
+    def _keys(self) -> list[str]:
+        return retried(f"listing {self.url}", lambda: self._uploader().list_objects() or [])
+
+    def steps(self, keys: list[str] | None = None) -> list[int]:
+        """The steps of the complete checkpoints in the store (or among `keys`), oldest first."""
+        keys = self._keys() if keys is None else keys
         return sorted({int(m.group(1)) for k in keys for m in [_STEP.search(k)] if m})
 
     def prune(self, keep_last: int) -> None:
         """Delete all but the newest `keep_last` complete checkpoints (and any upload left
         unfinished before them). S3 only: other stores keep every checkpoint."""
         client = getattr(self._uploader(), "s3", None)
-        complete = self.steps()
-        if client is None or len(complete) <= keep_last:
+        if client is None:
+            return
+        keys = self._keys()  # one listing for both: which steps are complete, which objects go
+        complete = self.steps(keys)
+        if len(complete) <= keep_last:
             return
         parsed = urllib.parse.urlparse(self.url)
         prefix = parsed.path.lstrip("/")
         oldest_kept = complete[-keep_last]
-        keys = self._uploader().list_objects() or []
         doomed = [k for k in keys for m in [re.search(r"(?:^|/)step_(\d{8})/", k[len(prefix):])]
                   if m and int(m.group(1)) < oldest_kept]
         doomed.sort(key=lambda k: not k.endswith("/" + COMPLETE))  # markers first: never complete-but-partial
