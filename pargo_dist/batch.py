@@ -18,7 +18,7 @@ import torch
 from pargo_dist.constants import IGNORE_INDEX
 
 # The fields the model's forward takes, in the order HF models name them.
-MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values")
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "pixel_values", "image_crops")
 
 
 def count_targets(labels: torch.Tensor) -> int:
@@ -39,7 +39,10 @@ class Batch:
     labels: torch.Tensor  # (rows, width), IGNORE_INDEX where nothing is predicted
     attention_mask: torch.Tensor | None = None  # (rows, width) 1/0; None when packed
     position_ids: torch.Tensor | None = None  # (rows, width), restarting per sample when packed
-    pixel_values: torch.Tensor | None = None  # (images, 3, H, W) or None for a text-only batch
+    pixel_values: torch.Tensor | None = None  # (crops of every image, 3, H, W) or None for a text-only batch
+    # crops per image, in placeholder order (data.image.crops); None: one crop each. A host-side
+    # list, so the model splits the crops without waiting for the device.
+    image_crops: list[int] | None = None
     num_samples: int = 0  # samples in the batch (packed rows hold several)
     num_tokens: int = 0  # non-padding tokens
     num_targets: int = 0  # answer tokens the loss counts (count_targets(labels))
@@ -67,6 +70,15 @@ class Batch:
         if mask is None or mask.dim() != 2 or mask.device.type != "cpu" or pads_before_tokens(mask):
             return self  # packed rows (positions restart), a pad before a real token, or already on a GPU
         return replace(self, attention_mask=torch.ones_like(mask))
+
+    def first_images(self, n: int) -> tuple[torch.Tensor | None, list[int] | None]:
+        """(pixel_values, image_crops) of the batch's first `n` images."""
+        if self.pixel_values is None:
+            return None, None
+        if self.image_crops is None:
+            return self.pixel_values[:n], None
+        crops = self.image_crops[:n]
+        return self.pixel_values[:sum(crops)], crops
 
     def to(self, device: torch.device | str) -> "Batch":
         """A copy with every tensor on `device` (asynchronous copies where the source allows)."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig
 
 from pargo_dist.config import Config
+from pargo_dist.data.crops import CropPolicy
 from pargo_dist.data.dataset import DataConfig, build_loader
 from pargo_dist.data.image import ImagePreprocessor
 from pargo_dist.data.tokenizer import image_token_id, load_tokenizer
@@ -119,12 +121,30 @@ def init_freeze_and_adapt(model: ParGoForConditionalGeneration, cfg: Config, gat
 
 
 def image_processor(cfg: Config) -> ImagePreprocessor:
+    """The tower's preprocessing, cutting images into crops as data.image says."""
     vision = vision_config_from(cfg.model.vision.path or dict(cfg.model.vision.config))
-    return ImagePreprocessor.for_tower(vision, cfg.model.vision.path)
+    pre = ImagePreprocessor.for_tower(vision, cfg.model.vision.path)
+    return dataclasses.replace(pre, crops=CropPolicy.from_config(cfg.data.image))
+
+
+def visual_tokens(cfg: Config, model) -> dict[int, int]:
+    """{crops: visual tokens} for every crop count data.image can give an image (the prompt's
+    placeholder counts). Raises a UserError when the projector cannot take a crop count (its
+    regions must tile every count's patches)."""
+    tokens = {}
+    for crops in CropPolicy.from_config(cfg.data.image).possible_counts():
+        try:
+            tokens[crops] = model.num_image_tokens(crops)
+            if getattr(model.projector, "num_partial", 0):
+                model.projector.regions(crops * model.vision_tower.num_patches)
+        except UserError as err:
+            raise UserError(f"data.image.crops={cfg.data.image.crops!r} gives images of {crops} crops, which the "
+                            f"projector cannot take: {err}") from None
+    return tokens
 
 
 def loader(cfg: Config, data: DataConfig, model, tokenizer, batch_size: int, padding_side: str = "right",
            replication: int = 1):
     return build_loader(data, tokenizer=tokenizer, image_processor=image_processor(cfg),
-                        num_image_tokens=model.num_image_tokens(), batch_size=batch_size,
+                        num_image_tokens=visual_tokens(cfg, model), batch_size=batch_size,
                         padding_side=padding_side, replication=replication)

@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from pargo_dist.constants import PARTS, STAGES
+from pargo_dist.data.crops import CropPolicy, ImageConfig
 from pargo_dist.data.sources import DataConfig
 from pargo_dist.errors import UserError
 
@@ -106,6 +107,7 @@ class DataSection:
     train: DataConfig = field(default_factory=DataConfig)
     eval: DataConfig | None = None
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)  # crops per image, for train, eval and captions
 
 
 @dataclass
@@ -204,6 +206,10 @@ class Config:
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise ConfigError(f"{key}={value!r}: must be one of {list(allowed)}")
+        try:
+            CropPolicy.from_config(self.data.image)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         for key in ("train.steps", "train.micro_batch", "train.grad_accum", "checkpoint.keep_last",
                     "backend.tensor_parallel", "backend.pipeline_parallel"):
             section, name = key.split(".")

@@ -36,25 +36,27 @@ def held_out_image(cfg: Config, index: int):
 
 @torch.no_grad()
 def caption_image(model, tokenizer, cfg: Config, image, **generate_kwargs) -> str:
-    builder = PromptBuilder(tokenizer, model.num_image_tokens(), max_len=10**6)
-    ids = builder.generation_prompt(builder.caption_prompt)
-    pixels = build.image_processor(cfg)(image).unsqueeze(0)
-    out = model.generate(torch.tensor([ids]), pixels, pad_token_id=tokenizer.pad_token_id,
+    builder = PromptBuilder(tokenizer, build.visual_tokens(cfg, model), max_len=10**6)
+    pixels = build.image_processor(cfg).views(image)  # (crops, 3, H, W)
+    ids = builder.generation_prompt(builder.caption_prompt, crops=len(pixels))
+    out = model.generate(torch.tensor([ids]), pixels, image_crops=[len(pixels)], pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, do_sample=False, **generate_kwargs)
     return tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 
 @torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[list[int]], pixels: torch.Tensor | None, device,
-                   **generate_kwargs) -> list[str]:
+                   image_crops: list[int] | None = None, **generate_kwargs) -> list[str]:
     """Greedy continuations of a batch of prompts (token ids, image placeholders expanded),
-    decoded. Prompts are left-padded, since generation appends on the right. `generate_kwargs`
-    go to `generate` (max_new_tokens, num_beams, synced_gpus under ZeRO-3, ...)."""
+    decoded. Prompts are left-padded, since generation appends on the right. `pixels` and
+    `image_crops` as the model's forward takes them. `generate_kwargs` go to `generate`
+    (max_new_tokens, num_beams, synced_gpus under ZeRO-3, ...)."""
     batch = Collator(pad_id=tokenizer.pad_token_id, padding_side="left")(
         [{"input_ids": p, "labels": p} for p in prompts])
     if pixels is not None:
         pixels = pixels.to(device, model.dtype)
     new = model.generate(batch.input_ids.to(device), pixels, attention_mask=batch.attention_mask.to(device),
+                         image_crops=image_crops,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, do_sample=False,
                          **generate_kwargs)
     return [tokenizer.decode(g, skip_special_tokens=True).strip() for g in new]

@@ -300,8 +300,9 @@ class Trainer:
         n = min(cfg.train.sample_count, len(batch))
         prompts, answers = zip(*(split_prompt_answer(ids, labels)
                                  for ids, labels in zip(batch.input_ids[:n], batch.labels[:n])))
-        pixels = batch.pixel_values[:n] if batch.pixel_values is not None else None
+        pixels, crops = batch.first_images(n)
         generated = generate_texts(self.backend.module, self.tokenizer, list(prompts), pixels, self.backend.device,
+                                   image_crops=crops,
                                    max_new_tokens=cfg.train.max_new_tokens, synced_gpus=self.backend.synced_gpus)
         pairs = [(g, self.tokenizer.decode(a, skip_special_tokens=True).strip()) for g, a in zip(generated, answers)]
         text = "\n\n".join(f"**generated:** {g}  \n**truth:** {t}" for g, t in pairs)

@@ -59,7 +59,7 @@ def test_jpeg_draft_mode_decodes_smaller_but_never_below_the_needed_size():
     pre = ImagePreprocessor(size=64, resize_to=64)
     img = pre.decode(big)
     assert img.size[1] >= 64 and img.size[0] < 1024  # decoded at 1/8 scale: 128 x 96
-    assert pre.load(big).shape == (3, 64, 64)
+    assert pre.load(big).shape == (1, 3, 64, 64)  # (crops, 3, H, W): one view unless data.image asks for tiles
     small = ImagePreprocessor(size=512, resize_to=512).decode(big)
     assert small.size == (1024, 768)  # no draft when the image is not at least 2x the need
 
@@ -73,7 +73,7 @@ def test_word_tokenizer_round_trips_text(tok):
 
 def test_caption_prompt_labels_only_the_caption(tok):
     build = PromptBuilder(tok, num_image_tokens=5, max_len=64)
-    ids, labels = build("a red square .", [], has_image=True)
+    ids, labels = build("a red square .", [], crops=1)
     img = image_token_id(tok)
     assert ids.count(img) == 5 and labels.count(IGNORE_INDEX) >= 5
     answer = [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
@@ -86,7 +86,7 @@ def test_conversation_labels_every_answer_and_inserts_a_missing_marker(tok):
     build = PromptBuilder(tok, num_image_tokens=3, max_len=64)
     messages = [{"role": "user", "content": "is there a red square ?"}, {"role": "assistant", "content": "yes"},
                 {"role": "user", "content": "is there a blue circle ?"}, {"role": "assistant", "content": "no"}]
-    ids, labels = build("", messages, has_image=True)
+    ids, labels = build("", messages, crops=1)
     answer = tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX])
     assert answer == "yes</s> no</s>"
     assert tok.unk_token_id not in ids

@@ -143,7 +143,7 @@ def test_projector_choice_by_config(tmp_path, projector, tokens):
 def test_placeholder_count_mismatch_is_a_clear_error():
     model = tiny_model()
     ids = torch.tensor([[5, IMAGE_TOKEN, 6]])  # one placeholder, not expanded to 10
-    with pytest.raises(ValueError, match="1 image placeholder tokens .* 1 image\\(s\\) give 10 visual tokens"):
+    with pytest.raises(ValueError, match=r"1 image placeholder tokens .* the images give 10 visual tokens \(\(1, 10\)\)"):
         model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="no pixel_values"):
         model(input_ids=ids)

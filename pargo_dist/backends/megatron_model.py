@@ -17,6 +17,8 @@ training loader's default); packed rows are refused by the backend.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
@@ -29,7 +31,7 @@ from pargo_dist.backends.megatron_attention import SDPAttention
 from pargo_dist.backends.megatron_convert import gpt_model_kwargs
 from pargo_dist.batch import pads_before_tokens
 from pargo_dist.constants import IGNORE_INDEX, PARTS
-from pargo_dist.models.mllm import splice_visual_tokens
+from pargo_dist.models.mllm import encode_visual, splice_visual_tokens
 
 
 def build_gpt(config: TransformerConfig, hf_text_config, pre_process: bool, post_process: bool) -> GPTModel:
@@ -121,11 +123,12 @@ class ParGoMegatron(MegatronModule):
         """Pipeline schedules hand a non-first stage its input here."""
         self.language_model.set_input_tensor(input_tensor)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.projector(self.vision_tower(pixel_values))
+    def encode_images(self, pixel_values: torch.Tensor, image_crops=None) -> torch.Tensor:
+        return encode_visual(self.vision_tower, self.projector, pixel_values, image_crops)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                pixel_values: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                image_crops: list[int] | None = None) -> torch.Tensor:
         """Returns the per-token loss (b, s) on the last stage when labels are given (HF's
         shift: position i predicts token i+1; ignored positions give 0), logits (b, s, V/TP)
         without labels, and the hidden states (s, b, h) on other stages. attention_mask None:
@@ -138,7 +141,8 @@ class ParGoMegatron(MegatronModule):
             embeds = self.language_model.embedding.word_embeddings(input_ids)  # (b, s, h), all-reduced over TP
             dummy = self.vision_tower.image_size if self.training and self.always_run_vision else None
             embeds = splice_visual_tokens(embeds, input_ids, pixel_values, image_token_id=self.image_token_id,
-                                          encode=self.encode_images, dummy_side=dummy)
+                                          encode=functools.partial(self.encode_images, image_crops=image_crops),
+                                          dummy_side=dummy)
             decoder_input = embeds.transpose(0, 1).contiguous()
             if self.config.sequence_parallel:
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)

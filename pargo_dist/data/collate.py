@@ -10,6 +10,9 @@ mask from the position ids: no token attends across a sample boundary. The numbe
 per batch stays fixed (only the number of rows varies), which keeps the streaming loader's
 sample accounting, and therefore exact resume, correct.
 
+Images: every image's crops in a row, (crops in all, 3, H, W), with `image_crops` (crops per
+image, placeholder order) when some image has more than one (data.image.crops).
+
 The result is a `pargo_dist.batch.Batch`: besides the tensors it carries `num_samples`,
 `num_targets` (counted here, on the CPU), the sample ids, `skipped` (corrupt samples replaced
 on the way, with reasons) and `streams` (each sample's dataset in a mixture) for the logs.
@@ -66,10 +69,12 @@ class Collator:
             if self.pack and n < width:  # trailing padding: a separate "sequence" of its own
                 positions[r, n:] = torch.arange(width - n)
         placed = [ex for row in rows for ex in row]  # row-major: the order image placeholders appear in
-        images = [ex["pixel_values"] for ex in placed if ex.get("pixel_values") is not None]
+        images = [_crops(ex["pixel_values"]) for ex in placed if ex.get("pixel_values") is not None]
+        crops = [len(im) for im in images]
         return Batch(input_ids=ids, labels=labels, attention_mask=None if self.pack else mask,
                      position_ids=positions if self.pack else None,
-                     pixel_values=torch.stack(images) if images else None,
+                     pixel_values=torch.cat(images) if images else None,
+                     image_crops=crops if any(c != 1 for c in crops) else None,
                      num_samples=len(examples), num_tokens=int(mask.sum()), num_targets=count_targets(labels),
                      sample_ids=[ex.get("id") for ex in placed],
                      skipped=[s for ex in placed for s in ex.get("skipped", [])],
@@ -95,3 +100,8 @@ class Collator:
             rows[r].append(ex)
             room[r] -= k
         return rows
+
+
+def _crops(pixels: torch.Tensor) -> torch.Tensor:
+    """An example's image as (crops, 3, H, W) (a single (3, H, W) view is one crop)."""
+    return pixels.unsqueeze(0) if pixels.dim() == 3 else pixels

@@ -21,7 +21,7 @@ import os
 import struct
 import tempfile
 import warnings
-from typing import Any
+from typing import Any, Mapping
 
 from PIL import UnidentifiedImageError
 from streaming import Stream, StreamingDataLoader, StreamingDataset
@@ -64,7 +64,9 @@ def _streams(cfg: DataConfig) -> list[Stream]:
 
 class ParGoDataset(StreamingDataset):
     def __init__(self, cfg: DataConfig, *, tokenizer, image_processor: ImagePreprocessor,
-                 num_image_tokens: int, batch_size: int, **streaming_kwargs: Any):
+                 num_image_tokens: int | Mapping[int, int], batch_size: int, **streaming_kwargs: Any):
+        """`num_image_tokens`: visual tokens per image, or {crops: tokens} for every crop count
+        `image_processor.crops` can give (see PromptBuilder)."""
         if cfg.streams and (cfg.remote or cfg.local):
             raise UserError("data: give remote/local or streams (a mixture), not both")
         if not cfg.streams and cfg.remote is None and cfg.local is None:
@@ -94,10 +96,10 @@ class ParGoDataset(StreamingDataset):
         pixels = None
         if image:
             try:
-                pixels = self.image_processor.load(image)
+                pixels = self.image_processor.load(image)  # (crops, 3, H, W)
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
                 raise BadSample("bad_image", f"{type(err).__name__}: {err}") from None
-        ids, labels = self.prompt(raw["caption"], raw["messages"], pixels is not None)
+        ids, labels = self.prompt(raw["caption"], raw["messages"], 0 if pixels is None else len(pixels))
         return {"id": raw["id"], "input_ids": ids, "labels": labels, "pixel_values": pixels}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -149,7 +151,8 @@ class ParGoLoader(StreamingDataLoader):
         return batch.num_samples
 
 
-def build_loader(cfg: DataConfig, *, tokenizer, image_processor: ImagePreprocessor, num_image_tokens: int,
+def build_loader(cfg: DataConfig, *, tokenizer, image_processor: ImagePreprocessor,
+                 num_image_tokens: int | Mapping[int, int],
                  batch_size: int, padding_side: str = "right", drop_last: bool = True,
                  replication: int = 1) -> ParGoLoader:
     """Dataset + collator + resumable loader for this rank (ranks come from RANK/WORLD_SIZE env).

@@ -6,6 +6,9 @@ pixel work itself is plain PIL + numpy (the HF processors round-trip through num
 arrays per step and are several times slower). `tests/test_data_pipeline.py` checks equality
 with CLIPImageProcessor / SiglipImageProcessor.
 
+With `data.image.crops` other than 1 (see crops.py), `load` returns the image's tiles and its
+thumbnail, (crops, 3, size, size); the thumbnail is exactly the single-crop preprocessing.
+
 Decoding uses PIL's JPEG draft mode: when the stored JPEG is at least twice the needed size,
 libjpeg decodes it directly at 1/2, 1/4 or 1/8 scale (still >= the needed size), which skips
 most of the IDCT work on large LAION-style images.
@@ -21,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pargo_dist.data.crops import CropPolicy
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
@@ -35,6 +40,7 @@ class ImagePreprocessor:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     resample: int = Image.BICUBIC
+    crops: CropPolicy = CropPolicy()  # one view, a fixed grid of tiles, or tiles by aspect ratio
 
     @classmethod
     def from_hf(cls, processor) -> "ImagePreprocessor":
@@ -60,13 +66,26 @@ class ImagePreprocessor:
             return cls(size=side, resize_to=None, mean=HALF, std=HALF)
         return cls(size=side, resize_to=side)
 
-    def decode(self, data: bytes) -> Image.Image:
-        """Encoded bytes -> RGB image, decoded at the smallest JPEG scale that is still big enough."""
+    def tiles_for(self, width: int, height: int) -> tuple[int, int]:
+        """(cols, rows) of tiles an image of this size is cut into ((1, 1): one ordinary view)."""
+        return self.crops.tiles_for(width, height, self.size)
+
+    def crop_count(self, width: int, height: int) -> int:
+        """Crops (tiles, plus the thumbnail) the tower sees for an image of this size."""
+        return self.crops.count(*self.tiles_for(width, height))
+
+    def decode(self, data: bytes, tiles: tuple[int, int] = (1, 1)) -> Image.Image:
+        """Encoded bytes -> RGB image, decoded at the smallest JPEG scale that is still big enough
+        (for `tiles`, the (cols, rows) grid it will be cut into)."""
         img = Image.open(io.BytesIO(data))
         if img.format == "JPEG":
-            need = self.resize_to or self.size
             w, h = img.size
-            scale = need / min(w, h) if self.resize_to else max(need / w, need / h)
+            cols, rows = tiles
+            if cols * rows > 1:  # resized to exactly cols x rows tiles (the thumbnail needs less)
+                scale = max(cols * self.size / w, rows * self.size / h)
+            else:
+                need = self.resize_to or self.size
+                scale = need / min(w, h) if self.resize_to else max(need / w, need / h)
             if scale <= 0.5:
                 img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
         img = img.convert("RGB")
@@ -74,7 +93,7 @@ class ImagePreprocessor:
         return img
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        """RGB image -> normalized (3, size, size) float32 tensor."""
+        """RGB image -> normalized (3, size, size) float32 tensor: the single-crop view."""
         if self.resize_to is None:
             img = img.resize((self.size, self.size), self.resample)
         else:
@@ -86,9 +105,34 @@ class ImagePreprocessor:
                 img = img.resize((new_w, new_h), self.resample)
             top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
             img = img.crop((left, top, left + self.size, top + self.size))
-        arr = np.asarray(img, dtype=np.float32) * (1 / 255)
-        arr = (arr - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+        return self._normalize(img)
+
+    def _normalize(self, img: Image.Image) -> torch.Tensor:
+        """uint8 RGB -> (3, H, W) float32, (x / 255 - mean) / std as one multiply-add per value."""
+        scale = 1 / (255 * np.asarray(self.std, np.float32))
+        shift = -np.asarray(self.mean, np.float32) / np.asarray(self.std, np.float32)
+        arr = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()  # (a writable copy of the bytes)
+        return arr.mul_(torch.from_numpy(scale)[:, None, None]).add_(torch.from_numpy(shift)[:, None, None])
+
+    def cut(self, img: Image.Image, tiles: tuple[int, int]) -> torch.Tensor:
+        """RGB image -> (crops, 3, size, size): the tiles of a (cols, rows) grid in raster order,
+        then the thumbnail (the single-crop view) when the policy asks for one."""
+        cols, rows = tiles
+        if cols * rows == 1:
+            return self(img).unsqueeze(0)
+        side = self.size
+        big = self._normalize(img.resize((cols * side, rows * side), self.resample))  # (3, rows*S, cols*S)
+        out = big.view(3, rows, side, cols, side).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, side, side)
+        if self.crops.thumbnail:
+            out = torch.cat([out, self(img).unsqueeze(0)])
+        return out.contiguous()
+
+    def views(self, img: Image.Image) -> torch.Tensor:
+        """A decoded RGB image -> (crops, 3, size, size), cut as data.image says."""
+        return self.cut(img, self.tiles_for(*img.size))
 
     def load(self, data: bytes) -> torch.Tensor:
-        return self(self.decode(data))
+        """Encoded bytes -> (crops, 3, size, size); crops is 1 unless data.image asks for tiles."""
+        with Image.open(io.BytesIO(data)) as probe:  # the header alone: the grid follows the stored size
+            tiles = self.tiles_for(*probe.size)
+        return self.cut(self.decode(data, tiles), tiles)

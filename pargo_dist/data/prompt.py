@@ -7,12 +7,15 @@ itself: the tokens of messages[:i] + generation prompt are a prefix of messages[
 what lies between is turn i's answer. That works for any template that renders turns in
 order, and the prefix property is checked, not assumed.
 
-The single `<image>` token is then expanded to the projector's token count. Truncation cuts
+The single `<image>` token is then expanded to the projector's token count for that image's
+crops (`visual_tokens`: fixed for ParGo's queries, one per patch of every crop for an MLP). Truncation cuts
 the tail, never into the image span; a sample that cannot fit its image plus at least one
 answer token is rejected (BadSample "too_long") instead of training on a broken sequence.
 """
 
 from __future__ import annotations
+
+from typing import Mapping
 
 from pargo_dist.constants import IGNORE_INDEX
 from pargo_dist.data.schema import CAPTION_PROMPT, IMAGE_MARKER, BadSample, place_image_marker
@@ -21,9 +24,12 @@ from pargo_dist.models.mllm import insert_image_tokens
 
 
 class PromptBuilder:
-    def __init__(self, tokenizer, num_image_tokens: int, max_len: int, caption_prompt: str = CAPTION_PROMPT):
+    def __init__(self, tokenizer, num_image_tokens: int | Mapping[int, int], max_len: int,
+                 caption_prompt: str = CAPTION_PROMPT):
+        """`num_image_tokens`: visual tokens of one image, or {crops: tokens} for every crop count
+        the images can have (data.image.crops; a plain table, so the dataset pickles to workers)."""
         self.tokenizer = tokenizer
-        self.num_image_tokens = num_image_tokens
+        self.tokens_per_crops = dict(num_image_tokens) if isinstance(num_image_tokens, Mapping) else {1: num_image_tokens}
         self.max_len = max_len
         self.caption_prompt = caption_prompt
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_MARKER)
@@ -39,19 +45,35 @@ class PromptBuilder:
             ]
         return place_image_marker(messages, has_image)
 
+    def visual_tokens(self, crops: int = 1) -> int:
+        """Image placeholders for an image of `crops` crops."""
+        try:
+            return self.tokens_per_crops[crops]
+        except KeyError:
+            raise ValueError(f"an image of {crops} crops: the prompt knows visual token counts for "
+                             f"{sorted(self.tokens_per_crops)} crops only") from None
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens of a one-crop image (what generation prompts use by default)."""
+        return self.visual_tokens(min(self.tokens_per_crops))
+
     def _render(self, messages: list[dict], generation_prompt: bool) -> list[int]:
         return list(self.tokenizer.apply_chat_template(
             messages, tokenize=True, add_generation_prompt=generation_prompt))
 
-    def generation_prompt(self, text: str) -> list[int]:
-        """The ids that ask the model about an image: one user turn (image + `text`), the
-        assistant's turn opened, the image placeholder expanded. What generation starts from."""
+    def generation_prompt(self, text: str, crops: int = 1) -> list[int]:
+        """The ids that ask the model about an image of `crops` crops: one user turn (image +
+        `text`), the assistant's turn opened, the image placeholder expanded. What generation
+        starts from."""
         ids = self._render(self.messages("", [{"role": "user", "content": text}], has_image=True), True)
-        return insert_image_tokens(ids, self.image_id, self.num_image_tokens)
+        return insert_image_tokens(ids, self.image_id, self.visual_tokens(crops))
 
-    def __call__(self, caption: str, messages: list[dict], has_image: bool) -> tuple[list[int], list[int]]:
-        """-> (input_ids, labels), image placeholder expanded, at most max_len long."""
-        messages = self.messages(caption, messages, has_image)
+    def __call__(self, caption: str, messages: list[dict], crops: int) -> tuple[list[int], list[int]]:
+        """-> (input_ids, labels), image placeholder expanded for an image of `crops` crops (0 or
+        False: no image; True: one crop), at most max_len long."""
+        n_visual = self.visual_tokens(int(crops)) if crops else 0
+        messages = self.messages(caption, messages, bool(crops))
         ids = self._render(messages, False)
         labels = [IGNORE_INDEX] * len(ids)
         for i, m in enumerate(messages):
@@ -67,8 +89,8 @@ class PromptBuilder:
         out_ids, out_labels, image_end = [], [], 0
         for tok, lab in zip(ids, labels):
             if tok == self.image_id:
-                out_ids += [tok] * self.num_image_tokens
-                out_labels += [IGNORE_INDEX] * self.num_image_tokens
+                out_ids += [tok] * n_visual
+                out_labels += [IGNORE_INDEX] * n_visual
                 image_end = len(out_ids)
             else:
                 out_ids.append(tok)

@@ -141,21 +141,22 @@ class Evaluator:
 
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.device, self.batch_size, self.generate_kwargs = device, batch_size, generate_kwargs
-        self.prompt = PromptBuilder(tokenizer, model.num_image_tokens(), max_len=10**6)
+        self.prompt = PromptBuilder(tokenizer, build.visual_tokens(cfg, model), max_len=10**6)
         self.pixels = build.image_processor(cfg)
         self.collate = Collator(pad_id=tokenizer.pad_token_id, padding_side="left")  # left: generation appends
 
-    def _generate(self, prompts: list[list[int]], pixels: torch.Tensor) -> list[str]:
+    def _generate(self, prompts: list[list[int]], pixels: torch.Tensor, crops: list[int] | None = None) -> list[str]:
         from pargo_dist.generate import generate_texts
 
-        return generate_texts(self.model, self.tokenizer, prompts, pixels, self.device, **self.generate_kwargs)
+        return generate_texts(self.model, self.tokenizer, prompts, pixels, self.device, image_crops=crops,
+                              **self.generate_kwargs)
 
-    def _loss_sums(self, examples: list[dict], pixels: torch.Tensor) -> list[tuple[float, int]]:
-        """Per sample: summed cross-entropy of its answer tokens, and how many there are."""
-        batch = self.collate(examples)
+    def _loss_sums(self, batch) -> list[tuple[float, int]]:
+        """Per sample of a collated batch: summed cross-entropy of its answer tokens, and how many there are."""
         logits = self.model(input_ids=batch.input_ids.to(self.device),
-                            pixel_values=pixels.to(self.device, self.model.dtype),
-                            attention_mask=batch.attention_mask.to(self.device)).logits.float()
+                            pixel_values=batch.pixel_values.to(self.device, self.model.dtype),
+                            attention_mask=batch.attention_mask.to(self.device),
+                            image_crops=batch.image_crops).logits.float()
         targets = batch.labels[:, 1:].to(self.device)
         losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
         counts = (targets != IGNORE_INDEX).sum(1)
@@ -164,27 +165,29 @@ class Evaluator:
     def caption_rows(self, examples: list[dict], generate: bool) -> list[dict]:
         """Per sample: its answer's loss sum and token count, the true answer, and (if `generate`)
         the greedy one."""
-        pixels = torch.stack([e["pixel_values"] for e in examples])
+        batch = self.collate(examples)
         rows = []
-        sums = self._loss_sums(examples, pixels)
+        sums = self._loss_sums(batch)
         prompts, truths = [], []
         for e in examples:
             prompt, answer = split_prompt_answer(e["input_ids"], e["labels"])
             prompts.append(prompt)
             truths.append(self.tokenizer.decode(answer, skip_special_tokens=True).strip())
-        generated = self._generate(prompts, pixels) if generate else [None] * len(examples)
+        generated = self._generate(prompts, batch.pixel_values, batch.image_crops) if generate else [None] * len(examples)
         for e, (loss_sum, tokens), truth, text in zip(examples, sums, truths, generated):
             rows.append({"sample": e["id"], "loss_sum": loss_sum, "tokens": tokens, "truth": truth, "generated": text})
         return rows
 
-    def question_prompt(self, question: str) -> list[int]:
-        return self.prompt.generation_prompt(question)
+    def question_prompt(self, question: str, crops: int = 1) -> list[int]:
+        return self.prompt.generation_prompt(question, crops)
 
     def answer_rows(self, questions: list) -> list[dict]:
         from PIL import Image
 
-        pixels = torch.stack([self.pixels(Image.open(q.image).convert("RGB")) for q in questions])
-        answers = self._generate([self.question_prompt(q.question) for q in questions], pixels)
+        views = [self.pixels.views(Image.open(q.image).convert("RGB")) for q in questions]
+        crops = [len(v) for v in views]
+        prompts = [self.question_prompt(q.question, c) for q, c in zip(questions, crops)]
+        answers = self._generate(prompts, torch.cat(views), crops if any(c != 1 for c in crops) else None)
         return [{"id": q.key, "subtask": q.subtask, "image": q.image.name, "question": q.question,
                  "answer": q.answer, "prediction": a} for q, a in zip(questions, answers)]
 
@@ -237,7 +240,7 @@ def open_dataset(path: str, evaluator: Evaluator, cfg):
     if remote is None and not (Path(path) / "index.json").exists():
         raise UserError(f"--data {path}: no MDS index.json there (a `pargo-dist convert` or `synth` output)")
     return ParGoDataset(data, tokenizer=evaluator.tokenizer, image_processor=evaluator.pixels,
-                        num_image_tokens=evaluator.model.num_image_tokens(), batch_size=1)
+                        num_image_tokens=evaluator.prompt.tokens_per_crops, batch_size=1)
 
 
 def evaluate_captions(evaluator: Evaluator, dataset, out: Path, ranks: Ranks, limit: int | None,

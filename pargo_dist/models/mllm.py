@@ -15,8 +15,9 @@ inside the model, padding (left or right), labels and generation line up without
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from accelerate import init_empty_weights
@@ -217,15 +218,17 @@ class ParGoForConditionalGeneration(ParGoPreTrainedModel):
         """Visual tokens one image of `crops` crops becomes (placeholders to put in input_ids)."""
         return self.projector.num_tokens(crops * self.vision_tower.num_patches)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(n, [crops,] 3, H, W) -> (n, tokens, llm_hidden)."""
-        return self.projector(self.vision_tower(pixel_values))
+    def encode_images(self, pixel_values: torch.Tensor, image_crops: Sequence[int] | None = None) -> torch.Tensor:
+        """Visual tokens of a batch of images; see `encode_visual`."""
+        return encode_visual(self.vision_tower, self.projector, pixel_values, image_crops)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_crops: Sequence[int] | None = None) -> torch.Tensor:
         """Token embeddings with the visual tokens spliced in at the image placeholders."""
         dummy_side = self.vision_tower.image_size if self.training and self.config.always_run_vision else None
         return splice_visual_tokens(self.get_input_embeddings()(input_ids), input_ids, pixel_values,
-                                    image_token_id=self.config.image_token_id, encode=self.encode_images,
+                                    image_token_id=self.config.image_token_id,
+                                    encode=functools.partial(self.encode_images, image_crops=image_crops),
                                     dummy_side=dummy_side)
 
     def forward(
@@ -238,16 +241,21 @@ class ParGoForConditionalGeneration(ParGoPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         past_key_values=None,
         use_cache: bool | None = None,
+        image_crops: Sequence[int] | None = None,
         **kwargs: Any,
     ):
         """As the LLM's forward, plus pixel_values. Labels on visual tokens are ignored.
+
+        pixel_values: (images, 3, H, W) with one crop per image, or every image's crops in a row
+        (crops in all, 3, H, W) with `image_crops` (a host-side list: crops of each image, in
+        the order their placeholders appear; see encode_visual).
 
         Without position_ids, they are derived from attention_mask, so a left-padded batch
         gives every sample the same positions (and logits) as it would alone. Packed rows
         (pargo_dist.data.collate) pass position_ids that restart per sample and no mask.
         """
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, pixel_values)
+            inputs_embeds = self.embed(input_ids, pixel_values, image_crops)
         if labels is not None and input_ids is not None:
             labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2 and past_key_values is None:
@@ -272,6 +280,7 @@ class ParGoForConditionalGeneration(ParGoPreTrainedModel):
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        image_crops: Sequence[int] | None = None,
         **generate_kwargs: Any,
     ) -> torch.LongTensor:
         """Generate after the prompt (pad it on the left for batches). Returns the new tokens only.
@@ -279,12 +288,39 @@ class ParGoForConditionalGeneration(ParGoPreTrainedModel):
         Accepts every `GenerationMixin.generate` argument (num_beams=4, max_new_tokens=100 is
         the ParGo release's decoding).
         """
-        embeds = self.embed(input_ids, pixel_values)
+        embeds = self.embed(input_ids, pixel_values, image_crops)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         return self.language_model.generate(
             inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs
         )
+
+
+def encode_visual(tower: nn.Module, projector: nn.Module, pixel_values: torch.Tensor,
+                  image_crops: Sequence[int] | None = None) -> torch.Tensor:
+    """Pixels -> visual tokens: (images, tokens, llm_hidden), or (tokens in all, llm_hidden), the
+    images' tokens in a row, when their token counts differ (an MLP projector on mixed crops).
+
+    pixel_values: (images, [crops,] 3, H, W), or with `image_crops` every image's crops in a row
+    (crops in all, 3, H, W). The tower runs once over every crop of the batch and the projector
+    once over every image, whatever the mix: ZeRO-3 gathers a module's weights collectively on
+    each call, so every rank must make the same calls. An image gets its own crops' patches
+    (crop-major); images with fewer crops are padded and masked (RaggedPatches), so each gets
+    the tokens it gets alone.
+    """
+    feats = tower(pixel_values)
+    if image_crops is None:
+        return projector(feats)
+    n = tower.num_patches
+    if len(set(image_crops)) == 1:  # one crop count: one dense (images, crops x patches) batch
+        return projector(feats.reshape(len(image_crops), image_crops[0] * n, feats.shape[-1]))
+    lengths = [c * n for c in image_crops]
+    per_image = feats.reshape(-1, feats.shape[-1]).split(lengths)
+    out = projector(nn.utils.rnn.pad_sequence(per_image, batch_first=True), lengths)
+    tokens = [projector.num_tokens(k) for k in lengths]
+    if len(set(tokens)) == 1:
+        return out
+    return torch.cat([out[b, :t] for b, t in enumerate(tokens)])
 
 
 def splice_visual_tokens(embeds: torch.Tensor, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, *,
@@ -298,11 +334,11 @@ def splice_visual_tokens(embeds: torch.Tensor, input_ids: torch.Tensor, pixel_va
     is_image = input_ids == image_token_id
     if pixel_values is not None:
         visual = encode(pixel_values)
-        n_tokens = visual.shape[0] * visual.shape[1]
+        n_tokens = visual.shape[:-1].numel()
         _check(is_image.sum() == n_tokens, lambda: (
             f"input_ids hold {int(is_image.sum())} image placeholder tokens (id {image_token_id}) but "
-            f"{visual.shape[0]} image(s) give {n_tokens} visual tokens ({visual.shape[1]} each): "
-            "expand each image's placeholder with insert_image_tokens"))
+            f"the images give {n_tokens} visual tokens ({tuple(visual.shape[:-1])}): expand each image's "
+            "placeholder to its token count with insert_image_tokens (model.num_image_tokens(crops))"))
         return embeds.masked_scatter(is_image.unsqueeze(-1), visual.to(embeds.dtype))
     _check(~is_image.any(), lambda: "input_ids hold image placeholder tokens but no pixel_values were given")
     if dummy_side:

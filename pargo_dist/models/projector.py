@@ -18,6 +18,7 @@ tests compare against and the baseline the benchmark measures.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -88,6 +89,23 @@ def self_attention_mask(num_partial: int, num_global: int, group: int) -> torch.
     return mask
 
 
+@dataclass
+class RaggedPatches:
+    """Where the real patches are when the samples of one batch have different crop counts.
+
+    The batch's features are padded to the longest sample, (B, N_max, width). Sample b's
+    regions are those of its own N_b patches (as if it were alone), padded to the longest
+    region: `region_index` (B * P, r_max) are flat indices into the (B * N_max) patch rows and
+    `region_mask` (B * P, 1, 1, r_max) marks the real ones; `patch_mask` (B, 1, 1, N_max) marks
+    every sample's real patches for the global queries. Masked keys get zero weight, so each
+    sample's tokens equal the tokens it gets alone.
+    """
+
+    region_index: torch.Tensor
+    region_mask: torch.Tensor
+    patch_mask: torch.Tensor
+
+
 # ----------------------------------------------------------------------------- layers
 
 
@@ -140,21 +158,26 @@ class PartialGlobalCrossAttention(nn.Module):
         k, v = self.kv(feats).view(B, N, 2, self.heads, -1).unbind(2)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, feats: torch.Tensor, num_partial: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, feats: torch.Tensor, num_partial: int,
+                ragged: "RaggedPatches | None" = None) -> torch.Tensor:
         q, k, v = self._qkv(x, feats)
         (B, Q, H, d), N, P = q.shape, feats.shape[1], num_partial
         p = self.attn_dropout if self.training else 0.0
         outs = []
         if P:  # (B*P, H, 1, d) queries against (B*P, H, r, d) keys/values
-            r = N // P
             qp = q[:, :P].reshape(B * P, 1, H, d).transpose(1, 2)
-            kp = k.reshape(B * P, r, H, d).transpose(1, 2)
-            vp = v.reshape(B * P, r, H, d).transpose(1, 2)
-            out = F.scaled_dot_product_attention(qp, kp, vp, dropout_p=p)
+            if ragged is None:
+                r, mask = N // P, None
+                kp, vp = (t.reshape(B * P, r, H, d).transpose(1, 2) for t in (k, v))
+            else:  # each sample's regions padded to the longest: gathered, padding masked out
+                r, mask = ragged.region_index.shape[1], ragged.region_mask
+                kp, vp = (t.reshape(B * N, H, d)[ragged.region_index].transpose(1, 2) for t in (k, v))
+            out = F.scaled_dot_product_attention(qp, kp, vp, mask, dropout_p=p)
             outs.append(out.reshape(B, P, H * d))
-        if Q > P:  # global queries: ordinary attention over every patch
+        if Q > P:  # global queries: ordinary attention over every patch (but a sample's padding)
             out = F.scaled_dot_product_attention(
-                q[:, P:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=p
+                q[:, P:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                None if ragged is None else ragged.patch_mask, dropout_p=p
             )
             outs.append(out.transpose(1, 2).reshape(B, Q - P, H * d))
         return self.out(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0])
@@ -180,10 +203,10 @@ class ProjectorLayer(nn.Module):
         self.norm3 = nn.LayerNorm(W, eps=eps)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, feats, self_mask, num_partial, cross_mask=None):
+    def forward(self, x, feats, self_mask, num_partial, cross_mask=None, ragged=None):
         x = self.norm1(x + self.drop(self.self_attn(x, self_mask)))
         if cross_mask is None:
-            cross = self.cross_attn(x, feats, num_partial)
+            cross = self.cross_attn(x, feats, num_partial, ragged)
         else:
             cross = self.cross_attn.forward_dense(x, feats, cross_mask)
         x = self.norm2(x + self.drop(cross))
@@ -259,13 +282,39 @@ class QueryProjector(nn.Module):
             self._on_device[key] = host.to(device)
         return self._on_device[key]
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """(batch, patches, vision_width) -> (batch, P + G, llm_width)."""
+    def _ragged(self, lengths: Sequence[int], n_max: int, device: torch.device):
+        """(RaggedPatches, None) for the region path or (None, dense cross mask (B, 1, Q, N_max))
+        for the dense reference, for samples of `lengths` patches padded to `n_max`."""
+        P, B = self.num_partial, len(lengths)
+        if self.cfg.cross_attn_impl == "dense" and P:
+            mask = torch.zeros(B, 1, P + self.num_global, n_max, dtype=torch.bool, device=device)
+            for b, n in enumerate(lengths):
+                mask[b, 0, :, :n] = self._cached("cross_mask", n, device)
+            return None, mask
+        patch_mask = (torch.arange(n_max, device=device) < torch.tensor(lengths, device=device)[:, None])
+        if not P:
+            return RaggedPatches(None, None, patch_mask[:, None, None, :]), None
+        r_max = max(lengths) // P
+        index = torch.zeros(B, P, r_max, dtype=torch.long, device=device)
+        valid = torch.zeros(B, P, r_max, dtype=torch.bool, device=device)
+        for b, n in enumerate(lengths):
+            regions = self._cached("regions", n, device)  # (P, n / P) indices into this sample's patches
+            index[b, :, :regions.shape[1]] = regions + b * n_max
+            valid[b, :, :regions.shape[1]] = True
+        return RaggedPatches(index.view(B * P, r_max), valid.view(B * P, 1, 1, r_max), patch_mask[:, None, None, :]), None
+
+    def forward(self, feats: torch.Tensor, lengths: Sequence[int] | None = None) -> torch.Tensor:
+        """(batch, patches, vision_width) -> (batch, P + G, llm_width).
+
+        `lengths`: each sample's real patches when the batch mixes crop counts (features padded
+        to the longest; see RaggedPatches). A host-side list, so no shape waits for the device."""
         B, N, _ = feats.shape
         x = self.query_drop(self.query_norm(self.queries + self.query_pos))
         x = x.unsqueeze(0).expand(B, -1, -1).contiguous()  # one layout for every layer (train.compile)
-        P, cross_mask = self.num_partial, None
-        if P:
+        P, cross_mask, ragged = self.num_partial, None, None
+        if lengths is not None and any(n != N for n in lengths):
+            ragged, cross_mask = self._ragged(lengths, N, feats.device)
+        elif P:
             regions = self._cached("regions", N, feats.device)  # (the first call checks the layout)
             if self.cfg.cross_attn_impl == "dense":
                 cross_mask = self._cached("cross_mask", N, feats.device)
@@ -274,9 +323,9 @@ class QueryProjector(nn.Module):
         for i, layer in enumerate(self.layers):
             self_mask = getattr(self, f"self_mask_{i}") if P else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = self._gradient_checkpointing_func(layer.__call__, x, feats, self_mask, P, cross_mask)
+                x = self._gradient_checkpointing_func(layer.__call__, x, feats, self_mask, P, cross_mask, ragged)
             else:
-                x = layer(x, feats, self_mask, P, cross_mask)
+                x = layer(x, feats, self_mask, P, cross_mask, ragged)
         return self.proj(x)
 
 
@@ -294,7 +343,9 @@ class MLPProjector(nn.Module):
     def num_tokens(self, num_patches: int) -> int:
         return num_patches
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats: torch.Tensor, lengths: Sequence[int] | None = None) -> torch.Tensor:
+        """Token i of a sample comes from its patch i alone: padding rows are computed and the
+        caller keeps each sample's first `lengths[b]` tokens (num_tokens)."""
         return self.net(feats)
 
 
@@ -314,6 +365,7 @@ ParGoProjector = QueryProjector
 __all__ = [
     "ProjectorConfig",
     "ParGoProjector",
+    "RaggedPatches",
     "QueryProjector",
     "MLPProjector",
     "build_projector",

@@ -1,0 +1,140 @@
+"""data.image.crops: images cut into tiles (+ a thumbnail), batches that mix crop counts.
+
+References: the tiles are compared with the image cut by hand (PIL) and preprocessed as one
+crop; the grid's visual tokens with the projector fed the tower's features of the hand-cut
+crops concatenated; a batch that mixes crop counts with each sample run alone (its own
+unpadded batch of one). Masked keys get exactly zero weight, so only float summation order
+differs: 1e-5.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from conftest import IMAGE_TOKEN, tiny_model
+from PIL import Image
+
+from pargo_dist.build import visual_tokens
+from pargo_dist.config import ConfigError, load_config
+from pargo_dist.data.collate import Collator
+from pargo_dist.data.crops import CropPolicy, ImageConfig, best_grid
+from pargo_dist.data.image import ImagePreprocessor
+from pargo_dist.errors import UserError
+from pargo_dist.models import insert_image_tokens
+
+
+def photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def policy(crops, **kw) -> CropPolicy:
+    return CropPolicy.from_config(ImageConfig(crops=crops, **kw))
+
+
+# ----------------------------------------------------------------------------- the policy
+
+
+def test_dynamic_grids_follow_the_aspect_ratio_and_the_pixels_available():
+    assert best_grid(1000, 500, 336, 1, 6) == (2, 1)  # 2:1, and 2x1 is the only 2:1 grid within 6 tiles
+    assert best_grid(500, 1000, 336, 1, 6) == (1, 2)
+    assert best_grid(1200, 400, 336, 1, 6) == (3, 1)
+    assert best_grid(900, 900, 336, 1, 6) == (2, 2)  # square: 2x2 has the pixels (>= half a tile each)
+    assert best_grid(300, 300, 336, 1, 6) == (1, 1)  # too small to be blown up into 4 tiles
+    assert best_grid(2000, 2000, 336, 1, 9) == (3, 3)
+    assert best_grid(900, 900, 336, 2, 6) == (2, 2)  # min_tiles: never a single view
+    assert best_grid(300, 300, 336, 2, 6) == (2, 2)  # (even when small: the closest allowed)
+    p = policy("dynamic", max_tiles=6)
+    assert p.possible_counts() == [1, 3, 4, 5, 6, 7]  # >1 tile adds the thumbnail
+    assert policy("2x2").possible_counts() == [5] and policy("2x2", thumbnail=False).possible_counts() == [4]
+    assert policy(1).possible_counts() == policy("1x1").possible_counts() == [1]
+
+
+@pytest.mark.parametrize("bad", ["3", "2*2", "0x2", "auto"])
+def test_a_bad_crops_setting_names_the_key_and_the_choices(bad):
+    with pytest.raises(ConfigError, match=r"data.image.crops=.*must be 1, a grid COLSxROWS .* or 'dynamic'"):
+        load_config(None, [f"data.image.crops={bad}"])
+
+
+def test_window_regions_cannot_take_a_crop_count_that_does_not_tile_them():
+    model = tiny_model(projector={"num_partial": 8, "num_global": 2, "depth": 1, "width": 32, "heads": 4,
+                                  "ffn": 64, "region": "window", "window": [2, 1]})  # 8 windows per crop
+    cfg = load_config(None, ["data.image.crops=dynamic", "data.image.max_tiles=4"])
+    with pytest.raises(UserError, match="data.image.crops='dynamic' gives images of 3 crops, which the projector"):
+        visual_tokens(cfg, model)
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def test_grid_tiles_are_the_resized_image_cut_by_hand_then_the_thumbnail():
+    img = photo(90, 50)
+    pre = ImagePreprocessor(size=32, resize_to=32, crops=policy("2x2"))
+    out = pre.views(img)
+    assert out.shape == (5, 3, 32, 32)
+    big = img.resize((64, 64), Image.BICUBIC)
+    single = ImagePreprocessor(size=32, resize_to=None)  # normalises an already 32 px tile unchanged in size
+    for i, (row, col) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):  # raster order
+        tile = big.crop((32 * col, 32 * row, 32 * col + 32, 32 * row + 32))
+        torch.testing.assert_close(out[i], single(tile), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[4], pre(img))  # the thumbnail: exactly the one-crop view
+
+
+def test_load_picks_the_grid_from_the_stored_size_before_jpeg_draft_decoding():
+    buf = io.BytesIO()
+    photo(1200, 400).save(buf, format="JPEG", quality=90)
+    pre = ImagePreprocessor(size=32, resize_to=32, crops=policy("dynamic", max_tiles=6))
+    assert pre.tiles_for(1200, 400) == (3, 1)
+    assert pre.load(buf.getvalue()).shape == (4, 3, 32, 32)  # 3 tiles + thumbnail
+    assert pre.crop_count(1200, 400) == 4
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+def test_a_2x2_grid_equals_the_projector_fed_the_four_crops_by_hand():
+    model = tiny_model()
+    crops = torch.randn(4, 3, 32, 32)
+    got = model.encode_images(crops, image_crops=[4])
+    by_hand = model.projector(torch.cat([model.vision_tower(c[None]) for c in crops], dim=1))
+    torch.testing.assert_close(got, by_hand, rtol=1e-5, atol=1e-6)
+    assert model.num_image_tokens(4) == got.shape[1] == 10  # ParGo: P + G tokens, whatever the crops
+
+
+def _sample(model, crops: int, text: list[int], seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = insert_image_tokens([3, 4, IMAGE_TOKEN, *text], IMAGE_TOKEN, model.num_image_tokens(crops))
+    return {"input_ids": ids, "labels": ids, "pixel_values": torch.randn(crops, 3, 32, 32, generator=gen)}
+
+
+@pytest.mark.parametrize("projector", ["pargo", "pargo-dense", "qformer", "mlp"])
+def test_mixed_crop_counts_in_one_batch_give_each_sample_its_logits_alone(projector):
+    base = {"num_partial": 8, "num_global": 2, "depth": 2, "width": 32, "heads": 4, "ffn": 64}
+    settings = {"pargo": {}, "pargo-dense": {"cross_attn_impl": "dense"}, "qformer": {"type": "qformer"},
+                "mlp": {"type": "mlp"}}
+    model = tiny_model(projector={**base, **settings[projector]})
+    crop_counts = [5, 1, 3, 5]
+    samples = [_sample(model, c, list(range(5, 5 + 2 + 3 * i)), seed=i) for i, c in enumerate(crop_counts)]
+    batch = Collator(pad_id=0)(samples)
+    assert batch.image_crops == crop_counts
+    assert batch.pixel_values.shape[0] == sum(crop_counts)
+    together = model(**batch.model_inputs()).logits
+    for i, s in enumerate(samples):
+        alone = model(**Collator(pad_id=0)([s]).model_inputs()).logits[0]
+        n = len(s["input_ids"])
+        torch.testing.assert_close(together[i, :n], alone[:n], rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_crops_train_through_the_padding_without_a_gradient_from_it():
+    """The padded patch rows of a short sample receive no gradient: its tokens do not depend on them."""
+    model = tiny_model().train()
+    samples = [_sample(model, c, [5, 6, 7], seed=c) for c in (1, 5)]
+    batch = Collator(pad_id=0)(samples)
+    pixels = batch.pixel_values.clone().requires_grad_(True)
+    model.vision_tower.requires_grad_(True)
+    out = model(**{**batch.model_inputs(), "pixel_values": pixels})
+    out.logits[0].sum().backward()  # sample 0 (one crop) only
+    grads = pixels.grad.flatten(1).abs().sum(1)
+    assert grads[0] > 0 and torch.all(grads[1:] == 0)  # its own crop, never the other sample's
