@@ -71,6 +71,17 @@ class Batch:
             return self  # packed rows (positions restart), a pad before a real token, or already on a GPU
         return replace(self, attention_mask=torch.ones_like(mask))
 
+    @property
+    def num_images(self) -> int:
+        if self.pixel_values is None:
+            return 0
+        return len(self.image_crops) if self.image_crops is not None else int(self.pixel_values.shape[0])
+
+    @property
+    def num_crops(self) -> int:
+        """Crops the vision tower runs on (every image's tiles and thumbnail)."""
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+
     def first_images(self, n: int) -> tuple[torch.Tensor | None, list[int] | None]:
         """(pixel_values, image_crops) of the batch's first `n` images."""
         if self.pixel_values is None:

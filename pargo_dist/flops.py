@@ -156,7 +156,7 @@ def _pooling_head_forward(head: nn.Module, tokens: int) -> float:
     return float(flops)
 
 
-def _projector_forward(model: nn.Module, images_per_sample: float, crops: int) -> dict[str, float]:
+def _projector_forward(model: nn.Module, images_per_sample: float, crops: float) -> dict[str, float]:
     """Forward FLOPs of the projector for `images_per_sample` images of `crops` crops.
 
     ParGo / Q-Former (Q = P + G queries of width W, N = crops * patches features):
@@ -223,7 +223,7 @@ def _llm_forward(model: nn.Module, seq_len: int) -> dict[str, float]:
 
 
 def flops_breakdown(model: nn.Module, seq_len: int, images_per_sample: float = 1.0,
-                    crops: int = 1) -> dict[str, dict[str, float]]:
+                    crops: float = 1) -> dict[str, dict[str, float]]:
     """Forward FLOPs of one sample, per part and kind: {part: {kind: flops}}.
 
     Kinds (KINDS), which differ in what their backward costs:
@@ -248,7 +248,7 @@ def flops_breakdown(model: nn.Module, seq_len: int, images_per_sample: float = 1
 
 
 def forward_flops(model: nn.Module, seq_len: int, images_per_sample: float = 1.0,
-                  crops: int = 1) -> dict[str, float]:
+                  crops: float = 1) -> dict[str, float]:
     """Forward FLOPs of one sample per part: {"vision_tower", "projector", "language_model"}."""
     parts = flops_breakdown(model, seq_len, images_per_sample, crops)
     return {part: float(sum(kinds.values())) for part, kinds in parts.items()}
@@ -290,7 +290,7 @@ def training_multipliers(trainable: Mapping[str, bool]) -> dict[str, dict[str, f
     return out
 
 
-def model_flops_per_sample(model: nn.Module, seq_len: int, images_per_sample: float = 1.0, crops: int = 1,
+def model_flops_per_sample(model: nn.Module, seq_len: int, images_per_sample: float = 1.0, crops: float = 1,
                            trainable: dict[str, bool] | None = None) -> float:
     """Training FLOPs (forward + backward) of one sample of `seq_len` tokens.
 
@@ -298,7 +298,8 @@ def model_flops_per_sample(model: nn.Module, seq_len: int, images_per_sample: fl
 
     `seq_len`: the LLM sequence length *including* the visual tokens of the sample's images.
     `images_per_sample`: images in the sample; a batch mean is fine (0.5 when half the
-    samples are text-only). `crops`: crops per image (each crop runs the vision tower).
+    samples are text-only). `crops`: crops per image (each crop runs the vision tower; the
+    projector reads every crop's patches); a batch mean is fine too (data.image.crops dynamic).
     `trainable`: part name -> trains; parts it leaves out (or all, for None) are read from the
     model's requires_grad. With nothing trainable this is the inference (forward) cost.
     A text-only batch's dummy image (ParGoConfig.always_run_vision) is per batch and not counted.

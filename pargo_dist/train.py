@@ -42,6 +42,7 @@ from pargo_dist.checkpoint import CheckpointManager, TrainState, capture_rng_sta
 from pargo_dist.compile import compile_blocks
 from pargo_dist.compat import return_freed_host_memory
 from pargo_dist.config import Config, to_yaml
+from pargo_dist.data.crops import CropPolicy
 from pargo_dist.errors import UserError
 from pargo_dist.flops import mfu, model_flops_per_sample, peak_flops_per_device
 from pargo_dist.metrics import MetricsLogger, StepTimer, peak_memory_gib
@@ -164,11 +165,13 @@ class Trainer:
         """One optimizer step over the micro-batches; returns the global mean token loss etc."""
         per_stream = [sum(b.streams.count(i) for b in micro_batches) for i in range(len(self.streams))]
         local = [sum(b.num_targets for b in micro_batches), sum(b.num_tokens for b in micro_batches),
-                 sum(b.num_samples for b in micro_batches), sum(len(b.skipped) for b in micro_batches), *per_stream]
+                 sum(b.num_samples for b in micro_batches), sum(len(b.skipped) for b in micro_batches),
+                 sum(b.num_images for b in micro_batches), sum(b.num_crops for b in micro_batches), *per_stream]
         counts = torch.tensor(local, dtype=torch.float64, device=self.backend.device)  # NCCL: GPU tensors only
         dist.all_reduce(counts)
         # Ranks of one model replica (megatron TP x PP) read the same samples: count them once.
-        targets, tokens, samples, skipped, *per_stream = (c / self.backend.replication for c in counts.tolist())
+        targets, tokens, samples, skipped, images, crops, *per_stream = (
+            c / self.backend.replication for c in counts.tolist())
         # right-padded batches train with plain causal attention (Batch.causal_only: same loss)
         loss_sum = self.backend.train_batch([b.causal_only() for b in micro_batches], targets, self.state.step)
         dist.all_reduce(loss_sum)
@@ -178,11 +181,14 @@ class Trainer:
         s.skipped += int(skipped)
         for name, n in zip(self.streams, per_stream):
             s.stream_samples[name] += round(n)
-        return {"loss": loss_sum.item() / max(targets, 1.0), "tokens": tokens, "samples": samples}
+        return {"loss": loss_sum.item() / max(targets, 1.0), "tokens": tokens, "samples": samples,
+                "images": images, "crops": crops}
 
     def _scalars(self, stats: dict[str, float], perf: dict[str, float]) -> dict[str, float]:
         scalars = {"train/loss": stats["loss"], "data/skipped": float(self.state.skipped),
                    "perf/peak_mem_gib": peak_memory_gib(), **perf}
+        if stats["crops"] > stats["images"]:  # data.image.crops: tiles per image, as they come
+            scalars["data/crops_per_image"] = stats["crops"] / stats["images"]
         if len(self.streams) > 1:  # a mixture: what each dataset really contributed so far
             scalars.update({f"data/stream/{k}": float(v) for k, v in self.state.stream_samples.items()})
         for name, lr in self.backend.learning_rates().items():
@@ -192,8 +198,10 @@ class Trainer:
             scalars["train/grad_norm"] = norm
         peak = peak_flops_per_device(self.cfg.train.precision)
         if peak:
-            seq = stats["tokens"] / max(stats["samples"], 1)
-            flops = model_flops_per_sample(self.model, int(seq)) * stats["samples"] / self.world
+            samples = max(stats["samples"], 1)
+            seq, images = stats["tokens"] / samples, stats["images"] / samples
+            crops = stats["crops"] / stats["images"] if stats["images"] else 1.0  # (data.image.crops)
+            flops = model_flops_per_sample(self.model, int(seq), images, crops) * stats["samples"] / self.world
             scalars["perf/mfu"] = mfu(flops / perf["perf/step_time"], peak)
         return scalars
 
@@ -383,6 +391,9 @@ def build_trainer(cfg: Config, stop: StopSignal | None = None) -> Trainer:
               "steps include compiling", flush=True)
     loader = build.loader(cfg, cfg.data.train, model, tokenizer, cfg.train.micro_batch,
                           replication=backend.replication)
+    crops = CropPolicy.from_config(cfg.data.image)
+    if crops.mode != "single" and rank == 0:
+        print(f"images: {crops.describe()}", flush=True)
     eval_loader = None
     if cfg.data.eval is not None:
         held_out = []  # one loader, built on first use and reused (streaming allows one per local dir)

@@ -10,6 +10,7 @@ differs: 1e-5.
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -138,3 +139,76 @@ def test_mixed_crops_train_through_the_padding_without_a_gradient_from_it():
     out.logits[0].sum().backward()  # sample 0 (one crop) only
     grads = pixels.grad.flatten(1).abs().sum(1)
     assert grads[0] > 0 and torch.all(grads[1:] == 0)  # its own crop, never the other sample's
+
+
+def test_the_planner_sizes_activations_and_flops_for_the_most_crops_an_image_can_get():
+    from pargo_dist.flops import model_flops_per_sample
+    from pargo_dist.plan.trace import shapes_of
+
+    one = shapes_of(load_config(None, []))
+    grid = shapes_of(load_config(None, ["data.image.crops=2x2"]))  # 4 tiles + thumbnail
+    dynamic = shapes_of(load_config(None, ["data.image.crops=dynamic", "data.image.max_tiles=6"]))  # up to 7
+    assert grid.act_bytes["vision"] == pytest.approx(5 * one.act_bytes["vision"], rel=1e-3)  # (+ what is per call)
+    assert dynamic.act_bytes["vision"] == pytest.approx(7 * one.act_bytes["vision"], rel=1e-3)
+    assert one.act_bytes["projector"] < grid.act_bytes["projector"] < dynamic.act_bytes["projector"]
+    assert grid.visual_tokens == one.visual_tokens  # ParGo: P + G tokens whatever the crops
+    model = tiny_model()
+    assert model_flops_per_sample(model, 64, crops=3.0) == pytest.approx(
+        (model_flops_per_sample(model, 64, crops=1) + model_flops_per_sample(model, 64, crops=5)) / 2)
+    assert one.flops_per_sample < grid.flops_per_sample < dynamic.flops_per_sample
+
+
+# ----------------------------------------------------------------------------- real ranks
+
+
+SIZES = [(48, 48), (96, 48), (48, 96), (24, 24)]  # tower side 32, dynamic <= 4 tiles: 2x2 + thumb, 2x1 +
+CROPS = [5, 3, 3, 1]  # thumb, 1x2 + thumb, one view (too small for more)
+
+
+@pytest.fixture(scope="module")
+def mixed_sizes(tmp_path_factory):
+    """The synthetic captions with images of four shapes (so four crop counts), as MDS shards."""
+    from streaming import MDSWriter
+
+    from pargo_dist.data.schema import MDS_COLUMNS, make_sample
+    from pargo_dist.data.synthetic import SyntheticConfig, encode_image, render_scene, synthetic_scene
+
+    root = tmp_path_factory.mktemp("mixed_sizes")
+    cfg = SyntheticConfig(num_samples=64, image_size=48)
+    for split, indices in (("train", range(64)), ("val", range(8))):
+        with MDSWriter(out=str(root / split), columns=MDS_COLUMNS) as out:
+            for i in indices:
+                scene = synthetic_scene(i, cfg)
+                img = render_scene(scene, cfg).resize(SIZES[i % 4])
+                out.write(make_sample(f"synthetic:{i}", encode_image(img, "png"), caption=scene["caption"]))
+    return root
+
+
+def test_two_rank_zero3_with_different_crop_counts_per_rank_follows_the_one_rank_run(mixed_sizes, tmp_path):
+    """Every rank's tower and projector run once per micro-batch whatever its crop mix, so ZeRO-3's
+    collective gathers line up; the loss (normalised by the global token count) is the 1-rank run's.
+    The megatron backend at TP=2 (one replica of the same 8 samples) follows it too."""
+    from support.training import losses, run_train, write_recipe
+
+    common = ["data.image.crops=dynamic", "data.image.max_tiles=4", "data.synthetic.num_samples=0",
+              "train.steps=3", "checkpoint.every=100", "train.sample_every=0", "train.eval_every=0"]
+    two = write_recipe(tmp_path / "two.yaml", tmp_path / "two", mixed_sizes)
+    one = write_recipe(tmp_path / "one.yaml", tmp_path / "one", mixed_sizes)
+    out = run_train(two, common, nproc=2)
+    megatron = write_recipe(tmp_path / "tp2.yaml", tmp_path / "tp2", mixed_sizes)  # the same code path at TP=2
+    run_train(megatron, [*common, "backend.name=megatron", "backend.tensor_parallel=2", "train.micro_batch=8"], nproc=2)
+    assert "images: dynamic crops: 1-4 tiles by aspect ratio + a thumbnail (1-5 crops per image)" in out.stdout
+    run_train(one, [*common, "train.micro_batch=8"], nproc=1)
+    per_rank = [[json.loads(line)["ids"] for line in (tmp_path / "two" / f"sample_ids.rank{r}.jsonl").read_text().splitlines()]
+                for r in (0, 1)]
+    crops = [[sorted(CROPS[int(i.split(":")[1]) % 4] for i in step) for step in rank] for rank in per_rank]
+    assert any(len(set(c)) > 1 for rank in crops for c in rank)  # micro-batches mix crop counts
+    assert any(a != b for a, b in zip(*crops))  # and the two ranks' mixes differ
+    a, b, c = losses(tmp_path / "two"), losses(tmp_path / "one"), losses(tmp_path / "tp2")
+    assert sorted(a) == sorted(b) == sorted(c) == [1, 2, 3]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4), (step, a, b)
+        assert c[step] == pytest.approx(b[step], rel=1e-4), (step, c, b)
+    logged = losses(tmp_path / "two", "data/crops_per_image")  # the TensorBoard scalar, per step
+    for step, (r0, r1) in enumerate(zip(*crops), start=1):
+        assert logged[step] == pytest.approx(sum(r0 + r1) / len(r0 + r1))

@@ -89,6 +89,17 @@ class CropPolicy:
             return [self.count(*self.grid)] if self.mode == "grid" else [1]
         return sorted({self.count(c, r) for c, r in grids(self.min_tiles, self.max_tiles)})
 
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        counts = self.possible_counts()
+        thumb = " + a thumbnail" if self.thumbnail else ""
+        if self.mode == "grid":
+            return f"a {self.grid[0]}x{self.grid[1]} grid of tiles{thumb} ({counts[0]} crops per image)"
+        if self.mode == "dynamic":
+            return (f"dynamic crops: {self.min_tiles}-{self.max_tiles} tiles by aspect ratio{thumb} "
+                    f"({counts[0]}-{counts[-1]} crops per image)")
+        return "one crop per image"
+
     @property
     def max_crops(self) -> int:
         return max(self.possible_counts())

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pargo_dist.constants import PARTS
+from pargo_dist.data.crops import CropPolicy
 from pargo_dist.flops import model_flops_per_sample
 
 
@@ -114,7 +115,7 @@ def trace_activations(model: nn.Module, micro_batch: int, seq_len: int, crops: i
     with _flash_like() if flash_like else contextlib.nullcontext():
         pixels = tensor(images, 3, tower.image_size, tower.image_size)
         out["vision"] = _nbytes(_saved(lambda: tower(pixels), params))
-        feats = tensor(images, tower.num_patches, tower.width, grad=vision_trains)
+        feats = tensor(micro_batch, crops * tower.num_patches, tower.width, grad=vision_trains)  # crop-major
         out["projector"] = _nbytes(_saved(lambda: model.projector(feats), params))
         kept = _saved(lambda: layer(x, attention_mask=None, position_embeddings=(rope, rope)), params)
     out["llm_layer"] = _nbytes(kept)
@@ -157,9 +158,10 @@ def shapes_of(cfg, micro_batch: int | None = None, seq_len: int | None = None) -
     largest = max(sum(w.numel() for w in m.parameters(recurse=False)) for m in model.modules())
     seq = seq_len or cfg.data.train.max_len
     mb = micro_batch or cfg.train.micro_batch
-    act, split = trace_activations(model, mb, seq)
+    crops = CropPolicy.from_config(cfg.data.image).max_crops  # sized for the most crops an image can get
+    act, split = trace_activations(model, mb, seq, crops)
     return Shapes(params=params, trainable=trainable, llm_layer_params=layer_params, llm_layers=len(layers),
                   llm_embed_params=embed, largest_module=largest, hidden=tcfg.hidden_size, vocab=tcfg.vocab_size,
-                  visual_tokens=model.num_image_tokens(), act_bytes=act,
+                  visual_tokens=model.num_image_tokens(crops), act_bytes=act,
                   act_layer_split=split, tokens=mb * seq, dtype_bytes=2 if cfg.train.precision == "bf16" else 4,
-                  flops_per_sample=model_flops_per_sample(model, seq))
+                  flops_per_sample=model_flops_per_sample(model, seq, crops=crops))
