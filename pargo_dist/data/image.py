@@ -16,6 +16,7 @@ most of the IDCT work on large LAION-style images.
 
 from __future__ import annotations
 
+import functools
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,9 +89,8 @@ class ImagePreprocessor:
                 scale = need / min(w, h) if self.resize_to else max(need / w, need / h)
             if scale <= 0.5:
                 img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
-        img = img.convert("RGB")
         img.load()
-        return img
+        return img if img.mode == "RGB" else img.convert("RGB")  # (convert would copy an RGB image too)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """RGB image -> normalized (3, size, size) float32 tensor: the single-crop view."""
@@ -108,11 +108,16 @@ class ImagePreprocessor:
         return self._normalize(img)
 
     def _normalize(self, img: Image.Image) -> torch.Tensor:
-        """uint8 RGB -> (3, H, W) float32, (x / 255 - mean) / std as one multiply-add per value."""
-        scale = 1 / (255 * np.asarray(self.std, np.float32))
-        shift = -np.asarray(self.mean, np.float32) / np.asarray(self.std, np.float32)
-        arr = torch.from_numpy(np.array(img)).permute(2, 0, 1).float()  # (a writable copy of the bytes)
-        return arr.mul_(torch.from_numpy(scale)[:, None, None]).add_(torch.from_numpy(shift)[:, None, None])
+        """uint8 RGB -> (3, H, W) float32, (x / 255 - mean) / std: one pass that transposes and
+        converts, then one multiply-add per value (half the time of numpy's float arithmetic)."""
+        pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (a writable copy of the bytes)
+        out = torch.empty(pixels.shape, dtype=torch.float32).copy_(pixels)
+        return out.mul_(self._scale_shift[0]).add_(self._scale_shift[1])
+
+    @functools.cached_property
+    def _scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        std, mean = np.asarray(self.std, np.float32), np.asarray(self.mean, np.float32)
+        return (torch.from_numpy(1 / (255 * std))[:, None, None], torch.from_numpy(-mean / std)[:, None, None])
 
     def cut(self, img: Image.Image, tiles: tuple[int, int]) -> torch.Tensor:
         """RGB image -> (crops, 3, size, size): the tiles of a (cols, rows) grid in raster order,
