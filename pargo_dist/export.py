@@ -1,6 +1,8 @@
 """`pargo-dist export`: a DeepSpeed checkpoint (any ZeRO stage, any rank count) or a megatron
 one (any TP/PP/DP layout) -> one HF directory that `ParGoForConditionalGeneration.from_pretrained`
-(or AutoModelForImageTextToText) loads on one process, with its tokenizer.
+(or AutoModelForImageTextToText) loads on one process, with its tokenizer and processor. The
+directory also carries the model's and the processor's code (portable.py), so plain transformers
+loads it without pargo_dist: AutoProcessor + AutoModelForImageTextToText, trust_remote_code=True.
 
 The model is the checkpoint's own config.yaml rebuilt (same seed, same pretrained paths, same
 model.init_from), with the checkpoint's weights over it. It is written one block at a time
@@ -33,6 +35,8 @@ from pargo_dist import build
 from pargo_dist.checkpoint import resolve_checkpoint
 from pargo_dist.config import Config, load_config
 from pargo_dist.errors import UserError
+from pargo_dist.portable import write_remote_code
+from pargo_dist.processor import ParGoProcessor
 from pargo_dist.weights import checkpoint_weights
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
@@ -201,9 +205,13 @@ def export(checkpoint: str | Path, out: str | Path, adapters_only: bool = False,
         config = model.config
         config.architectures = [type(model).__name__]
         config.dtype = DTYPES[dtype]
+        config.auto_map = write_remote_code(out)  # plain transformers loads it (trust_remote_code=True)
         config.save_pretrained(out)
         if model.can_generate() and model.generation_config is not None:
             model.generation_config.save_pretrained(out)
+        processor = ParGoProcessor(tokenizer, build.image_processor(cfg), build.visual_tokens(cfg, model),
+                                   cfg.data.train.caption_prompt)
+        processor.save_pretrained(out, auto_map={"AutoProcessor": config.auto_map["AutoProcessor"]})
     tokenizer.save_pretrained(out)
     (out / "config.yaml").write_text((step_dir / "config.yaml").read_text())  # the recipe it came from
     return out

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -30,6 +29,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.integrations.accelerate import init_empty_weights
 
 from pargo_dist.constants import IGNORE_INDEX, PARTS, STAGES
 from pargo_dist.errors import UserError
@@ -311,6 +311,8 @@ def encode_visual(tower: nn.Module, projector: nn.Module, pixel_values: torch.Te
     feats = tower(pixel_values)
     if image_crops is None:
         return projector(feats)
+    if isinstance(image_crops, torch.Tensor):  # a processor's output (BatchFeature makes tensors of lists)
+        image_crops = image_crops.tolist()
     n = tower.num_patches
     if len(set(image_crops)) == 1:  # one crop count: one dense (images, crops x patches) batch
         return projector(feats.reshape(len(image_crops), image_crops[0] * n, feats.shape[-1]))
