@@ -140,6 +140,7 @@ class TrainState:
     backend: str = "deepspeed"  # only this backend can resume it
     layout: dict[str, int] = field(default_factory=dict)  # dp / tp / pp / zero_stage
     loader: dict[str, Any] | None = None  # the streaming loader's state_dict
+    trackers: dict[str, str] = field(default_factory=dict)  # tracker -> run id (W&B, MLflow), continued on resume
     version: int = 1
 
     VERSION = 1  # (not a field: no annotation)

@@ -25,6 +25,7 @@ from pargo_dist.constants import PARTS, STAGES
 from pargo_dist.data.crops import CropPolicy, ImageConfig
 from pargo_dist.data.sources import DataConfig
 from pargo_dist.errors import UserError
+from pargo_dist.trackers import MlflowConfig, WandbConfig, check_trackers
 
 
 def _recipes_dir() -> Path:
@@ -183,6 +184,8 @@ class LoggingConfig:
     every: int = 10  # progress line every N steps (TensorBoard and train_log.jsonl get every step)
     tensorboard: bool = True
     sample_ids: bool = False  # write each rank's consumed sample ids per step (data-order audits)
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases (pip install .[wandb])
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)  # MLflow (pip install .[mlflow])
 
 
 @dataclass
@@ -208,6 +211,7 @@ class Config:
                 raise ConfigError(f"{key}={value!r}: must be one of {list(allowed)}")
         try:
             CropPolicy.from_config(self.data.image)
+            check_trackers(self.logging.wandb, self.logging.mlflow)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         for key in ("train.steps", "train.micro_batch", "train.grad_accum", "checkpoint.keep_last",

@@ -1,5 +1,5 @@
 """Training metrics: step timing, peak memory, and the logger (TensorBoard scalars and text, a
-console progress line), all on rank 0 only.
+console progress line, and W&B / MLflow when the recipe names them: trackers.py), all on rank 0 only.
 
 Model FLOPs and MFU are in pargo_dist.flops; reading TensorBoard logs back is in pargo_dist.report.
 """
@@ -115,12 +115,18 @@ class MetricsLogger:
         self.clock = clock
         self.writer = None
         self._first: tuple[int, float] | None = None  # (step, time) of the first log call
+        self.trackers: list = []  # W&B, MLflow (pargo_dist.trackers): the same scalars and texts
         self._last_printed: int | None = None
         if self.active and enabled_tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only where used
 
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    def add_trackers(self, trackers: list) -> None:
+        """Send every later scalar and text to these trackers too (rank 0)."""
+        if self.active:
+            self.trackers.extend(trackers)
 
     def __enter__(self) -> "MetricsLogger":
         return self
@@ -175,6 +181,8 @@ class MetricsLogger:
         if self.writer is not None:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, global_step=step)
+        for tracker in self.trackers:
+            tracker.log(step, values)
         due = (step % self.every == 0 or step == self.total_steps) and step != self._last_printed
         if due or "eval/loss" in values:
             if due:
@@ -187,6 +195,8 @@ class MetricsLogger:
         """Text (e.g. sample captions) to TensorBoard's text tab; rank 0 only."""
         if self.active and self.writer is not None:
             self.writer.add_text(tag, text, global_step=step)
+        for tracker in self.trackers:
+            tracker.log_text(step, tag, text)
 
     def flush(self) -> None:
         if self.writer is not None:
@@ -196,6 +206,9 @@ class MetricsLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 __all__ = [

@@ -29,7 +29,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -214,6 +214,7 @@ class Trainer:
         if self.resume_from is not None:
             self.watchdog.beat("resuming from the checkpoint", allow=SETUP_ALLOWANCE_S)
             self.resume(self.resume_from)
+        self._start_trackers()
         self.backend.train(True)
         batches = self._batches()
         timer = StepTimer()
@@ -253,6 +254,20 @@ class Trainer:
         self._mark_saved(wait=True)
         self.metrics.close()
         return 0
+
+    def _start_trackers(self) -> None:
+        """W&B / MLflow on rank 0, after a resume: a requeued job continues the tracker run whose
+        id its checkpoint kept (TrainState.trackers), and the next checkpoint keeps it again."""
+        log = self.cfg.logging
+        if self.rank != 0 or not (log.wandb.project or log.mlflow.tracking_uri):
+            return
+        from pargo_dist.trackers import start_trackers
+
+        trackers = start_trackers(log.wandb, log.mlflow, self.run_dir, asdict(self.cfg),
+                                  to_yaml(self.cfg), self.state.trackers)
+        self.metrics.add_trackers(trackers)
+        self.state.trackers = {t.name: t.run_id for t in trackers}
+        self._say("tracking in " + ", ".join(f"{t.name} (run {t.run_id})" for t in trackers))
 
     def _append_log(self, row: dict) -> None:
         if self.rank == 0:
