@@ -12,6 +12,7 @@
     pargo-dist generate runs/tiny-cpu/export --held-out 0
     pargo-dist eval runs/tiny-cpu --nproc 2                 # held-out loss, detail recall, yes/no (MME)
     pargo-dist report runs/tiny-cpu                         # PNG plots from TensorBoard logs
+    pargo-dist doctor recipes/paper-stage1-align.yaml       # before a job: GPUs, versions, data, weights, disk
 
 Exit codes: 0 done; 1 a failure, with its traceback (a bug, a damaged input, an OOM: on the
 rank where it happened); 2 something to fix, said in one line (a bad recipe or argument, a
@@ -287,6 +288,12 @@ def _report_parser() -> argparse.ArgumentParser:
     return _module_parser("report", report)
 
 
+def _doctor_parser() -> argparse.ArgumentParser:
+    from pargo_dist import doctor
+
+    return _module_parser("doctor", doctor)
+
+
 # name -> (one line for `pargo-dist --help`, the command's own parser). Each command builds only
 # its own parser, so a launcher (`train --nproc 8`) imports what train needs, not the planner's torch.
 COMMANDS = {
@@ -300,6 +307,7 @@ COMMANDS = {
     "generate": ("caption an image with an exported model", _generate_parser),
     "eval": ("held-out loss, detail recall of captions, MME yes/no; N ranks, resumable", _eval_parser),
     "report": ("PNG plots of loss, throughput and eval results from TensorBoard logs", _report_parser),
+    "doctor": ("check a node and a recipe before a job: GPUs, versions, shm, data, weights, disk", _doctor_parser),
 }
 
 

@@ -60,13 +60,16 @@ class S3Server:
         return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
 
 
-def start_moto() -> S3Server:
+def start_moto(auth_after: int | None = None) -> S3Server:
+    """moto_server on a free loopback port. `auth_after`: after that many requests, moto checks
+    credentials like AWS does (IAM users and keys created in those first requests)."""
     exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
     if exe is None:
         raise RuntimeError("moto_server not found: install the test extras (pip install -e '.[test]')")
     port = free_port()
+    env = {**os.environ, **({"INITIAL_NO_AUTH_ACTION_COUNT": str(auth_after)} if auth_after is not None else {})}
     proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_http(endpoint + "/moto-api/")
