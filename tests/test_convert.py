@@ -3,8 +3,9 @@
 Inputs are made here (16-64 px PNG / JPEG); the output is read back with streaming's own MDS
 reader (or StreamingDataset from a real S3 server on loopback) and compared byte for byte.
 Also: bad samples are skipped, counted and reported without stopping the run; resize; the
-same output from 1 or 2 workers; no index.json that claims shards which are not there (a
-killed run, a failed upload); refusal to overwrite.
+same output from 1 or 2 workers; the lengths sidecar beside the index (local and S3); no
+index.json that claims shards which are not there (a killed run, a failed upload); refusal
+to overwrite.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from PIL import Image
 import pargo_dist  # noqa: F401  (before streaming: torchvision shim)
 from pargo_dist.data import convert as convert_mod
 from pargo_dist.data.convert import OutputExistsError, convert
+from pargo_dist.data.grouping import SIDECAR
 from pargo_dist.data.readers import InputNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +74,12 @@ def read_mds(out: Path, scratch: Path) -> list[dict]:
         reader = reader_from_json(str(work), None, shard)
         rows += [reader.get_item(i) for i in range(shard["samples"])]
     return rows
+
+
+def read_sidecar(path: str) -> dict[str, list[int]]:
+    from pargo_dist.data.grouping import read_sidecar as read
+
+    return {k: v.tolist() for k, v in read(path).items()}
 
 
 def jsonl(path: Path, records: list) -> Path:
@@ -139,6 +147,10 @@ def test_llava_conversations_normalized(tmp_path):
     assert rows[2]["messages"] == [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."}]
     assert [r["image"] for r in rows] == [files[a], files[b], b""]
     assert all(r["caption"] == "" for r in rows)
+    # beside the index, what data.group_by_length sorts by: text characters, turns, image size
+    assert read_sidecar(str(tmp_path / "out" / SIDECAR)) == {
+        "text_chars": [sum(len(m["content"]) for m in r["messages"]) for r in rows], "turns": [4, 2, 2],
+        "width": [16, 24, 0], "height": [24, 24, 0]}
 
 
 def test_parquet_raw_bytes_and_hf_image_struct(tmp_path):
@@ -446,9 +458,12 @@ def test_convert_straight_to_s3(s3_server, tmp_path):
                       report=str(tmp_path / "report.jsonl"), progress=False)
     assert summary.written == 6 and summary.shards > 1 and summary.out == remote
     keys = s3_server.list_keys("convert-test", "pretrain/")
-    assert "pretrain/index.json" in keys
-    assert sorted(k for k in keys if k != "pretrain/index.json") == [
+    assert {"pretrain/index.json", f"pretrain/{SIDECAR}"} <= set(keys)
+    assert sorted(k for k in keys if k not in ("pretrain/index.json", f"pretrain/{SIDECAR}")) == [
         f"pretrain/shard.{i:05d}.mds.zstd" for i in range(summary.shards)]
+    s3_server.client().download_file("convert-test", f"pretrain/{SIDECAR}", str(tmp_path / SIDECAR))
+    assert read_sidecar(str(tmp_path / SIDECAR)) == {"text_chars": [2] * 6, "turns": [0] * 6,
+                                                     "width": [16, 24, 32] * 2, "height": [24] * 6}
 
     clean_stale_shared_memory()
     ds = StreamingDataset(remote=remote, local=str(tmp_path / "cache"), batch_size=1, shuffle=False)

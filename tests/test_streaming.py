@@ -1,9 +1,10 @@
 """Streaming from a real S3 server on loopback, over 1 and 2 real ranks (gloo).
 
 Checks what a training run relies on: every sample exactly once per epoch across ranks, a
-restored loader continues with the identical next batches, a restore with another rank
-count still covers each sample once, corrupt samples are replaced and counted, and an
-object-store outage of a few seconds costs retries, not the run.
+restored loader continues with the identical next batches (with data.group_by_length on), a
+restore with another rank count continues the same global sequence (with grouping off and
+on), corrupt samples are replaced and counted, and an object-store outage of a few seconds
+costs retries, not the run.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ KINDS = ["square", "circle", "cross"]
 WORDS = ["a", "an", "image", "of", "Describe", "the", "in", "detail", "."] + COLOURS + KINDS
 N = 48  # divisible by ranks x batch, so an epoch has no padding samples
 BATCH = 4
+GROUPED = {"group_by_length": True, "group_size": 8, "group_block": 24}  # a step (2 ranks x 4) = a group
 
 
 def png(i: int) -> bytes:
@@ -61,15 +63,16 @@ def remote(s3_server, tmp_path_factory):
 
     raw = tmp_path_factory.mktemp("raw")
     with open(raw / "captions.jsonl", "w") as f:
-        for row in samples(N):
+        for i, row in enumerate(samples(N)):
             (raw / f"{row['id']}.png").write_bytes(row["image"])
-            f.write(json.dumps({"id": row["id"], "image": f"{row['id']}.png", "caption": row["caption"]}) + "\n")
+            caption = " ".join([row["caption"]] * (1 + i * 7 % 4))  # 1-4 phrases: lengths to group by
+            f.write(json.dumps({"id": row["id"], "image": f"{row['id']}.png", "caption": caption}) + "\n")
     bucket = s3_server.make_bucket("stream-test")
     remote = f"{bucket}/pretrain"
     summary = convert([str(raw / "captions.jsonl")], remote, size_limit=1024, progress=False,
                       report=str(raw / "report.jsonl"))
     assert (summary.written, summary.skipped) == (N, {}) and summary.shards >= 6  # several shards
-    assert "pretrain/index.json" in s3_server.list_keys("stream-test")
+    assert {"pretrain/index.json", "pretrain/lengths.npz"} <= set(s3_server.list_keys("stream-test"))
     return remote
 
 
@@ -114,8 +117,9 @@ def test_two_ranks_cover_every_sample_once(remote, tmp_path):
 
 def test_restored_loader_continues_with_identical_batches(remote, tmp_path):
     """Two ranks read an epoch, noting the loader state after k batches; a new pair of ranks
-    (new caches) restored from that state reads exactly the batches the first pair read next."""
-    data = {"remote": remote, "seed": 7}
+    (new caches) restored from that state reads exactly the batches the first pair read next.
+    With length-grouped batches (data.group_by_length): the grouping is part of the order."""
+    data = {"remote": remote, "seed": 7, **GROUPED}
     k = 2
     full = run(tmp_path, "full", 2, {**data, "local": str(tmp_path / "c1")}, state_after=k)
     state = tmp_path / "state.json"
@@ -127,15 +131,20 @@ def test_restored_loader_continues_with_identical_batches(remote, tmp_path):
         assert rest[r]["batches"] == full[r]["batches"][k:]  # the identical next batches
 
 
-def test_elastic_restore_two_ranks_to_one_covers_each_sample_once(remote, tmp_path):
-    data = {"remote": remote, "seed": 11}
-    first = run(tmp_path, "first", 2, {**data, "local": str(tmp_path / "c1")}, take=3)
+@pytest.mark.parametrize("grouped", [False, True], ids=["plain", "group_by_length"])
+def test_elastic_restore_two_ranks_to_one_continues_the_same_sequence(remote, tmp_path, grouped):
+    """Two ranks read an epoch, noting the loader state after 3 steps; one rank restored from it
+    reads the rest of the same global sequence (no repeats, nothing lost, same order)."""
+    data = {"remote": remote, "seed": 11, **(GROUPED if grouped else {})}
+    first = run(tmp_path, "first", 2, {**data, "local": str(tmp_path / "c1")}, state_after=3)
     state = tmp_path / "state.json"
     state.write_text(json.dumps(first[0]["state"]))
+    assert first[0]["state"]["sample_in_epoch"] == 3 * BATCH * 2
     rest = run(tmp_path, "rest", 1, {**data, "local": str(tmp_path / "c2")}, state_in=str(state))
-    seen = ids_of(first) + ids_of(rest)
-    assert len(ids_of(first)) == 3 * BATCH * 2
-    assert Counter(seen) == Counter(f"s{i:03d}" for i in range(N))  # no repeats, nothing lost
+    # the global sequence: step by step, position b of every rank's micro-batch (streaming strides ranks)
+    sequence = [r["batches"][step][b] for step in range(N // (2 * BATCH)) for b in range(BATCH) for r in first]
+    assert Counter(sequence) == Counter(f"s{i:03d}" for i in range(N))
+    assert ids_of(rest) == sequence[3 * BATCH * 2:]
 
 
 def test_corrupt_samples_are_replaced_and_counted(tmp_path):

@@ -8,7 +8,9 @@ Inputs (format from the extension, else the content; see `readers.py` for the re
 JSON Lines / JSON arrays of caption records (image path, base64 bytes, or LLaVA-style
 `conversations`), parquet with raw image bytes, webdataset tars (`key.jpg` + `key.txt` or
 `key.json`). Output: MDS shards in the `schema.py` layout, zstd-compressed, images stored
-as their original encoded bytes unless `max_side` asks for a resize.
+as their original encoded bytes unless `max_side` asks for a resize, and beside index.json
+`lengths.npz`: each sample's text and image sizes, which `data.group_by_length` sorts by
+without reading the shards (see grouping.py).
 
 What the design protects against:
 * one bad sample (missing or undecodable image, empty caption, malformed line) never stops a
@@ -303,17 +305,27 @@ def _make_writer(out: str, local: str | None, remote: bool, compression: str | N
 
     from streaming import MDSWriter
 
+    from pargo_dist.data.grouping import SIDECAR, SizeLog
     from pargo_dist.data.schema import MDS_COLUMNS
 
     class _IndexLastMDSWriter(MDSWriter):
         """MDSWriter with two fixes: index.json only after every shard upload has succeeded,
-        and no empty shard when one sample is larger than the shard size limit."""
+        and no empty shard when one sample is larger than the shard size limit. It also writes
+        the samples' text and image sizes (grouping.SIDECAR, for data.group_by_length) next to
+        the index, before it: an index always has its sidecar."""
+
+        def write(self, sample) -> None:
+            self.sizes.add(sample)
+            super().write(sample)
 
         def _write_index(self) -> None:
             self.executor.shutdown(wait=True)  # uploads *done*, not just dequeued
             if self.event.is_set():
                 raise UploadError(f"uploading a shard to {self.remote} failed (see the log above); "
                                   f"index.json was not written")
+            self.sizes.save(self.local)
+            if self.remote:
+                self.cloud_writer.upload_file(SIDECAR)  # raises when it fails: then no index either
             self.executor = ThreadPoolExecutor(max_workers=1)
             super()._write_index()
 
@@ -322,8 +334,10 @@ def _make_writer(out: str, local: str | None, remote: bool, compression: str | N
                 super().flush_shard()
 
     try:
-        return _IndexLastMDSWriter(columns=MDS_COLUMNS, out=(local, out) if remote else out,
-                                   keep_local=False, compression=compression, size_limit=size_limit)
+        writer = _IndexLastMDSWriter(columns=MDS_COLUMNS, out=(local, out) if remote else out,
+                                     keep_local=False, compression=compression, size_limit=size_limit)
+        writer.sizes = SizeLog()
+        return writer
     except (FileExistsError, ValueError, TypeError):
         raise
     except Exception as err:  # a missing bucket, no credentials...

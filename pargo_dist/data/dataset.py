@@ -26,6 +26,7 @@ from typing import Any, Mapping
 from PIL import UnidentifiedImageError
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
+from pargo_dist.data import grouping
 from pargo_dist.data.image import ImagePreprocessor
 from pargo_dist.data.prompt import PromptBuilder
 from pargo_dist.data.schema import BadSample
@@ -89,6 +90,23 @@ class ParGoDataset(StreamingDataset):
         self.cfg = cfg
         self.image_processor = image_processor
         self.prompt = PromptBuilder(tokenizer, num_image_tokens, cfg.max_len, cfg.caption_prompt)
+        # estimated tokens per sample, from the shards' lengths.npz (data.group_by_length; grouping.py)
+        self.sample_lengths = grouping.sample_lengths(self) if cfg.group_by_length else None
+
+    def resample_streams(self, epoch: int, stream_id: int | None = None):
+        """streaming's map from the epoch's shuffled slots to samples; with data.group_by_length,
+        reordered so that the epoch's order is length-grouped (grouping.py: rank-count free)."""
+        units, samples = super().resample_streams(epoch, stream_id)
+        if self.sample_lengths is not None and stream_id is None:
+            samples = grouping.regroup(self, units, samples, epoch)
+        return units, samples
+
+    def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
+        return {**super().state_dict(num_samples, from_beginning), **grouping.state(self.cfg)}
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        grouping.check_resume(self.cfg, obj)  # a position means the saved order: other grouping settings are logged
+        super().load_state_dict(obj)
 
     def encode(self, raw: dict[str, Any]) -> dict[str, Any]:
         """One MDS sample -> model-ready example. Raises BadSample for unusable samples."""

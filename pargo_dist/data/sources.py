@@ -45,3 +45,12 @@ class DataConfig:
     download_timeout: float = 120.0
     predownload: int | None = None  # samples to download ahead per worker (streaming's default: 8 x batch)
     max_substitutes: int = 32  # consecutive unusable samples tolerated before failing loudly
+    # Length-grouped micro-batches (pargo_dist/data/grouping.py): within each block of group_block
+    # consecutive samples of the epoch's order, samples are sorted by estimated tokens (visual +
+    # text) and cut into groups of group_size, the groups in a seeded random order; resume stays
+    # exact. Needs the lengths.npz that `pargo-dist convert` / `synth` write beside index.json.
+    # Make group_size a multiple of the global batch (micro_batch x data-parallel ranks) and of
+    # num_canonical_nodes, so that a step lies in one group, and group_block a multiple of it.
+    group_by_length: bool = False
+    group_block: int = 8192
+    group_size: int = 256
