@@ -409,6 +409,12 @@ def build_trainer(cfg: Config, stop: StopSignal | None = None) -> Trainer:
     crops = CropPolicy.from_config(cfg.data.image)
     if crops.mode != "single" and rank == 0:
         print(f"images: {crops.describe()}", flush=True)
+    data = cfg.data.train
+    step_samples = cfg.train.micro_batch * cfg.train.grad_accum * world // backend.replication
+    if data.group_by_length and data.group_size % step_samples and rank == 0:
+        print(f"data.train.group_size {data.group_size} is not a multiple of the {step_samples} samples of a step: "
+              "steps straddle length groups and pad more; make it one (e.g. "
+              f"{-(-data.group_size // step_samples) * step_samples})", flush=True)
     eval_loader = None
     if cfg.data.eval is not None:
         held_out = []  # one loader, built on first use and reused (streaming allows one per local dir)

@@ -106,9 +106,12 @@ def test_a_wheel_ships_the_recipes_so_a_plain_pip_install_has_the_default(tmp_pa
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation",
                             "-w", str(tmp_path / "dist"), str(root)], capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr[-3000:]
+    # setuptools' deprecation warnings about our metadata (a license table instead of an SPDX
+    # string, license classifiers, ...) would reach every user who pip installs the package
+    assert "DeprecationWarning" not in built.stdout + built.stderr, (built.stdout + built.stderr)[-3000:]
     wheel = next((tmp_path / "dist").glob("pargo_dist-*.whl"))
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
