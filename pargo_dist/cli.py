@@ -116,7 +116,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     out = export(args.checkpoint, args.out, adapters_only=args.adapters_only, max_shard_bytes=args.max_shard_size,
                  dtype=args.dtype)
-    print(f"exported {args.checkpoint} -> {out} (load with ParGoForConditionalGeneration.from_pretrained)")
+    if args.adapters_only:
+        print(f"exported {args.checkpoint} -> {out} (LoRA adapters in peft's format, and the projector)")
+    else:
+        print(f"exported {args.checkpoint} -> {out} (without pargo_dist: AutoProcessor and "
+              "AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=True))")
     return 0
 
 

@@ -206,6 +206,8 @@ def export(checkpoint: str | Path, out: str | Path, adapters_only: bool = False,
         config.architectures = [type(model).__name__]
         config.dtype = DTYPES[dtype]
         config.auto_map = write_remote_code(out)  # plain transformers loads it (trust_remote_code=True)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # so `generate` stops where training's
+            setattr(config.text_config, name, getattr(tokenizer, name))  # captions ended, with no arguments
         config.save_pretrained(out)
         if model.can_generate() and model.generation_config is not None:
             model.generation_config.save_pretrained(out)
