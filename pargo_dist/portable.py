@@ -20,6 +20,7 @@ from pathlib import Path
 SHIPPED = {
     "pargo_dist.errors": "errors",
     "pargo_dist.constants": "constants",
+    "pargo_dist.batch": "batch",
     "pargo_dist.hf_checkpoint": "hf_checkpoint",
     "pargo_dist.models.projector_config": "projector_config",
     "pargo_dist.models.projector": "projector",

@@ -92,6 +92,21 @@ def test_load_picks_the_grid_from_the_stored_size_before_jpeg_draft_decoding():
     assert pre.crop_count(1200, 400) == 4
 
 
+def test_the_loader_hands_on_uint8_pixels_that_normalize_to_the_float_preprocessing():
+    buf = io.BytesIO()
+    photo(90, 50).save(buf, format="JPEG", quality=90)
+    pre = ImagePreprocessor(size=32, resize_to=32, crops=policy("2x2"))
+    raw = pre.load(buf.getvalue(), normalize=False)
+    assert raw.dtype == torch.uint8 and raw.shape == (5, 3, 32, 32)
+    example = {"input_ids": [1, 2, 3], "labels": [1, 2, 3], "pixel_values": raw}
+    batch = Collator(pad_id=0, pixel_mean=pre.mean, pixel_std=pre.std)([example])
+    assert batch.pixel_values.dtype == torch.uint8  # a quarter of float32's bytes to the workers' shm and the GPU
+    torch.testing.assert_close(batch.pixels(), pre.load(buf.getvalue()), rtol=0, atol=0)
+    torch.testing.assert_close(batch.model_inputs()["pixel_values"], batch.pixels(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="uint8 pixel_values need pixel_mean and pixel_std"):
+        Collator(pad_id=0)([example]).pixels()
+
+
 # ----------------------------------------------------------------------------- the model
 
 

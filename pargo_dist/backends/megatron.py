@@ -246,7 +246,7 @@ class MegatronBackend:
             packed = batch.attention_mask is None and batch.position_ids is not None  # data.train.pack
             batch = batch.to(device)
             out = model(batch.input_ids, batch.attention_mask if masked else None, labels=batch.labels,
-                        pixel_values=batch.pixel_values, position_ids=batch.position_ids if packed else None,
+                        pixel_values=batch.pixels(), position_ids=batch.position_ids if packed else None,
                         image_crops=batch.image_crops)
 
             def loss_fn(per_token):

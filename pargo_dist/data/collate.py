@@ -11,7 +11,8 @@ per batch stays fixed (only the number of rows varies), which keeps the streamin
 sample accounting, and therefore exact resume, correct.
 
 Images: every image's crops in a row, (crops in all, 3, H, W), with `image_crops` (crops per
-image, placeholder order) when some image has more than one (data.image.crops).
+image, placeholder order) when some image has more than one (data.image.crops). The data
+loader's are uint8, normalized where the batch is used (Batch.pixels).
 
 The result is a `pargo_dist.batch.Batch`: besides the tensors it carries `num_samples`,
 `num_targets` (counted here, on the CPU), the sample ids, `skipped` (corrupt samples replaced
@@ -36,6 +37,9 @@ class Collator:
     pack: bool = False
     max_len: int | None = None  # row length when packing
     pad_to_multiple_of: int | None = None
+    # how the model normalizes uint8 pixels (the image processor's mean / std), carried by the batch
+    pixel_mean: tuple[float, float, float] | None = None
+    pixel_std: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
@@ -75,6 +79,7 @@ class Collator:
                      position_ids=positions if self.pack else None,
                      pixel_values=torch.cat(images) if images else None,
                      image_crops=crops if any(c != 1 for c in crops) else None,
+                     pixel_mean=self.pixel_mean, pixel_std=self.pixel_std,
                      num_samples=len(examples), num_tokens=int(mask.sum()), num_targets=count_targets(labels),
                      sample_ids=[ex.get("id") for ex in placed],
                      skipped=[s for ex in placed for s in ex.get("skipped", [])],

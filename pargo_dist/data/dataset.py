@@ -114,7 +114,7 @@ class ParGoDataset(StreamingDataset):
         pixels = None
         if image:
             try:
-                pixels = self.image_processor.load(image)  # (crops, 3, H, W)
+                pixels = self.image_processor.load(image, normalize=False)  # uint8 (crops, 3, H, W)
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
                 raise BadSample("bad_image", f"{type(err).__name__}: {err}") from None
         ids, labels = self.prompt(raw["caption"], raw["messages"], 0 if pixels is None else len(pixels))
@@ -186,6 +186,7 @@ def build_loader(cfg: DataConfig, *, tokenizer, image_processor: ImagePreprocess
                            num_image_tokens=num_image_tokens, batch_size=batch_size,
                            replication=replication if replication > 1 else None)
     collate = Collator(pad_id=tokenizer.pad_token_id, padding_side=padding_side, pack=cfg.pack,
-                       max_len=cfg.max_len if cfg.pack else None)
+                       max_len=cfg.max_len if cfg.pack else None,
+                       pixel_mean=tuple(image_processor.mean), pixel_std=tuple(image_processor.std))
     return ParGoLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=cfg.num_workers,
                        drop_last=drop_last, persistent_workers=cfg.num_workers > 0)

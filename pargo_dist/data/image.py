@@ -16,7 +16,6 @@ most of the IDCT work on large LAION-style images.
 
 from __future__ import annotations
 
-import functools
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pargo_dist.batch import normalize_pixels
 from pargo_dist.data.crops import CropPolicy
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -94,6 +94,10 @@ class ImagePreprocessor:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         """RGB image -> normalized (3, size, size) float32 tensor: the single-crop view."""
+        return self.normalize(self._view(img))
+
+    def _view(self, img: Image.Image) -> torch.Tensor:
+        """The single-crop view as uint8 (3, size, size)."""
         if self.resize_to is None:
             img = img.resize((self.size, self.size), self.resample)
         else:
@@ -105,39 +109,40 @@ class ImagePreprocessor:
                 img = img.resize((new_w, new_h), self.resample)
             top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
             img = img.crop((left, top, left + self.size, top + self.size))
-        return self._normalize(img)
+        return _uint8(img)
 
-    def _normalize(self, img: Image.Image) -> torch.Tensor:
-        """uint8 RGB -> (3, H, W) float32, (x / 255 - mean) / std: one pass that transposes and
-        converts, then one multiply-add per value (half the time of numpy's float arithmetic)."""
-        pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1)  # (a writable copy of the bytes)
-        out = torch.empty(pixels.shape, dtype=torch.float32).copy_(pixels)
-        return out.mul_(self._scale_shift[0]).add_(self._scale_shift[1])
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, H, W) -> float32 (x / 255 - mean) / std, on the tensor's device."""
+        return normalize_pixels(pixels, self.mean, self.std)
 
-    @functools.cached_property
-    def _scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
-        std, mean = np.asarray(self.std, np.float32), np.asarray(self.mean, np.float32)
-        return (torch.from_numpy(1 / (255 * std))[:, None, None], torch.from_numpy(-mean / std)[:, None, None])
-
-    def cut(self, img: Image.Image, tiles: tuple[int, int]) -> torch.Tensor:
+    def cut(self, img: Image.Image, tiles: tuple[int, int], normalize: bool = True) -> torch.Tensor:
         """RGB image -> (crops, 3, size, size): the tiles of a (cols, rows) grid in raster order,
-        then the thumbnail (the single-crop view) when the policy asks for one."""
+        then the thumbnail (the single-crop view) when the policy asks for one. `normalize=False`:
+        uint8, for the data loader (normalize later, where the batch is: see Batch.pixels)."""
         cols, rows = tiles
         if cols * rows == 1:
-            return self(img).unsqueeze(0)
-        side = self.size
-        big = self._normalize(img.resize((cols * side, rows * side), self.resample))  # (3, rows*S, cols*S)
-        out = big.view(3, rows, side, cols, side).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, side, side)
-        if self.crops.thumbnail:
-            out = torch.cat([out, self(img).unsqueeze(0)])
-        return out.contiguous()
+            out = self._view(img).unsqueeze(0)
+        else:
+            side = self.size
+            big = _uint8(img.resize((cols * side, rows * side), self.resample))  # (3, rows*S, cols*S)
+            out = big.view(3, rows, side, cols, side).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, side, side)
+            if self.crops.thumbnail:
+                out = torch.cat([out, self._view(img).unsqueeze(0)])
+        return self.normalize(out) if normalize else out.contiguous()
 
     def views(self, img: Image.Image) -> torch.Tensor:
-        """A decoded RGB image -> (crops, 3, size, size), cut as data.image says."""
+        """A decoded RGB image -> normalized (crops, 3, size, size), cut as data.image says."""
         return self.cut(img, self.tiles_for(*img.size))
 
-    def load(self, data: bytes) -> torch.Tensor:
-        """Encoded bytes -> (crops, 3, size, size); crops is 1 unless data.image asks for tiles."""
+    def load(self, data: bytes, normalize: bool = True) -> torch.Tensor:
+        """Encoded bytes -> (crops, 3, size, size); crops is 1 unless data.image asks for tiles.
+        `normalize=False`: the uint8 pixels (what the data loader hands on: a quarter of the bytes
+        through the workers' shared memory and to the GPU, normalized there)."""
         with Image.open(io.BytesIO(data)) as probe:  # the header alone: the grid follows the stored size
             tiles = self.tiles_for(*probe.size)
-        return self.cut(self.decode(data, tiles), tiles)
+        return self.cut(self.decode(data, tiles), tiles, normalize)
+
+
+def _uint8(img: Image.Image) -> torch.Tensor:
+    """RGB image -> uint8 (3, H, W), one transposing copy."""
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # (np.array: a writable copy)

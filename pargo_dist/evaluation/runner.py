@@ -143,7 +143,8 @@ class Evaluator:
         self.device, self.batch_size, self.generate_kwargs = device, batch_size, generate_kwargs
         self.prompt = PromptBuilder(tokenizer, build.visual_tokens(cfg, model), max_len=10**6)
         self.pixels = build.image_processor(cfg)
-        self.collate = Collator(pad_id=tokenizer.pad_token_id, padding_side="left")  # left: generation appends
+        self.collate = Collator(pad_id=tokenizer.pad_token_id, padding_side="left",  # left: generation appends
+                                pixel_mean=tuple(self.pixels.mean), pixel_std=tuple(self.pixels.std))
 
     def _generate(self, prompts: list[list[int]], pixels: torch.Tensor, crops: list[int] | None = None) -> list[str]:
         from pargo_dist.generate import generate_texts
@@ -154,7 +155,7 @@ class Evaluator:
     def _loss_sums(self, batch) -> list[tuple[float, int]]:
         """Per sample of a collated batch: summed cross-entropy of its answer tokens, and how many there are."""
         logits = self.model(input_ids=batch.input_ids.to(self.device),
-                            pixel_values=batch.pixel_values.to(self.device, self.model.dtype),
+                            pixel_values=batch.to(self.device).pixels().to(self.model.dtype),
                             attention_mask=batch.attention_mask.to(self.device),
                             image_crops=batch.image_crops).logits.float()
         targets = batch.labels[:, 1:].to(self.device)
@@ -173,7 +174,7 @@ class Evaluator:
             prompt, answer = split_prompt_answer(e["input_ids"], e["labels"])
             prompts.append(prompt)
             truths.append(self.tokenizer.decode(answer, skip_special_tokens=True).strip())
-        generated = self._generate(prompts, batch.pixel_values, batch.image_crops) if generate else [None] * len(examples)
+        generated = self._generate(prompts, batch.pixels(), batch.image_crops) if generate else [None] * len(examples)
         for e, (loss_sum, tokens), truth, text in zip(examples, sums, truths, generated):
             rows.append({"sample": e["id"], "loss_sum": loss_sum, "tokens": tokens, "truth": truth, "generated": text})
         return rows
