@@ -25,7 +25,7 @@ from PIL import Image
 import pargo_dist  # noqa: F401  (before streaming: torchvision shim)
 from pargo_dist.data.crops import CropPolicy
 from pargo_dist.data.dataset import DataConfig, ParGoDataset, StreamConfig, build_loader
-from pargo_dist.data.grouping import SIDECAR, add_lengths, group_positions, read_sidecar
+from pargo_dist.data.grouping import SIDECAR, add_lengths, group_positions, read_sidecar, sample_sizes
 from pargo_dist.data.image import ImagePreprocessor
 from pargo_dist.data.schema import MDS_COLUMNS, make_sample
 from pargo_dist.data.tokenizer import build_word_tokenizer
@@ -273,3 +273,11 @@ def test_missing_sidecar_in_object_storage_is_refused(s3_server, tmp_path):
     ds = dataset(DataConfig(remote=remote, local=str(tmp_path / "cache2"), **GROUPED))
     assert len(ds.sample_lengths) == 8
     del ds
+
+
+def test_an_image_that_does_not_decode_is_sized_as_none_and_does_not_stop_the_writer():
+    """convert writes corrupt samples too (the loader skips and counts them): their sizes must not raise."""
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 20)).save(buf, format="PNG")
+    assert sample_sizes(make_sample("ok", buf.getvalue(), caption="a cat")) == (5, 0, 30, 20)
+    assert sample_sizes(make_sample("bad", b"not an image at all", caption="a cat")) == (5, 0, 0, 0)

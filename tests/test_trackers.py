@@ -1,11 +1,11 @@
 """W&B (offline) and MLflow (a local file store) get what TensorBoard gets, and a resumed run
 appends to the same tracker run.
 
-A real 2-rank run trains 3 steps and stops; a second launch with train.steps=6 resumes from
-the step-3 checkpoint (as a requeued job does) and finishes. Read back: every scalar of every
-step in W&B's offline run files and in MLflow equals TensorBoard's (float32 there: 1e-6), the
-W&B run id and the MLflow run are the ones the first launch created, and the recipe and the
-sample captions are there.
+A real run (one rank: only rank 0 talks to the trackers) trains 3 steps and stops; a second
+launch with train.steps=6 resumes from the step-3 checkpoint (as a requeued job does) and
+finishes. Read back: every scalar of every step in W&B's offline run files and in MLflow equals
+TensorBoard's (float32 there: 1e-6), the W&B run id and the MLflow run are the ones the first
+launch created, and the recipe and the sample captions are there.
 """
 
 from __future__ import annotations
@@ -67,11 +67,11 @@ def test_wandb_and_mlflow_log_what_tensorboard_logs_and_a_resume_continues_their
     recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
     trackers = ["logging.wandb.project=pargo-test", "logging.wandb.mode=offline",
                 f"logging.mlflow.tracking_uri={store}", "logging.mlflow.experiment=trackers"]
-    first = run_train(recipe, [*trackers, "train.steps=3", "checkpoint.every=3", "train.eval_every=3"], nproc=2)
+    first = run_train(recipe, [*trackers, "train.steps=3", "checkpoint.every=3", "train.eval_every=3"], nproc=1)
     meta = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "meta.json").read_text())
     ids = meta["trackers"]
     assert set(ids) == {"wandb", "mlflow"} and f"wandb (run {ids['wandb']})" in first.stdout
-    second = run_train(recipe, [*trackers, "train.steps=6", "checkpoint.every=3", "train.eval_every=3"], nproc=2)
+    second = run_train(recipe, [*trackers, "train.steps=6", "checkpoint.every=3", "train.eval_every=3"], nproc=1)
     assert "resumed from" in second.stdout and f"mlflow (run {ids['mlflow']})" in second.stdout
 
     tb = {k: dict(v) for k, v in read_scalars(tmp_path / "run" / "tb").items()}

@@ -71,14 +71,19 @@ TOKENS_PER_TURN = 4  # the chat template's role markers and end-of-turn token
 
 
 def sample_sizes(sample: dict[str, Any]) -> tuple[int, int, int, int]:
-    """(text characters, turns (0: a caption), image width, image height) of an MDS sample dict."""
+    """(text characters, turns (0: a caption), image width, image height) of an MDS sample dict.
+    An image whose header does not decode counts as none: the loader skips that sample anyway
+    (and counts it), so its length only has to be some length."""
     chars = len(sample.get("caption") or "") + sum(len(m["content"]) for m in sample.get("messages") or [])
     width = height = 0
     if sample.get("image"):
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
-        with Image.open(io.BytesIO(sample["image"])) as img:  # the header only
-            width, height = img.size
+        try:
+            with Image.open(io.BytesIO(sample["image"])) as img:  # the header only
+                width, height = img.size
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            pass
     return chars, len(sample.get("messages") or []), width, height
 
 
