@@ -12,12 +12,21 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
+from pathlib import Path
 
 import pytest
 from support.training import run_train, write_recipe
 
 from pargo_dist.report import read_scalars
 
+# `make install` puts wandb and mlflow-skinny here, apart from the stack (see the Makefile: beside
+# it, megatron-core and DeepSpeed import them in every process); the runs below get it on their path.
+TRACKERS = Path(sys.prefix) / "trackers"
+if not TRACKERS.is_dir():
+    pytest.skip(f"{TRACKERS} is missing: `make install` (or make test) installs wandb and mlflow-skinny there",
+                allow_module_level=True)
+sys.path.append(str(TRACKERS))  # last: the stack's own packages come first
 pytest.importorskip("wandb")
 pytest.importorskip("mlflow")
 
@@ -67,11 +76,14 @@ def test_wandb_and_mlflow_log_what_tensorboard_logs_and_a_resume_continues_their
     recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
     trackers = ["logging.wandb.project=pargo-test", "logging.wandb.mode=offline",
                 f"logging.mlflow.tracking_uri={store}", "logging.mlflow.experiment=trackers"]
-    first = run_train(recipe, [*trackers, "train.steps=3", "checkpoint.every=3", "train.eval_every=3"], nproc=1)
+    env = {"PYTHONPATH": str(TRACKERS)}
+    first = run_train(recipe, [*trackers, "train.steps=3", "checkpoint.every=3", "train.eval_every=3"], nproc=1,
+                      extra_env=env)
     meta = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "meta.json").read_text())
     ids = meta["trackers"]
     assert set(ids) == {"wandb", "mlflow"} and f"wandb (run {ids['wandb']})" in first.stdout
-    second = run_train(recipe, [*trackers, "train.steps=6", "checkpoint.every=3", "train.eval_every=3"], nproc=1)
+    second = run_train(recipe, [*trackers, "train.steps=6", "checkpoint.every=3", "train.eval_every=3"], nproc=1,
+                       extra_env=env)
     assert "resumed from" in second.stdout and f"mlflow (run {ids['mlflow']})" in second.stdout
 
     tb = {k: dict(v) for k, v in read_scalars(tmp_path / "run" / "tb").items()}
