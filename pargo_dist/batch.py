@@ -118,10 +118,9 @@ class Batch:
         """(pixel_values, image_crops) of the batch's first `n` images."""
         if self.pixel_values is None:
             return None, None
-        if self.image_crops is None:
-            return self.pixels()[:n], None
-        crops = self.image_crops[:n]
-        return self.pixels()[:sum(crops)], crops
+        crops = None if self.image_crops is None else self.image_crops[:n]
+        head = replace(self, pixel_values=self.pixel_values[:n if crops is None else sum(crops)])
+        return head.pixels(), crops  # (only these images normalized)
 
     def to(self, device: torch.device | str) -> "Batch":
         """A copy with every tensor on `device` (asynchronous copies where the source allows)."""

@@ -27,6 +27,7 @@ fail or go wrong; the fix is printed under the table). Exit 0 without a FAIL, 1 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
@@ -53,7 +54,7 @@ class Check:
 # ----------------------------------------------------------------------------- the checks
 
 
-def check_gpus(cfg, gpus: int | None) -> list[Check]:
+def check_gpus(cfg, gpus: int | None, shapes) -> list[Check]:
     import torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -62,12 +63,12 @@ def check_gpus(cfg, gpus: int | None) -> list[Check]:
             return [Check("gpus", FAIL, "no CUDA GPU visible, and the recipe trains in bf16 (a GPU recipe)",
                           "run on a GPU node; check `nvidia-smi` and CUDA_VISIBLE_DEVICES")]
         return [Check("gpus", WARN, "no CUDA GPU visible: ranks will run on the CPU (gloo)")]
-    from pargo_dist.plan import Hardware, estimate, layout_of, shapes_of
+    from pargo_dist.plan import Hardware, estimate, layout_of
 
     mem = min(torch.cuda.get_device_properties(i).total_memory for i in range(count)) / GiB
     world = gpus or count
     need = estimate(cfg, Hardware(gpus=world, gpu_mem_gib=mem, gpus_per_node=count), layout_of(cfg),
-                    shapes_of(cfg)).total_gib()
+                    shapes()).total_gib()
     detail = f"{count} x {torch.cuda.get_device_name(0)} ({mem:.0f} GiB); the plan needs {need:.1f} GiB per GPU on {world}"
     if need > mem:
         return [Check("gpus", FAIL, detail, f"pargo-dist plan <recipe> --gpus {world} --gpu-mem {mem:.0f} --fit "
@@ -252,13 +253,13 @@ def check_weights(cfg) -> list[Check]:
     return out
 
 
-def check_disk(cfg) -> list[Check]:
-    from pargo_dist.plan import checkpoint_bytes, shapes_of
+def check_disk(cfg, shapes) -> list[Check]:
+    from pargo_dist.plan import checkpoint_bytes
 
     where = Path(cfg.run.dir).resolve()
     while not where.exists():
         where = where.parent
-    one = checkpoint_bytes(shapes_of(cfg), cfg.train.stage, cfg.train.precision, bool(cfg.model.lora.r))
+    one = checkpoint_bytes(shapes(), cfg.train.stage, cfg.train.precision, bool(cfg.model.lora.r))
     need = one * (cfg.checkpoint.keep_last + 1)
     free = shutil.disk_usage(where).free
     detail = (f"{_size(free)} free at {where}; {cfg.checkpoint.keep_last} + 1 checkpoints of "
@@ -285,8 +286,11 @@ def check_slurm() -> list[Check]:
 
 
 def diagnose(cfg, gpus: int | None = None) -> list[Check]:
-    return [*check_gpus(cfg, gpus), *check_versions(), *check_shm(cfg), *check_data(cfg),
-            *check_weights(cfg), *check_disk(cfg), *check_slurm()]
+    from pargo_dist.plan import shapes_of
+
+    shapes = functools.cache(lambda: shapes_of(cfg))  # the recipe's model traced once, if a check needs it
+    return [*check_gpus(cfg, gpus, shapes), *check_versions(), *check_shm(cfg), *check_data(cfg),
+            *check_weights(cfg), *check_disk(cfg, shapes), *check_slurm()]
 
 
 def format_table(checks: list[Check]) -> str:

@@ -144,5 +144,5 @@ class ImagePreprocessor:
 
 
 def _uint8(img: Image.Image) -> torch.Tensor:
-    """RGB image -> uint8 (3, H, W), one transposing copy."""
+    """RGB image -> uint8 (3, H, W): a copy of the bytes, then the transpose."""
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # (np.array: a writable copy)

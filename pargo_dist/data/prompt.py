@@ -54,19 +54,14 @@ class PromptBuilder:
             raise ValueError(f"an image of {crops} crops: the prompt knows visual token counts for "
                              f"{sorted(self.tokens_per_crops)} crops only") from None
 
-    @property
-    def num_image_tokens(self) -> int:
-        """Visual tokens of a one-crop image (what generation prompts use by default)."""
-        return self.visual_tokens(min(self.tokens_per_crops))
-
     def _render(self, messages: list[dict], generation_prompt: bool) -> list[int]:
         return list(self._render_turns(tuple((m["role"], m["content"]) for m in messages), generation_prompt))
 
     @functools.lru_cache(maxsize=256)
     def _render_turns(self, turns: tuple[tuple[str, str], ...], generation_prompt: bool) -> tuple[int, ...]:
-        """The template, memoised: a caption sample needs three renders that are two (the whole
-        chat is also its last prefix) and one of them (the user turn) is the same for every
-        caption. A third of the loader's time per sample went to rendering before."""
+        """The template, memoised: a caption sample asks for three renders, but the whole chat is
+        also its last prefix, and the user turn is the same for every caption, so only one of
+        the three is new work."""
         messages = [{"role": role, "content": content} for role, content in turns]
         return tuple(self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt))
 
