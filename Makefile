@@ -27,8 +27,13 @@ $(STAMP): pyproject.toml constraints.txt
 		"wandb>=0.31" "mlflow-skinny>=3.17"
 	touch $(STAMP)
 
+# The suite's processes are forked from a pre-imported server (tests/conftest.py); the last line
+# says how long the whole run took, install excluded.
 test: $(STAMP)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS)
+	@start=$$(date +%s); OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	secs=$$(( $$(date +%s) - start )); \
+	echo "make test: pytest exited $$rc after $$((secs / 60)) min $$((secs % 60)) s ($$secs s) on $$(nproc) cores"; \
+	exit $$rc
 
 # The main job on the embedded default: synthetic data, 2 ranks, ZeRO-3, checkpoints,
 # TensorBoard logs in runs/tiny-cpu/tb, then export, a caption for two held-out images, the

@@ -16,7 +16,8 @@ the signal, finish its step, save, and the launcher must report "requeue me" (ex
 launcher sets the same variables torchrun does (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...),
 forwards SIGTERM / SIGUSR1 / SIGINT to every rank, and returns 75 only if every rank saved
 and asked for it; if one rank fails, the others are stopped and its exit code is returned.
-Ranks die with the launcher (PR_SET_PDEATHSIG), so a killed job leaves no orphans.
+Ranks die with the launcher (PR_SET_PDEATHSIG), so a killed job leaves no orphans. Where a fork
+server runs (PARGO_DIST_FORKSERVER, see pargo_dist/forkserver.py) it forks the ranks instead.
 
 No signal is lost or fatal during start-up: `hold_signals()` blocks SIGTERM / SIGUSR1 from
 the launcher's first line; ranks inherit the mask, so one that arrives while a rank still
@@ -27,7 +28,6 @@ and is honoured at the first step, instead of killing the rank with Python's def
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import signal
@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from pargo_dist import forkserver
 from pargo_dist.errors import UserError
 from pargo_dist.signals import hold_signals, release_signals
 from pargo_dist.slurm import EXIT_MEANINGS, PEER_LOST_EXIT, REQUEUE_EXIT, rendezvous_from_env
@@ -60,20 +61,14 @@ def rank_env(local_rank: int, nproc: int, nnodes: int, node_rank: int, master: s
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
-def _die_with_parent() -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def launch(nproc: int, train_args: list[str], nnodes: int = 1, node_rank: int = 0, master: str | None = None,
            grace: float = 600.0, announce: str | None = None, command: str = "train") -> int:
     """Run `pargo-dist <command> <train_args>` on nproc local ranks; returns the run's exit code."""
     master = master or f"127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "pargo_dist.cli", command, *train_args]
     hold_signals()  # the ranks start with them held (see the module docstring)
-    procs = [subprocess.Popen(cmd, env=rank_env(r, nproc, nnodes, node_rank, master), preexec_fn=_die_with_parent)
+    # forkserver.Popen is subprocess.Popen unless a fork server is running (the test suite runs one)
+    procs = [forkserver.Popen(cmd, env=rank_env(r, nproc, nnodes, node_rank, master), die_with_parent=True)
              for r in range(nproc)]
     received: list[int] = []
 

@@ -16,6 +16,40 @@ import pargo_dist  # noqa: E402,F401  (environment shims before any transformers
 
 torch.set_num_threads(1)
 
+
+def _start_fork_server():
+    """Processes the tests start (ranks, `pargo-dist` commands, workers) are forked by a server
+    that imported torch, transformers, DeepSpeed, megatron-core and streaming once, instead of
+    each importing them for 6-8 s (pargo_dist/forkserver.py; tests/test_forkserver.py checks
+    that a forked process equals a fresh one). It starts importing now, while pytest collects
+    and runs the in-process tests. PARGO_TEST_FORKSERVER=0 runs every process fresh."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from pargo_dist import forkserver
+
+    if os.environ.get("PARGO_TEST_FORKSERVER", "1") == "0" or os.environ.get(forkserver.ENV):
+        return
+    where = tempfile.mkdtemp(prefix="pargo-fs-")
+    path = os.path.join(where, "server.sock")
+    log = os.environ.get("PARGO_TEST_FORKSERVER_LOG") or os.path.join(where, "server.log")  # says what ran fresh
+    server = forkserver.start(path, log=open(log, "w"))
+    os.environ[forkserver.ENV] = path
+
+    def stop():
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except Exception:
+            server.kill()
+        shutil.rmtree(where, ignore_errors=True)
+
+    atexit.register(stop)
+
+
+_start_fork_server()
+
 VOCAB = 128
 IMAGE_TOKEN = VOCAB - 1
 

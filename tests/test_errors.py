@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from support.training import env, write_recipe
 
+from pargo_dist import forkserver
+
 INJECT = str(Path(__file__).parent / "support" / "inject")
 LAUNCHER = Path(__file__).parents[1] / "launchers" / "launch.py"
 
@@ -31,7 +33,7 @@ def launch(recipe: Path, *overrides: str, fault: str | None = None, nproc: int =
     if fault:
         extra["PARGO_TEST_FAULT"] = fault
     start = time.monotonic()
-    out = subprocess.run([sys.executable, str(LAUNCHER), "--nproc", str(nproc), "--", str(recipe), *overrides],
+    out = forkserver.run([sys.executable, str(LAUNCHER), "--nproc", str(nproc), "--", str(recipe), *overrides],
                          capture_output=True, text=True, timeout=300, env={**env(), **extra})
     return out, time.monotonic() - start
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pargo_dist import forkserver
 from pargo_dist.data.synthetic import SyntheticConfig, held_out, position_name, synthetic_scene
 from pargo_dist.evaluation import mme
 from pargo_dist.evaluation.details import aggregate, parse_question, parse_shapes, score_caption
@@ -107,7 +108,7 @@ def run_eval(args: list[str], nproc: int = 1, expect: int = 0) -> subprocess.Com
     from support.training import env
 
     cmd = [sys.executable, "-m", "pargo_dist.cli", "eval", *args, "--nproc", str(nproc)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env())
+    out = forkserver.run(cmd, capture_output=True, text=True, timeout=600, env=env())
     assert out.returncode == expect, f"eval exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out
 
@@ -216,7 +217,7 @@ def test_sigterm_keeps_finished_batches_exits_for_requeue_and_the_rerun_finishes
     _, out, _ = evaluated
     args = [str(out / "model"), "--out", str(tmp_path / "ev"), "--mme-images", "12", "--max-new-tokens", "24",
             "--batch-size", "2"]
-    proc = subprocess.Popen([sys.executable, "-m", "pargo_dist.cli", "eval", *args, "--nproc", "2"], env=env(),
+    proc = forkserver.Popen([sys.executable, "-m", "pargo_dist.cli", "eval", *args, "--nproc", "2"], env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     parts = tmp_path / "ev" / "parts"
     deadline = time.monotonic() + 300

@@ -26,6 +26,8 @@ import torch
 from support.ranks import run_ranks
 from support.training import env, losses, run_train, sample_ids, write_recipe
 
+from pargo_dist import forkserver
+
 WORKER = Path(__file__).parent / "support" / "megatron_worker.py"
 MEGATRON = ["backend.name=megatron"]
 
@@ -154,7 +156,7 @@ def test_export_of_a_tp2_checkpoint_gives_the_logged_eval_loss(tp2_run, tmp_path
     from pargo_dist.constants import IGNORE_INDEX
 
     run_dir = tp2_run
-    subprocess.run([sys.executable, "-m", "pargo_dist.cli", "export", str(run_dir), "--out", str(tmp_path / "hf")],
+    forkserver.run([sys.executable, "-m", "pargo_dist.cli", "export", str(run_dir), "--out", str(tmp_path / "hf")],
                    check=True, env=env(), capture_output=True)
     model, tok, _ = load_exported(tmp_path / "hf")
     cfg = load_config(tmp_path / "hf" / "config.yaml")
@@ -206,7 +208,7 @@ def test_megatron_recipe_errors_name_the_key(grad_recipe):
     with pytest.raises(ConfigError, match="backend.name=megatron"):
         load_config(grad_recipe, ["backend.tensor_parallel=2"])
     def train(*args):  # refused by the command line, before any rank starts
-        return subprocess.run([sys.executable, "-m", "pargo_dist.cli", "train", str(grad_recipe), *MEGATRON, *args],
+        return forkserver.run([sys.executable, "-m", "pargo_dist.cli", "train", str(grad_recipe), *MEGATRON, *args],
                               capture_output=True, text=True, env=env(), timeout=300)
 
     out = train("backend.tensor_parallel=3", "--nproc", "3")

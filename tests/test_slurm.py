@@ -22,7 +22,7 @@ import pytest
 from support.slurm_cluster import SlurmCluster, unavailable
 from support.training import env, losses, marker, write_recipe
 
-from pargo_dist import cli
+from pargo_dist import cli, forkserver
 from pargo_dist.slurm import HANG_EXIT, REQUEUE_EXIT, after_step, expand_hostlist, port_for_job, rendezvous_from_env
 
 LAUNCHER = Path(__file__).resolve().parents[1] / "launchers" / "launch.py"
@@ -106,8 +106,19 @@ def _launch(recipe: Path, overrides: list[str], nproc: int, extra_env: dict | No
             wrap: list[str] = ()) -> subprocess.Popen:
     cmd = [*wrap, sys.executable, str(LAUNCHER), "--nproc", str(nproc), *(["--slurm"] if extra_env else []),
            "--", str(recipe), *overrides]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    return forkserver.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**env(), **(extra_env or {})}, start_new_session=True)
+
+
+def _rank_pids(launcher: subprocess.Popen) -> list[int]:
+    """The launcher's ranks: its children, or the fork server's (tests/conftest.py) other than the
+    launcher itself, which the server forked too (no other launch runs meanwhile)."""
+    parents = [launcher.pid]
+    if os.environ.get(forkserver.ENV):
+        parents.append(int(Path(os.environ[forkserver.ENV] + ".pid").read_text()))
+    pids = {int(p) for parent in parents
+            for p in subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()}
+    return sorted(pids - {launcher.pid})
 
 
 def test_a_signal_during_start_up_is_honoured_at_the_first_step(recipe):
@@ -129,8 +140,7 @@ def test_hang_detector_dumps_stacks_and_ends_the_run(recipe):
     while not (run_dir / "train_log.jsonl").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
         time.sleep(0.1)
-    ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
-                                            text=True).stdout.split()]
+    ranks = _rank_pids(proc)
     assert len(ranks) == 2
     os.kill(ranks[1], signal.SIGSTOP)
     out, _ = proc.communicate(timeout=120)

@@ -111,11 +111,12 @@ def test_export_round_trip_matches_the_logged_eval_loss(reference, tmp_path):
 
 
 def test_bad_recipes_fail_before_any_rank_starts(recipe):
-    import subprocess
     import sys
 
+    from pargo_dist import forkserver
+
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "pargo_dist.cli", "train", str(recipe), *args, "--nproc", "2"],
+        return forkserver.run([sys.executable, "-m", "pargo_dist.cli", "train", str(recipe), *args, "--nproc", "2"],
                               capture_output=True, text=True, timeout=120)
 
     out = cli("optim.lrr=1e-3")

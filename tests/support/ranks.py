@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pargo_dist import forkserver
 from pargo_dist.launch import free_port, rank_env
 
 
@@ -19,7 +20,7 @@ def run_ranks(script: str | Path, args: list[str], world_size: int, env: dict[st
         env_r = {**rank_env(rank, world_size, 1, 0, f"127.0.0.1:{port}"), **(env or {}),
                  "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
                                                              os.environ.get("PYTHONPATH")]))}
-        procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env_r,
+        procs.append(forkserver.Popen([sys.executable, str(script), *args], env=env_r,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     results = []
     for p in procs:

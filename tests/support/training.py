@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from pargo_dist import forkserver
+
 TEST_RECIPE = """
 run: {{dir: {run_dir}, seed: 0}}
 model:
@@ -50,7 +52,7 @@ def env() -> dict[str, str]:
 
 def run_train(recipe: Path, overrides: list[str] = (), nproc: int = 2, timeout: float = 600,
               expect: int = 0, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    out = subprocess.run(train_cmd(recipe, list(overrides), nproc), capture_output=True, text=True,
+    out = forkserver.run(train_cmd(recipe, list(overrides), nproc), capture_output=True, text=True,
                          timeout=timeout, env={**env(), **(extra_env or {})})
     if out.returncode != expect:
         raise AssertionError(f"train exited {out.returncode} (expected {expect}):\n"
@@ -61,7 +63,7 @@ def run_train(recipe: Path, overrides: list[str] = (), nproc: int = 2, timeout: 
 def start_train(recipe: Path, overrides: list[str] = (), nproc: int = 2,
                 extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """Started in its own process group, so the test can signal or kill every rank."""
-    return subprocess.Popen(train_cmd(recipe, list(overrides), nproc), stdout=subprocess.PIPE,
+    return forkserver.Popen(train_cmd(recipe, list(overrides), nproc), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**env(), **(extra_env or {})},
                             start_new_session=True)
 
