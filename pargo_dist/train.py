@@ -85,7 +85,7 @@ class Trainer:
             raise UserError(f"checkpoint {step_dir} was written by the {saved.backend} backend, this recipe uses "
                             f"{self.backend.name}: export it (`pargo-dist export`) and start from the export "
                             "(model.init_from), or set checkpoint.resume=none")
-        exact = self.backend.load(step_dir, saved.world_size)
+        self.backend.load(step_dir, saved.world_size)  # weights and optimizer, resharded for this layout
         self.backend.set_step(saved.step)  # the schedule is a function of the step
         counts = {k: v for k, v in saved.stream_samples.items() if k in self.streams}
         self.state = replace(saved, world_size=self.world, stage=self.cfg.train.stage,
@@ -93,17 +93,14 @@ class Trainer:
         if saved.loader is not None:
             self.loader.load_state_dict(saved.loader)
         rank_state = self.ckpt.load_rank_state(step_dir)
-        if exact and rank_state is not None:
+        if rank_state is not None:
             restore_rng_state(rank_state["rng"])
         def shown(layout: dict) -> str:
             return ", ".join(f"{k} {v}" for k, v in layout.items())
 
         before = shown(saved.layout) if saved.layout else f"{saved.world_size} rank(s)"
         layouts = f"{before} -> {shown(self.backend.layout())}"
-        if not exact:
-            self._say(f"elastic resume: the checkpoint's optimizer shards do not fit this layout ({layouts}); "
-                      "weights, schedule and data position restored, optimizer moments re-initialised")
-        elif saved.world_size != self.world or (saved.layout and saved.layout != self.backend.layout()):
+        if saved.world_size != self.world or (saved.layout and saved.layout != self.backend.layout()):
             self._say(f"elastic resume ({layouts}): weights, optimizer moments, schedule and data position "
                       "restored, resharded for this layout")
         self._say(f"resumed from {step_dir} at step {saved.step} ({saved.samples_seen:,} samples seen)")

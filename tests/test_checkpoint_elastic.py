@@ -2,9 +2,11 @@
 stage with Adam's moments, master weights and step, through DeepSpeed's universal checkpoint.
 
 Reference: the state the saving layout held, assembled across its ranks by DeepSpeed
-(`safe_get_full_*`), against the state the loading layout holds right after the load, assembled
-the same way. Both are the same numbers cut into other partitions: equal exactly. Real ranks
-over gloo (tests/support/elastic_worker.py).
+(`safe_get_full_*`, and the module's weights gathered), against the state the loading layout
+holds right after the load, assembled the same way. Both are the same numbers cut into other
+partitions: equal exactly. Real ranks over gloo (tests/support/elastic_worker.py). The full case's
+LLM ties its output layer to its embedding and has odd sizes (as has its tower), so ZeRO pads
+partitions of 2 ranks and the tied weight is one parameter under two names: both must come back.
 """
 
 from __future__ import annotations
@@ -31,9 +33,21 @@ def assert_same_state(saved: dict, loaded: dict, step: int, case: str) -> None:
     assert {n.split(".")[0] for n in names} == set(trains)
     if case == "lora":
         assert all("lora_" in n for n in names if n.startswith("language_model"))
-    for name, parts in saved["params"].items():
+    for name, parts in saved["params"].items():  # fp32 master, both moments and the module's weight
         for key, tensor in parts.items():
             assert torch.equal(loaded["params"][name][key], tensor), (name, key)
+    embedding = "language_model.model.embed_tokens.weight"
+    if case == "full":
+        # the output layer is the embedding, in every layout, and has its values as the forward sees it
+        assert saved["tied"] and loaded["tied"] and "language_model.lm_head.weight" not in names
+        assert torch.equal(loaded["output_weight"], saved["params"][embedding]["fp32"])
+        # odd sizes: 2 ranks cannot split these evenly, so ZeRO pads their partitions (the tied
+        # embedding, the LLM's and the tower's norms, biases)
+        odd = {n for n, parts in saved["params"].items() if parts["fp32"].numel() % 2}
+        assert {embedding, "language_model.model.norm.weight",
+                "vision_tower.model.vision_model.pre_layrnorm.weight", "projector.proj.bias"} <= odd, sorted(odd)
+    else:
+        assert not saved["tied"] and not loaded["tied"]
     # Adam has stepped: moments that are not zero (but for a norm the tower's features never use)
     unused = {n for n, parts in saved["params"].items() if not parts["exp_avg_sq"].any()}
     assert unused <= {"vision_tower.model.vision_model.post_layernorm.weight",

@@ -166,17 +166,23 @@ def test_resume_refuses_a_checkpoint_of_another_backend(tmp_path):
         run(trainer(cfg, resume=True))
 
 
-def test_an_elastic_load_continues_the_schedule_and_the_data(tmp_path, capsys):
+def test_a_resume_at_another_layout_says_so_and_continues_the_schedule_and_the_data_exactly(tmp_path, capsys):
+    """Every backend's load reshards (weights and optimizer; no weights-only fallback), so a resume
+    at another layout is the loop's ordinary resume plus a line that says so. The fake saves as
+    "dp 2" and resumes as dp 1 with the same arithmetic: steps 4-6 equal the uninterrupted run's."""
     cfg = recipe(tmp_path, "checkpoint.every=3")
-    assert run(trainer(cfg, FakeBackend())) == 0
+    assert run(trainer(cfg, FakeBackend(dp=2))) == 0
+    whole = logged(tmp_path)
     (tmp_path / "checkpoints" / "step_00000006").rename(tmp_path / "later")  # resume at 3
-    backend = FakeBackend(exact_load=False)  # the optimizer state did not come back (ZeRO, other rank count)
-    t = trainer(cfg, backend, resume=True)
+    (tmp_path / "train_log.jsonl").unlink()
+    t = trainer(cfg, FakeBackend(), resume=True)
     assert run(t) == 0
     out = capsys.readouterr().out
-    assert "elastic resume: the checkpoint's optimizer shards do not fit this layout (dp 1 -> dp 1)" in out
+    assert ("elastic resume (dp 2 -> dp 1): weights, optimizer moments, schedule and data position restored, "
+            "resharded for this layout") in out
     assert "resumed from" in out
     assert t.loader.consumed == 12 and t.state.step == 6
+    assert logged(tmp_path) == {s: v for s, v in whole.items() if s > 3}
 
 
 def test_empty_training_data_is_an_error_that_says_so(tmp_path):

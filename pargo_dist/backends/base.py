@@ -105,7 +105,7 @@ class Backend(Protocol):
     def wait_for_saves(self) -> None:
         """Block until this rank's background writes have finished (raises a failure's error)."""
 
-    def load(self, step_dir: Path, saved_world: int) -> bool:
-        """Collective: restore what `save` wrote, written by `saved_world` ranks. Returns True when
-        the optimizer state came back exactly; False when only the weights could be restored
-        (another rank count where the format does not reshard: Adam's moments start again)."""
+    def load(self, step_dir: Path, saved_world: int) -> None:
+        """Collective: restore what `save` wrote, written by `saved_world` ranks: weights and
+        optimizer state exactly, resharded when this layout (rank count, ZeRO stage, TP/PP) is
+        not the saving one. There is no weights-only fallback: a resume never restarts Adam."""

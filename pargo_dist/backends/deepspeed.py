@@ -430,7 +430,7 @@ class DeepSpeedBackend:
         if self._writer is not None:
             self._writer.wait()
 
-    def load(self, step_dir, saved_world: int) -> bool:
+    def load(self, step_dir, saved_world: int) -> None:
         """The checkpoint as saved when the layout is the same. Another rank count or ZeRO stage
         (ZeRO-3 writes per-rank model-state files, stages 0-2 one mp_rank_00 file; one rank runs
         ZeRO-3 as ZeRO-2) cannot take ZeRO's per-rank optimizer shards as they are: they are
@@ -443,9 +443,8 @@ class DeepSpeedBackend:
                 load_optimizer_states=True, load_lr_scheduler_states=True)
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load the checkpoint in {step_dir}")
-            return True
+            return
         self._load_universal(universal_checkpoint(Path(step_dir), dist.get_rank()))
-        return True
 
     def _load_universal(self, folder: Path) -> None:
         """Weights, Adam's moments and step of every trained parameter from a universal checkpoint,

@@ -326,7 +326,7 @@ class MegatronBackend:
         request = dist_checkpointing.save(self._sharded_state(loading=False), str(path), async_sharded_save=True)
         self._async_saves.schedule_async_request(request)
 
-    def load(self, step_dir: Path, saved_world: int) -> bool:
+    def load(self, step_dir: Path, saved_world: int) -> None:
         """Distributed checkpoints reshard: model and optimizer come back exactly at any layout."""
         path = Path(step_dir) / MEGATRON_DIR
         if not path.is_dir():
@@ -335,4 +335,3 @@ class MegatronBackend:
         state = dist_checkpointing.load(self._sharded_state(loading=True), str(path))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        return True

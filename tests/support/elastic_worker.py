@@ -3,7 +3,8 @@
     python elastic_worker.py RECIPE OUT ZERO_STAGE CASE [--load DIR SAVED_WORLD STEP LOADED_OUT]
                                                         [--train N] [--save DIR]
 
-Builds the tiny ParGo model of RECIPE for CASE (full: tower, projector and LLM all train; align:
+Builds the tiny ParGo model of RECIPE for CASE (full: tower, projector and LLM all train, with a
+tied output layer and odd sizes that ZeRO pads (ODD_TIED); align:
 the projector only; lora: the projector and LoRA adapters on the frozen LLM) through
 DeepSpeedBackend at ZERO_STAGE on this world size (one rank keeps ZeRO-3 when asked, as
 backend.zero3_on_one_rank does), then in order:
@@ -14,8 +15,9 @@ backend.zero3_on_one_rank does), then in order:
   --train N               N optimizer steps on fixed batches (each rank its own rows of them);
   --save DIR              backend.save into DIR.
 Rank 0 writes OUT (the state at the end) and LOADED_OUT: for every trained parameter, its full fp32 master weights and Adam moments
-as DeepSpeed assembles them across ranks (deepspeed.utils.safe_get_full_*), and Adam's step,
-so that a test can compare the state one layout saved with the state another layout loaded.
+as DeepSpeed assembles them across ranks (deepspeed.utils.safe_get_full_*) and the module's own
+weight, Adam's step, and the LLM's output layer (is it the embedding, and its weight), so that a
+test can compare the state one layout saved with the state another layout loaded.
 """
 
 from __future__ import annotations
@@ -29,7 +31,16 @@ import torch.distributed as dist
 import pargo_dist  # noqa: F401  (compat shims first)
 
 
-CASES = {"full": ["train.stage=full"], "align": ["train.stage=align"],
+# full: the LLM ties its output layer to its embedding, and the LLM's width (45), vocabulary (117)
+# and the tower's width (33) are odd, so that under 2 ranks many tensors (norms, biases, the tied
+# embedding) do not split evenly and ZeRO pads their partitions (3 heads of 16 and 3 of 11: RoPE
+# wants even head sizes, CLIP does not care).
+ODD_TIED = ["model.llm.config.tie_word_embeddings=true", "model.llm.config.vocab_size=117",
+            "model.llm.config.hidden_size=45", "model.llm.config.intermediate_size=97",
+            "model.llm.config.num_attention_heads=3", "model.llm.config.num_key_value_heads=1",
+            "model.llm.config.head_dim=16", "model.vision.config.hidden_size=33",
+            "model.vision.config.num_attention_heads=3"]
+CASES = {"full": ["train.stage=full", *ODD_TIED], "align": ["train.stage=align"],
          "lora": ["train.stage=finetune", "model.lora.r=4", "model.lora.alpha=8"]}
 
 
@@ -55,20 +66,29 @@ def fixed_batches(model, tokenizer, steps: int, rank: int, world: int, rows: int
 
 
 def full_state(backend) -> dict:
-    """name -> fp32 weights, exp_avg, exp_avg_sq (whole, on CPU) and Adam's step, for every trained
-    parameter. Collective (ZeRO-3 gathers the partitions)."""
+    """name -> fp32 master weights, exp_avg, exp_avg_sq and the module's own weight (what the forward
+    uses), whole, on CPU, for every trained parameter; Adam's step; whether the LLM's output layer
+    is its input embedding (tied) and that layer's weight as the forward sees it. Collective (ZeRO-3
+    gathers the partitions)."""
+    import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    module = backend.engine.module
+    trained = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    lm = module.language_model
+    output = lm.get_output_embeddings().weight
     state = {}
-    for name, p in backend.engine.module.named_parameters():
-        if not p.requires_grad:
-            continue
-        state[name] = {"fp32": safe_get_full_fp32_param(p).detach().cpu().clone(),
-                       "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").detach().cpu().clone(),
-                       "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").detach().cpu().clone()}
+    with deepspeed.zero.GatheredParameters([p for _, p in trained] + [output]):
+        for name, p in trained:
+            state[name] = {"fp32": safe_get_full_fp32_param(p).detach().cpu().clone(),
+                           "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").detach().cpu().clone(),
+                           "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").detach().cpu().clone(),
+                           "weight": p.detach().cpu().clone()}
+        output_weight = output.detach().cpu().clone()
     base = backend.engine.optimizer.optimizer
     steps = {float(s["step"]) for s in base.state.values() if "step" in s}
-    return {"params": state, "adam_steps": sorted(steps)}
+    return {"params": state, "adam_steps": sorted(steps), "output_weight": output_weight,
+            "tied": output is lm.get_input_embeddings().weight}
 
 
 def main() -> None:

@@ -26,12 +26,12 @@ class FakeBackend:
     generates = False
     synced_gpus = False
 
-    def __init__(self, vocab: int = 32, lr: float = 0.5, exact_load: bool = True):
+    def __init__(self, vocab: int = 32, lr: float = 0.5, dp: int = 1):
         torch.manual_seed(0)
         self.model = torch.nn.Embedding(vocab, vocab)  # logits of the next token from this one
         self.lr = lr
         self.step_lr = lr
-        self.exact_load = exact_load  # False: acts like ZeRO on another rank count
+        self.dp = dp  # the layout it reports (its arithmetic is the same at any): stands for another one
         self.hooks: dict[int, Callable[[], None]] = {}
         self.calls: list[tuple[str, int | float]] = []  # what the loop asked, in order
 
@@ -90,7 +90,7 @@ class FakeBackend:
         return None
 
     def layout(self) -> dict[str, int]:
-        return {"dp": 1}
+        return {"dp": self.dp}
 
     def save(self, step_dir: Path, background: bool = False) -> None:
         self.calls.append(("save", int(Path(step_dir).name.split("_")[1])))
@@ -102,9 +102,8 @@ class FakeBackend:
     def wait_for_saves(self) -> None:
         pass
 
-    def load(self, step_dir: Path, saved_world: int) -> bool:
+    def load(self, step_dir: Path, saved_world: int) -> None:
         self.model.load_state_dict(torch.load(Path(step_dir) / "fake.pt"))
-        return self.exact_load
 
 
 class ListLoader:
