@@ -18,8 +18,13 @@ import pytest
 from pargo_dist import forkserver
 
 PROBE = r'''
-import json, os, random, signal, sys
+import atexit, json, os, random, signal, sys, threading, time
 import torch
+# what the end of a process must still do: join a thread, run atexit, flush a file never closed
+kept = open(sys.argv[-2], "w")
+kept.write("written, never closed")
+atexit.register(lambda: sys.stderr.write("atexit ran\n"))
+threading.Thread(target=lambda: (time.sleep(0.3), open(sys.argv[-2] + ".thread", "w").write("joined"))).start()
 print(json.dumps({
     "argv": sys.argv, "name": __name__, "cwd": os.getcwd(),
     "path_head": sys.path[:3], "env": {k: os.environ.get(k) for k in ("PROBE_VAR", "OMP_NUM_THREADS")},
@@ -63,9 +68,13 @@ def probe(tmp_path):
 
 def run_probe(popen, script: Path, inject: Path, cwd: Path, exit_code: int, **kwargs):
     env = {**os.environ, "PROBE_VAR": "x", "PYTHONPATH": str(inject)}
-    with popen([sys.executable, str(script), "a", str(exit_code)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    kept = cwd / "kept.txt"
+    with popen([sys.executable, str(script), "a", str(kept), str(exit_code)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, **kwargs) as proc:
         out, err = proc.communicate("some input", timeout=120)
+    assert kept.read_text() == "written, never closed" and (cwd / (kept.name + ".thread")).read_text() == "joined"
+    kept.unlink()
+    (cwd / (kept.name + ".thread")).unlink()
     return proc, json.loads(out), err
 
 
@@ -79,7 +88,7 @@ def test_a_forked_command_is_the_fresh_one(server, probe, tmp_path):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
     assert forked.forked and not isinstance(fresh, forkserver.Popen)
     assert forked.returncode == fresh.returncode == 3
-    assert got_err == want_err == "to stderr\n"
+    assert got_err == want_err == "to stderr\natexit ran\n"
     seeds = {key: got.pop(key) for key in ("random", "torch_seed", "torch_rand")}
     for key, value in seeds.items():  # both generators are seeded per process, from the OS
         assert value != want.pop(key)
@@ -95,6 +104,8 @@ def test_a_forked_command_is_the_fresh_one(server, probe, tmp_path):
 def test_exit_status_of_an_exception_and_of_a_signal(server):
     crash = forkserver.run([sys.executable, "-c", "raise ValueError('on purpose')"], capture_output=True, text=True)
     assert crash.returncode == 1 and "ValueError: on purpose" in crash.stderr
+    said = forkserver.run([sys.executable, "-c", "import sys; sys.exit('a message')"], capture_output=True, text=True)
+    assert said.returncode == 1 and said.stderr == "a message\n"
     proc = forkserver.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     assert proc.forked
     with pytest.raises(subprocess.TimeoutExpired):
