@@ -435,7 +435,7 @@ def exit_quickly(code) -> None:
     threading._shutdown()
     atexit._run_exitfuncs()
     for obj in gc.get_objects():
-        if isinstance(obj, io.IOBase):
+        if issubclass(type(obj), io.IOBase):  # type(), not isinstance: a dead weak proxy raises there
             try:
                 if not obj.closed:
                     obj.flush()
