@@ -65,7 +65,7 @@ def test_zero3_keeps_the_frozen_tower_whole_and_out_of_its_partitions(tmp_path, 
     assert zero["stage3_param_persistence_threshold"] == max(100_000, 10 * hidden)
     with torch.no_grad():
         got = backend.module.encode_images(pixels.to(dtype))
-    tol = 1e-6 if precision == "fp32" else 5e-2
+    tol = 1e-6 if precision == "fp32" else 5e-2  # fp32: the same modules, the same ops (bit-equal): a replay
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
 
 

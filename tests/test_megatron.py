@@ -1,14 +1,18 @@
 """The megatron-core backend, with real ranks over gloo on CPU.
 
-References and tolerances:
+References and tolerances (docs/architecture.md, "Testing: how tolerances are chosen"):
 - Conversion: a random HF Llama / Qwen2 (GQA, q/k/v biases, tied embeddings) against its
-  megatron GPTModel at TP=1 and TP=2. The same fp32 math in another order (TP splits the
-  matmuls): logits agree to 1e-5 absolute on logits of size ~1. HF -> megatron -> HF is exact.
+  megatron GPTModel at TP=1 and TP=2, both in float64 (the same math in another order: TP splits
+  the matmuls). HF keeps its RMSNorm in float32, so logits agree to ~1e-7 of their scale, not
+  1e-15: the bound is FP32_SCALED (1e-5, ~84 float32 eps) of the largest logit. A packed row
+  against its samples alone is megatron against itself: 1e-10. HF -> megatron -> HF is exact.
 - Gradients: the ParGo MLLM through MegatronBackend (megatron's schedules, DDP buffers, TP/PP
-  communication) against the HF model on the same batch with the loss the DeepSpeed backend
-  uses (HF loss normalised by the answer-token count): loss to 1e-6 relative, every LLM and
-  projector gradient to 1e-6 absolute (gradients are ~0.1), megatron's grad norm (which must
-  skip TP duplicates) to 1e-5 relative.
+  communication; float32 only) against the HF model on the same batch with the loss the
+  DeepSpeed backend uses (HF loss normalised by the answer-token count): loss to 1e-6 relative
+  (~8 eps of a mean over ~100 tokens; measured ~4e-8), every LLM and projector gradient to
+  FP32_SCALED of the largest reference gradient (measured <= 6e-7 of it), megatron's grad norm
+  (which must skip TP duplicates: counting the norm weights twice moves it by ~1e-4) to 1e-5
+  relative against a float64 reference norm.
 - Training: a TP=2 run follows the DeepSpeed loss curve (2 ranks x 4, the same global batch) to
   1e-4 relative; a resume at TP=2 replays the uninterrupted run to 1e-6; TP=2 -> TP=1 resume to
   1e-4 (the same math, other float order).
@@ -30,6 +34,10 @@ from pargo_dist import forkserver
 
 WORKER = Path(__file__).parent / "support" / "megatron_worker.py"
 MEGATRON = ["backend.name=megatron"]
+# float32 math in two orders (TP/PP splits, other kernels) differs by a few eps per reduction; 1e-5
+# of the reference's largest entry (~84 float32 eps) bounds it on any CPU with 10x room, while a
+# wrong layout, a missing term or a TP duplicate moves values by 1e-2 of it or more.
+FP32_SCALED = 1e-5
 
 
 def worker(tmp_path: Path, world: int, mode: str, *args: str) -> dict:
@@ -48,7 +56,7 @@ def conversions(tmp_path_factory) -> dict:
 def test_hf_logits_equal_megatron_logits_and_conversion_round_trips(conversions, model_type, tp):
     res = conversions[f"{model_type}:{tp}"]
     assert res["logit_scale"] > 0.1  # not a degenerate model
-    assert res["max_abs_diff"] < 1e-5, res
+    assert res["max_abs_diff"] < FP32_SCALED * res["logit_scale"], res  # float64, but HF's RMSNorm in float32
     assert res["round_trip_identical"], res
 
 
@@ -75,8 +83,8 @@ def test_megatron_loss_and_gradients_equal_the_deepspeed_reference(gradients, tp
     assert res["loss"] == pytest.approx(res["ref_loss"], rel=1e-6)
     assert res["llm_tensors_compared"] == (20 if tied else 21)
     assert res["llm_grad_scale"] > 1e-2 and res["projector_grad_scale"] > 1e-2
-    assert res["llm_grad_max_diff"] < 1e-6, res
-    assert res["projector_grad_max_diff"] < 1e-6, res
+    assert res["llm_grad_max_diff"] < FP32_SCALED * res["llm_grad_scale"], res
+    assert res["projector_grad_max_diff"] < FP32_SCALED * res["projector_grad_scale"], res
     assert res["projector_copies"] == tp  # every TP rank of the first stage holds the same gradient
     assert res["grad_norm"] == pytest.approx(res["ref_grad_norm"], rel=1e-5)
     assert res["adamw_fused"] and set(res["adamw_fused"]) == {"AdamW"}  # every group: torch AdamW, fused
@@ -272,7 +280,8 @@ def test_packed_samples_get_the_logits_they_get_alone(packed, case):
     at TP 1 and 2; run alone they are HF's. Without the packing path they would not be."""
     res = packed[case]
     assert res["logit_scale"] > 0.1
-    assert res["max_abs_diff"] < 1e-5 and res["hf_diff"] < 1e-5, res
+    assert res["max_abs_diff"] < 1e-10, res  # megatron against itself, in float64
+    assert res["hf_diff"] < FP32_SCALED * res["logit_scale"], res  # HF's RMSNorm is float32
     assert res["naive_diff"] > 1e-2, res  # the same row as one sequence: other logits
 
 

@@ -45,7 +45,7 @@ def attentions(heads: int, groups: int):
 def run(attention, q, k, v, mask, rows):
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
     out = attention(q, k, v, mask)
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype)
     (out * weights * rows[..., None]).sum().backward()
     return out, q.grad, k.grad, v.grad
 
@@ -53,15 +53,19 @@ def run(attention, q, k, v, mask, rows):
 @pytest.mark.parametrize("heads,groups", [(4, 4), (4, 2), (4, 1)])
 @pytest.mark.parametrize("padding", ["none", "right", "left"])
 def test_sdpa_core_attention_equals_megatrons(heads, groups, padding):
+    # Two kernels for the same math: compared in float64, where their rounding differs by ~1e-15.
+    # In float32 an entry that is exactly 0 (the first query's gradient: it sees only itself) came
+    # out at 1e-6 on one CPU and not another; here 1e-10 is both strict and portable (a wrong or
+    # shifted mask moves outputs and gradients by ~1).
     torch.manual_seed(0)
-    q = torch.randn(S, B, heads, D)
-    k, v = torch.randn(S, B, groups, D), torch.randn(S, B, groups, D)
+    q = torch.randn(S, B, heads, D, dtype=torch.float64)
+    k, v = torch.randn(S, B, groups, D, dtype=torch.float64), torch.randn(S, B, groups, D, dtype=torch.float64)
     keep = torch.ones(B, S, dtype=torch.long)
     if padding == "right":
         keep[1, 6:], keep[2, 3:] = 0, 0
     elif padding == "left":
         keep[1, :4], keep[2, :2] = 0, 0
-    rows = keep.T.float()  # (s, b): what reaches the loss
+    rows = keep.T.double()  # (s, b): what reaches the loss
     mask = causal_padding_mask(keep)
     theirs, ours = attentions(heads, groups)
     want = run(theirs, q, k, v, mask, rows)
@@ -70,10 +74,11 @@ def test_sdpa_core_attention_equals_megatrons(heads, groups, padding):
         cases["no mask (causal)"] = None
     for case, given in cases.items():
         got = run(ours, q, k, v, given, rows)
-        torch.testing.assert_close(got[0] * rows[..., None], want[0] * rows[..., None], rtol=1e-5, atol=1e-6,
+        assert got[0].dtype == torch.float64
+        torch.testing.assert_close(got[0] * rows[..., None], want[0] * rows[..., None], rtol=1e-10, atol=1e-10,
                                    msg=lambda m: f"{case}: output: {m}")
         for name, a, b in zip("qkv", got[1:], want[1:]):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{case}: grad {name}: {m}")
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{case}: grad {name}: {m}")
 
 
 def test_a_right_padded_batch_needs_no_mask():

@@ -75,18 +75,23 @@ def gather_shards(local: dict, tp_rank: int, pp_rank: int) -> dict:
 
 
 def tiny_gpt(model_type: str, tp: int):
-    """A random tiny HF causal LM and this TP rank's GPTModel shard of it (eval mode); -> (hf, gpt, tp rank)."""
+    """A random tiny HF causal LM and this TP rank's GPTModel shard of it (eval mode); -> (hf, gpt, tp rank).
+    Both in float64: the same function in other orders (TP splits the matmuls) then differs by
+    ~1e-15 on any CPU, not by float32 rounding that varies with the CPU's kernels. HF still takes
+    its RMSNorm in float32 (by design), so HF vs megatron logits differ by ~1e-7 of their scale;
+    megatron vs megatron (packed vs alone) by ~1e-15."""
     from megatron.core.transformer import TransformerConfig
 
     from pargo_dist.backends.megatron_model import build_gpt
 
     init(tp)
-    hf = tiny_llm(model_type)
+    hf = tiny_llm(model_type).double()
     config = TransformerConfig(**transformer_config_kwargs(hf.config), tensor_model_parallel_size=tp,
                                use_cpu_initialization=True, perform_initialization=False,
                                bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-                               persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False)
-    gpt = build_gpt(config, hf.config, pre_process=True, post_process=True).eval()
+                               persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+                               params_dtype=torch.float64)
+    gpt = build_gpt(config, hf.config, pre_process=True, post_process=True).double().eval()
     rank = parallel_state.get_tensor_model_parallel_rank()
     gpt.load_state_dict(megatron_state_from_hf(hf.state_dict(), hf.config, tp, rank), strict=True)
     return hf, gpt, rank
@@ -227,7 +232,8 @@ def check_grads(tp: int, pp: int, recipe: str, overrides: list[str], compiled: b
         llm_diff = max(float((hf_grads[n] - g).abs().max()) for n, g in ref_llm.items() if n in hf_grads)
         ref_proj = {n: p.grad for n, p in reference.projector.named_parameters()}
         proj_diffs = [max(float((pg[n] - g).abs().max()) for n, g in ref_proj.items()) for pg in projectors if pg]
-        ref_norm = torch.cat([p.grad.flatten() for p in reference.parameters() if p.grad is not None]).norm()
+        # in float64: a float32 norm over all ~100k entries at once is itself off by ~5e-6 relative
+        ref_norm = torch.cat([p.grad.double().flatten() for p in reference.parameters() if p.grad is not None]).norm()
         return {"loss": float(loss_sum) / dp / targets, "ref_loss": float(ref_out.loss),
                    "grad_norm": float(grad_norm), "ref_grad_norm": float(ref_norm),
                    "llm_grad_max_diff": llm_diff, "llm_grad_scale": max(float(g.abs().max()) for g in ref_llm.values()),
