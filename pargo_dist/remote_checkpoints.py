@@ -28,8 +28,14 @@ from typing import Callable, TypeVar
 from pargo_dist.errors import UserError
 
 COMPLETE = "COMPLETE"
-_STEP = re.compile(r"(?:^|/)step_(\d{8})/COMPLETE$")
-_OWNED = (re.compile(r"^rank_(\d+)\.pt$"), re.compile(r"^zero_pp_rank_(\d+)_"), re.compile(r"^__(\d+)_\d+\.distcp$"))
+# Keys are matched relative to the run's own prefix and anchored there: another run's checkpoints
+# under it (s3://bkt/exp/ablation/step_.../) or beside it (s3://bkt/exp2/) are never this run's.
+_STEP = re.compile(r"^step_(\d{8})/COMPLETE$")
+_STEP_OBJECT = re.compile(r"^step_(\d{8})/")
+# The files a rank writes itself: our rank state, DeepSpeed's ZeRO shards (bf16_/fp16_ prefixed in
+# mixed precision, as every GPU recipe saves), megatron's distcp shards.
+_OWNED = (re.compile(r"^rank_(\d+)\.pt$"), re.compile(r"^(?:bf16_|fp16_)?zero_pp_rank_(\d+)_"),
+          re.compile(r"^__(\d+)_\d+\.distcp$"))
 _SKIP_DIRS = ("ds_universal",)  # made from ds/ on an elastic resume: a cache, not the checkpoint
 T = TypeVar("T")
 
@@ -114,10 +120,17 @@ class RemoteCheckpoints:
     def _keys(self) -> list[str]:
         return retried(f"listing {self.url}", lambda: self._uploader().list_objects() or [])
 
+    def _relative(self, key: str) -> str | None:
+        """`key` below this run's prefix, or None for an object outside it."""
+        prefix = urllib.parse.urlparse(self.url).path.strip("/")
+        if not prefix:
+            return key
+        return key[len(prefix) + 1:] if key.startswith(prefix + "/") else None
+
     def steps(self, keys: list[str] | None = None) -> list[int]:
-        """The steps of the complete checkpoints in the store (or among `keys`), oldest first."""
+        """The steps of this run's complete checkpoints in the store (or among `keys`), oldest first."""
         keys = self._keys() if keys is None else keys
-        return sorted({int(m.group(1)) for k in keys for m in [_STEP.search(k)] if m})
+        return sorted({int(m.group(1)) for k in keys for m in [_STEP.match(self._relative(k) or "")] if m})
 
     def prune(self, keep_last: int) -> None:
         """Delete all but the newest `keep_last` complete checkpoints (and any upload left
@@ -130,9 +143,8 @@ class RemoteCheckpoints:
         if len(complete) <= keep_last:
             return
         parsed = urllib.parse.urlparse(self.url)
-        prefix = parsed.path.lstrip("/")
         oldest_kept = complete[-keep_last]
-        doomed = [k for k in keys for m in [re.search(r"(?:^|/)step_(\d{8})/", k[len(prefix):])]
+        doomed = [k for k in keys for m in [_STEP_OBJECT.match(self._relative(k) or "")]
                   if m and int(m.group(1)) < oldest_kept]
         doomed.sort(key=lambda k: not k.endswith("/" + COMPLETE))  # markers first: never complete-but-partial
         for i in range(0, len(doomed), 1000):
@@ -152,11 +164,11 @@ class RemoteCheckpoints:
         if (target / COMPLETE).is_file():
             return target
         parsed = urllib.parse.urlparse(self.url)
-        prefix = parsed.path.lstrip("/")
         keys = retried(f"listing {self.url}", lambda: self._uploader().list_objects(f"step_{step:08d}/") or [])
+        keys = [k for k in keys if _STEP_OBJECT.match(self._relative(k) or "")]
         staging = self.local_root / f".step_{step:08d}.{socket.gethostname()}.{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        names = [k[len(prefix):].lstrip("/").split("/", 1)[1] for k in keys]
+        names = [self._relative(k).split("/", 1)[1] for k in keys]
         downloader = CloudDownloader.get(self.url)
         for key, name in sorted(zip(keys, names), key=lambda kn: kn[1] == COMPLETE):
             remote = f"{parsed.scheme}://{parsed.netloc}/{key}"

@@ -5,6 +5,7 @@ file and the tensor. The reference is transformers' own `from_pretrained` of the
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,9 @@ from pargo_dist.config import load_config
 from pargo_dist.data.tokenizer import load_tokenizer
 from pargo_dist.errors import UserError
 from pargo_dist.hf_checkpoint import HFCheckpoint
+
+
+INJECT = str(Path(__file__).parent / "support" / "inject")  # fault knobs (sitecustomize.py)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -166,18 +170,28 @@ def test_megatron_tp2_from_a_bf16_checkpoint_follows_deepspeed_from_the_same_che
 def test_zero3_partitioned_as_it_is_read_starts_where_the_whole_build_does(tmp_path, data_dir):
     """ZeRO-3 on 2 ranks from a bf16 checkpoint. Partitioned as it is read (zero.Init, each rank
     reads the rows of its partition): after one step at lr 0 the consolidated weights are
-    the checkpoint's (fp32 and bf16 training), and the first loss equals the whole build's."""
+    the checkpoint's (fp32 and bf16 training), and the first loss equals the whole build's.
+    With backend.zero_init=auto (null) the ranks see nodes of different sizes (a fault knob: one
+    rank's node has 1 MiB): rank 0 decides for all, so "whole" and "parts" build alike on both
+    ranks, where deciding apart would leave one rank in zero.Init's collectives alone."""
     from pargo_dist.weights import checkpoint_weights
 
     path = save_hub_style(tmp_path / "llm", "llama")
     ref = reference(path).state_dict()
     common = [f"model.llm.path={path}", "model.llm.config={}", "train.steps=1", "optim.lr=0", "data.eval=null",
               "backend.zero_stage=3"]
+    inject = {"PYTHONPATH": os.pathsep.join(filter(None, [INJECT, os.environ.get("PYTHONPATH")]))}
     first = {}
-    for name, extra in (("whole", ["backend.zero_init=false"]), ("parts", ["backend.zero_init=true"]),
-                        ("parts16", ["backend.zero_init=true", "train.precision=bf16"])):
+    for name, extra, small_node in (("whole", ["backend.zero_init=null"], "1"),
+                                    ("parts", ["backend.zero_init=null"], "0"),
+                                    ("parts16", ["backend.zero_init=true", "train.precision=bf16"], None)):
         recipe = write_recipe(tmp_path / f"{name}.yaml", tmp_path / name, data_dir)
-        run_train(recipe, [*common, *extra], nproc=2)
+        knob = {**inject, "PARGO_TEST_NODE_MEMORY": f"{small_node}:{2**20}"} if small_node else {}
+        out = run_train(recipe, [*common, *extra], nproc=2, extra_env=knob)
+        if small_node:  # said once, by rank 0, with its decision
+            said = [line for line in out.stdout.splitlines() if "the pretrained LLM is" in line]
+            how = "partitioned as it is read" if name == "parts" else "built whole on each rank"
+            assert len(said) == 1 and how in said[0] and "backend.zero_init=auto:" in said[0], said
         first[name] = losses(tmp_path / name)[1]
         if name != "whole":
             saved = checkpoint_weights(tmp_path / name)
@@ -201,3 +215,21 @@ def test_a_checkpoint_that_does_not_fit_stops_every_rank_with_the_named_tensor(t
     err = out.stdout + out.stderr
     assert "Traceback" not in err, err[-3000:]
     assert "model.layers.0.mlp.gate_proj.weight has shape (128, 64), the model needs (256, 64)" in err, err[-3000:]
+
+
+def test_node_memory_is_capped_by_the_cgroup_limit(tmp_path):
+    """backend.zero_init=auto decides from what the job may use: a SLURM --mem or container limit
+    (cgroup v2 memory.max, v1 memory.limit_in_bytes), not the machine's RAM that sysconf reports."""
+    from pargo_dist.node_memory import node_memory_bytes
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    (tmp_path / "memory.max").write_text("max\n")  # v2, no limit
+    assert node_memory_bytes(tmp_path) == physical
+    (tmp_path / "memory.max").write_text(f"{2**30}\n")
+    assert node_memory_bytes(tmp_path) == min(physical, 2**30)
+    (tmp_path / "memory.max").unlink()
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert node_memory_bytes(tmp_path) == physical
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(f"{3 * 2**29}\n")
+    assert node_memory_bytes(tmp_path) == min(physical, 3 * 2**29)

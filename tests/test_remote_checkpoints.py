@@ -112,3 +112,74 @@ def test_an_upload_that_fails_through_every_retry_names_the_object_and_leaves_no
         remote.upload(step_dir, rank=0, world_size=1, barrier=lambda: None, keep_last=3)
     assert len(tries) == 6 and not any(n.endswith("COMPLETE") for n in sent)
     assert rc.owner_of("rank_00003.pt", 4) == 3 and rc.owner_of("__1_0.distcp", 2) == 1 and rc.owner_of("meta.json", 4) == 0
+
+
+def test_a_run_sees_only_its_own_checkpoints_in_a_shared_bucket(s3_server, tmp_path):
+    """One bucket, many runs: the run at s3://bkt/exp lists, downloads and prunes only
+    exp/step_<N>/..., never a run under its prefix (exp/ablation), beside it (exp2) or at the
+    bucket's root, even when theirs are newer."""
+    from pargo_dist.remote_checkpoints import RemoteCheckpoints
+
+    bucket = s3_server.make_bucket("ckpt-shared")
+    client = s3_server.client()
+    ours = {2: ["COMPLETE", "meta.json", "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt"],
+            4: ["COMPLETE", "meta.json", "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt"]}
+    others = ["exp/ablation/step_00000010/COMPLETE", "exp/ablation/step_00000010/meta.json",
+              "exp/ablation/step_00000003/COMPLETE", "exp2/step_00000008/COMPLETE", "exp2/step_00000001/COMPLETE",
+              "step_00000009/COMPLETE", "step_00000001/COMPLETE"]
+    for step, names in ours.items():
+        for name in names:
+            client.put_object(Bucket="ckpt-shared", Key=f"exp/step_{step:08d}/{name}", Body=f"{step}/{name}".encode())
+    for key in others:
+        client.put_object(Bucket="ckpt-shared", Key=key, Body=b"another run's")
+
+    remote = RemoteCheckpoints(f"{bucket}/exp", tmp_path / "checkpoints")
+    assert remote.steps() == [2, 4]
+    newest = remote.fetch_newest()
+    assert newest == tmp_path / "checkpoints" / "step_00000004"
+    assert local_files(newest) == set(ours[4])
+    assert (newest / "meta.json").read_text() == "4/meta.json"
+    remote.prune(keep_last=1)
+    assert s3_server.list_keys("ckpt-shared") == sorted(
+        [f"exp/step_00000004/{n}" for n in ours[4]] + others)  # only our step 2 went
+    at_root = RemoteCheckpoints(bucket, tmp_path / "root")
+    assert at_root.steps() == [1, 9]  # the run at the bucket's root: its own step_<N>/ only
+
+
+def test_every_rank_uploads_the_shards_it_wrote_in_bf16_too(tmp_path, monkeypatch):
+    """Under bf16 (every GPU recipe) DeepSpeed names a rank's optimizer shard bf16_zero_pp_rank_<r>_...
+    (its own naming function gives the names here): that rank uploads it, not rank 0 for all."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    import pargo_dist.remote_checkpoints as rc
+
+    world = 2
+    step_dir = tmp_path / "checkpoints" / "step_00000002"
+    (step_dir / "ds").mkdir(parents=True)
+    written = {"meta.json": 0, "config.yaml": 0, "ds/mp_rank_00_model_states.pt": 0}
+    for rank in range(world):
+        for bf16 in (True, False):  # DeepSpeed's name for this rank's shard, in bf16 and in fp32
+            prefix = DeepSpeedEngine._get_zero_ckpt_prefix(None, rank, bf16_mode=bf16)
+            written[f"ds/{prefix}_mp_rank_00_optim_states.pt"] = rank
+        written[f"ds/zero_pp_rank_{rank}_mp_rank_00_model_states.pt"] = rank
+        written[f"rank_{rank:05d}.pt"] = rank
+    for name in written:
+        (step_dir / name).write_text("x")
+    assert "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in written
+    sent: dict[int, list[str]] = {}
+
+    class Recording:
+        def __init__(self, rank):
+            self.rank = rank
+
+        def upload_file(self, name):
+            sent.setdefault(self.rank, []).append(name.split("step_00000002/", 1)[1])
+
+    remote = rc.RemoteCheckpoints("s3://bucket/run", tmp_path / "checkpoints")
+    monkeypatch.setattr(remote, "prune", lambda keep_last: None)
+    for rank in range(world):
+        monkeypatch.setattr(remote, "_uploader", lambda rank=rank: Recording(rank))
+        remote.upload(step_dir, rank=rank, world_size=world, barrier=lambda: None, keep_last=3)
+    for rank in range(world):
+        assert sorted(sent[rank]) == sorted([n for n, r in written.items() if r == rank]
+                                            + (["COMPLETE"] if rank == 0 else [])), rank

@@ -240,30 +240,41 @@ class DeepSpeedBackend:
     def partitioned_build(self) -> bool:
         """Whether the pretrained LLM is partitioned as it is read (zero.Init), so that no rank
         ever holds it whole: backend.zero_init, or with `auto` (null), when its fp32 copies on
-        this node's ranks would take over a quarter of the node's memory. Said once, on rank 0,
-        with the numbers it was decided on. ZeRO-3 only; a random-init LLM is built whole."""
+        rank 0's node would take over a quarter of that node's memory (its cgroup limit where one
+        is set). Decided on rank 0 and broadcast: ranks that decided apart (nodes of different
+        sizes or limits) would wait in different collectives, some in zero.Init's and some not.
+        Said once, on rank 0, with the numbers it was decided on. ZeRO-3 only; a random-init LLM
+        is built whole."""
         choice = self.cfg.backend.zero_init
         if not self._zero3 or not self.cfg.model.llm.path:
             return False
         if choice is not None:
             partitioned, why = choice, f"backend.zero_init={str(choice).lower()}"
         else:
-            from pargo_dist.hf_checkpoint import HFCheckpoint
-
-            ckpt = HFCheckpoint(self.cfg.model.llm.path)
-            params = sum(math.prod(ckpt.shape(n)) for n in ckpt.names())
-            ckpt.close()
-            ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            partitioned = 4 * params * ranks > host / 4
-            why = (f"backend.zero_init=auto: {params / 1e9:.2f}B parameters x {ranks} rank(s) on this node in fp32 = "
-                   f"{4 * params * ranks / 2**30:.1f} GiB {'>' if partitioned else '<='} a quarter of its "
-                   f"{host / 2**30:.0f} GiB")
+            decision = [None, None]
+            if dist.get_rank() == 0:
+                decision = list(self._auto_partition())
+            dist.broadcast_object_list(decision, src=0)
+            partitioned, why = decision
         if torch.distributed.get_rank() == 0:
             how = ("partitioned as it is read (zero.Init; each rank reads its partition)" if partitioned else
                    "built whole on each rank, then partitioned by DeepSpeed")
             print(f"ZeRO-3: the pretrained LLM is {how} ({why})", flush=True)
         return partitioned
+
+    def _auto_partition(self) -> tuple[bool, str]:
+        from pargo_dist.hf_checkpoint import HFCheckpoint
+        from pargo_dist.node_memory import node_memory_bytes
+
+        ckpt = HFCheckpoint(self.cfg.model.llm.path)
+        params = sum(math.prod(ckpt.shape(n)) for n in ckpt.names())
+        ckpt.close()
+        ranks = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        host = node_memory_bytes()
+        partitioned = 4 * params * ranks > host / 4
+        return partitioned, (f"backend.zero_init=auto: {params / 1e9:.2f}B parameters x {ranks} rank(s) on a node in "
+                             f"fp32 = {4 * params * ranks / 2**30:.1f} GiB {'>' if partitioned else '<='} a quarter "
+                             f"of rank 0's node's {host / 2**30:.1f} GiB")
 
     @property
     def reads_pretrained_llm(self) -> bool:

@@ -21,3 +21,11 @@ if _spec and _rank is not None and _spec.split(":")[0] in ("*", _rank):
         return _original(trainer, micro_batches)
 
     pargo_dist.train.Trainer.train_step = _train_step
+
+# PARGO_TEST_NODE_MEMORY="RANK:BYTES" makes that rank see a node of BYTES memory (a smaller node,
+# or a cgroup limit), as ranks on nodes of different sizes would.
+_memory = os.environ.get("PARGO_TEST_NODE_MEMORY")
+if _memory and _rank is not None and _memory.split(":")[0] == _rank:
+    import pargo_dist.node_memory
+
+    pargo_dist.node_memory.node_memory_bytes = lambda *_, _bytes=int(_memory.split(":")[1]): _bytes
