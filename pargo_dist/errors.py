@@ -1,10 +1,10 @@
 """What the user can fix, told apart from what they cannot.
 
-A `UserError` is a bad recipe, a bad input file, a refused conversion, an output that already
-exists: the command line prints its message as one line and exits 2, because a traceback would
-only bury the sentence that says what to change. Every other exception is a bug or a fault
-(a damaged shard, an OOM, a lost node): it keeps its traceback and exits 1, on the rank where
-it happened, at once (see `pargo_dist.train.train`).
+A `UserError` is a bad recipe, a bad input file (a shard that does not decompress: `DamagedShard`),
+a refused conversion, an output that already exists: the command line prints its message as one
+line and exits 2, because a traceback would only bury the sentence that says what to change. Every
+other exception is a bug or a fault (an OOM, a lost node): it keeps its traceback and exits 1, on
+the rank where it happened, at once (see `pargo_dist.train.train`).
 
 UserError subclasses ValueError so that callers and tests that catch ValueError keep working.
 """
@@ -12,3 +12,9 @@ UserError subclasses ValueError so that callers and tests that catch ValueError 
 
 class UserError(ValueError):
     """Something the user can fix; the message says what to change."""
+
+
+class DamagedShard(UserError):
+    """A shard file that cannot be decompressed (truncated or overwritten after it was written: a
+    bad upload or copy). Not skipped like a damaged record: a whole shard is thousands of samples
+    lost without a word, and the file can be made again. The message names the stream and the file."""

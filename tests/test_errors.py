@@ -1,6 +1,7 @@
 """What a user sees when something goes wrong, through the launcher with real ranks: a failure
 keeps its traceback and exits 1, fast, even when only one rank fails; what the user can fix
-(a recipe typo, a missing dataset) is one line and exit 2, with no traceback.
+(a recipe typo, a missing dataset, a shard that does not decompress) is one line and exit 2, with
+no traceback.
 
 Faults are injected by tests/support/inject/sitecustomize.py (PARGO_TEST_FAULT="RANK:STEP"),
 which Python loads at start-up from PYTHONPATH: the product code has no test hooks.
@@ -9,6 +10,7 @@ which Python loads at start-up from PYTHONPATH: the product code has no test hoo
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -63,3 +65,30 @@ def test_what_the_user_can_fix_is_one_line_and_exit_2(recipe, tmp_path):
     assert "Traceback" not in typo.stderr and not (tmp_path / "run").exists()
     # A bad input the ranks find (a split without an MDS dataset) is checked the same way through
     # sbatch in test_slurm.py::test_a_job_that_fails_for_a_real_error_is_not_requeued.
+
+
+def test_a_shard_that_does_not_decompress_is_one_line_naming_it_and_exit_2(tmp_path):
+    """A shard truncated after it was written (a bad upload or copy) does not decompress. Before,
+    the run ended in a 60-line traceback (zstd.Error during a FileNotFoundError for the
+    decompressed name), in a misleading "gave no batch" when streaming's prefetch thread met it
+    first, or hung (this run: a loader worker waiting for ever for the shard streaming left
+    "preparing"). Now each rank that reads it names the stream and the file in one line, with the
+    fix, and the run exits 2."""
+    from pargo_dist.data.synthetic import SyntheticConfig, write_splits
+
+    data = tmp_path / "data"
+    write_splits(str(data), SyntheticConfig(num_samples=32, image_size=48), held_out_samples=8, size_limit=4096,
+                 progress=False)  # 4 zstd shards of 8 samples: every rank reads shard 1 in its first epoch
+    victim = data / "train" / "shard.00001.mds.zstd"
+    victim.write_bytes(victim.read_bytes()[:100])
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data)
+    out, took = launch(recipe, "train.steps=3", "checkpoint.every=0", "data.train.num_workers=1")
+    assert out.returncode == 2, out.stderr[-3000:]
+    named = [line for line in out.stderr.splitlines() if victim.name in line]
+    assert named, out.stderr[-3000:]
+    line = re.compile(rf"pargo-dist train: rank [01]: error: data stream {re.escape(str(victim.parent))}: "
+                      rf"shard {re.escape(victim.name)} is damaged .*; "
+                      r"re-convert it with `pargo-dist convert` or re-upload it")
+    assert all(line.fullmatch(text) for text in named), named
+    assert not any(text in out.stderr for text in ("Traceback", "zstd.Error", "DataLoader worker")), out.stderr[-3000:]
+    assert took < 60, took

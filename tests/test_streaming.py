@@ -3,8 +3,8 @@
 Checks what a training run relies on: every sample exactly once per epoch across ranks, a
 restored loader continues with the identical next batches (with data.group_by_length on), a
 restore with another rank count continues the same global sequence (with grouping off and
-on), corrupt samples are replaced and counted, and an object-store outage of a few seconds
-costs retries, not the run.
+on), corrupt samples are replaced and counted, a shard that does not decompress is one line
+naming it, and an object-store outage of a few seconds costs retries, not the run.
 """
 
 from __future__ import annotations
@@ -202,6 +202,38 @@ def test_a_damaged_shard_is_skipped_and_counted_or_named_never_a_silent_wait(tmp
     victim.write_bytes(bytes(data[: len(data) // 4]))  # truncated: every later record of it is gone
     with pytest.raises(UserError, match=f"consecutive unusable samples .*{victim}"):
         [dataset(max_substitutes=2)[i] for i in range(N)]
+
+
+@pytest.mark.parametrize("workers", [0, 1], ids=["no_worker", "loader_worker"])
+def test_a_shard_that_does_not_decompress_is_one_line_naming_it(tmp_path, workers):
+    """A zstd shard truncated on disk (a bad upload or copy) does not decompress at all, so it
+    cannot be skipped record by record. Before, that was a traceback of 60 lines (zstd.Error
+    during a FileNotFoundError for the decompressed name) or, when streaming's prefetch thread met
+    it first, an epoch that ended early without a word. Now the reader raises a DamagedShard that
+    names the stream and the file and says what to do, in one line, also out of a loader worker."""
+    from pargo_dist.data.dataset import DataConfig, ParGoDataset
+    from pargo_dist.data.image import ImagePreprocessor
+    from pargo_dist.data.tokenizer import build_word_tokenizer
+    from pargo_dist.errors import DamagedShard
+    from support.data_worker import read
+
+    local = tmp_path / "mds"
+    write_mds(str(local), samples(N), size_limit=1024)  # zstd
+    victim = local / "shard.00001.mds.zstd"
+    victim.write_bytes(victim.read_bytes()[:100])
+    expected = (f"data stream {local}: shard shard.00001.mds.zstd is damaged (it does not decompress: truncated or "
+                "overwritten after it was written); re-convert it with `pargo-dist convert` or re-upload it")
+    data = {"local": str(local), "shuffle": False, "max_len": 64, "num_workers": workers}
+    with pytest.raises(DamagedShard) as caught:  # streaming's prefetch thread meets it first
+        read({"words": WORDS, "batch_size": BATCH, "data": data})
+    assert str(caught.value) == expected
+
+    cfg = DataConfig(**data)  # no threads: the reader's own get_item meets it
+    ds = ParGoDataset(cfg, tokenizer=build_word_tokenizer(WORDS), num_image_tokens=4, batch_size=1,
+                      image_processor=ImagePreprocessor(size=16, resize_to=16))
+    with pytest.raises(DamagedShard) as caught:
+        [ds[i] for i in range(N)]
+    assert str(caught.value) == expected
 
 
 def test_object_store_outage_costs_retries_not_the_run(s3_server, tmp_path):

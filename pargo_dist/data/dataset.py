@@ -10,7 +10,8 @@ On top of that each sample is decoded (JPEG draft mode), preprocessed like the v
 expects, templated, tokenized and masked (see prompt.py). A sample that cannot be used
 (corrupt image, empty text, too long) is *replaced* by the next usable sample in the global
 order and reported in the example's `skipped` list: batch sizes never change (so ranks stay
-in lock-step) and the count reaches the logs.
+in lock-step) and the count reaches the logs. A shard file that does not decompress at all is
+not skipped: it is a `DamagedShard` error naming the file (see `ParGoDataset.prepare_shard`).
 """
 
 from __future__ import annotations
@@ -20,18 +21,20 @@ import logging
 import os
 import struct
 import tempfile
+import traceback
 import warnings
 from typing import Any, Mapping
 
 from PIL import UnidentifiedImageError
 from streaming import Stream, StreamingDataLoader, StreamingDataset
+from streaming.base.dataset import _ShardState
 
 from pargo_dist.data import grouping
 from pargo_dist.data.image import ImagePreprocessor
 from pargo_dist.data.prompt import PromptBuilder
 from pargo_dist.data.schema import BadSample
 from pargo_dist.data.sources import DataConfig, StreamConfig  # noqa: F401  (re-exported)
-from pargo_dist.errors import UserError
+from pargo_dist.errors import DamagedShard, UserError
 
 log = logging.getLogger(__name__)
 # streaming's note that a `replication` resume counts replicated samples: ParGoLoader counts them once
@@ -63,7 +66,19 @@ def _streams(cfg: DataConfig) -> list[Stream]:
     return out
 
 
+def _while_decompressing(err: BaseException) -> bool:
+    """Whether `err` came from decompressing (or checksumming) a shard streaming has on disk, not
+    from downloading it or from the local disk (an OSError with an errno: disk full, I/O error).
+    Told by the frame it passed through, because the codecs' errors (zstd.Error, zlib.error,
+    BadGzipFile, ...) share no base class (streaming pinned at 0.13.0: test_streaming checks it)."""
+    if isinstance(err, OSError) and err.errno is not None:
+        return False
+    return any(frame.f_code.co_name == "_decompress_shard_part" for frame, _ in traceback.walk_tb(err.__traceback__))
+
+
 class ParGoDataset(StreamingDataset):
+    _damaged: DamagedShard | None = None  # a shard that did not decompress in streaming's background threads
+
     def __init__(self, cfg: DataConfig, *, tokenizer, image_processor: ImagePreprocessor,
                  num_image_tokens: int | Mapping[int, int], batch_size: int, **streaming_kwargs: Any):
         """`num_image_tokens`: visual tokens per image, or {crops: tokens} for every crop count
@@ -155,11 +170,58 @@ class ParGoDataset(StreamingDataset):
         """The raw record of `sample`. Bytes that do not decode (a shard truncated or overwritten
         after it was written) make it a BadSample naming the shard: skipped and counted like a
         corrupt image, and if a whole run of samples is damaged, an error naming the shard.
-        A shard that cannot be downloaded raises as it is (streaming retried it already)."""
+        A shard that cannot be downloaded raises as it is (streaming retried it already), one that
+        does not decompress is a DamagedShard (`prepare_shard`)."""
         try:
             return self.get_item(sample)
+        except UserError:
+            raise
+        except RuntimeError:  # streaming's "Background thread failed": a damaged shard says which
+            self._raise_damaged()
+            raise
         except (ValueError, IndexError, KeyError, EOFError, struct.error) as err:
             raise BadSample("damaged_record", f"{self.shard_file(sample)}: {type(err).__name__}: {err}") from None
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """streaming's download + decompression of a shard; one that does not decompress is a
+        DamagedShard naming the stream and the file, raised where samples are read.
+
+        streaming also prepares shards ahead in two background threads (blocking=False there).
+        An exception in them is only logged (a traceback) and ends the epoch early without a
+        word, so the error is kept and raised by the reading thread (`read`, `__iter__`), and
+        streaming's stop event ends those threads. The shard is marked not prepared again: left
+        "preparing", a reader waiting for it would wait forever; now it tries it and raises."""
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as err:
+            if not _while_decompressing(err):
+                raise
+            self._shard_states[shard_id] = _ShardState.REMOTE
+            self._damaged = DamagedShard(self._damaged_message(shard_id))
+            if getattr(self, "_event", None) is not None:
+                self._event.set()
+            if blocking:
+                raise self._damaged from None
+
+    def _damaged_message(self, shard_id: int) -> str:
+        stream = self.streams[self.stream_per_shard[shard_id]]
+        raw, zipped = self.shards[shard_id].file_pairs[-1]
+        name = (zipped or raw).basename
+        local = os.path.join(stream.local, stream.split) if stream.split else stream.local
+        where, fix = local, "re-convert it with `pargo-dist convert` or re-upload it"
+        if stream.remote:
+            where = "/".join(filter(None, [stream.remote.rstrip("/"), stream.split])) + f" (cached in {local})"
+            fix += f", then delete the cached copy {os.path.join(local, name)}"
+        return (f"data stream {where}: shard {name} is damaged (it does not decompress: truncated or "
+                f"overwritten after it was written); {fix}")
+
+    def _raise_damaged(self) -> None:
+        if self._damaged is not None:
+            raise self._damaged
+
+    def __iter__(self):
+        yield from super().__iter__()
+        self._raise_damaged()  # met by a background thread: streaming ended the epoch early
 
 
 class ParGoLoader(StreamingDataLoader):
@@ -167,6 +229,24 @@ class ParGoLoader(StreamingDataLoader):
 
     def _get_batch_size(self, batch: Any) -> int:
         return batch.num_samples
+
+    def __iter__(self):
+        """A UserError raised in a loader worker (data.num_workers > 0) arrives re-made by torch
+        with the worker's whole traceback as its message ("Caught DamagedShard in DataLoader
+        worker process 0. Original Traceback ..."): raised again with its own one line only."""
+        try:
+            yield from super().__iter__()
+        except UserError as err:
+            raise type(err)(_own_message(err)) from None
+
+
+def _own_message(err: UserError) -> str:
+    """The message a UserError was raised with, out of torch's worker wrapper if it has one: the
+    traceback's last line, "pargo_dist.errors.DamagedShard: <message>"."""
+    text = str(err)
+    if not text.startswith(f"Caught {type(err).__name__} in DataLoader worker"):
+        return text
+    return text.rstrip().splitlines()[-1].partition(": ")[2]
 
 
 def build_loader(cfg: DataConfig, *, tokenizer, image_processor: ImagePreprocessor,
