@@ -1,5 +1,6 @@
 """`pargo-dist eval`: detail recall and MME scoring against hand-computed values; the runner
-against the trainer's own held-out loss and single-sample generation; 2 ranks against 1; resume."""
+against the trainer's own held-out loss (DeepSpeed and megatron TP=2 runs) and single-sample
+generation; 2 ranks against 1; resume."""
 
 from __future__ import annotations
 
@@ -203,6 +204,25 @@ def test_eval_resumes_on_another_rank_count_and_equals_the_whole_run(evaluated, 
         assert again[key] == pytest.approx(whole[key], rel=1e-5), key
     assert lines_of_rank0() - before == 32 + 24 - done_before  # only what was missing was evaluated again
 
+
+def test_eval_of_a_megatron_tp2_run_on_2_ranks_gives_the_trainers_loss(data_dir, tmp_path):
+    """A megatron checkpoint saved at TP=2, evaluated on 2 ranks: rank 0 converts it once, before
+    the ranks form their group (megatron's reader forms a one-process group of its own), the
+    other rank waits for the export; both evaluate half the held-out split, whose loss is the
+    trainer's own eval/loss at that step (the whole split, on the TP=2 model)."""
+    from support.training import losses, run_train, write_recipe
+
+    run = tmp_path / "run"
+    run_train(write_recipe(tmp_path / "recipe.yaml", run, data_dir),
+              ["backend.name=megatron", "backend.tensor_parallel=2", "train.micro_batch=8", "train.steps=2"], nproc=2)
+    out = tmp_path / "eval"
+    log = run_eval([str(run), "--out", str(out), "--tb", str(out / "tb"), "--mme", "none", "--no-generate"], nproc=2)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 2 and metrics["samples"] == 32 and metrics["skipped"] == 0
+    assert metrics["loss"] == pytest.approx(losses(run, "eval/loss")[2], rel=1e-5)
+    assert log.stdout.count("exporting ") == 1 and not (out / "model.partial").exists()
+    parts = [len((out / "parts" / f"captions.rank{r}.jsonl").read_text().splitlines()) for r in (0, 1)]
+    assert parts == [16, 16]
 
 
 def test_sigterm_keeps_finished_batches_exits_for_requeue_and_the_rerun_finishes(evaluated, tmp_path):

@@ -115,13 +115,16 @@ class MegatronWeights:
 
     @staticmethod
     def _run_alone(start: Callable[[], object] | None) -> None:
-        """A one-process group while megatron builds its meta model; torn down after."""
+        """A one-process group while megatron builds its meta model; torn down after. It is this
+        process's own group even in a launched rank (`pargo-dist eval --nproc N` reads the
+        checkpoint on rank 0 alone): the launcher's RANK / WORLD_SIZE / MASTER_PORT would make it
+        wait for peers that never join, so they are replaced here (the caller restores them)."""
         from megatron.core import parallel_state
 
-        from pargo_dist.launch import single_process_env
+        from pargo_dist.launch import free_port
 
         if start is not None:
-            single_process_env()
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
             start()
             return
         parallel_state.destroy_model_parallel()

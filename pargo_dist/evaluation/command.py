@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from pargo_dist.errors import UserError
@@ -49,10 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="discard results of an earlier run in OUT")
 
 
-def _resolve(args, rank: int, barrier) -> tuple[Path, Path, Path | None, int]:
-    """-> (exported model dir, out dir, tensorboard dir, step)."""
+def _resolve(args, rank: int) -> tuple[Path, Path, Path | None, int]:
+    """-> (exported model dir, out dir, tensorboard dir, step). Called before the ranks' process
+    group exists (see _export_once)."""
     from pargo_dist.checkpoint import CheckpointManager, resolve_checkpoint, run_dir_of
-    from pargo_dist.export import export
 
     source = Path(args.model)
     if "://" in str(args.model):  # a run's checkpoint.remote: its newest complete checkpoint, downloaded
@@ -67,11 +68,37 @@ def _resolve(args, rank: int, barrier) -> tuple[Path, Path, Path | None, int]:
     step = CheckpointManager.load_state(step_dir).step
     out = Path(args.out or run_dir / "eval" / step_dir.name)
     model_dir = out / "model"
-    if rank == 0 and not (model_dir / "config.yaml").exists():  # config.yaml is export's last write
-        print(f"exporting {step_dir} -> {model_dir}", flush=True)
-        export(step_dir, model_dir)
-    barrier()
+    _export_once(step_dir, model_dir, rank)
     return model_dir, out, run_dir / "tb", args.step if args.step is not None else step
+
+
+def _export_once(step_dir: Path, model_dir: Path, rank: int) -> None:
+    """Rank 0 exports the checkpoint into `model_dir` (once: a rerun reuses it); the other ranks
+    wait until it is there. Both happen before the evaluation's process group is formed, because
+    - a megatron checkpoint is read back (at TP=1, whatever layout saved it) by a process that
+      forms a one-process group of its own for megatron and tears it down after
+      (backends/megatron_weights.py): inside the evaluation's group it is refused;
+    - an export of a large checkpoint lasts longer than a collective's timeout (10-30 minutes):
+      ranks waiting for it in a barrier, or in the group's rendezvous, would time out. Here they
+      wait on the directory, in no collective, and the group forms once the model is there.
+    The ranks of `pargo-dist eval --nproc N` share this machine, so they see the same directory;
+    should rank 0 fail, the launcher stops the others. The export is written beside `model_dir`
+    and renamed into place, so a waiting rank (or a rerun after a kill) never reads half of one."""
+    from pargo_dist.export import export
+
+    done = model_dir / "config.yaml"  # export's last write
+    if rank != 0:
+        while not done.exists():
+            time.sleep(0.1)
+        return
+    if done.exists():
+        return
+    partial = model_dir.with_name(f"{model_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # what a killed export left
+    print(f"exporting {step_dir} -> {model_dir}", flush=True)
+    export(step_dir, partial)
+    shutil.rmtree(model_dir, ignore_errors=True)  # an incomplete export of an older version
+    os.replace(partial, model_dir)
 
 
 def _check_settings(out: Path, args, rank: int, barrier) -> None:
@@ -134,9 +161,10 @@ def run(args: argparse.Namespace) -> int:
     from pargo_dist.slurm import REQUEUE_EXIT
 
     stop = StopSignal()
-    ranks = Ranks()
+    rank = int(os.environ.get("RANK", 0))
     try:
-        model_dir, out, tb, step = _resolve(args, ranks.rank, ranks.barrier)
+        model_dir, out, tb, step = _resolve(args, rank)  # before the group: see _export_once
+        ranks = Ranks()
         _check_settings(out, args, ranks.rank, ranks.barrier)
         model, tokenizer, cfg = load_exported(model_dir)
         if cfg is None:
@@ -160,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         if ranks.rank == 0:
             _publish(metrics, out, Path(args.tb) if args.tb else tb, step)
     except Interrupted as why:  # every rank got the signal and leaves on its own: no collective now
-        if ranks.rank == 0:
+        if rank == 0:
             print(f"{why}: finished batches are kept in {out / 'parts'}; run the same command again to finish "
                   f"(exit {REQUEUE_EXIT}: requeue me)", flush=True)
         return REQUEUE_EXIT
