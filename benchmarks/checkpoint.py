@@ -22,6 +22,20 @@ shown, and the background/synchronous ratio of blocked time (the issue's goal: <
 
     OMP_NUM_THREADS=1 python benchmarks/checkpoint.py                     # small and medium, 3 saves each
     OMP_NUM_THREADS=1 python benchmarks/checkpoint.py --sizes small --repeats 5 --dir /mnt/fast
+
+`--conversion`: the elastic resume's side instead. A 2-rank ZeRO-3 bf16 run of each size (`pargo-dist
+train`, one step, checkpoint.every=1) leaves a checkpoint as every GPU recipe saves it; then, per size:
+
+  convert 1w s   DeepSpeed's ds_to_universal with one extraction worker, in the rank's process:
+                 how pargo_dist converted before (rank 0 alone, the others in a barrier)
+  convert Nw s   pargo_dist/backends/deepspeed_universal.py now: its own process, with the
+                 workers the node's cores and memory allow (N), while the other ranks wait on the store
+  up / rank MB   what each rank uploads to checkpoint.remote (the files it wrote; rank 0 also the
+                 shared ones), so what each node sends is the sum over its ranks
+  down / fs MB   what a filesystem downloads for a resume on new nodes: the whole checkpoint (an
+                 elastic resume needs every rank's shards), once per filesystem
+
+    OMP_NUM_THREADS=1 python benchmarks/checkpoint.py --conversion --sizes small medium 302m
 """
 
 from __future__ import annotations
@@ -108,13 +122,71 @@ def measure(size: str, args) -> dict:
     return rows
 
 
+# ~300M: the small size's tower, an 18-layer Llama of width 1,024 (the size the issue measured)
+train_step.SIZES.setdefault("302m", train_step.SIZES["small"] + [
+    f"{_LLM}hidden_size=1024", f"{_LLM}intermediate_size=2816", f"{_LLM}num_hidden_layers=18",
+    f"{_LLM}num_attention_heads=16", f"{_LLM}num_key_value_heads=8"])
+
+
+def conversion(size: str, root: Path) -> dict:
+    """A 2-rank ZeRO-3 bf16 checkpoint of `size`, converted both ways (see the module docstring)."""
+    import subprocess
+
+    from pargo_dist.backends.deepspeed_universal import UNIVERSAL_DIR, convert, extract_workers
+    from pargo_dist.remote_checkpoints import RemoteCheckpoints
+
+    run = root / size
+    overrides = [*train_step.SIZES[size], f"run.dir={run}", "train.steps=1", "checkpoint.every=1",
+                 "train.precision=bf16", "backend.zero_stage=3", "data.eval=null", "train.micro_batch=1",
+                 "logging.tensorboard=false"]
+    cmd = [sys.executable, "-m", "pargo_dist.cli", "train", str(train_step.RECIPE), *overrides, "--nproc", "2"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"training {size} failed: {(done.stdout + done.stderr)[-2000:]}")
+    step_dir = run / "checkpoints" / "step_00000001"
+    remote = RemoteCheckpoints("s3://unused/run", run / "checkpoints")
+    up = [sum(p.stat().st_size for p in remote.own_files(step_dir, r, 2)) / 2**20 for r in (0, 1)]
+    row = {"size": size, "mb": files_mb(step_dir), "up": up}
+    workers = extract_workers(step_dir / "ds")
+    for key, n in (("one", 1), ("many", workers)):
+        shutil.rmtree(step_dir / UNIVERSAL_DIR, ignore_errors=True)
+        start = time.perf_counter()
+        convert(step_dir, n)
+        row[key] = time.perf_counter() - start
+    row["workers"] = workers
+    shutil.rmtree(run)
+    return row
+
+
+def main_conversion(args) -> None:
+    root = Path(tempfile.mkdtemp(prefix="ckpt-convert-", dir=args.dir))
+    print(f"2 ranks, DeepSpeed ZeRO-3, bf16, one step; checkpoints in {root}; CPU, {os.cpu_count()} cores")
+    print(f"{'size':<8} {'ckpt MB':>8} {'convert 1w s':>13} {'convert Nw s':>13} {'N':>3} {'Nw / 1w':>8}"
+          f" {'up / rank MB':>15} {'down / fs MB':>13}")
+    for size in args.sizes:
+        try:
+            r = conversion(size, root)
+        except RuntimeError as err:
+            print(f"{size:<8} n/a: {str(err).splitlines()[-1]}")
+            continue
+        up = " / ".join(f"{mb:.0f}" for mb in r["up"])
+        print(f"{size:<8} {r['mb']:>8.0f} {r['one']:>13.1f} {r['many']:>13.1f} {r['workers']:>3} "
+              f"{r['many'] / r['one']:>8.2f} {up:>15} {r['mb']:>13.0f}", flush=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=["small", "medium"], choices=["tiny", "small", "medium"])
+    ap.add_argument("--sizes", nargs="+", default=["small", "medium"], choices=["tiny", "small", "medium", "302m"])
+    ap.add_argument("--conversion", action="store_true",
+                    help="time the elastic conversion and the upload/download volumes instead of saves")
     ap.add_argument("--repeats", type=int, default=3, help="saves per way (median shown)")
     ap.add_argument("--dir", default=None, help="where to write (default: the system temp dir)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.conversion:
+        main_conversion(args)
+        return
     if args.one:  # one size in this process (a fresh process per size: no state shared)
         import json
 

@@ -28,7 +28,6 @@ import json
 import os
 import random
 import re
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -38,7 +37,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pargo_dist.errors import UserError
+from pargo_dist.checkpoint_pruning import delete_step_dir, prune
+from pargo_dist.checkpoint_files import atomic_write, fsync_tree, read_json, write_text
+from pargo_dist.errors import TryAgainLater, UserError
 
 COMPLETE = "COMPLETE"
 META = "meta.json"
@@ -46,50 +47,6 @@ CONFIG = "config.yaml"
 DEEPSPEED_DIR = "ds"  # DeepSpeed's checkpoint tag: engine.save_checkpoint(step_dir, tag=DEEPSPEED_DIR)
 MEGATRON_DIR = "megatron"  # a megatron-core distributed checkpoint (reshards to any TP/PP/DP layout)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-# -- small file helpers ----------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or unlink inside `path` durable (the entry lives in the directory)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[object], None], binary: bool) -> None:
-    """Write via a temp file in the same dir, fsync it, then rename over `path`.
-
-    Readers see either the old file, no file, or the whole new one; never a truncated one.
-    The temp name carries the pid so two writers never share a temp file.
-    """
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text), binary=False)
-
-
-def _read_json(path: Path) -> dict | None:
-    """The JSON object in `path`, or None if it is missing, truncated or not an object."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 # -- RNG state -------------------------------------------------------------------------
@@ -176,28 +133,50 @@ class CheckpointManager:
     """
 
     def __init__(self, run_dir: str | Path, keep_last: int = 3, rank: int = 0, world_size: int = 1,
-                 barrier: Callable[[], None] | None = None, remote: str | None = None):
+                 sync=None, remote: str | None = None, say: Callable[[str], None] | None = None):
         if keep_last < 1:
             raise UserError(f"keep_last must be >= 1 (the newest complete checkpoint is always kept), "
                              f"got {keep_last}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        from pargo_dist.store_sync import LocalSync
+
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
-        self._barrier = barrier
+        # waits on other ranks' work go through the store (pargo_dist/store_sync.py), not barriers
+        self.sync = sync or LocalSync()
+        self._filesystem = None
+        self.say = say or (lambda text: print(text, flush=True) if rank == 0 else None)
         # checkpoint.remote: complete checkpoints are uploaded there, and found there at resume
-        self.remote = None
+        self.remote = self.uploads = None
         if remote:
+            from pargo_dist.checkpoint_upload import UploadMirror
             from pargo_dist.remote_checkpoints import RemoteCheckpoints
 
             self.remote = RemoteCheckpoints(remote, self.root)
+            if rank == 0:
+                self.remote.check()  # a missing bucket ends the run now, with exit 2
+            self.uploads = UploadMirror(self.remote, rank, world_size, getattr(self.sync, "store", None), keep_last,
+                                        say=self.say)
 
-    def barrier(self) -> None:
-        if self._barrier is not None:
-            self._barrier()
+    def barrier(self, what: str = "checkpoint") -> None:
+        self.sync.barrier(what)
+
+    def filesystem(self):
+        """Collective on first call (every rank calls it at the same point: begin, resolve): which
+        ranks see this rank's checkpoint directory (pargo_dist/shared_filesystem.py)."""
+        if self._filesystem is None:
+            from pargo_dist.shared_filesystem import FilesystemGroup, filesystem_group
+
+            if self.world_size == 1:
+                self._filesystem = FilesystemGroup((0,), 0)
+            else:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self._filesystem = filesystem_group(self.sync, self.root)
+        return self._filesystem
 
     # -- layout ----------------------------------------------------------------------
 
@@ -220,7 +199,7 @@ class CheckpointManager:
         """Marker present and meta.json readable. The meta check guards against a directory
         whose files were damaged after the fact (e.g. a truncated copy)."""
         step_dir = Path(step_dir)
-        return (step_dir / COMPLETE).is_file() and _read_json(step_dir / META) is not None
+        return (step_dir / COMPLETE).is_file() and read_json(step_dir / META) is not None
 
     def complete_steps(self) -> list[int]:
         return sorted(step for step, path in self._step_dirs().items() if self.is_complete(path))
@@ -230,17 +209,15 @@ class CheckpointManager:
         return self.step_dir(steps[-1]) if steps else None
 
     def resolve(self, resume: str) -> Path | None:
-        """`checkpoint.resume` -> the directory to load, or None for a fresh start.
+        """`checkpoint.resume` -> the directory to load, or None for a fresh start. Collective.
 
-        "auto" is the newest complete checkpoint (None if there is none yet); "none" never
-        resumes; anything else is a checkpoint directory that must be complete, since
-        silently starting from scratch when a named checkpoint is unusable loses work.
+        "auto" is the newest complete checkpoint (None if there is none yet), decided by rank 0
+        for every rank (`_newest_for_all`); "none" never resumes; anything else is a checkpoint
+        directory that must be complete, since silently starting from scratch when a named
+        checkpoint is unusable loses work.
         """
         if resume == "auto":
-            latest = self.latest()
-            if latest is None and self.remote is not None:
-                latest = self._fetch_remote()
-            return latest
+            return self._newest_for_all()
         if resume == "none":
             return None
         path = Path(resume)
@@ -257,17 +234,46 @@ class CheckpointManager:
         raise UserError(f"cannot resume from checkpoint {path}: it {problem}. "
                          f"Complete checkpoints available: {listing}")
 
-    def _fetch_remote(self) -> Path | None:
-        """Collective: no complete checkpoint here (a job requeued onto new nodes), so the newest
-        complete one in checkpoint.remote is downloaded, by one rank per node (LOCAL_RANK 0;
-        nodes sharing a filesystem download once), and the others wait."""
-        if int(os.environ.get("LOCAL_RANK", self.rank)) == 0:
-            fetched = self.remote.fetch_newest()
-            if fetched is not None and self.rank == 0:
-                print(f"no complete checkpoint under {self.root}: downloaded {fetched.name} from {self.remote.url}",
-                      flush=True)
-        self.barrier()
-        return self.latest()
+    def _newest_for_all(self) -> Path | None:
+        """Collective: the step every rank resumes from, and its files on every filesystem.
+
+        Rank 0 decides, from its own complete checkpoints or, with none, the newest in
+        checkpoint.remote (a job requeued onto nodes without the run's files), so ranks never
+        resume from different steps. A filesystem that lacks the chosen step (a node with its own
+        disk) gets it from the store: downloaded once per filesystem, by the lowest rank that
+        sees it (pargo_dist/shared_filesystem.py), while its other ranks wait on the store."""
+        def choose() -> dict:
+            steps = self.complete_steps()
+            if steps:
+                return {"step": steps[-1], "where": "local"}
+            try:
+                remote = self.remote.steps() if self.remote is not None else []
+            except UserError as err:  # unreachable: whether to start afresh cannot be told
+                return {"step": None, "where": None, "unreachable": str(err)}
+            return {"step": remote[-1], "where": "remote"} if remote else {"step": None, "where": None}
+
+        chosen = self.sync.share("resume step", choose)
+        if chosen.get("unreachable"):  # every rank: so that every rank exits 75 alike
+            self.sync.leave_together("requeue: the store is unreachable")
+            raise TryAgainLater(f"no checkpoint under {self.root}, and checkpoint.remote cannot be listed to see "
+                                f"whether it holds one ({chosen['unreachable']})")
+        step = chosen["step"]
+        if step is None:
+            return None
+        if self.world_size > 1 or chosen["where"] == "remote":
+            group = self.filesystem()
+            if group.leader and not self.is_complete(self.step_dir(step)):
+                if self.remote is None:
+                    raise UserError(f"rank 0 resumes from {self.step_dir(step).name}, which rank {self.rank}'s "
+                                    f"filesystem lacks under {self.root}: give the nodes one shared run.dir, or "
+                                    "set checkpoint.remote so that nodes fetch checkpoints from the store")
+                start = time.monotonic()
+                fetched = self.remote.download(step)
+                print(f"rank {self.rank}: no complete checkpoint of step {step} under {self.root}: downloaded "
+                      f"{fetched.name} from {self.remote.url} in {time.monotonic() - start:.1f} s for ranks "
+                      f"{list(group.ranks)}", flush=True)
+            self.sync.barrier("checkpoint downloaded")
+        return self.step_dir(step)
 
     # -- writing ---------------------------------------------------------------------
 
@@ -279,17 +285,17 @@ class CheckpointManager:
         marker first, so the new files never mix with old ones.
         """
         path = self.step_dir(step)
-        if self.rank == 0:
+        if self.filesystem().leader:  # on each filesystem: nodes with disks of their own write there
             if path.exists() or path.is_symlink():
                 self._delete(path)
             path.mkdir(parents=True)
-        self.barrier()
+        self.barrier(f"step {step} begun")
         return path
 
     def save_rank_state(self, step_dir: Path, state: dict) -> None:
         """Every rank: its own state (RNG, loader position), atomically."""
         step_dir = Path(step_dir)
-        _atomic_write(step_dir / f"rank_{self.rank:05d}.pt", lambda f: torch.save(state, f), binary=True)
+        atomic_write(step_dir / f"rank_{self.rank:05d}.pt", lambda f: torch.save(state, f), binary=True)
 
     def save_state(self, step_dir: Path, state: TrainState, config_yaml: str | None = None) -> None:
         """Rank 0: the run-level state (JSON, so it can be read without torch) and the
@@ -297,60 +303,78 @@ class CheckpointManager:
         if self.rank != 0:
             return
         step_dir = Path(step_dir)
-        _write_text(step_dir / META, state.to_json())
+        write_text(step_dir / META, state.to_json())
         if config_yaml is not None:
-            _write_text(step_dir / CONFIG, config_yaml)
+            write_text(step_dir / CONFIG, config_yaml)
 
     def commit(self, step_dir: Path, step: int) -> None:
-        """Collective. Make the checkpoint count, then prune old ones.
+        """Collective. Make the checkpoint count, prune old ones, and start its upload.
 
-        The first barrier is the point after which every rank (and the backend on every
+        The first wait is the point after which every rank (and the backend on every
         rank) has finished writing. Rank 0 then flushes the directory's files to disk and
         only then writes the marker, so the marker can never be durable before the data.
+        The waits go through the store: ranks finish writing large shards minutes apart,
+        which must not count against the collective timeout. With checkpoint.remote the
+        upload then runs in the background (pargo_dist/checkpoint_upload.py).
         """
         step_dir = Path(step_dir)
-        self.barrier()
+        self.barrier(f"step {step} written")
         if self.rank == 0:
-            self._fsync_tree(step_dir)
+            fsync_tree(step_dir)
             marker = {"step": step, "time": time.time(), "world_size": self.world_size}
-            _write_text(step_dir / COMPLETE, json.dumps(marker))
+            write_text(step_dir / COMPLETE, json.dumps(marker))
+            self._prune_safely(self.cleanup)
+        # rank 0's filesystem holds the marker; others (nodes with disks of their own) keep the steps it kept
+        kept = self.sync.share(f"step {step} marked", self.complete_steps)
+        if self.rank != 0 and self.filesystem().leader:
+            self._prune_safely(lambda: [self._delete(path) for s, path in self._step_dirs().items()
+                                        if s < max(kept) and s not in kept])
+        if self.uploads is not None:
+            self.uploads.submit(step_dir, step)
+
+    def _prune_safely(self, prune_now: Callable[[], object]) -> None:
+        try:
+            prune_now()
+        except OSError as err:  # a failed prune must not take down the run (or leave the others waiting)
+            warnings.warn(f"checkpoint cleanup under {self.root} failed: {err}", stacklevel=2)
+
+    def catch_up(self, step_dir: Path, step: int) -> None:
+        """Collective, after a resume from a local checkpoint: upload it if the store lacks it
+        (a run that ended during an outage and was requeued)."""
+        if self.uploads is None:
+            return
+        def lacks() -> bool:
             try:
-                self.cleanup()
-            except OSError as err:  # a failed prune must not take down the run (or hang the barrier)
-                warnings.warn(f"checkpoint cleanup under {self.root} failed: {err}", stacklevel=2)
-        self.barrier()
-        if self.remote is not None:  # every rank its own files, then the remote marker
-            self.remote.upload(step_dir, self.rank, self.world_size, self.barrier, self.keep_last)
+                return step not in self.remote.steps()
+            except UserError:  # unreachable now: the upload will retry
+                return True
 
-    @staticmethod
-    def _fsync_tree(step_dir: Path) -> None:
-        """fsync every file and directory written into the checkpoint by any rank.
+        missing = self.sync.share("remote lacks the resumed step", lacks)
+        if missing:
+            self.say(f"checkpoint.remote: {self.remote.url} lacks step {step}: uploading it")
+            self.uploads.submit(step_dir, step)
 
-        On a local disk the page cache is shared, so rank 0 can flush the other ranks'
-        files; on network filesystems the writers' close() already pushed their data.
-        """
-        for dirpath, _, filenames in os.walk(step_dir):
-            for name in filenames:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            _fsync_dir(Path(dirpath))
+    def finish_uploads(self) -> int | None:
+        """Collective, at the end of a run or on a signal: waits for the upload in flight, then
+        returns (on every rank) the newest committed step the store still lacks, or None."""
+        if self.uploads is None:
+            return None
+        self.uploads.wait()
+        return self.sync.share("remote lacks the newest step", self.uploads.missing)
 
     # -- reading ---------------------------------------------------------------------
 
     @staticmethod
     def load_state(step_dir: Path) -> TrainState:
         path = Path(step_dir) / META
-        meta = _read_json(path)
+        meta = read_json(path)
         if meta is None:
             raise UserError(f"{path} is missing or unreadable")
         return TrainState.from_dict(meta, path)
 
     def _saved_world_size(self, step_dir: Path) -> int | None:
-        marker = _read_json(step_dir / COMPLETE) or {}
-        meta = _read_json(step_dir / META) or {}
+        marker = read_json(step_dir / COMPLETE) or {}
+        meta = read_json(step_dir / META) or {}
         return marker.get("world_size", meta.get("world_size"))
 
     def load_rank_state(self, step_dir: Path, rank: int | None = None) -> dict | None:
@@ -374,40 +398,11 @@ class CheckpointManager:
     # -- pruning ---------------------------------------------------------------------
 
     def cleanup(self) -> None:
-        """Keep the newest `keep_last` complete checkpoints.
-
-        Deletes older complete ones and every incomplete directory older than the newest
-        complete one (leftovers of interrupted saves). An incomplete directory *newer* than
-        the newest complete one is left alone: it may be a save in progress. The newest
-        complete checkpoint is never deleted, since keep_last >= 1.
-        """
-        dirs = self._step_dirs()
-        complete = sorted(step for step, path in dirs.items() if self.is_complete(path))
-        if not complete:
-            return
-        newest = complete[-1]
-        keep = set(complete[-self.keep_last:])
-        for step in sorted(dirs):
-            if step < newest and step not in keep:
-                self._delete(dirs[step])
+        """Keep the newest `keep_last` complete checkpoints (pargo_dist/checkpoint_pruning.py)."""
+        prune(self.root, self.keep_last, self._step_dirs(), self.is_complete)
 
     def _delete(self, path: Path) -> None:
-        """Remove one step dir: marker first (so a crash mid-way leaves an ignored directory,
-        not a partial one that looks complete), then the rest.
-
-        Only direct children of the checkpoints dir are touched; a step dir that is a
-        symlink is unlinked, never followed, and rmtree itself never follows links.
-        """
-        if path.parent.resolve() != self.root.resolve() or not _STEP_DIR.match(path.name):
-            raise ValueError(f"refusing to delete {path}: not a step dir under {self.root}")
-        if path.is_symlink() or not path.is_dir():
-            path.unlink()
-            return
-        marker = path / COMPLETE
-        if marker.is_file() or marker.is_symlink():
-            marker.unlink()
-            _fsync_dir(path)
-        shutil.rmtree(path)
+        delete_step_dir(self.root, path)
 
 
 # -- finding checkpoints -----------------------------------------------------------------

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pargo_dist.errors import UserError
+from pargo_dist.errors import TryAgainLater, UserError
 
 
 def _count(module) -> int:
@@ -349,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # something the user can fix: one line. Anything else keeps its traceback.
         print(f"pargo-dist {name}: error: {err}", file=sys.stderr)
         return 2
+    except TryAgainLater as err:  # outside the job (an unreachable store): requeue
+        from pargo_dist.slurm import REQUEUE_EXIT
+
+        print(f"pargo-dist {name}: {err}; exiting with {REQUEUE_EXIT} for requeue", file=sys.stderr)
+        return REQUEUE_EXIT
 
 
 if __name__ == "__main__":

@@ -143,6 +143,9 @@ class TrainConfig:
     sample_count: int = 2
     max_new_tokens: int = 48
     hang_timeout_s: float = 1800.0  # a rank without progress this long dumps its stacks and ends the run; 0: off
+    # how long gloo / NCCL wait in one collective before failing it. Work of one rank (a download,
+    # an elastic conversion) is waited for outside collectives, so this bounds training's own waits
+    collective_timeout_s: float = 1800.0
 
 
 @dataclass

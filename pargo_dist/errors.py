@@ -18,3 +18,10 @@ class DamagedShard(UserError):
     """A shard file that cannot be decompressed (truncated or overwritten after it was written: a
     bad upload or copy). Not skipped like a damaged record: a whole shard is thousands of samples
     lost without a word, and the file can be made again. The message names the stream and the file."""
+
+
+class TryAgainLater(Exception):
+    """A condition outside the job that a later attempt may find gone: the object store holding
+    the run's checkpoints is unreachable when the run must know what it holds (which checkpoint
+    to resume from). Neither a user error nor a bug: the run says why in one line and exits 75, so
+    that SLURM requeues it (pargo_dist.slurm.REQUEUE_EXIT)."""

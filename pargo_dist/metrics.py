@@ -94,7 +94,8 @@ class MetricsLogger:
         mfu 41.2% | mem 3.1 GiB | skipped 0 | eta 3m12s
 
     from train/loss, train/lr[/group], train/grad_norm, perf/tokens_per_s, perf/samples_per_s,
-    perf/mfu (a fraction), perf/peak_mem_gib (or perf/mem_gib), data/skipped. It is printed at
+    perf/mfu (a fraction), perf/peak_mem_gib (or perf/mem_gib), data/skipped, and
+    checkpoint/remote_missing_step (a checkpoint an outage kept from the store). It is printed at
     most once per step: when step % every == 0 and at step == total_steps. A call carrying
     eval/loss always prints (evaluations are rare and worth seeing). The ETA is the mean wall
     time per step since the first logged step (so the first step, which pays for warm-up and
@@ -166,6 +167,9 @@ class MetricsLogger:
             fields.append(f"mem {mem:.1f} GiB")
         if get("data/skipped") is not None:
             fields.append(f"skipped {int(get('data/skipped'))}")
+        if get("checkpoint/remote_missing_step"):
+            fields.append(f"remote: step {int(get('checkpoint/remote_missing_step'))} not uploaded, retried at the "
+                          "next save")
         if eta is not None:
             fields.append(f"eta {_format_duration(eta)}")
         return " | ".join(fields)

@@ -60,16 +60,35 @@ def owner_of(name: str, world_size: int) -> int:
     return 0
 
 
+def permanent(err: BaseException) -> bool:
+    """A refusal no retry changes: the store answered 4xx (no such bucket, access denied, bad
+    credentials), except timeouts and throttling. Connection failures and 5xx are transient."""
+    response = getattr(err, "response", None)
+    if not isinstance(response, dict):
+        return False
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = str(response.get("Error", {}).get("Code", ""))
+    if status is None and code.isdigit():
+        status = int(code)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+
+
 def retried(what: str, fn: Callable[[], T], attempts: int = 6, first_wait_s: float = 0.5) -> T:
-    """fn(), retried with exponential backoff (0.5, 1, 2, 4, 8 s); the last failure is raised
-    as a RemoteError naming `what` (never the credentials)."""
+    """fn(), retried with exponential backoff (0.5, 1, 2, 4, 8 s) through transient failures; the
+    last one is raised as a RemoteError naming `what` (never the credentials). A permanent
+    refusal (`permanent`: a missing bucket, denied access) is raised at once."""
     for attempt in range(attempts):
         try:
             return fn()
+        except RemoteError:  # an inner step that already went through its retries (opening the client)
+            raise
         except Exception as err:  # noqa: BLE001  the store's or the network's: retried
+            if permanent(err):
+                raise RemoteError(f"{what} was refused: {type(err).__name__}: {err}. Check that the bucket in "
+                                  "checkpoint.remote exists and that the credentials may write to it") from err
             if attempt == attempts - 1:
                 raise RemoteError(f"{what} failed after {attempts} attempts: {type(err).__name__}: {err} (check the "
-                                  "object store's endpoint, e.g. S3_ENDPOINT_URL, and its credentials)") from err
+                                  "object store's endpoint, e.g. S3_ENDPOINT_URL, and the network)") from err
             time.sleep(first_wait_s * 2**attempt)
     raise AssertionError("unreachable")
 
@@ -97,24 +116,47 @@ class RemoteCheckpoints:
 
     # -- upload ----------------------------------------------------------------------------
 
+    def check(self) -> None:
+        """Fail fast on what no retry fixes: a bad URL (at construction) or a missing or
+        forbidden bucket (one attempt here). An unreachable store is not an error at start:
+        training goes on and the uploads retry (pargo_dist/checkpoint_upload.py)."""
+        try:
+            self._uploader()
+        except RemoteError as err:
+            if isinstance(err.__cause__, Exception) and permanent(err.__cause__):
+                raise
+            self._client = None
+
+    def own_files(self, step_dir: Path, rank: int, world_size: int) -> list[Path]:
+        """The files of `step_dir` that `rank` uploads: those it wrote (rank 0: and the shared
+        ones), without the COMPLETE marker, files still being written, and caches."""
+        step_dir = Path(step_dir)
+        return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != COMPLETE
+                      and not p.name.endswith((".writing", ".tmp"))
+                      and not any(part.startswith(_SKIP_DIRS) for part in p.relative_to(step_dir).parts)
+                      and owner_of(p.name, world_size) == rank)
+
+    def upload_files(self, step_dir: Path, rank: int, world_size: int) -> None:
+        """This rank's files of `step_dir` (`own_files`), each retried; raises RemoteError."""
+        uploader = self._uploader()
+        for path in self.own_files(step_dir, rank, world_size):
+            name = str(path.relative_to(self.local_root))
+            retried(f"uploading {self.url}/{name}", lambda name=name: uploader.upload_file(name))
+
+    def upload_marker(self, step_dir: Path, keep_last: int) -> None:
+        """Rank 0, once every rank's files are up: the COMPLETE object, then pruning to keep_last."""
+        name = str((Path(step_dir) / COMPLETE).relative_to(self.local_root))
+        retried(f"uploading {self.url}/{name}", lambda: self._uploader().upload_file(name))
+        self.prune(keep_last)
+
     def upload(self, step_dir: Path, rank: int, world_size: int, barrier: Callable[[], None],
                keep_last: int) -> None:
-        """Collective: every rank uploads the files of `step_dir` it wrote, then rank 0 the
-        COMPLETE object and prunes to `keep_last`."""
-        step_dir = Path(step_dir)
-        files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != COMPLETE
-                       and not p.name.endswith((".writing", ".tmp"))
-                       and not any(part.startswith(_SKIP_DIRS) for part in p.relative_to(step_dir).parts))
-        uploader = self._uploader()
-        for path in files:
-            if owner_of(path.name, world_size) == rank:
-                name = str(path.relative_to(self.local_root))
-                retried(f"uploading {self.url}/{name}", lambda name=name: uploader.upload_file(name))
+        """Collective, synchronous (tools and tests; training uploads in the background through
+        pargo_dist/checkpoint_upload.py): every rank its files, then rank 0 the marker."""
+        self.upload_files(step_dir, rank, world_size)
         barrier()
         if rank == 0:
-            name = str((step_dir / COMPLETE).relative_to(self.local_root))
-            retried(f"uploading {self.url}/{name}", lambda: uploader.upload_file(name))
-            self.prune(keep_last)
+            self.upload_marker(step_dir, keep_last)
         barrier()
 
     def _keys(self) -> list[str]:
@@ -180,6 +222,8 @@ class RemoteCheckpoints:
         if not (staging / COMPLETE).is_file():
             shutil.rmtree(staging, ignore_errors=True)
             raise RemoteError(f"{self.url}/step_{step:08d} has no {COMPLETE} object: not a finished checkpoint")
+        if target.is_dir() and not (target / COMPLETE).is_file():  # this node's part of the save: superseded
+            shutil.rmtree(target)
         try:
             staging.rename(target)
         except OSError:  # another node got there first

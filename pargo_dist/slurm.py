@@ -27,7 +27,8 @@ REQUEUE_EXIT = 75  # the trainer's "saved, run me again" (EX_TEMPFAIL)
 HANG_EXIT = 124  # the hang detector's "no progress" (as timeout(1) reports a timeout)
 PEER_LOST_EXIT = 3  # a rank whose collective failed because another rank went away (not the cause)
 
-EXIT_MEANINGS = {0: "finished", REQUEUE_EXIT: "saved after a signal, asks to be requeued",
+EXIT_MEANINGS = {0: "finished",
+                 REQUEUE_EXIT: "asks to be requeued (saved after a signal, or the store lacks the newest checkpoint)",
                  HANG_EXIT: "hang detector: a rank made no progress", 1: "failed: its traceback is above",
                  2: "a bad recipe, argument or input: the line above says what to change",
                  PEER_LOST_EXIT: "lost a peer rank: the failing rank's own error is above, or in another node's log",

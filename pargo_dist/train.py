@@ -43,10 +43,12 @@ from pargo_dist.compile import compile_blocks
 from pargo_dist.compat import return_freed_host_memory
 from pargo_dist.config import Config, to_yaml
 from pargo_dist.data.crops import CropPolicy
-from pargo_dist.errors import UserError
+from pargo_dist.errors import TryAgainLater, UserError
 from pargo_dist.flops import mfu, model_flops_per_sample, peak_flops_per_device
 from pargo_dist.metrics import MetricsLogger, StepTimer, peak_memory_gib
+from pargo_dist.process_group import set_collective_timeout
 from pargo_dist.signals import StopSignal
+from pargo_dist.store_sync import StoreSync
 from pargo_dist.slurm import PEER_LOST_EXIT, REQUEUE_EXIT
 from pargo_dist.watchdog import SETUP_ALLOWANCE_S, HangWatchdog
 
@@ -95,6 +97,7 @@ class Trainer:
         rank_state = self.ckpt.load_rank_state(step_dir)
         if rank_state is not None:
             restore_rng_state(rank_state["rng"])
+        self.ckpt.catch_up(step_dir, saved.step)  # checkpoint.remote: a step an outage kept from the store
         def shown(layout: dict) -> str:
             return ", ".join(f"{k} {v}" for k, v in layout.items())
 
@@ -186,6 +189,9 @@ class Trainer:
                    "perf/peak_mem_gib": peak_memory_gib(), **perf}
         if stats["crops"] > stats["images"]:  # data.image.crops: tiles per image, as they come
             scalars["data/crops_per_image"] = stats["crops"] / stats["images"]
+        uploads = self.ckpt.uploads
+        if uploads is not None and self.rank == 0:  # checkpoint.remote: the newest step the store lacks (0: none)
+            scalars["checkpoint/remote_missing_step"] = float(uploads.newest or 0) if uploads.behind() else 0.0
         if len(self.streams) > 1:  # a mixture: what each dataset really contributed so far
             scalars.update({f"data/stream/{k}": float(v) for k, v in self.state.stream_samples.items()})
         for name, lr in self.backend.learning_rates().items():
@@ -209,7 +215,10 @@ class Trainer:
         """Train to train.steps (resuming first if asked); 0, or REQUEUE_EXIT after a signal."""
         cfg = self.cfg
         if self.resume_from is not None:
-            self.watchdog.beat("resuming from the checkpoint", allow=SETUP_ALLOWANCE_S)
+            # an elastic resume converts the checkpoint on one rank per filesystem while the others
+            # wait (no collective): allowed at 20 MB/s of checkpoint, at least the set-up allowance
+            size = sum(f.stat().st_size for f in Path(self.resume_from).rglob("*") if f.is_file())
+            self.watchdog.beat("resuming from the checkpoint", allow=max(SETUP_ALLOWANCE_S, size / 20e6))
             self.resume(self.resume_from)
         self._start_trackers()
         self.backend.train(True)
@@ -246,11 +255,26 @@ class Trainer:
                 self._mark_saved(wait=True)  # exit 75 only with the checkpoint complete
                 self._say(f"received signal {self.stop.signal}: saved at step {self.state.step}, exiting with "
                           f"{REQUEUE_EXIT} for requeue")
+                self._finish_uploads()
                 self.metrics.close()
                 return REQUEUE_EXIT
         self._mark_saved(wait=True)
+        code = self._finish_uploads()
         self.metrics.close()
-        return 0
+        return code
+
+    def _finish_uploads(self) -> int:
+        """Collective: wait for the checkpoint upload in flight (checkpoint.remote). The run's
+        work is safe on the local disk either way; when the store still lacks the newest
+        checkpoint (an outage), REQUEUE_EXIT, so that the requeued job uploads it."""
+        self.watchdog.beat("finishing the checkpoint upload", allow=SETUP_ALLOWANCE_S)
+        missing = self.ckpt.finish_uploads()
+        if missing is None:
+            return 0
+        self._say(f"checkpoint.remote: {self.ckpt.remote.url} still lacks step {missing} (the object store was "
+                  f"unreachable); it is complete under {self.ckpt.root}. Exiting with {REQUEUE_EXIT} so that the "
+                  "job is requeued and uploads it")
+        return REQUEUE_EXIT
 
     def _start_trackers(self) -> None:
         """W&B / MLflow on rank 0, after a resume: a requeued job continues the tracker run whose
@@ -379,18 +403,15 @@ def build_trainer(cfg: Config, stop: StopSignal | None = None) -> Trainer:
     watchdog.beat("setting up (model, data, resume)", allow=SETUP_ALLOWANCE_S)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    sync = StoreSync.default()
     checkpoints = CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last, rank=rank, world_size=world,
-                                    barrier=dist.barrier, remote=cfg.checkpoint.remote)
-    resume_from = checkpoints.resolve(cfg.checkpoint.resume)
+                                    sync=sync, remote=cfg.checkpoint.remote)
     tokenizer = build.build_tokenizer(cfg)
     model = build.build_model(cfg, tokenizer, llm_weights=not backend.reads_pretrained_llm,
                               llm_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)
     if backend.reads_pretrained_llm:
         backend.load_pretrained_llm(model)
     loaded = build.init_freeze_and_adapt(model, cfg, gather=backend.param_gather)
-    if rank == 0 and loaded and resume_from is None:
-        print(f"initialised {', '.join(cfg.model.init_parts)} from {cfg.model.init_from} ({len(loaded)} tensors)",
-              flush=True)
     return_freed_host_memory()
     # counted before set-up: a backend may take parts out of the module it wraps (ZeRO-3: a frozen tower)
     count = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
@@ -422,6 +443,14 @@ def build_trainer(cfg: Config, stop: StopSignal | None = None) -> Trainer:
                                              cfg.train.micro_batch, replication=backend.replication))
             return held_out[0]
 
+    # set up on every rank (at its node's pace): from here, training's own collective timeout; then
+    # the checkpoint to resume from (downloaded for nodes that lack it, waited for on the store)
+    sync.barrier("set up")
+    set_collective_timeout(cfg.train.collective_timeout_s)
+    resume_from = checkpoints.resolve(cfg.checkpoint.resume)
+    if rank == 0 and loaded and resume_from is None:
+        print(f"initialised {', '.join(cfg.model.init_parts)} from {cfg.model.init_from} ({len(loaded)} tensors)",
+              flush=True)
     metrics = MetricsLogger(run_dir / "tb", rank=rank, total_steps=cfg.train.steps, every=cfg.logging.every,
                             enabled_tensorboard=cfg.logging.tensorboard)
     if rank == 0:
@@ -454,6 +483,9 @@ def _leave_now(err: BaseException) -> None:
     if isinstance(err, UserError):
         print(f"pargo-dist train: rank {rank}: error: {err}", file=sys.stderr)
         code = 2
+    elif isinstance(err, TryAgainLater):
+        print(f"pargo-dist train: rank {rank}: {err}; exiting with {REQUEUE_EXIT} for requeue", file=sys.stderr)
+        code = REQUEUE_EXIT
     elif isinstance(err, KeyboardInterrupt):
         code = 130
     elif _lost_a_peer(err):

@@ -214,7 +214,9 @@ def _rank_worker(run_dir: str, store: str, rank: int, world: int) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    mgr = CheckpointManager(run_dir, keep_last=2, rank=rank, world_size=world, barrier=dist.barrier)
+    from pargo_dist.store_sync import StoreSync
+
+    mgr = CheckpointManager(run_dir, keep_last=2, rank=rank, world_size=world, sync=StoreSync.default())
     for step in (1, 2, 3):
         path = mgr.begin(step)
         if rank == 1:

@@ -9,14 +9,17 @@ import os
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 from support.s3 import OutageProxy
-from support.training import losses, marker, run_train, start_train, wait_for, write_recipe
+from support.training import (can_emulate_nodes, losses, marker, run_nodes, run_train, start_train, wait_for,
+                              write_recipe)
 
 from pargo_dist import cli
 
+INJECT = str(Path(__file__).parent / "support" / "inject")  # fault knobs (sitecustomize.py)
 SECRET = "s3cret-that-must-never-be-printed"
 
 
@@ -183,3 +186,178 @@ def test_every_rank_uploads_the_shards_it_wrote_in_bf16_too(tmp_path, monkeypatc
     for rank in range(world):
         assert sorted(sent[rank]) == sorted([n for n, r in written.items() if r == rank]
                                             + (["COMPLETE"] if rank == 0 else [])), rank
+
+
+def forget_steps(s3, bucket: str, prefix: str, steps: list[int]) -> None:
+    """Delete those checkpoints from the store: as if the job had died before uploading them."""
+    keys = [k for k in s3.list_keys(bucket, prefix + "/") if int(k[len(prefix) + 1:].split("/")[0][5:]) in steps]
+    s3.client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys]})
+
+
+@pytest.mark.skipif(not can_emulate_nodes(), reason="emulating nodes needs `unshare -m` (root) for a /dev/shm per node")
+def test_nodes_without_a_shared_disk_resume_from_the_store_once_per_filesystem_past_a_short_timeout(
+        s3_server, tmp_path, data_dir, reference):
+    """Two "nodes" of one rank each, a collective timeout of 2 s, and the work one rank does for
+    the others (the download of a checkpoint, its elastic conversion) slowed to 4 s by a fault knob.
+    The store holds the uninterrupted 2-rank run's step-2 checkpoint (that job died before step 4):
+    - requeued onto nodes with a run.dir each (no shared disk), each node downloads it once, into
+      its own run.dir; the curve after the resume is the uninterrupted run's; each node uploads
+      the files its rank wrote, and only rank 0's disk holds a COMPLETE marker;
+    - requeued again (the store losing step 6) onto two nodes sharing one run.dir and on another
+      ZeRO stage (an elastic resume), step 4 is downloaded once and converted once for both ranks,
+      and the curve follows the uninterrupted run's."""
+    ref_dir = reference(3, "finetune")
+    ref = losses(ref_dir)
+    bucket = s3_server.make_bucket("ckpt-nodes")
+    client = s3_server.client()
+    step2 = ref_dir / "checkpoints" / "step_00000002"
+    for name in sorted(local_files(step2), key=lambda n: n == "COMPLETE"):  # marker last
+        client.upload_file(str(step2 / name), "ckpt-nodes", f"run/step_00000002/{name}")
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "unused", data_dir)
+    common = [f"checkpoint.remote={bucket}/run", "data.eval=null", "train.collective_timeout_s=2"]
+    slow = {"PYTHONPATH": os.pathsep.join(filter(None, [INJECT, os.environ.get("PYTHONPATH")])),
+            "PARGO_TEST_SLOW_SINGLE_RANK_S": "4"}
+
+    nodes = [tmp_path / "job2" / "node0", tmp_path / "job2" / "node1"]
+    outs = run_nodes(recipe, common, nodes, extra_env=slow)
+    for rank, out in enumerate(outs):  # each filesystem downloaded it, once
+        assert out.count("downloaded step_00000002") == 1, out[-3000:]
+        assert f"rank {rank}: no complete checkpoint of step 2" in out, out[-3000:]
+    got = losses(nodes[0])
+    assert sorted(got) == [3, 4, 5, 6]
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, got)
+    stored = remote_steps(s3_server, "ckpt-nodes", "run")
+    assert sorted(stored) == [2, 4, 6]
+    on_node1 = nodes[1] / "checkpoints" / "step_00000006"
+    assert stored[6] == local_files(nodes[0] / "checkpoints" / "step_00000006") | local_files(on_node1)
+    assert "rank_00001.pt" in local_files(on_node1) and "COMPLETE" not in local_files(on_node1)  # rank 1 wrote it there
+    assert "rank_00001.pt" not in local_files(nodes[0] / "checkpoints" / "step_00000006")
+
+    forget_steps(s3_server, "ckpt-nodes", "run", [6])
+    shared = tmp_path / "job3"
+    outs = run_nodes(recipe, [*common, "backend.zero_stage=2"], [shared, shared], extra_env=slow)
+    said = [line for out in outs for line in out.splitlines() if "downloaded step_00000004" in line]
+    assert len(said) == 1 and "for ranks [0, 1]" in said[0], said
+    converted = [line for out in outs for line in out.splitlines() if "to the universal format" in line]
+    assert len(converted) == 1 and "ranks [0, 1] share it" in converted[0], converted
+    got = losses(shared)
+    assert sorted(got) == [5, 6]
+    for step in got:  # ZeRO-2 after ZeRO-3: the same math in another float order
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, ref, got)
+
+
+class FlakyStore:
+    """A store for RemoteCheckpoints' upload side: refuses everything while `down`; records what it got."""
+
+    def __init__(self):
+        self.down, self.objects = False, []
+
+    def upload_file(self, name):
+        if self.down:
+            raise ConnectionError("Connection refused")
+        self.objects.append(name)
+
+
+def test_an_outage_is_retried_at_the_next_save_and_the_marker_waits_for_every_rank(tmp_path, monkeypatch):
+    """Two ranks' upload threads (in-process, over one c10d HashStore): while the store is down a
+    step is left without its COMPLETE object and said on the progress line; a rank whose files
+    failed keeps rank 0 from marking the step; once the store is back, the next save uploads whole."""
+    import torch.distributed as dist
+
+    import pargo_dist.remote_checkpoints as rc
+    from pargo_dist.checkpoint_upload import UploadMirror
+
+    monkeypatch.setattr(rc.time, "sleep", lambda s: None)
+    root = tmp_path / "checkpoints"
+    store, kv = FlakyStore(), dist.HashStore()
+    said = []
+    mirrors = []
+    for rank in (0, 1):
+        remote = rc.RemoteCheckpoints("s3://bucket/run", root)
+        monkeypatch.setattr(remote, "_uploader", lambda: store)
+        monkeypatch.setattr(remote, "prune", lambda keep_last: None)
+        mirrors.append(UploadMirror(remote, rank, 2, kv, keep_last=3, say=said.append))
+
+    def save(step: int, down_for: tuple[int, ...]) -> None:
+        step_dir = root / f"step_{step:08d}"
+        (step_dir / "ds").mkdir(parents=True)
+        for name in ("meta.json", "rank_00000.pt", "rank_00001.pt", "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                     "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "COMPLETE"):
+            (step_dir / name).write_text("x")
+        for rank in (1, 0):  # one after the other, so that `down` applies to this rank's uploads only
+            store.down = rank in down_for
+            mirrors[rank].submit(step_dir, step)
+            mirrors[rank].wait()
+        store.down = False
+
+    save(2, (0, 1))
+    assert not any(n.endswith("COMPLETE") for n in store.objects) and mirrors[0].missing() == 2
+    assert mirrors[0].behind() == "remote: step 2 not uploaded, retried at the next save"
+    assert mirrors[1].behind() is None  # rank 0 speaks for the run
+    assert "Training goes on" in said[-1] and "exits 75" in said[-1]
+
+    save(4, (1,))  # rank 0's files go up, rank 1's do not: no marker
+    assert "step_00000004/COMPLETE" not in store.objects and mirrors[0].missing() == 4
+    assert "step_00000004/rank_00000.pt" in store.objects and "step_00000004/rank_00001.pt" not in store.objects
+
+    save(6, ())
+    assert mirrors[0].missing() is None and mirrors[0].behind() is None
+    assert {n for n in store.objects if n.startswith("step_00000006/")} == {
+        "step_00000006/" + n for n in ("meta.json", "rank_00000.pt", "rank_00001.pt", "COMPLETE",
+                                        "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                        "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")}
+    assert store.objects[-1] == "step_00000006/COMPLETE" and "reachable again" in said[-1]
+
+
+def test_a_run_that_ends_during_an_outage_exits_75_and_its_requeue_uploads_it(s3_server, tmp_path, data_dir):
+    """The store goes away after the first step and stays away: training still runs to its last
+    step (the checkpoint is complete on disk), and the run exits 75 (requeue) saying the store lacks
+    it. The requeued job, with the store back, uploads what it resumed from and exits 0."""
+    bucket = s3_server.make_bucket("ckpt-down")
+    proxy = OutageProxy(int(s3_server.endpoint.rsplit(":", 1)[1]))
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "recipe.yaml", run_dir, data_dir)
+    fast = {"PYTHONPATH": os.pathsep.join(filter(None, [INJECT, os.environ.get("PYTHONPATH")])),
+            "PARGO_TEST_FAST_RETRIES": "1", "S3_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "1"}
+    args = [f"checkpoint.remote={bucket}/run", "train.steps=2", "data.eval=null"]
+
+    proc = start_train(recipe, args, nproc=2, extra_env=fast)
+    wait_for(run_dir / "train_log.jsonl", proc)  # step 1 done: the store goes away for good
+    proxy.outage(600)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-3000:]
+    assert marker(run_dir, 2).exists()
+    assert "still lacks step 2" in out and "Exiting with 75" in out, out[-3000:]
+    assert remote_steps(s3_server, "ckpt-down", "run") == {}
+
+    proxy._restore()
+    out = run_train(recipe, args, nproc=2, extra_env=fast)  # requeued: resumes from disk, uploads it
+    assert f"{bucket}/run lacks step 2: uploading it" in out.stdout, out.stdout[-3000:]
+    assert remote_steps(s3_server, "ckpt-down", "run")[2] == local_files(run_dir / "checkpoints" / "step_00000002")
+
+
+def test_at_start_an_unreachable_store_is_a_requeue_and_a_missing_bucket_exit_2(s3_server, tmp_path, monkeypatch):
+    """In-process, at a run's start. With no local checkpoint and the store unreachable, whether to
+    start afresh cannot be told: TryAgainLater (exit 75), naming why. A bucket that does not
+    exist is refused at once, not retried, with its hint said once (a UserError: exit 2)."""
+    import pargo_dist.remote_checkpoints as rc
+    from pargo_dist.checkpoint import CheckpointManager
+    from pargo_dist.errors import TryAgainLater
+
+    monkeypatch.setattr(rc.retried, "__defaults__", (2, 0.0))  # each attempt makes a boto3 client: ~0.5 s
+    proxy = OutageProxy(int(s3_server.endpoint.rsplit(":", 1)[1]))
+    monkeypatch.setenv("S3_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries: ours are the ones under test
+    bucket = s3_server.make_bucket("ckpt-start")
+    proxy.outage(600)
+    manager = CheckpointManager(tmp_path / "run", remote=f"{bucket}/run")  # an unreachable store is no error yet
+    with pytest.raises(TryAgainLater, match=r"checkpoint.remote cannot be listed to see whether it holds one"):
+        manager.resolve("auto")
+    proxy._restore()
+    assert manager.resolve("auto") is None  # reachable and empty: a fresh start
+
+    with pytest.raises(rc.RemoteError) as refused:
+        CheckpointManager(tmp_path / "other", remote="s3://no-such-bucket/run")
+    message = str(refused.value)
+    assert "was refused" in message and message.count("Check that the bucket") == 1 and "attempts" not in message

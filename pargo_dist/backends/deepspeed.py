@@ -8,7 +8,8 @@ accumulation boundaries, clipping and checkpoint shards.
 Checkpoints: `engine.save_checkpoint` into `<step_dir>/ds`. When some parameters are frozen
 (the `align` stage, LoRA) they are left out (the backbones are referenced by the recipe, not
 copied 7B times per checkpoint) and loading is non-strict. ZeRO's optimizer shards are per
-rank: on another rank count `load` takes the consolidated weights instead and Adam starts again.
+rank: on another rank count or stage `load` goes through DeepSpeed's universal format
+(deepspeed_universal.py), Adam's moments included. Background writes: deepspeed_background_engine.py.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from pargo_dist.compat import configure_deepspeed_env, skip_deepspeed_cpu_shm_op
 configure_deepspeed_env()
 
 import deepspeed  # noqa: E402
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine  # noqa: E402
 from deepspeed.utils import logger as _ds_logger  # noqa: E402
 
-from pargo_dist.background_save import BackgroundWriter, save_file  # noqa: E402
+from pargo_dist.background_save import BackgroundWriter  # noqa: E402
+from pargo_dist.backends.deepspeed_background_engine import BackgroundCheckpointEngine  # noqa: E402
+from pargo_dist.backends.deepspeed_universal import universal_checkpoint  # noqa: E402
 from pargo_dist.batch import Batch  # noqa: E402
 from pargo_dist.compile import transformer_blocks  # noqa: E402
 from pargo_dist.checkpoint import DEEPSPEED_DIR  # noqa: E402
@@ -48,107 +50,18 @@ warnings.filterwarnings("ignore", message=r".*torch\.distributed\..*is deprecate
 
 
 def init_distributed() -> tuple[int, int]:
-    """Start the process group (gloo on CPU, nccl on GPU) once; returns (rank, world size)."""
+    """Start the process group (gloo on CPU, nccl on GPU) once; returns (rank, world size).
+    Its timeout is the set-up allowance until training sets its own (pargo_dist/process_group.py)."""
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        if "RANK" in os.environ and "MASTER_ADDR" in os.environ:  # our launcher, SLURM, torchrun
+            from pargo_dist.process_group import join_process_group
+
+            join_process_group(backend)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)  # its comm layer, over that group
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-class BackgroundCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine, with each file's state copied to host memory and
-    written by background threads (pargo_dist.background_save). DeepSpeed builds the state
-    dicts at the step boundary; they hold the live tensors, which nothing changes before the next
-    optimizer update, and `train_batch` waits for the copies before that (`wait_staged`)."""
-
-    def __init__(self, writer: BackgroundWriter, zipfile: bool):
-        super().__init__(None)
-        self.writer, self.zipfile = writer, zipfile
-
-    def save(self, state_dict, path: str) -> None:
-        self.writer.submit(path, state_dict, lambda copy: save_file(copy, path, zipfile=self.zipfile))
-
-
-UNIVERSAL_DIR = "ds_universal"  # beside ds/ in a step directory, written on the first elastic resume
-
-
-def universal_checkpoint(step_dir: Path, rank: int) -> Path:
-    """`step_dir/ds_universal`: the ZeRO checkpoint in `step_dir/ds` converted to DeepSpeed's
-    universal format (one folder per parameter with its fp32 weights and Adam moments), which
-    loads at any rank count and ZeRO stage. Collective: rank 0 converts it (DeepSpeed's own
-    ds_to_universal, one extraction worker so host memory stays at one rank's shard plus one
-    parameter), written under a temporary name and renamed when complete, so a conversion cut
-    short is never loaded; the other ranks wait. Made once per checkpoint, then reused."""
-    import shutil
-    import sys
-    from contextlib import redirect_stderr, redirect_stdout
-    from io import StringIO
-
-    out = step_dir / UNIVERSAL_DIR
-    if rank == 0 and not out.is_dir():
-        from deepspeed.checkpoint import ds_to_universal
-
-        partial = step_dir / f"{UNIVERSAL_DIR}.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        argv = ["ds_to_universal", "--input_folder", str(step_dir / DEEPSPEED_DIR), "--output_folder", str(partial),
-                "--num_extract_workers", "1", "--num_merge_workers", "1", "--inject_missing_state"]
-        saved_argv, sys.argv = sys.argv, argv
-        try:
-            with redirect_stdout(StringIO()), redirect_stderr(StringIO()):  # its banners and progress bars
-                ds_to_universal.main(ds_to_universal.parse_arguments())
-        except Exception as err:
-            raise RuntimeError(f"could not convert the ZeRO checkpoint {step_dir / DEEPSPEED_DIR} to DeepSpeed's "
-                               f"universal format for an elastic resume: {err}") from err
-        finally:
-            sys.argv = saved_argv
-        _loadable_by_every_stage(partial / "zero", step_dir / DEEPSPEED_DIR)
-        (partial / "latest_universal").write_text(UNIVERSAL_DIR)
-        partial.rename(out)
-    if dist.is_initialized():
-        dist.barrier()
-    return out
-
-
-def _loadable_by_every_stage(zero_dir: Path, source: Path) -> None:
-    """ds_to_universal writes the state as the *saving* stage's loader reads it. From ZeRO-3: each
-    parameter's tensors flat and bare, Adam's step inside `optimizer_state_dict`, no DeepSpeed
-    version. From ZeRO-1/2: `{"param": tensor in its shape, "cat_dim": 0}`, a `step.pt` per
-    parameter, the groups at the top level. A resume may change stage (one rank runs ZeRO-3 as
-    ZeRO-2; a recipe changes), so both forms are written, from the same values; ZeRO-3's loader
-    reads the dict form too. (Its hyperparameters are not used: the loading backend keeps its
-    own groups.) `source`: the ZeRO checkpoint converted, for the parameters' shapes."""
-    import deepspeed
-
-    path = zero_dir / "optimizer_state.pt"
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    folders = [d for d in zero_dir.iterdir() if d.is_dir()]
-    inner = state.get("optimizer_state_dict")
-    if inner is not None:  # written from ZeRO-3
-        step = inner["state"][0]["step"] if inner.get("state") else None
-        groups = inner["param_groups"]
-        models = sorted(source.glob("*model_states.pt"))
-        shapes = {}
-        for group in torch.load(models[0], map_location="cpu", weights_only=False)["param_shapes"]:
-            shapes.update(group)
-        for folder in folders:
-            for file in folder.glob("*.pt"):
-                tensor = torch.load(file, map_location="cpu", weights_only=False)
-                if torch.is_tensor(tensor) and file.stem != "step":
-                    torch.save({"param": tensor.view(shapes[folder.name]), "cat_dim": 0}, file)
-    else:  # from ZeRO-1/2
-        steps = [d / "step.pt" for d in folders if (d / "step.pt").is_file()]
-        step = torch.load(steps[0], weights_only=False) if steps else None
-        groups = state["param_groups"]
-    state.setdefault("ds_version", deepspeed.__version__)
-    state.setdefault("param_groups", groups)
-    state.setdefault("optimizer_state_dict", {"state": {0: {"step": step}}, "param_groups": groups})
-    torch.save(state, path)
-    if step is not None:
-        for folder in folders:
-            if not (folder / "step.pt").is_file():
-                torch.save(step, folder / "step.pt")
 
 
 def zero_stage_for(cfg, world_size: int) -> tuple[int, str]:
@@ -446,7 +359,8 @@ class DeepSpeedBackend:
         (ZeRO-3 writes per-rank model-state files, stages 0-2 one mp_rank_00 file; one rank runs
         ZeRO-3 as ZeRO-2) cannot take ZeRO's per-rank optimizer shards as they are: they are
         first put together per parameter (weights, Adam's moments, step) in DeepSpeed's universal
-        format, which any layout loads (`universal_checkpoint`)."""
+        format, which any layout loads (backends/deepspeed_universal.py: once per filesystem, in a
+        process of its own, while the other ranks wait outside any collective)."""
         saved_zero3 = any((Path(step_dir) / DEEPSPEED_DIR).glob("zero_pp_rank_*_model_states.pt"))
         if saved_world == self.world_size and saved_zero3 == self._zero3:
             path, _ = self.engine.load_checkpoint(
@@ -455,7 +369,10 @@ class DeepSpeedBackend:
             if path is None:
                 raise RuntimeError(f"DeepSpeed could not load the checkpoint in {step_dir}")
             return
-        self._load_universal(universal_checkpoint(Path(step_dir), dist.get_rank()))
+        from pargo_dist.store_sync import StoreSync
+
+        say = print if dist.get_rank() == 0 else (lambda *_: None)
+        self._load_universal(universal_checkpoint(Path(step_dir), StoreSync.default(), say=say))
 
     def _load_universal(self, folder: Path) -> None:
         """Weights, Adam's moments and step of every trained parameter from a universal checkpoint,

@@ -23,6 +23,7 @@ TP/PP/DP layout loads at another.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -116,14 +117,19 @@ class MegatronBackend:
         if not dist.is_initialized():
             if _on_gpu():
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group("nccl" if _on_gpu() else "gloo")
+            from pargo_dist.process_group import join_process_group
+
+            join_process_group("nccl" if _on_gpu() else "gloo")
         world = dist.get_world_size()
         if world % self.replication:
             raise UserError(f"world size {world} is not divisible by tensor_parallel x pipeline_parallel = "
                              f"{self.tp} x {self.pp}: launch a multiple of {self.replication} ranks")
         if not parallel_state.model_parallel_is_initialized():
+            # its groups get the collective timeout too (in whole minutes, as megatron takes it)
+            minutes = max(1, math.ceil(self.cfg.train.collective_timeout_s / 60))
             parallel_state.initialize_model_parallel(tensor_model_parallel_size=self.tp,
-                                                     pipeline_model_parallel_size=self.pp, order="tp-pp-dp")
+                                                     pipeline_model_parallel_size=self.pp, order="tp-pp-dp",
+                                                     distributed_timeout_minutes=minutes)
         tensor_parallel.model_parallel_cuda_manual_seed(self.cfg.run.seed, inference_rng_tracker=not _on_gpu())
         return dist.get_rank(), world
 

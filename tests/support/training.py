@@ -104,3 +104,51 @@ def sample_ids(run_dir: Path) -> dict[int, list[str]]:
 
 def marker(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step_{step:08d}" / "COMPLETE"
+
+
+def own_shm(cmd: list[str]) -> list[str]:
+    """`cmd` in a mount namespace of its own with a fresh /dev/shm, as on another host: streaming
+    registers each dataset in /dev/shm by local leader, and two nodes' leaders on one host collide."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh", *cmd]
+
+
+def can_emulate_nodes() -> bool:
+    """Whether this machine lets a test give a process its own /dev/shm (root, `unshare`)."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(own_shm(["true"]), capture_output=True).returncode == 0
+
+
+def run_nodes(recipe: Path, overrides: list[str], run_dirs: list[Path], extra_env: dict[str, str] | None = None,
+              timeout: float = 600) -> list[str]:
+    """One launcher per "node" (`python -m pargo_dist.launch --nnodes N --node-rank i`, one rank
+    each), all on this machine, node i writing to run_dirs[i]: nodes with disks of their own when
+    the directories differ, a shared filesystem when they are the same. Nodes after the first
+    get a /dev/shm of their own (`own_shm`). Returns each node's output; every launcher must
+    exit 0."""
+    from pargo_dist.launch import free_port
+
+    master = f"127.0.0.1:{free_port()}"
+    cmds = [[sys.executable, "-m", "pargo_dist.launch", "--nproc", "1", "--nnodes", str(len(run_dirs)),
+             "--node-rank", str(i), "--master", master, "--", str(recipe), *overrides, f"run.dir={run_dir}"]
+            for i, run_dir in enumerate(run_dirs)]
+    procs = [forkserver.Popen(own_shm(cmd) if i else cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**env(), **(extra_env or {})}, start_new_session=True)
+             for i, cmd in enumerate(cmds)]
+    deadline = time.monotonic() + timeout
+    outs = []
+    for proc in procs:
+        try:
+            outs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                if other.poll() is None:
+                    os.killpg(other.pid, signal.SIGKILL)
+            outs.append(proc.communicate()[0])
+    for i, (proc, out) in enumerate(zip(procs, outs)):
+        if proc.returncode != 0:
+            raise AssertionError(f"node {i} exited {proc.returncode}:\n" + "\n".join(o[-3000:] for o in outs))
+    return outs

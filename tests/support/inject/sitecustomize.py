@@ -29,3 +29,31 @@ if _memory and _rank is not None and _memory.split(":")[0] == _rank:
     import pargo_dist.node_memory
 
     pargo_dist.node_memory.node_memory_bytes = lambda *_, _bytes=int(_memory.split(":")[1]): _bytes
+
+# PARGO_TEST_SLOW_SINGLE_RANK_S="SECONDS" makes the work one rank does for the others take that much
+# longer: the elastic conversion and the download of a checkpoint from the store, as they take
+# minutes for a 7B-70B model while the other ranks wait (against a short train.collective_timeout_s).
+_slow = float(os.environ.get("PARGO_TEST_SLOW_SINGLE_RANK_S", "0") or 0)
+if _slow and _rank is not None:
+    import time
+
+    import pargo_dist.backends.deepspeed_universal
+    import pargo_dist.remote_checkpoints
+
+    def _slowed(fn):
+        def slowed(*args, **kwargs):
+            time.sleep(_slow)
+            return fn(*args, **kwargs)
+        return slowed
+
+    _universal = pargo_dist.backends.deepspeed_universal
+    _universal.convert_in_own_process = _slowed(_universal.convert_in_own_process)
+    _remote = pargo_dist.remote_checkpoints.RemoteCheckpoints
+    _remote.download = _slowed(_remote.download)
+
+# PARGO_TEST_FAST_RETRIES=1 makes object-store retries back off 10 ms instead of 0.5 s (an outage
+# that outlasts them costs a test seconds, not half a minute per checkpoint).
+if os.environ.get("PARGO_TEST_FAST_RETRIES") and _rank is not None:
+    import pargo_dist.remote_checkpoints
+
+    pargo_dist.remote_checkpoints.retried.__defaults__ = (6, 0.01)
