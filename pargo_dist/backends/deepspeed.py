@@ -92,10 +92,7 @@ def ds_config(cfg, world_size: int, hidden: int | None = None) -> dict[str, Any]
         zero.update(stage3_gather_16bit_weights_on_model_save=False)
         if hidden:
             zero.update(stage3_param_persistence_threshold=max(100_000, 10 * hidden))
-    if cfg.backend.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if cfg.backend.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    zero.update(offload_config(cfg))
     out = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
         "gradient_accumulation_steps": cfg.train.grad_accum,
@@ -106,8 +103,33 @@ def ds_config(cfg, world_size: int, hidden: int | None = None) -> dict[str, Any]
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.backend.offload_optimizer:
+        out["zero_force_ds_cpu_optimizer"] = False  # our AdamW steps the offloaded partitions: offload_config
     if cfg.train.precision == "bf16":
         out["bf16"] = {"enabled": True}
+    return out
+
+
+def offload_config(cfg) -> dict[str, Any]:
+    """ZeRO-Offload's part of `zero_optimization`: the optimizer's fp32 partitions, their gradients
+    and Adam's moments (`backend.offload_optimizer`), and under ZeRO-3 the parameters
+    (`backend.offload_params`), in host memory; pinned where there is a GPU to copy to.
+
+    Which optimizer steps the offloaded partitions: our client torch AdamW, the one the backend
+    builds without offload (pargo_dist.optim: the same param groups, LR schedule and fused
+    kernel, which torch has for CPU tensors too), so an offloaded run does the same math and
+    its checkpoints hold the same optimizer state, which any layout, offloaded or not, loads.
+    DeepSpeed refuses a client optimizer with offload unless `zero_force_ds_cpu_optimizer` is
+    off (ds_config turns it off). Its DeepSpeedCPUAdam was not chosen: it JIT-compiles a C++ op
+    on every fresh machine (62 s on 2 cores; a compiler on every node), and bought nothing here:
+    torch's fused CPU AdamW is also one multithreaded pass over a flat partition (13 ms per 20M
+    elements on 2 cores against DeepSpeedCPUAdam's 13-14 ms; docs/scaling.md, "Offload")."""
+    pin = torch.cuda.is_available()
+    out: dict[str, Any] = {}
+    if cfg.backend.offload_optimizer:
+        out["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if cfg.backend.offload_params:
+        out["offload_param"] = {"device": "cpu", "pin_memory": pin}
     return out
 
 
@@ -392,13 +414,21 @@ class DeepSpeedBackend:
             zero.checkpoint_event_epilogue()  # parameters kept whole (persistent) take their new values
         else:
             zero.update_lp_params()  # the fp32 master copies -> the training-precision weights
-        for group in base.param_groups:  # fused AdamW wants its step count on the parameters' device
+        # Adam's step count as a tensor of each parameter's own (fused AdamW wants it on the
+        # parameters' device). A new tensor each: ZeRO-3's universal loader gives every group the
+        # same step object, which an in-place `step += 1` would then advance once per group.
+        for group in base.param_groups:
             for p in group["params"] or []:
                 state = base.state.get(p, {})
                 if "step" in state and (group.get("fused") or group.get("capturable")):
-                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=p.device)
+                    state["step"] = _own_step(state["step"], p.device)
         if self._zero3:  # ZeRO-3 sets a group's params only around its step: its flat partitions
             for flat in zero.fp32_partitioned_groups_flat:
                 state = base.state.get(flat, {})
                 if "step" in state:
-                    state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=flat.device)
+                    state["step"] = _own_step(state["step"], flat.device)
+
+
+def _own_step(step, device: torch.device) -> torch.Tensor:
+    """Adam's step count as a float32 tensor that no other parameter shares."""
+    return torch.tensor(float(step), dtype=torch.float32, device=device)
