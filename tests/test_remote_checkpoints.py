@@ -197,8 +197,8 @@ def forget_steps(s3, bucket: str, prefix: str, steps: list[int]) -> None:
 @pytest.mark.skipif(not can_emulate_nodes(), reason="emulating nodes needs `unshare -m` (root) for a /dev/shm per node")
 def test_nodes_without_a_shared_disk_resume_from_the_store_once_per_filesystem_past_a_short_timeout(
         s3_server, tmp_path, data_dir, reference):
-    """Two "nodes" of one rank each, a collective timeout of 2 s, and the work one rank does for
-    the others (the download of a checkpoint, its elastic conversion) slowed to 4 s by a fault knob.
+    """Two "nodes" of one rank each, a collective timeout of 3 s, and the work one rank does for
+    the others (the download of a checkpoint, its elastic conversion) slowed to 5 s by a fault knob.
     The store holds the uninterrupted 2-rank run's step-2 checkpoint (that job died before step 4):
     - requeued onto nodes with a run.dir each (no shared disk), each node downloads it once, into
       its own run.dir; the curve after the resume is the uninterrupted run's; each node uploads
@@ -214,9 +214,9 @@ def test_nodes_without_a_shared_disk_resume_from_the_store_once_per_filesystem_p
     for name in sorted(local_files(step2), key=lambda n: n == "COMPLETE"):  # marker last
         client.upload_file(str(step2 / name), "ckpt-nodes", f"run/step_00000002/{name}")
     recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "unused", data_dir)
-    common = [f"checkpoint.remote={bucket}/run", "data.eval=null", "train.collective_timeout_s=2"]
+    common = [f"checkpoint.remote={bucket}/run", "data.eval=null", "train.collective_timeout_s=3"]
     slow = {"PYTHONPATH": os.pathsep.join(filter(None, [INJECT, os.environ.get("PYTHONPATH")])),
-            "PARGO_TEST_SLOW_SINGLE_RANK_S": "4"}
+            "PARGO_TEST_SLOW_SINGLE_RANK_S": "5"}
 
     nodes = [tmp_path / "job2" / "node0", tmp_path / "job2" / "node1"]
     outs = run_nodes(recipe, common, nodes, extra_env=slow)
