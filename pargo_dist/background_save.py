@@ -15,8 +15,15 @@ only once every rank's writer has finished, so a run killed during a write leave
 resume never picks. A failed write is re-raised on the training thread at the next poll and
 ends the run with the file it was writing.
 
-`PARGO_DIST_CHECKPOINT_WRITE_DELAY_S` delays every background write by that many seconds: a fault
-injection knob, so a test (or an operator) can kill a run in the middle of a write.
+The copies go into one host buffer per rank (`StagingArena`), reused from save to save: torch's
+caching host allocator would round each pinned block up to a power of two and keep it for the
+whole run, so a 20 GB share could hold 32 GB of pinned memory, uncounted. The arena holds exactly
+the largest save seen (pinned by registering it with CUDA, not through that allocator); the
+first save, before its size is known, copies into plain memory.
+
+`PARGO_DIST_CHECKPOINT_WRITE_DELAY_S` delays every background write by that many seconds, and
+`PARGO_DIST_CHECKPOINT_STAGE_DELAY_S` every copy: fault injection knobs, so a test (or an operator)
+can kill a run in the middle of a write, or make the next optimizer update wait for a copy.
 """
 
 from __future__ import annotations
@@ -28,19 +35,75 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 DELAY_ENV = "PARGO_DIST_CHECKPOINT_WRITE_DELAY_S"
+STAGE_DELAY_ENV = "PARGO_DIST_CHECKPOINT_STAGE_DELAY_S"
+_ALIGN = 64  # bytes: each storage's copy starts on a cache line
 
 
-def host_snapshot(obj: Any, ready: "torch.cuda.Event | None" = None) -> Any:
+class StagingArena:
+    """Host memory for the copies of one save, reused by the next (one save is in flight at a
+    time, so the copies of the last one are written before the next is staged: `reset`).
+
+    `take` hands out the next slice as a tensor of its own storage (torch.save writes a tensor's
+    whole storage: a slice of one big storage would write the arena into every file). What does
+    not fit (the first save, a save that grew) gets plain memory of its own, and `reset` then
+    grows the arena to the largest save seen, in one allocation. Pinned when a copy came from a
+    GPU: registered with CUDA (cudaHostRegister), so exactly its size is locked, never a power of
+    two; a copy into registered memory is asynchronous like one into torch's pinned blocks."""
+
+    def __init__(self):
+        self.buffer: np.ndarray | None = None
+        self.pinned = False
+        self._used = self._wanted = 0
+        self._pin_wanted = False
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.buffer is None else self.buffer.nbytes
+
+    def take(self, nbytes: int, pin: bool) -> torch.Tensor:
+        aligned = -(-nbytes // _ALIGN) * _ALIGN
+        self._wanted += aligned
+        self._pin_wanted |= pin
+        if self.buffer is not None and self.pinned >= pin and self._used + aligned <= self.nbytes:
+            out = torch.from_numpy(self.buffer[self._used:self._used + nbytes])
+            self._used += aligned
+            return out
+        return torch.empty(nbytes, dtype=torch.uint8)  # plain memory: a non-blocking copy into it still completes
+
+    def reset(self) -> None:
+        """The last save's copies are all written: start again at the front, larger if it did not fit."""
+        if self._wanted > self.nbytes or self._pin_wanted > self.pinned:
+            self.release()
+            self.buffer = np.empty(self._wanted, dtype=np.uint8)
+            if self._pin_wanted:
+                torch.cuda.cudart().cudaHostRegister(self.buffer.ctypes.data, self._wanted, 0)
+                self.pinned = True
+        self._used = self._wanted = 0
+
+    def release(self) -> None:
+        if self.buffer is not None and self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.buffer.ctypes.data)
+        self.buffer, self.pinned = None, False
+
+
+def host_snapshot(obj: Any, ready: "torch.cuda.Event | None" = None, arena: StagingArena | None = None) -> Any:
     """`obj` (nested dicts / lists / tuples of tensors and plain values) with every tensor copied
     to host memory, views kept as views of one copied storage. GPU tensors are copied on a side
-    stream into pinned memory, after `ready` (an event recorded on the training stream when the
-    state was final), and that stream is synchronised once at the end. Non-tensor values are
-    kept as they are (training does not change them in place)."""
+    stream (into the arena's pinned memory where it has room), after `ready` (an event recorded
+    on the training stream when the state was final), and that stream is synchronised once at
+    the end. Non-tensor values are kept as they are (training does not change them in place).
+    `arena`: where the copies go (default: fresh memory each)."""
     storages: dict[tuple, torch.UntypedStorage] = {}
     side = [None]
+
+    def host_bytes(nbytes: int, pin: bool) -> torch.Tensor:
+        if arena is not None:
+            return arena.take(nbytes, pin)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
 
     def storage_copy(t: torch.Tensor) -> torch.UntypedStorage:
         source = t.untyped_storage()
@@ -51,11 +114,11 @@ def host_snapshot(obj: Any, ready: "torch.cuda.Event | None" = None) -> Any:
                     side[0] = torch.cuda.Stream(device=t.device)
                     if ready is not None:
                         side[0].wait_event(ready)
-                host = torch.empty(source.nbytes(), dtype=torch.uint8, pin_memory=True)
+                host = host_bytes(source.nbytes(), pin=True)
                 with torch.cuda.stream(side[0]):
                     host.copy_(torch.empty(0, dtype=torch.uint8, device=t.device).set_(source), non_blocking=True)
             else:
-                host = torch.empty(source.nbytes(), dtype=torch.uint8)
+                host = host_bytes(source.nbytes(), pin=False)
                 host.copy_(torch.empty(0, dtype=torch.uint8).set_(source))
             storages[key] = host.untyped_storage()
         return storages[key]
@@ -93,6 +156,7 @@ class BackgroundWriter:
             event.set()
         self._staged, self._idle = self._none_left["stage"], self._none_left["write"]
         self._lock = threading.Lock()
+        self.arena = StagingArena()  # reset whenever nothing is left to write (see StagingArena)
         self._error: BaseException | None = None
         self.staged_wait_s = 0.0
         self._threads = [threading.Thread(target=self._stage_loop, name=f"{name}-stage", daemon=True),
@@ -116,6 +180,8 @@ class BackgroundWriter:
     def _one_done(self, kind: str) -> None:
         with self._lock:
             self._left[kind] -= 1
+            if kind == "write" and self._left["write"] == 0:
+                self.arena.reset()  # every copy is written and dropped: the next save reuses the memory
             if self._left[kind] == 0:
                 self._none_left[kind].set()
 
@@ -133,8 +199,11 @@ class BackgroundWriter:
             what, state, write, ready = item
             copy = None
             try:
+                delay = float(os.environ.get(STAGE_DELAY_ENV, "0") or 0)
+                if delay:
+                    time.sleep(delay)
                 if self._error is None:
-                    copy = host_snapshot(state, ready)
+                    copy = host_snapshot(state, ready, self.arena)
             except BaseException as err:  # noqa: BLE001  re-raised on the training thread
                 self._fail(what, err)
             finally:

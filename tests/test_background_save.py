@@ -55,3 +55,33 @@ def test_a_failed_write_is_raised_on_the_training_thread_with_its_file(tmp_path)
         writer.wait()
     with pytest.raises(RuntimeError, match="shard.pt"):  # and the next save is refused, not lost silently
         writer.submit("next", {}, lambda copy: None)
+
+
+def test_the_copies_of_a_save_reuse_one_host_buffer_sized_to_it(tmp_path):
+    """The first save copies into memory of its own and sizes the arena; the next one copies into
+    the arena (the same memory, each file still holding only its own tensors' bytes, as a
+    synchronous save writes them), and the arena is exactly that save, 64-byte aligned, not a
+    power of two."""
+    writer = BackgroundWriter()
+    flat = torch.arange(100, dtype=torch.float32)
+    state = {"a": flat[:60].view(6, 10), "b": flat[60:], "c": torch.ones(30, dtype=torch.float64), "step": 1}
+    where = []
+
+    def write(copy, path):
+        where.append(copy["a"].untyped_storage().data_ptr())
+        save_file(copy, path)
+
+    writer.submit("first", state, lambda copy: write(copy, tmp_path / "first.pt"))
+    writer.wait()
+    assert writer.arena.nbytes == 448 + 256  # 400 bytes and 240 bytes, each aligned to 64
+    flat.add_(1)
+    writer.submit("second", state, lambda copy: write(copy, tmp_path / "second.pt"))
+    writer.wait()
+    base = writer.arena.buffer.ctypes.data
+    assert base <= where[1] < base + writer.arena.nbytes and not base <= where[0] < base + writer.arena.nbytes
+    torch.save(state, tmp_path / "sync.pt")  # what a synchronous save of the same state writes
+    second, sync = torch.load(tmp_path / "second.pt"), torch.load(tmp_path / "sync.pt")
+    assert all(torch.equal(second[k], sync[k]) for k in "abc") and second["step"] == 1
+    assert second["a"].untyped_storage().nbytes() == 400  # its own storage, not the arena's
+    assert abs((tmp_path / "second.pt").stat().st_size - (tmp_path / "sync.pt").stat().st_size) < 64
+    writer.close()

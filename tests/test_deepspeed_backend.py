@@ -98,3 +98,52 @@ def test_zero3_on_one_rank_runs_as_zero2_and_says_so(tmp_path, capsys):
     assert zero_stage_for(offloaded, 1) == (3, "")
     kept, _ = built(tmp_path, "backend.zero_stage=3", "backend.zero3_on_one_rank=true")
     assert zero_stage_for(kept, 1) == (3, "")  # asked for (the benchmark's ZeRO-3 row on one GPU)
+
+
+def _tensors(obj, prefix=""):
+    """Every tensor in a nested state dict, by its path."""
+    if torch.is_tensor(obj):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else []
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
+
+
+def test_a_background_save_holds_the_state_from_before_the_next_step(tmp_path, monkeypatch):
+    """The copy of a background save runs beside the next step; that step's optimizer update must
+    wait for it. With the copy slowed by a fault knob (1 s), the files written in the background
+    equal a synchronous save made at the same moment, tensor for tensor, though the next step
+    (taken at once) changed every weight and moment before the copy was done."""
+    import sys
+    from pathlib import Path
+
+    from pargo_dist.backends.deepspeed import DeepSpeedBackend
+    from pargo_dist.background_save import STAGE_DELAY_ENV
+
+    sys.path.insert(0, str(Path(__file__).parent / "support"))
+    from elastic_worker import fixed_batches
+
+    cfg, model = built(tmp_path, "backend.zero_stage=2", "optim.lr=1e-2")
+    backend = DeepSpeedBackend(cfg)
+    backend.init_distributed()
+    backend.setup(model)
+    batches = fixed_batches(backend.module, build.build_tokenizer(cfg), steps=2, rank=0, world=1)
+    backend.train_batch([batches[0][0]], float(batches[0][1]), 0)  # Adam's state exists from here on
+    backend.save(tmp_path / "sync")
+    monkeypatch.setenv(STAGE_DELAY_ENV, "1")
+    backend.save(tmp_path / "background", background=True)
+    backend.train_batch([batches[1][0]], float(batches[1][1]), 1)
+    backend.wait_for_saves()
+    files = sorted(p.relative_to(tmp_path / "sync") for p in (tmp_path / "sync").rglob("*.pt"))
+    written = sorted(p.relative_to(tmp_path / "background") for p in (tmp_path / "background").rglob("*.pt"))
+    assert files and files == written
+    backend.save(tmp_path / "after")  # the state the step left, for contrast
+    changed = 0
+    for name in files:
+        want = _tensors(torch.load(tmp_path / "sync" / name, weights_only=False))
+        got = _tensors(torch.load(tmp_path / "background" / name, weights_only=False))
+        later = _tensors(torch.load(tmp_path / "after" / name, weights_only=False))
+        assert want.keys() == got.keys() and want, name
+        for key in want:
+            assert torch.equal(want[key], got[key]), (name, key)
+            changed += not torch.equal(want[key], later[key])
+    assert changed > 10  # the step did change the weights and moments the background save holds from before it

@@ -212,7 +212,8 @@ def save_blocking(ckpt: float, hw: Hardware, step_time_s: float) -> dict[str, fl
     `ckpt` bytes at hw.fs_gbps each. Background: each GPU copies its share to pinned host memory
     at HOST_COPY_GBPS while the next step's forward and backward run (~2/3 of a step), and
     that step's optimizer update waits for what is left of the copy; the write then runs behind
-    training, and needs the host memory to hold the copy."""
+    training, and needs the host memory to hold the copy: each rank's staging arena
+    (background_save.StagingArena), exactly its share, pinned, kept for the run."""
     nodes = max(1, math.ceil(hw.gpus / hw.gpus_per_node))
     copy_s = ckpt / hw.gpus / (HOST_COPY_GBPS * 1e9)
     return {"sync_s": ckpt / (nodes * hw.fs_gbps * 1e9), "copy_s": copy_s,
