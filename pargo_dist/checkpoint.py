@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -37,16 +36,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pargo_dist.checkpoint_pruning import delete_step_dir, prune
+from pargo_dist.checkpoint_pruning import COMPLETE, STEP_DIR, delete_step_dir, prune, prune_to
 from pargo_dist.checkpoint_files import atomic_write, fsync_tree, read_json, write_text
 from pargo_dist.errors import TryAgainLater, UserError
 
-COMPLETE = "COMPLETE"
 META = "meta.json"
 CONFIG = "config.yaml"
 DEEPSPEED_DIR = "ds"  # DeepSpeed's checkpoint tag: engine.save_checkpoint(step_dir, tag=DEEPSPEED_DIR)
 MEGATRON_DIR = "megatron"  # a megatron-core distributed checkpoint (reshards to any TP/PP/DP layout)
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 # -- RNG state -------------------------------------------------------------------------
@@ -189,7 +186,7 @@ class CheckpointManager:
             return {}
         found = {}
         for entry in self.root.iterdir():
-            match = _STEP_DIR.match(entry.name)
+            match = STEP_DIR.match(entry.name)
             if match and entry.is_dir():
                 found[int(match.group(1))] = entry
         return found
@@ -327,8 +324,7 @@ class CheckpointManager:
         # rank 0's filesystem holds the marker; others (nodes with disks of their own) keep the steps it kept
         kept = self.sync.share(f"step {step} marked", self.complete_steps)
         if self.rank != 0 and self.filesystem().leader:
-            self._prune_safely(lambda: [self._delete(path) for s, path in self._step_dirs().items()
-                                        if s < max(kept) and s not in kept])
+            self._prune_safely(lambda: prune_to(self.root, self._step_dirs(), kept))
         if self.uploads is not None:
             self.uploads.submit(step_dir, step)
 
@@ -343,6 +339,7 @@ class CheckpointManager:
         (a run that ended during an outage and was requeued)."""
         if self.uploads is None:
             return
+
         def lacks() -> bool:
             try:
                 return step not in self.remote.steps()

@@ -15,8 +15,8 @@ from typing import Callable
 
 from pargo_dist.checkpoint_files import fsync_dir
 
-COMPLETE = "COMPLETE"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+COMPLETE = "COMPLETE"  # a step directory counts as a checkpoint only with this marker (checkpoint.py)
+STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def prune(root: Path, keep_last: int, step_dirs: dict[int, Path], is_complete: Callable[[Path], bool]) -> None:
@@ -37,6 +37,14 @@ def prune(root: Path, keep_last: int, step_dirs: dict[int, Path], is_complete: C
             delete_step_dir(root, step_dirs[step])
 
 
+def prune_to(root: Path, step_dirs: dict[int, Path], kept: list[int]) -> None:
+    """A filesystem without the marker (a node with a disk of its own): keep the steps rank 0's
+    pruning kept (`kept`), and any newer directory (a save in progress)."""
+    for step, path in step_dirs.items():
+        if step < max(kept) and step not in kept:
+            delete_step_dir(root, path)
+
+
 def delete_step_dir(root: Path, path: Path) -> None:
     """Remove one step dir: marker first (so a crash mid-way leaves an ignored directory,
     not a partial one that looks complete), then the rest.
@@ -45,7 +53,7 @@ def delete_step_dir(root: Path, path: Path) -> None:
     symlink is unlinked, never followed, and rmtree itself never follows links.
     """
     path = Path(path)
-    if path.parent.resolve() != Path(root).resolve() or not _STEP_DIR.match(path.name):
+    if path.parent.resolve() != Path(root).resolve() or not STEP_DIR.match(path.name):
         raise ValueError(f"refusing to delete {path}: not a step dir under {root}")
     if path.is_symlink() or not path.is_dir():
         path.unlink()

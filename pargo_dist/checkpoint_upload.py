@@ -20,11 +20,11 @@ training, and an unreachable store never ends it:
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Callable
 
 from pargo_dist.remote_checkpoints import RemoteCheckpoints, RemoteError
+from pargo_dist.store_sync import wait_until
 
 _KEY = "pargo/upload"
 
@@ -85,10 +85,7 @@ class UploadMirror:
         if self.rank != 0:
             return
         if error is None and self.store is not None:
-            wait = 0.01
-            while self.store.add(f"{_KEY}/{step}/done", 0) < self.world_size:
-                time.sleep(wait)
-                wait = min(0.05, wait * 2)
+            wait_until(lambda: self.store.add(f"{_KEY}/{step}/done", 0) >= self.world_size)
             if self.store.add(f"{_KEY}/{step}/failed", 0):
                 error = RemoteError(f"another rank could not upload its files of step {step}")
         if error is None:

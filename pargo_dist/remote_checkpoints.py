@@ -10,8 +10,10 @@ never resumed from. keep_last applies remotely too (S3; other stores keep every 
 Transfers go through mosaicml-streaming's storage clients, the ones the data path already uses:
 s3:// (and S3-compatible stores through S3_ENDPOINT_URL), gs://, oci://, azure://, with their
 usual credentials from the environment, which nothing here prints. Each transfer is retried
-with exponential backoff; a failure that outlasts the retries ends the run naming the object,
-and no COMPLETE object is written for that checkpoint.
+with exponential backoff; a failure that outlasts the retries is a RemoteError naming the object,
+and no COMPLETE object is written for that checkpoint. Training uploads in the background and
+goes on through such failures (pargo_dist/checkpoint_upload.py); a permanent refusal (a missing
+bucket) is raised at once.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import urllib.parse
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from pargo_dist.checkpoint_pruning import COMPLETE  # the same marker, as an object
 from pargo_dist.errors import UserError
 
-COMPLETE = "COMPLETE"
 # Keys are matched relative to the run's own prefix and anchored there: another run's checkpoints
 # under it (s3://bkt/exp/ablation/step_.../) or beside it (s3://bkt/exp2/) are never this run's.
 _STEP = re.compile(r"^step_(\d{8})/COMPLETE$")

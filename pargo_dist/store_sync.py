@@ -30,6 +30,14 @@ _MAX_POLL_S = 0.05  # a store request is a loopback-sized round trip: polling th
 _DEFAULT = None  # (the group, its StoreSync)
 
 
+def wait_until(ready: Callable[[], bool]) -> None:
+    """Poll `ready` (a quick store request) with a growing interval, 1 ms to 50 ms, until true."""
+    wait = 0.001
+    while not ready():
+        time.sleep(wait)
+        wait = min(_MAX_POLL_S, wait * 2)
+
+
 class LocalSync:
     """One process: every wait is over at once, `share` computes, `gather` is a list of one."""
 
@@ -66,27 +74,20 @@ class StoreSync:
         from torch.distributed.distributed_c10d import _get_default_store
 
         global _DEFAULT
-        store = _get_default_store()
         # one per process group: every user shares its call counter, so that keys never repeat
         if _DEFAULT is None or _DEFAULT[0] is not dist.group.WORLD:
-            _DEFAULT = (dist.group.WORLD, cls(store, dist.get_rank(), dist.get_world_size()))
+            _DEFAULT = (dist.group.WORLD, cls(_get_default_store(), dist.get_rank(), dist.get_world_size()))
         return _DEFAULT[1]
 
     def _key(self, what: str) -> str:
         self._calls += 1
         return f"{self._namespace}/{self._calls}/{what}"
 
-    def _poll(self, ready: Callable[[], bool]) -> None:
-        wait = 0.001
-        while not ready():
-            time.sleep(wait)
-            wait = min(_MAX_POLL_S, wait * 2)
-
     def barrier(self, what: str) -> None:
         """Returns once every rank has called it. `what` names the wait (a key part, for debugging)."""
         key = self._key(what)
         self.store.add(key, 1)
-        self._poll(lambda: self.store.add(key, 0) >= self.world_size)
+        wait_until(lambda: self.store.add(key, 0) >= self.world_size)
 
     def share(self, what: str, compute: Callable[[], Any], src: int = 0) -> Any:
         """`compute()` on rank `src`, its (JSON-able) value returned on every rank. An exception in
@@ -96,7 +97,7 @@ class StoreSync:
             value = compute()
             self.store.set(key, json.dumps(value))
             return value
-        self._poll(lambda: self.store.check([key]))
+        wait_until(lambda: self.store.check([key]))
         return json.loads(self.store.get(key))
 
     def gather(self, what: str, value: Any) -> list[Any]:
@@ -104,7 +105,7 @@ class StoreSync:
         key = self._key(what)
         self.store.set(f"{key}/{self.rank}", json.dumps(value))
         keys = [f"{key}/{r}" for r in range(self.world_size)]
-        self._poll(lambda: self.store.check(keys))
+        wait_until(lambda: self.store.check(keys))
         return [json.loads(self.store.get(k)) for k in keys]
 
     def leave_together(self, what: str, patience_s: float = 30.0) -> None:
@@ -116,4 +117,4 @@ class StoreSync:
             self.store.add(key, 1)
             return
         deadline = time.monotonic() + patience_s
-        self._poll(lambda: self.store.add(key, 0) >= self.world_size - 1 or time.monotonic() > deadline)
+        wait_until(lambda: self.store.add(key, 0) >= self.world_size - 1 or time.monotonic() > deadline)

@@ -27,8 +27,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from pargo_dist.checkpoint import DEEPSPEED_DIR
+
 UNIVERSAL_DIR = "ds_universal"  # beside ds/ in a step directory, written on the first elastic resume
-DEEPSPEED_DIR = "ds"  # pargo_dist.checkpoint.DEEPSPEED_DIR (not imported: this runs as a light process)
 
 
 def extract_workers(ds_dir: Path, cores: int | None = None, memory: int | None = None) -> int:
