@@ -17,6 +17,18 @@ run holds) next to DeepSpeed's own estimators for bf16/fp16 on GPU
 
     .venv/bin/python benchmarks/plan_memory.py                 # all sizes, ~5 min on 2 cores
     .venv/bin/python benchmarks/plan_memory.py --sizes small --zero 3
+    .venv/bin/python benchmarks/plan_memory.py --step-peak     # ~3 min: see below
+
+`--step-peak`: the whole step's peak, the planner's total against a run's. A random 278M Llama
+(hidden 1,024, 18 layers, vocab 32,000) saved by transformers as bf16 safetensors is trained
+by `pargo-dist train` for 2 steps in fp32 at micro-batch 2 on 2 CPU ranks, under ZeRO-3
+(partitioned as it is read) and megatron TP=2: the same model over the same 2 ranks
+(benchmarks/startup.py runs them). Measured: the largest rank's peak RSS over the two steps
+(VmHWM, reset when set-up ends) less the same for a 2-layer toy LLM (imports, tower,
+projector, data: what a rank holds without the model). glibc's malloc runs with a fixed mmap
+threshold (MALLOC_MMAP_THRESHOLD_), so a freed block goes back to the system, as a GPU's
+caching allocator lets it be reused, instead of staying in the heap and counting as resident.
+Predicted: `pargo-dist plan`'s total for the recipe without its fixed CUDA/NCCL reserve.
 
 Not counted by either side: activations (one tiny batch, freed) and the framework's own
 buffers; the measured figure therefore includes DeepSpeed's buckets on top of model states,
@@ -64,8 +76,7 @@ def settle() -> int:
 
 def overrides(size: str, zero: int) -> list[str]:
     return [*ALL_SIZES[size], f"backend.zero_stage={zero}", "train.precision=fp32", "train.micro_batch=1",
-            "train.grad_accum=1", "train.stage=full", "logging.tensorboard=false",
-            *(["backend.zero_init=true"] if zero == 3 else [])]
+            "train.grad_accum=1", "train.stage=full", "logging.tensorboard=false"]
 
 
 def worker(size: str, zero: int) -> None:
@@ -134,8 +145,59 @@ def predicted(size: str, zero: int, ranks: int) -> tuple[float, float, float, in
     return fp32, bf16, float(ds), total
 
 
+STEP_CASES = ("megatron-tp2", "zero3-fp32-2-init")
+
+
+def step_peaks(micro_batch: int, timeout: float) -> None:
+    """The `--step-peak` table (module docstring)."""
+    import tempfile
+
+    import startup
+
+    from pargo_dist.config import load_config
+    from pargo_dist.plan.estimate import FRAMEWORK_RESERVE_GIB, GiB, Hardware, estimate, layout_of
+    from pargo_dist.plan.trace import shapes_of
+
+    fixed = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pargo-step-peak-") as tmp:
+        tmp = Path(tmp)
+        params = startup.save_llama(tmp / "llama", 1024, 18, 2816, VOCAB)
+        print(f"random Llama: {params / 1e6:.0f}M parameters saved as bf16 safetensors; fp32 training, micro-batch "
+              f"{micro_batch}, 2 steps", flush=True)
+        for name in STEP_CASES:
+            ranks, overrides = startup.CASES[name]
+            overrides = [*overrides, "train.precision=fp32", f"train.micro_batch={micro_batch}"]
+            got = {}
+            for kind, llm in (("model", f"{{path: {tmp / 'llama'}}}"), ("baseline", startup.TOY_LLM)):
+                recipe = tmp / f"{name}-{kind}.yaml"
+                recipe.write_text(startup.RECIPE.format(run=tmp / f"run-{name}-{kind}", llm=llm, data=tmp / "data"))
+                extra = [o for o in overrides if kind == "model" or not o.startswith("backend.zero_init")]
+                got[kind] = startup.run_case(recipe, ranks, extra, timeout, env=fixed)
+                if "error" in got[kind]:
+                    raise RuntimeError(f"{name} ({kind}): {got[kind]['error']}")
+            cfg = load_config(tmp / f"{name}-model.yaml", overrides)
+            hw = Hardware(gpus=ranks, gpus_per_node=ranks)
+            est = estimate(cfg, hw, layout_of(cfg), shapes_of(cfg))
+            parts = {k: v for k, v in est.memory.items()}
+            parts["buffers"] -= FRAMEWORK_RESERVE_GIB
+            measured = (got["model"]["step"] - got["baseline"]["step"]) / GiB
+            rows.append((est.layout.name(), parts, measured))
+            print(f"{est.layout.name()}: planned {sum(parts.values()):.2f} GiB, measured {measured:.2f} GiB", flush=True)
+    names = list(rows[0][1])
+    print(f"\n| layout | {' | '.join(names)} | planned GiB | measured GiB | error |")
+    print("|---|" + "---|" * (len(names) + 3))
+    for layout, parts, measured in rows:
+        total = sum(parts.values())
+        print(f"| {layout} | {' | '.join(f'{parts[n]:.2f}' for n in names)} | {total:.2f} | {measured:.2f} | "
+              f"{(total - measured) / measured:+.1%} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--step-peak", action="store_true",
+                    help="the whole step's peak of a 278M model, ZeRO-3 vs megatron TP=2, planned and measured")
+    ap.add_argument("--micro-batch", type=int, default=2, help="with --step-peak")
     ap.add_argument("--sizes", nargs="+", choices=list(ALL_SIZES), default=list(ALL_SIZES))
     ap.add_argument("--zero", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
@@ -143,6 +205,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker:
         worker(args.worker[0], int(args.worker[1]))
+        return
+    if args.step_peak:
+        step_peaks(args.micro_batch, timeout=900)
         return
     mib = 2**20
     print(f"{'size':<8}{'params':>8}{'ZeRO':>5}{'ranks':>6} | {'fp32 pred':>10}{'measured':>10}{'error':>8} | "

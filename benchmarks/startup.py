@@ -119,10 +119,12 @@ def vm_hwm(pid: int) -> int:
     return status_bytes(pid, "VmHWM:")
 
 
-def run_case(recipe: Path, ranks: int, overrides: list[str], timeout: float) -> dict:
-    """Launch; poll every rank's peak RSS until the set-up line, then time the first step."""
+def run_case(recipe: Path, ranks: int, overrides: list[str], timeout: float, env: dict | None = None) -> dict:
+    """Launch; poll every rank's peak RSS until the set-up line, then time the first step; then
+    each rank's peak RSS over the first two steps (`step`)."""
     cmd = [sys.executable, "-m", "pargo_dist.cli", "train", str(recipe), *overrides, "--nproc", str(ranks)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           **(env or {})}
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
@@ -130,22 +132,36 @@ def run_case(recipe: Path, ranks: int, overrides: list[str], timeout: float) -> 
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # line by line
     reader.start()
     peaks: dict[int, int] = {}
+    step_peaks: dict[int, int] = {}
     load = None
     first = None
     set_up = False
-    def poll() -> None:
-        for pid in children(proc.pid) if ranks > 1 else [proc.pid]:
-            peaks[pid] = max(peaks.get(pid, 0), vm_hwm(pid))
+    def rank_pids() -> list[int]:
+        return children(proc.pid) if ranks > 1 else [proc.pid]
+
+    def poll(into: dict[int, int]) -> None:
+        for pid in rank_pids():
+            into[pid] = max(into.get(pid, 0), vm_hwm(pid))
 
     while time.monotonic() - start < timeout:
         seen = list(lines)
         if not set_up:
-            poll()  # after reading the lines: a peak reached before a line was printed is counted
+            poll(peaks)  # after reading the lines: a peak reached before a line was printed is counted
+        else:
+            poll(step_peaks)
         if load is None and any(line.startswith("model built and loaded") for line in seen):
             load = max(peaks.values(), default=0)
-        set_up = set_up or any(line.startswith("set up in") for line in seen)
-        if any(line.startswith("step 1/") for line in list(lines)):
+        if not set_up and any(line.startswith("set up in") for line in seen):
+            set_up = True
+            for pid in rank_pids():  # the peak from here on is the first step's (proc(5): clear_refs)
+                try:
+                    Path(f"/proc/{pid}/clear_refs").write_text("5")
+                except OSError:
+                    pass
+        if first is None and any(line.startswith("step 1/") for line in seen):
             first = time.monotonic() - start
+        if any(line.startswith("step 2/") for line in seen):
+            poll(step_peaks)
             break
         if proc.poll() is not None:
             reader.join(timeout=5)
@@ -159,7 +175,8 @@ def run_case(recipe: Path, ranks: int, overrides: list[str], timeout: float) -> 
     if first is None:
         errors = [line for line in lines if "Error" in line or "error" in line] or lines[-1:] or ["timed out"]
         return {"error": errors[-1].strip()[:90]}
-    return {"load": load or 0, "peak": max(peaks.values(), default=0), "first": first}
+    return {"load": load or 0, "peak": max(peaks.values(), default=0), "first": first,
+            "step": max(step_peaks.values(), default=0)}
 
 
 WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
@@ -204,6 +221,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--cases", nargs="*", choices=list(CASES), default=list(CASES))
     ap.add_argument("--timeout", type=float, default=900, help="seconds per case")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="recipe overrides for every case (e.g. train.micro_batch=2)")
     ap.add_argument("--export", nargs="*", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                     help="also export a 1-step ZeRO-3 run in these dtypes and take the export's peak RSS "
                     "(none: skip)")
@@ -228,15 +247,15 @@ def main() -> None:
                 recipe.write_text(RECIPE.format(run=tmp / f"run-{name}-{kind}", llm=llm, data=tmp / "data"))
                 # the baseline's toy LLM is a config: nothing to partition as it is read
                 extra = [o for o in overrides if kind == "model" or not o.startswith("backend.zero_init")]
-                results[kind] = run_case(recipe, ranks, extra, args.timeout)
+                results[kind] = run_case(recipe, ranks, [*extra, *args.set], args.timeout)
             rows.append((name, ranks, results))
             model, base = results["model"], results["baseline"]
             if "error" in model:
                 print(f"{name:<20} {ranks} rank(s): {model['error']}", flush=True)
             else:
                 print(f"{name:<20} {ranks} rank(s): load peak {model['load'] / GiB:.2f} GiB, set-up peak "
-                      f"{model['peak'] / GiB:.2f} GiB, first step "
-                      f"{model['first']:.1f} s", flush=True)
+                      f"{model['peak'] / GiB:.2f} GiB, first step's peak {model['step'] / GiB:.2f} GiB "
+                      f"(baseline {base.get('step', 0) / GiB:.2f}), first step {model['first']:.1f} s", flush=True)
 
         exports = []
         for dtype in args.export:
@@ -251,16 +270,17 @@ def main() -> None:
             print(f"export {dtype}: {results['model']}", flush=True)
 
     print("\n| case | ranks | load GiB (largest rank) | x whole fp32 model | set-up GiB | baseline GiB | "
-          "first step s |")
-    print("|---|---|---|---|---|---|---|")
+          "first step s | step peak GiB | baseline's step peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, ranks, results in rows:
         model, base = results["model"], results["baseline"]
         if "error" in model:
-            print(f"| {name} | {ranks} | fails: {model['error']} | | | | |")
+            print(f"| {name} | {ranks} | fails: {model['error']} | | | | | | |")
             continue
         base_peak = base.get("load", 0)
         print(f"| {name} | {ranks} | {model['load'] / GiB:.2f} | {(model['load'] - base_peak) / fp32:.2f} | "
-              f"{model['peak'] / GiB:.2f} | {base_peak / GiB:.2f} | {model['first']:.1f} |")
+              f"{model['peak'] / GiB:.2f} | {base_peak / GiB:.2f} | {model['first']:.1f} | "
+              f"{model['step'] / GiB:.2f} | {base.get('step', 0) / GiB:.2f} |")
 
     if exports:
         print("\n| export (1-step ZeRO-3 run, 2 ranks) | peak GiB | x whole fp32 model | peak anonymous GiB | "

@@ -147,3 +147,65 @@ def test_a_background_save_holds_the_state_from_before_the_next_step(tmp_path, m
             assert torch.equal(want[key], got[key]), (name, key)
             changed += not torch.equal(want[key], later[key])
     assert changed > 10  # the step did change the weights and moments the background save holds from before it
+
+
+def _zero3_run(tmp_path, steps: int):
+    """A 1-rank ZeRO-3 backend (stage 3 kept), `steps` fp32 steps, then one more forward: the
+    losses, and the parameter elements left gathered after that forward."""
+    import sys
+    from pathlib import Path
+
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from pargo_dist.backends.deepspeed import DeepSpeedBackend
+
+    sys.path.insert(0, str(Path(__file__).parent / "support"))
+    from elastic_worker import fixed_batches
+
+    tmp_path.mkdir()
+    cfg, model = built(tmp_path, "backend.zero_stage=3", "backend.zero3_on_one_rank=true", "optim.lr=1e-2")
+    backend = DeepSpeedBackend(cfg)
+    backend.init_distributed()
+    backend.setup(model)
+    batches = fixed_batches(backend.module, build.build_tokenizer(cfg), steps=steps + 1, rank=0, world=1)
+    losses = [float(backend.train_batch([batch], float(targets), step)) for step, (batch, targets) in
+              enumerate(batches[:steps])]
+    batch, targets = batches[steps]
+    backend.engine(**batch.model_inputs(), num_items_in_batch=torch.tensor(float(targets)))
+    gathered = sum(p.ds_numel for p in backend.module.parameters()
+                   if hasattr(p, "ds_status") and p.ds_status == ZeroParamStatus.AVAILABLE and not p.ds_persist)
+    return backend, losses, gathered
+
+
+def test_zero3_buffers_are_sized_to_the_model(tmp_path, monkeypatch):
+    """DeepSpeed's 5e8-element gradient bucket and 1e9-element reuse distance are larger than a
+    model under ~4B parameters: ZeRO-3 then copied every gradient into the bucket (a second full
+    gradient) and kept every parameter gathered through the step (a second full model); a 278M
+    model peaked at 6.2 GiB per rank against megatron TP=2's 2.6. Sized to the model
+    (backends/deepspeed_buffers; its latency floor lowered so that this tiny model counts as
+    large, and none of its small weights kept whole): the bucket holds 1/8 of the trained parameters, and after a forward at most the
+    reuse distance plus one prefetch stays gathered, where DeepSpeed's defaults keep every
+    partitioned parameter. The losses are those of the defaults: bucket sizes change when a
+    gradient is reduced, not its value."""
+    from pargo_dist.backends import deepspeed, deepspeed_buffers
+
+    monkeypatch.setattr(deepspeed_buffers, "LATENCY_FLOOR", 0)
+    monkeypatch.setattr(deepspeed, "persistence_threshold", lambda hidden: 0)  # (no tiny weight kept whole)
+    backend, losses, gathered = _zero3_run(tmp_path / "sized", steps=2)
+    zero = backend.engine.config["zero_optimization"]
+    params = [p for p in backend.module.parameters() if hasattr(p, "ds_id")]
+    total = sum(p.ds_numel for p in params)
+    partitioned = sum(p.ds_numel for p in params if not p.ds_persist)
+    trainable = sum(p.ds_numel for p in params if p.requires_grad)
+    assert zero["reduce_bucket_size"] == trainable // 8
+    assert zero["stage3_max_reuse_distance"] == zero["stage3_max_live_parameters"] == total // 4
+    assert backend.engine.optimizer.ipg_buckets[torch.float32].buffer.numel() == trainable // 8
+    largest_leaf = max(sum(p.ds_numel for p in m.parameters()) for m in backend.module.language_model.model.layers)
+    assert 0 < gathered <= zero["stage3_max_reuse_distance"] + zero["stage3_prefetch_bucket_size"] + largest_leaf
+
+    monkeypatch.setattr(deepspeed, "buffer_sizes", lambda *args: {})  # DeepSpeed's own sizes
+    default, default_losses, default_gathered = _zero3_run(tmp_path / "default", steps=2)
+    assert default.engine.optimizer.reduce_bucket_size == deepspeed_buffers.DS_REDUCE_BUCKET
+    assert default_gathered == partitioned  # the whole model stays gathered
+    torch.testing.assert_close(torch.tensor(losses, dtype=torch.float64),
+                               torch.tensor(default_losses, dtype=torch.float64), rtol=1e-6, atol=0)

@@ -180,3 +180,46 @@ def test_start_up_host_memory_follows_how_each_backend_loads_the_checkpoint(caps
     recipe_layout = layout_of(cfg)  # ZeRO-3 with recompute: fits the GPUs
     assert fits(estimate(cfg, hw, recipe_layout, s), hw)
     assert not fits(estimate(cfg, hw, replace(recipe_layout, zero_init=False), s), hw)  # not the host
+
+
+_302M = [f"model.llm.config.{k}={v}" for k, v in dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=18,
+                                                        num_attention_heads=16, num_key_value_heads=8,
+                                                        vocab_size=32000).items()]
+
+
+@pytest.mark.parametrize("recipe,overrides", [("tiny-cpu.yaml", _302M), ("llama3-8b-stage2.yaml", [])],
+                         ids=["278M", "8B"])
+@pytest.mark.parametrize("zero", [2, 3])
+def test_the_plan_counts_the_buffers_the_run_gives_deepspeed(recipe, overrides, zero):
+    """The run (ds_config, from the model it wraps) and the plan (from the meta trace) size
+    DeepSpeed's gradient buckets and ZeRO-3's gathered parameters the same way: below ~4B
+    parameters at a fraction of the model (278M: a 1/8 bucket, not DeepSpeed's 5e8, which is
+    larger than the model), DeepSpeed's own sizes above (8B). The planner's buffers are those
+    sizes in bytes, plus its fixed framework reserve."""
+    from pargo_dist.backends.deepspeed import ds_config
+    from pargo_dist.backends.deepspeed_buffers import DS_MAX_LIVE, DS_REDUCE_BUCKET
+    from pargo_dist.build import meta_model
+    from pargo_dist.plan.estimate import FRAMEWORK_RESERVE_GIB, GiB, buffer_bytes
+
+    cfg = load_config(RECIPES / recipe, [*overrides, f"backend.zero_stage={zero}"])
+    model = meta_model(cfg)
+    model.freeze(cfg.train.stage)
+    if zero == 3 and not any(p.requires_grad for p in model.vision_tower.parameters()):
+        del model._modules["vision_tower"]  # as DeepSpeedBackend._take_out_frozen_tower hands it over
+    given = ds_config(cfg, 8, model)["zero_optimization"]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    small = total < 1e9
+    assert given["reduce_bucket_size"] == (trainable // 8 if small else DS_REDUCE_BUCKET)
+
+    s = shapes_of(cfg, micro_batch=1, seq_len=64)
+    w = 2.0 if cfg.train.precision == "bf16" else 4.0
+    planned = buffer_bytes(s, Layout("deepspeed", zero_stage=zero), 8, cfg.train.precision)["buffers"]
+    planned -= FRAMEWORK_RESERVE_GIB * GiB
+    bucket = w * min(trainable, given["reduce_bucket_size"])
+    if zero == 3:
+        assert given["stage3_max_reuse_distance"] == (total // 4 if small else DS_MAX_LIVE)
+        live = given["stage3_max_reuse_distance"] + given["stage3_prefetch_bucket_size"]
+        assert planned == pytest.approx(bucket + w * min(total, max(live, s.largest_module)), rel=1e-6)
+    else:
+        assert planned == pytest.approx(4.5 * bucket, rel=1e-6)

@@ -34,6 +34,7 @@ from deepspeed.utils import logger as _ds_logger  # noqa: E402
 
 from pargo_dist.background_save import BackgroundWriter  # noqa: E402
 from pargo_dist.backends.deepspeed_background_engine import BackgroundCheckpointEngine  # noqa: E402
+from pargo_dist.backends.deepspeed_buffers import buffer_sizes, persistence_threshold  # noqa: E402
 from pargo_dist.backends.deepspeed_universal import universal_checkpoint  # noqa: E402
 from pargo_dist.batch import Batch  # noqa: E402
 from pargo_dist.compile import transformer_blocks  # noqa: E402
@@ -76,22 +77,26 @@ def zero_stage_for(cfg, world_size: int) -> tuple[int, str]:
     return stage, ""
 
 
-def ds_config(cfg, world_size: int, hidden: int | None = None) -> dict[str, Any]:
+def ds_config(cfg, world_size: int, model: torch.nn.Module | None = None) -> dict[str, Any]:
     """The DeepSpeed JSON config from our recipe (batch sizes, ZeRO, precision, clipping).
 
-    `hidden`: the LLM's width. ZeRO-3 keeps parameters of up to max(1e5, 10 x hidden) elements
-    (norms, biases) whole on every rank rather than gathering them in every forward: DeepSpeed's
-    fixed 1e5 stops covering a norm at hidden 100k, and a 70B's are 8k. Buckets keep DeepSpeed's
-    sizes, which the planner counts (smaller, hidden^2-sized buckets made tiny models' steps a
-    collective per few thousand elements: measured 30-60 % slower on the CPU suite)."""
+    `model`: the model DeepSpeed will wrap. Its parameter counts size DeepSpeed's buckets and
+    ZeRO-3's gathered-parameter limits (deepspeed_buffers: DeepSpeed's defaults are larger than a
+    model under ~4B parameters, and doubled its gradients and weights in memory), and its LLM's
+    width the parameters ZeRO-3 keeps whole. Without it (zero.Init's partitioning, which uses
+    none of these), DeepSpeed's defaults."""
     stage, _ = zero_stage_for(cfg, world_size)
     zero: dict[str, Any] = {"stage": stage}
     if stage >= 2:
         zero.update(contiguous_gradients=True, overlap_comm=torch.cuda.is_available())
     if stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False)
-        if hidden:
-            zero.update(stage3_param_persistence_threshold=max(100_000, 10 * hidden))
+    if model is not None:
+        trainable, total = _parameter_counts(model)
+        zero.update(buffer_sizes(trainable, total, stage))
+        if stage == 3:
+            zero.update(stage3_param_persistence_threshold=persistence_threshold(
+                model.config.text_config.hidden_size))
     zero.update(offload_config(cfg))
     out = {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
@@ -108,6 +113,17 @@ def ds_config(cfg, world_size: int, hidden: int | None = None) -> dict[str, Any]
     if cfg.train.precision == "bf16":
         out["bf16"] = {"enabled": True}
     return out
+
+
+def _parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trained, all) parameters of the model, whole: zero.Init's partitioned parameters count
+    by their full size (ds_numel), not by the empty placeholder they leave."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
 
 
 def offload_config(cfg) -> dict[str, Any]:
@@ -255,7 +271,7 @@ class DeepSpeedBackend:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
-            config=ds_config(self.cfg, self.world_size, hidden=model.config.text_config.hidden_size))
+            config=ds_config(self.cfg, self.world_size, model=model))
         if tower is not None:
             dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
             tower.to(self.engine.device, dtype)

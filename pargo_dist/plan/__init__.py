@@ -13,7 +13,8 @@ Everything comes from the recipe's model built on the meta device (no weights, n
       ZeRO-3     weights 2P/d   grads 4T/d                         Adam 12T/d
       megatron   weights 2P/tp  grads 4T/tp (fp32 main grads)      Adam 12T/(tp d) (distributed optimizer)
   (per pipeline stage: the largest stage counts). fp32 recipes hold 4 B weights, 4 B grads
-  (ZeRO-1: all of them; 2, 3: a partition) and 8 B of Adam plus a 4 B fp32 partition copy.
+  (ZeRO-1: all of them; 2, 3: a partition) and 8 B of Adam, plus under DeepSpeed a 4 B fp32
+  partition copy (megatron's distributed optimizer steps fp32 parameters in place).
   Offloaded optimizer state counts 0. ZeRO-1/2 free their gradients after each step; the
   planner counts them, as the peak during the backward includes them.
 - Activations are *traced*, not estimated from a formula: one decoder layer, the projector,
@@ -25,11 +26,13 @@ Everything comes from the recipe's model built on the meta device (no weights, n
   to the projector needs) are counted as the code runs them. With activation checkpointing a
   layer keeps its input, plus one layer's activations while it is recomputed. Under megatron
   TP the tensors of hidden width stay whole unless sequence parallel is on, the rest split.
-- Buffers: ZeRO-1/2 reduce buckets (DeepSpeed's 5e8 elements, 4.5x with overlap_comm as its
-  docs state), ZeRO-3's gathered parameters (up to 1e9 stay live by DeepSpeed's defaults;
-  measured on CPU: benchmarks/plan_memory.py), the fp32
-  logits gradient of the loss, and a fixed 2.5 GiB for the CUDA context, NCCL and allocator
-  fragmentation.
+- Buffers: DeepSpeed's gradient bucket (ZeRO-1/2: 4.5x with overlap_comm, as its docs state)
+  and ZeRO-3's gathered parameters (its reuse distance plus one prefetch), at the sizes the run
+  gives DeepSpeed (backends/deepspeed_buffers.py: a fraction of the model below ~4B parameters,
+  DeepSpeed's defaults above), the fp32 logits gradient of the loss, and a fixed 2.5 GiB for
+  the CUDA context, NCCL and allocator fragmentation. The whole step's peak of a 278M model on
+  2 CPU ranks is planned within 4 % under ZeRO-3 and megatron TP=2
+  (`benchmarks/plan_memory.py --step-peak`).
 - Step time: model FLOPs per sample (pargo_dist.flops, vision tower included) x global batch
   / (GPUs x peak x MFU). The MFU is an input (--mfu, default 0.40), not a promise: measure it
   with benchmarks/train_step.py on your GPUs and pass it here.
@@ -54,9 +57,6 @@ from pargo_dist.plan.trace import (
 from pargo_dist.plan.estimate import (
     GiB,
     FRAMEWORK_RESERVE_GIB,
-    DS_REDUCE_BUCKET,
-    DS_PREFETCH_BUCKET,
-    DS_MAX_LIVE,
     H100_BF16_TFLOPS,
     Hardware,
     Layout,
@@ -81,9 +81,6 @@ __all__ = [
     "trace_activations",
     "GiB",
     "FRAMEWORK_RESERVE_GIB",
-    "DS_REDUCE_BUCKET",
-    "DS_PREFETCH_BUCKET",
-    "DS_MAX_LIVE",
     "H100_BF16_TFLOPS",
     "Hardware",
     "Layout",

@@ -8,15 +8,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pargo_dist.backends.deepspeed_buffers import buffer_sizes
 from pargo_dist.errors import UserError
 from pargo_dist.plan.trace import Shapes
 
 GiB = 2**30
 FRAMEWORK_RESERVE_GIB = 2.5
 HOST_RESERVE_GIB = 4.0  # per rank, host side: interpreter, torch, CUDA / NCCL buffers, libraries
-DS_REDUCE_BUCKET = 5e8  # DeepSpeed's default reduce/allgather bucket (elements)
-DS_PREFETCH_BUCKET = 5e7  # stage3_prefetch_bucket_size default
-DS_MAX_LIVE = 1e9  # stage3_max_live_parameters / stage3_max_reuse_distance defaults
 H100_BF16_TFLOPS = 989.0
 
 
@@ -70,7 +68,10 @@ def model_state_bytes(s: Shapes, layout: Layout, world: int, precision: str = "b
     """Weights, gradients and optimizer state on one GPU (see pargo_dist.plan's docstring)."""
     P, T = float(sum(s.params.values())), float(sum(s.trainable.values()))
     w = 2.0 if precision == "bf16" else 4.0
-    adam = 12.0  # bf16: fp32 master + m + v; fp32: m + v + the optimizer's fp32 partition copy
+    # bf16: fp32 master + m + v. fp32: m + v, and under DeepSpeed its fp32 partition copy as well
+    # (ZeRO keeps one whatever the precision); megatron's distributed optimizer steps fp32
+    # parameters in place (measured: benchmarks/plan_memory.py --step-peak)
+    adam = 8.0 if precision != "bf16" and layout.backend == "megatron" else 12.0
     if layout.backend == "megatron":
         tp, pp = layout.tp, layout.pp
         dp = max(world // (tp * pp), 1)
@@ -119,23 +120,39 @@ def activation_bytes(s: Shapes, layout: Layout, in_flight: int = 1) -> dict[str,
             "loss (logits grad)": 4.0 * s.tokens * s.vocab / tp}
 
 
+def _deepspeed_params(s: Shapes, layout: Layout) -> float:
+    """The parameters DeepSpeed is given: ZeRO-3 is not given a frozen vision tower
+    (DeepSpeedBackend._take_out_frozen_tower)."""
+    P = float(sum(s.params.values()))
+    if layout.zero_stage == 3 and not s.trainable["vision_tower"]:
+        P -= s.params["vision_tower"]
+    return P
+
+
 def zero3_live_bytes(s: Shapes, precision: str = "bf16") -> float:
     """Parameters ZeRO-3 keeps gathered: DeepSpeed releases a parameter only when it will not be
-    reused within stage3_max_reuse_distance (1e9) and keeps up to stage3_max_live_parameters
-    (1e9) whole, so up to 1e9 parameters (2 GB in bf16) stay resident, the whole model below that."""
-    P = float(sum(s.params.values()))
-    return (2.0 if precision == "bf16" else 4.0) * min(P, max(DS_MAX_LIVE, s.largest_module))
+    reused within stage3_max_reuse_distance, and prefetches up to stage3_prefetch_bucket_size
+    more (both sized to the model: backends/deepspeed_buffers.py), so up to their sum stays
+    resident, never less than the largest module, never more than the whole model."""
+    P, T = _deepspeed_params(s, Layout("deepspeed", zero_stage=3)), float(sum(s.trainable.values()))
+    sizes = buffer_sizes(int(T), int(P), 3)
+    live = sizes["stage3_max_reuse_distance"] + sizes["stage3_prefetch_bucket_size"]
+    return (2.0 if precision == "bf16" else 4.0) * min(P, max(live, s.largest_module))
 
 
 def buffer_bytes(s: Shapes, layout: Layout, world: int, precision: str = "bf16") -> dict[str, float]:
+    """DeepSpeed's gradient buckets (in the communication dtype, the training precision) and
+    ZeRO-3's gathered parameters, as deepspeed_buffers sizes them for this model; ZeRO-1/2's
+    buckets 4.5x with overlap_comm, as DeepSpeed's docs state. Plus FRAMEWORK_RESERVE_GIB."""
+    reserve = FRAMEWORK_RESERVE_GIB * GiB
     if layout.backend == "megatron":
-        return {"buffers": FRAMEWORK_RESERVE_GIB * GiB}
+        return {"buffers": reserve}
+    T = float(sum(s.trainable.values()))
+    w = 2.0 if precision == "bf16" else 4.0
+    bucket = w * min(T, buffer_sizes(int(T), int(_deepspeed_params(s, layout)), layout.zero_stage)["reduce_bucket_size"])
     if layout.zero_stage == 3:
-        live = zero3_live_bytes(s, precision)
-        bucket = 2.0 * DS_REDUCE_BUCKET
-    else:  # DeepSpeed's docs: overlap_comm needs 4.5x the bucket (reduce + allgather, double-buffered)
-        live, bucket = 0.0, 2.0 * DS_REDUCE_BUCKET * (4.5 if world > 1 else 1.0)
-    return {"buffers": live + bucket + FRAMEWORK_RESERVE_GIB * GiB}
+        return {"buffers": zero3_live_bytes(s, precision) + bucket + reserve}
+    return {"buffers": bucket * (4.5 if world > 1 else 1.0) + reserve}
 
 
 def startup_host(s: Shapes, layout: Layout, hw: Hardware, precision: str = "bf16",
