@@ -32,8 +32,10 @@ train`, one step, checkpoint.every=1) leaves a checkpoint as every GPU recipe sa
                  workers the node's cores and memory allow (N), while the other ranks wait on the store
   up / rank MB   what each rank uploads to checkpoint.remote (the files it wrote; rank 0 also the
                  shared ones), so what each node sends is the sum over its ranks
-  down / fs MB   what a filesystem downloads for a resume on new nodes: the whole checkpoint (an
-                 elastic resume needs every rank's shards), once per filesystem
+  down / node MB  what a node of one rank downloads for a resume on new nodes, once per
+                 filesystem: by the same layout, its rank's shards and the shared files
+                 (remote_checkpoints.NodeShare), per node; elastic (another rank count or ZeRO
+                 stage), the whole checkpoint, as the conversion reads every rank's shards
 
     OMP_NUM_THREADS=1 python benchmarks/checkpoint.py --conversion --sizes small medium 302m
 """
@@ -133,7 +135,7 @@ def conversion(size: str, root: Path) -> dict:
     import subprocess
 
     from pargo_dist.backends.deepspeed_universal import UNIVERSAL_DIR, convert, extract_workers
-    from pargo_dist.remote_checkpoints import RemoteCheckpoints
+    from pargo_dist.remote_checkpoints import NodeShare, RemoteCheckpoints
 
     run = root / size
     overrides = [*train_step.SIZES[size], f"run.dir={run}", "train.steps=1", "checkpoint.every=1",
@@ -146,7 +148,10 @@ def conversion(size: str, root: Path) -> dict:
     step_dir = run / "checkpoints" / "step_00000001"
     remote = RemoteCheckpoints("s3://unused/run", run / "checkpoints")
     up = [sum(p.stat().st_size for p in remote.own_files(step_dir, r, 2)) / 2**20 for r in (0, 1)]
-    row = {"size": size, "mb": files_mb(step_dir), "up": up}
+    files = [p for p in step_dir.rglob("*") if p.is_file()]
+    down = [sum(p.stat().st_size for p in files if NodeShare((r,), 2, "deepspeed").wants(str(p.relative_to(step_dir))))
+            / 2**20 for r in (0, 1)]
+    row = {"size": size, "mb": files_mb(step_dir), "up": up, "down": down}
     workers = extract_workers(step_dir / "ds")
     for key, n in (("one", 1), ("many", workers)):
         shutil.rmtree(step_dir / UNIVERSAL_DIR, ignore_errors=True)
@@ -162,7 +167,7 @@ def main_conversion(args) -> None:
     root = Path(tempfile.mkdtemp(prefix="ckpt-convert-", dir=args.dir))
     print(f"2 ranks, DeepSpeed ZeRO-3, bf16, one step; checkpoints in {root}; CPU, {os.cpu_count()} cores")
     print(f"{'size':<8} {'ckpt MB':>8} {'convert 1w s':>13} {'convert Nw s':>13} {'N':>3} {'Nw / 1w':>8}"
-          f" {'up / rank MB':>15} {'down / fs MB':>13}")
+          f" {'up / rank MB':>15} {'down / node MB':>15} {'elastic':>8}")
     for size in args.sizes:
         try:
             r = conversion(size, root)
@@ -170,8 +175,9 @@ def main_conversion(args) -> None:
             print(f"{size:<8} n/a: {str(err).splitlines()[-1]}")
             continue
         up = " / ".join(f"{mb:.0f}" for mb in r["up"])
+        down = " / ".join(f"{mb:.0f}" for mb in r["down"])
         print(f"{size:<8} {r['mb']:>8.0f} {r['one']:>13.1f} {r['many']:>13.1f} {r['workers']:>3} "
-              f"{r['many'] / r['one']:>8.2f} {up:>15} {r['mb']:>13.0f}", flush=True)
+              f"{r['many'] / r['one']:>8.2f} {up:>15} {down:>15} {r['mb']:>8.0f}", flush=True)
     shutil.rmtree(root, ignore_errors=True)
 
 

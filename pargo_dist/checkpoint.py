@@ -39,6 +39,7 @@ import torch
 from pargo_dist.checkpoint_pruning import COMPLETE, STEP_DIR, delete_step_dir, prune, prune_to
 from pargo_dist.checkpoint_files import atomic_write, fsync_tree, read_json, write_text
 from pargo_dist.errors import TryAgainLater, UserError
+from pargo_dist.remote_checkpoints import NodeShare, holds, share_of
 
 META = "meta.json"
 CONFIG = "config.yaml"
@@ -205,16 +206,17 @@ class CheckpointManager:
         steps = self.complete_steps()
         return self.step_dir(steps[-1]) if steps else None
 
-    def resolve(self, resume: str) -> Path | None:
+    def resolve(self, resume: str, loads_with: tuple[str, dict[str, int]] | None = None) -> Path | None:
         """`checkpoint.resume` -> the directory to load, or None for a fresh start. Collective.
 
         "auto" is the newest complete checkpoint (None if there is none yet), decided by rank 0
         for every rank (`_newest_for_all`); "none" never resumes; anything else is a checkpoint
         directory that must be complete, since silently starting from scratch when a named
-        checkpoint is unusable loses work.
+        checkpoint is unusable loses work. `loads_with`: the backend's name and layout, which
+        decide what a node downloads of a remote checkpoint (remote_checkpoints.NodeShare).
         """
         if resume == "auto":
-            return self._newest_for_all()
+            return self._newest_for_all(loads_with)
         if resume == "none":
             return None
         path = Path(resume)
@@ -231,14 +233,16 @@ class CheckpointManager:
         raise UserError(f"cannot resume from checkpoint {path}: it {problem}. "
                          f"Complete checkpoints available: {listing}")
 
-    def _newest_for_all(self) -> Path | None:
+    def _newest_for_all(self, loads_with: tuple[str, dict[str, int]] | None = None) -> Path | None:
         """Collective: the step every rank resumes from, and its files on every filesystem.
 
         Rank 0 decides, from its own complete checkpoints or, with none, the newest in
         checkpoint.remote (a job requeued onto nodes without the run's files), so ranks never
         resume from different steps. A filesystem that lacks the chosen step (a node with its own
         disk) gets it from the store: downloaded once per filesystem, by the lowest rank that
-        sees it (pargo_dist/shared_filesystem.py), while its other ranks wait on the store."""
+        sees it (pargo_dist/shared_filesystem.py), while its other ranks wait on the store; only
+        the files of that filesystem's ranks and the shared ones where the ranks load nothing
+        else (remote_checkpoints.NodeShare)."""
         def choose() -> dict:
             steps = self.complete_steps()
             if steps:
@@ -259,16 +263,21 @@ class CheckpointManager:
             return None
         if self.world_size > 1 or chosen["where"] == "remote":
             group = self.filesystem()
-            if group.leader and not self.is_complete(self.step_dir(step)):
+            share = NodeShare(tuple(group.ranks), self.world_size, *loads_with) if loads_with else None
+            here = self.step_dir(step)
+            if group.leader and not (self.is_complete(here) and holds(here, share)):
                 if self.remote is None:
-                    raise UserError(f"rank 0 resumes from {self.step_dir(step).name}, which rank {self.rank}'s "
-                                    f"filesystem lacks under {self.root}: give the nodes one shared run.dir, or "
-                                    "set checkpoint.remote so that nodes fetch checkpoints from the store")
+                    raise UserError(f"rank 0 resumes from {here.name}, which rank {self.rank}'s filesystem lacks "
+                                    f"(or holds only some ranks' files of) under {self.root}: give the nodes one "
+                                    "shared run.dir, or set checkpoint.remote so that nodes fetch checkpoints from "
+                                    "the store")
                 start = time.monotonic()
-                fetched = self.remote.download(step)
+                fetched = self.remote.download(step, share)
+                files, stored, size = self.remote.last_download
+                which = "all" if files == stored else f"{files} of the {stored}"
                 print(f"rank {self.rank}: no complete checkpoint of step {step} under {self.root}: downloaded "
                       f"{fetched.name} from {self.remote.url} in {time.monotonic() - start:.1f} s for ranks "
-                      f"{list(group.ranks)}", flush=True)
+                      f"{list(group.ranks)}: {which} files, {size / 2**20:,.1f} MiB", flush=True)
             self.sync.barrier("checkpoint downloaded")
         return self.step_dir(step)
 
@@ -422,8 +431,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return fetched
     path = Path(path)
     if (path / "checkpoints").is_dir():
-        latest = CheckpointManager(path).latest()
-        if latest is None:
+        found = CheckpointManager(path).latest()
+        if found is None:
             raise UserError(f"{path} has no complete checkpoint")
-        return latest
-    return CheckpointManager(run_dir_of(path)).resolve(str(path))
+    else:
+        found = CheckpointManager(run_dir_of(path)).resolve(str(path))
+    held = share_of(found)
+    if held is not None:
+        raise UserError(f"{found} holds only ranks {held['ranks']}'s files of a {held['world_size']}-rank checkpoint "
+                        "(this node's share, downloaded to resume): use the run's checkpoint.remote URL, which "
+                        "fetches the whole checkpoint, or the run.dir of rank 0's node")
+    return found

@@ -17,6 +17,8 @@ from pargo_dist.checkpoint_files import fsync_dir
 
 COMPLETE = "COMPLETE"  # a step directory counts as a checkpoint only with this marker (checkpoint.py)
 STEP_DIR = re.compile(r"^step_(\d+)$")
+# beside COMPLETE in a step directory a node downloaded only its ranks' share of (remote_checkpoints)
+SHARE = "SHARE"
 
 
 def prune(root: Path, keep_last: int, step_dirs: dict[int, Path], is_complete: Callable[[Path], bool]) -> None:

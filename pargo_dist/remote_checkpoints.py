@@ -14,20 +14,25 @@ with exponential backoff; a failure that outlasts the retries is a RemoteError n
 and no COMPLETE object is written for that checkpoint. Training uploads in the background and
 goes on through such failures (pargo_dist/checkpoint_upload.py); a permanent refusal (a missing
 bucket) is raised at once.
+
+A resume downloads once per filesystem, and only what that filesystem's ranks read (NodeShare):
+their own shards and the shared files where the saving layout loads it, everything otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import socket
 import time
 import urllib.parse
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from pargo_dist.checkpoint_pruning import COMPLETE  # the same marker, as an object
+from pargo_dist.checkpoint_pruning import COMPLETE, SHARE  # the same marker, as an object; a node's share
 from pargo_dist.errors import UserError
 
 # Keys are matched relative to the run's own prefix and anchored there: another run's checkpoints
@@ -38,6 +43,7 @@ _STEP_OBJECT = re.compile(r"^step_(\d{8})/")
 # mixed precision, as every GPU recipe saves), megatron's distcp shards.
 _OWNED = (re.compile(r"^rank_(\d+)\.pt$"), re.compile(r"^(?:bf16_|fp16_)?zero_pp_rank_(\d+)_"),
           re.compile(r"^__(\d+)_\d+\.distcp$"))
+META = "meta.json"  # the run-level state (checkpoint.META): which layout saved the checkpoint
 _SKIP_DIRS = ("ds_universal",)  # made from ds/ on an elastic resume: a cache, not the checkpoint
 T = TypeVar("T")
 
@@ -53,13 +59,65 @@ class RemoteError(UserError):
     """An object-store transfer that failed through every retry."""
 
 
+def written_by(name: str) -> int | None:
+    """The rank that wrote a checkpoint file (by its name), None for a file every rank reads."""
+    for pattern in _OWNED:
+        match = pattern.search(Path(name).name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
 def owner_of(name: str, world_size: int) -> int:
     """The rank that uploads a checkpoint file: the one that wrote it, rank 0 for shared files."""
-    for pattern in _OWNED:
-        match = pattern.search(name)
-        if match:
-            return int(match.group(1)) % world_size
-    return 0
+    writer = written_by(name)
+    return 0 if writer is None else writer % world_size
+
+
+@dataclass
+class NodeShare:
+    """The ranks on one filesystem, and how they will load a checkpoint: what a node needs of it.
+
+    A DeepSpeed checkpoint loaded by the layout that saved it (the same rank count, ZeRO stage and
+    backend) is read rank by rank: each rank its own ZeRO shards and rank state, and the shared
+    files (meta.json, the module states, the config). Anything else reads other ranks' files: an
+    elastic resume converts every shard, and megatron's distributed checkpoints are read by
+    tensor piece, whoever wrote it. Then the node needs the whole checkpoint."""
+
+    ranks: tuple[int, ...]
+    world_size: int
+    backend: str
+    layout: dict[str, int] = field(default_factory=dict)
+
+    def only_own_files(self, saved: dict) -> bool:
+        """Whether these ranks need only their own and the shared files of a checkpoint whose
+        meta.json is `saved`."""
+        return (len(self.ranks) < self.world_size and self.backend == saved.get("backend") == "deepspeed"
+                and saved.get("world_size") == self.world_size and saved.get("layout") == self.layout)
+
+    def wants(self, name: str) -> bool:
+        writer = written_by(name)
+        return writer is None or writer in self.ranks
+
+
+def share_of(step_dir: Path) -> dict | None:
+    """What a local step directory holds when a node downloaded only its share of it (its SHARE
+    file: ranks, world_size), None when it holds the whole checkpoint."""
+    path = Path(step_dir) / SHARE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def holds(step_dir: Path, share: NodeShare | None) -> bool:
+    """Whether a local step directory has every file `share` needs (every file, without one):
+    true unless it holds only a node's share (SHARE) that lacks some of them."""
+    held = share_of(step_dir)
+    if held is None:
+        return True
+    if share is None or held["world_size"] != share.world_size:
+        return False
+    meta = Path(step_dir) / META
+    return (set(share.ranks) <= set(held["ranks"]) and meta.is_file()
+            and share.only_own_files(json.loads(meta.read_text())))
 
 
 def permanent(err: BaseException) -> bool:
@@ -105,6 +163,7 @@ class RemoteCheckpoints:
         self.url = url.rstrip("/")
         self.local_root = Path(local_root)
         self._client = None
+        self.last_download: tuple[int, int, int] | None = None  # files fetched, files stored, bytes fetched
 
     def _uploader(self):
         """streaming's client for the store (made on first use: it checks the bucket)."""
@@ -133,7 +192,7 @@ class RemoteCheckpoints:
         """The files of `step_dir` that `rank` uploads: those it wrote (rank 0: and the shared
         ones), without the COMPLETE marker, files still being written, and caches."""
         step_dir = Path(step_dir)
-        return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != COMPLETE
+        return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name not in (COMPLETE, SHARE)
                       and not p.name.endswith((".writing", ".tmp"))
                       and not any(part.startswith(_SKIP_DIRS) for part in p.relative_to(step_dir).parts)
                       and owner_of(p.name, world_size) == rank)
@@ -198,14 +257,18 @@ class RemoteCheckpoints:
 
     # -- download ---------------------------------------------------------------------------
 
-    def download(self, step: int) -> Path:
-        """The complete checkpoint of `step` into local_root/step_<N>, marker last, through a
-        directory of its own renamed into place (so nodes sharing a filesystem do not collide:
-        the first one there wins). Returns the local step directory."""
+    def download(self, step: int, share: NodeShare | None = None) -> Path:
+        """The checkpoint of `step` into local_root/step_<N>, marker last, through a directory of
+        its own renamed into place (so nodes sharing a filesystem do not collide: the first one
+        there wins). Returns the local step directory.
+
+        `share`: the ranks of this filesystem. Where they load only their own files (see
+        NodeShare), only those and the shared ones are fetched, and a SHARE file says which
+        ranks' files the directory holds; a later call that needs more fetches the whole."""
         from streaming.base.storage import CloudDownloader
 
         target = self.local_root / f"step_{step:08d}"
-        if (target / COMPLETE).is_file():
+        if (target / COMPLETE).is_file() and holds(target, share):
             return target
         parsed = urllib.parse.urlparse(self.url)
         keys = retried(f"listing {self.url}", lambda: self._uploader().list_objects(f"step_{step:08d}/") or [])
@@ -214,18 +277,30 @@ class RemoteCheckpoints:
         shutil.rmtree(staging, ignore_errors=True)
         names = [self._relative(k).split("/", 1)[1] for k in keys]
         downloader = CloudDownloader.get(self.url)
-        for key, name in sorted(zip(keys, names), key=lambda kn: kn[1] == COMPLETE):
+
+        def fetch(key: str, name: str) -> None:
             remote = f"{parsed.scheme}://{parsed.netloc}/{key}"
             local = staging / name
             local.parent.mkdir(parents=True, exist_ok=True)
-            retried(f"downloading {remote}",
-                    lambda remote=remote, local=local: downloader.download(remote, str(local), 600))
+            retried(f"downloading {remote}", lambda: downloader.download(remote, str(local), 600))
+
+        wanted = dict(zip(names, keys))
+        if share is not None and META in wanted:
+            fetch(wanted[META], META)
+            if share.only_own_files(json.loads((staging / META).read_text())):
+                wanted = {name: key for name, key in wanted.items() if share.wants(name)}
+        for name in sorted(wanted, key=lambda n: n == COMPLETE):
+            if not (staging / name).is_file():
+                fetch(wanted[name], name)
         downloader.clean_up()
         if not (staging / COMPLETE).is_file():
             shutil.rmtree(staging, ignore_errors=True)
             raise RemoteError(f"{self.url}/step_{step:08d} has no {COMPLETE} object: not a finished checkpoint")
-        if target.is_dir() and not (target / COMPLETE).is_file():  # this node's part of the save: superseded
-            shutil.rmtree(target)
+        self.last_download = (len(wanted), len(names), sum((staging / n).stat().st_size for n in wanted))
+        if len(wanted) < len(names):
+            (staging / SHARE).write_text(json.dumps({"ranks": sorted(share.ranks), "world_size": share.world_size}))
+        if target.is_dir() and not ((target / COMPLETE).is_file() and holds(target, share)):
+            shutil.rmtree(target)  # this node's part of the save, or a smaller share: superseded
         try:
             staging.rename(target)
         except OSError:  # another node got there first

@@ -447,7 +447,7 @@ def build_trainer(cfg: Config, stop: StopSignal | None = None) -> Trainer:
     # the checkpoint to resume from (downloaded for nodes that lack it, waited for on the store)
     sync.barrier("set up")
     set_collective_timeout(cfg.train.collective_timeout_s)
-    resume_from = checkpoints.resolve(cfg.checkpoint.resume)
+    resume_from = checkpoints.resolve(cfg.checkpoint.resume, loads_with=(cfg.backend.name, backend.layout()))
     if rank == 0 and loaded and resume_from is None:
         print(f"initialised {', '.join(cfg.model.init_parts)} from {cfg.model.init_from} ({len(loaded)} tensors)",
               flush=True)

@@ -149,6 +149,54 @@ def test_a_run_sees_only_its_own_checkpoints_in_a_shared_bucket(s3_server, tmp_p
     assert at_root.steps() == [1, 9]  # the run at the bucket's root: its own step_<N>/ only
 
 
+def test_a_node_downloads_only_what_its_ranks_load(s3_server, tmp_path):
+    """A node fetches its own ranks' files and the shared ones where its ranks read nothing else
+    (a DeepSpeed checkpoint loaded by the layout that saved it), and says so in a SHARE file. A
+    share that does not cover what a later load needs (other ranks, an elastic resume on
+    another ZeRO stage) is completed from the store; megatron's distributed checkpoints are read
+    by tensor piece, whoever wrote it, so a node fetches all of them; and `export` refuses a
+    share with a message that says where the whole checkpoint is."""
+    import json
+
+    from pargo_dist.checkpoint import resolve_checkpoint
+    from pargo_dist.errors import UserError
+    from pargo_dist.remote_checkpoints import NodeShare, RemoteCheckpoints, holds
+
+    bucket = s3_server.make_bucket("ckpt-share")
+    client = s3_server.client()
+    layout = {"dp": 4, "zero_stage": 3}
+    shards = [f"ds/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(4)] + \
+             [f"ds/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(4)] + [f"rank_{r:05d}.pt" for r in range(4)]
+    shared = ["COMPLETE", "meta.json", "config.yaml", "ds/latest"]
+    runs = {"ds": {"backend": "deepspeed", "world_size": 4, "layout": layout},
+            "mg": {"backend": "megatron", "world_size": 4, "layout": {"dp": 2, "tp": 2, "pp": 1}}}
+    for run, meta in runs.items():
+        for name in shared + shards:
+            body = json.dumps({"step": 2, **meta}) if name == "meta.json" else name
+            client.put_object(Bucket="ckpt-share", Key=f"{run}/step_00000002/{name}", Body=body.encode())
+
+    remote = RemoteCheckpoints(f"{bucket}/ds", tmp_path / "node" / "checkpoints")
+    node = NodeShare((2, 3), 4, "deepspeed", layout)
+    got = remote.download(2, node)
+    mine = {name for r in (2, 3) for name in (f"ds/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+                                               f"ds/zero_pp_rank_{r}_mp_rank_00_model_states.pt", f"rank_{r:05d}.pt")}
+    assert local_files(got) == set(shared) | mine | {"SHARE"}
+    fetched = sum((got / name).stat().st_size for name in set(shared) | mine)
+    assert remote.last_download == (10, 16, fetched)
+    assert holds(got, node) and holds(got, NodeShare((3,), 4, "deepspeed", layout))
+    for wider in (NodeShare((1, 2, 3), 4, "deepspeed", layout), NodeShare((0, 1), 2, "deepspeed", {"dp": 2}),
+                  NodeShare((2, 3), 4, "deepspeed", {"dp": 4, "zero_stage": 2}), None):
+        assert not holds(got, wider)
+    with pytest.raises(UserError, match=r"holds only ranks \[2, 3\]'s files of a 4-rank checkpoint.*checkpoint.remote"):
+        resolve_checkpoint(got)
+    elastic = remote.download(2, NodeShare((2, 3), 4, "deepspeed", {"dp": 4, "zero_stage": 2}))
+    assert elastic == got and local_files(got) == set(shared + shards)  # completed: every shard converts
+
+    megatron = RemoteCheckpoints(f"{bucket}/mg", tmp_path / "mg" / "checkpoints")
+    got = megatron.download(2, NodeShare((0, 1), 4, "megatron", runs["mg"]["layout"]))
+    assert local_files(got) == set(shared + shards) and megatron.last_download[:2] == (16, 16)
+
+
 def test_every_rank_uploads_the_shards_it_wrote_in_bf16_too(tmp_path, monkeypatch):
     """Under bf16 (every GPU recipe) DeepSpeed names a rank's optimizer shard bf16_zero_pp_rank_<r>_...
     (its own naming function gives the names here): that rank uploads it, not rank 0 for all."""
@@ -201,7 +249,8 @@ def test_nodes_without_a_shared_disk_resume_from_the_store_once_per_filesystem_p
     the others (the download of a checkpoint, its elastic conversion) slowed to 5 s by a fault knob.
     The store holds the uninterrupted 2-rank run's step-2 checkpoint (that job died before step 4):
     - requeued onto nodes with a run.dir each (no shared disk), each node downloads it once, into
-      its own run.dir; the curve after the resume is the uninterrupted run's; each node uploads
+      its own run.dir, and only what its rank reads (its own ZeRO shards and rank state, and the
+      shared files); the curve after the resume is the uninterrupted run's; each node uploads
       the files its rank wrote, and only rank 0's disk holds a COMPLETE marker;
     - requeued again (the store losing step 6) onto two nodes sharing one run.dir and on another
       ZeRO stage (an elastic resume), step 4 is downloaded once and converted once for both ranks,
@@ -220,9 +269,16 @@ def test_nodes_without_a_shared_disk_resume_from_the_store_once_per_filesystem_p
 
     nodes = [tmp_path / "job2" / "node0", tmp_path / "job2" / "node1"]
     outs = run_nodes(recipe, common, nodes, extra_env=slow)
-    for rank, out in enumerate(outs):  # each filesystem downloaded it, once
+    stored2 = local_files(step2)
+    for rank, out in enumerate(outs):  # each filesystem downloaded it, once: its rank's files and the shared ones
         assert out.count("downloaded step_00000002") == 1, out[-3000:]
         assert f"rank {rank}: no complete checkpoint of step 2" in out, out[-3000:]
+        held = local_files(nodes[rank] / "checkpoints" / "step_00000002") - {"SHARE"}
+        other = 1 - rank  # the other node's rank: its ZeRO-3 shards and rank state stay in the store
+        theirs = {f"ds/zero_pp_rank_{other}_mp_rank_00_model_states.pt", f"ds/zero_pp_rank_{other}_mp_rank_00_optim_states.pt",
+                  f"rank_0000{other}.pt"}
+        assert theirs <= stored2 and held == stored2 - theirs, (held, out[-3000:])
+        assert f"{len(held)} of the {len(stored2)} files" in out, out[-3000:]
     got = losses(nodes[0])
     assert sorted(got) == [3, 4, 5, 6]
     for step in got:
