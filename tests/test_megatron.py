@@ -49,10 +49,14 @@ def worker(tmp_path: Path, world: int, mode: str, *args: str) -> dict:
 @pytest.fixture(scope="module")
 def conversions(tmp_path_factory) -> dict:
     """Every (model type, TP) case of the conversion check, from one start of 2 ranks."""
-    return worker(tmp_path_factory.mktemp("logits"), 2, "logits", "llama:1", "llama:2", "qwen2:1", "qwen2:2")
+    return worker(tmp_path_factory.mktemp("logits"), 2, "logits", *(f"{m}:{tp}" for m, tp in CONVERSIONS))
 
 
-@pytest.mark.parametrize("model_type,tp", [("llama", 1), ("llama", 2), ("qwen2", 1), ("qwen2", 2)])
+# Qwen3: q/k RMSNorm per head and a head_dim of 24 where hidden / heads is 16; untied and tied
+CONVERSIONS = [("llama", 1), ("llama", 2), ("qwen2", 1), ("qwen2", 2), ("qwen3", 1), ("qwen3", 2), ("qwen3-tied", 2)]
+
+
+@pytest.mark.parametrize("model_type,tp", CONVERSIONS)
 def test_hf_logits_equal_megatron_logits_and_conversion_round_trips(conversions, model_type, tp):
     res = conversions[f"{model_type}:{tp}"]
     assert res["logit_scale"] > 0.1  # not a degenerate model
@@ -270,10 +274,10 @@ def test_background_saves_resume_like_synchronous_ones(tp2_run, tmp_path, data_d
 
 @pytest.fixture(scope="module")
 def packed(tmp_path_factory) -> dict:
-    return worker(tmp_path_factory.mktemp("packed"), 2, "packed", "llama:1", "llama:2", "qwen2:2")
+    return worker(tmp_path_factory.mktemp("packed"), 2, "packed", "llama:1", "llama:2", "qwen2:2", "qwen3:2")
 
 
-@pytest.mark.parametrize("case", ["llama:1", "llama:2", "qwen2:2"])
+@pytest.mark.parametrize("case", ["llama:1", "llama:2", "qwen2:2", "qwen3:2"])
 def test_packed_samples_get_the_logits_they_get_alone(packed, case):
     """data.train.pack on megatron: three samples in one row (positions restarting, each sample
     attending only to itself, rotary at those positions) give each sample its logits alone,

@@ -1,8 +1,9 @@
 """Llama-family causal LMs, HF <-> megatron-core GPTModel, at any tensor / pipeline layout.
 
-Covers what Llama 2/3, Qwen2/2.5 and Mistral share: RMSNorm, RoPE (rotate-half), SwiGLU,
-grouped-query attention (optionally with q/k/v biases: Qwen2), tied or untied embeddings,
-Llama-3.1 RoPE scaling. Anything else (other RoPE scalings, MoE, sliding-window attention
+Covers what Llama 2/3, Qwen2/2.5, Qwen3 and Mistral share: RMSNorm, RoPE (rotate-half), SwiGLU,
+grouped-query attention (optionally with q/k/v biases: Qwen2; with an RMSNorm of each query and
+key head before RoPE and a head_dim of its own: Qwen3, megatron's qk_layernorm), tied or untied
+embeddings, Llama-3.1 RoPE scaling. Anything else (other RoPE scalings, MoE, sliding-window attention
 that the sequences reach) is refused with the config key that caused it.
 
 Layouts. Megatron keeps q, k and v in one `linear_qkv` whose rows are grouped per KV head:
@@ -35,6 +36,14 @@ def _qkv_bias(cfg) -> bool:
     return cfg.model_type == "qwen2" or bool(getattr(cfg, "attention_bias", False))
 
 
+def _qk_norm(cfg) -> bool:
+    """Qwen3 normalises each query and key head (q_norm / k_norm, weight [head_dim]) before RoPE."""
+    return cfg.model_type == "qwen3"
+
+
+_QK_NORMS = (("q_norm", "q_layernorm"), ("k_norm", "k_layernorm"))  # HF self_attn.* <-> megatron self_attention.*
+
+
 def transformer_config_kwargs(cfg) -> dict[str, Any]:
     """TransformerConfig fields that describe the HF model (parallel sizes etc. are added by the caller)."""
     return dict(
@@ -50,6 +59,7 @@ def transformer_config_kwargs(cfg) -> dict[str, Any]:
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=_qkv_bias(cfg),
+        qk_layernorm=_qk_norm(cfg),
         hidden_dropout=0.0,
         attention_dropout=float(getattr(cfg, "attention_dropout", 0.0) or 0.0),
     )
@@ -125,6 +135,9 @@ def megatron_state_from_hf(hf: dict[str, torch.Tensor], cfg, tp: int = 1, tp_ran
                                   groups)
             out[dst + f"self_attention.linear_qkv.{kind}"] = _chunk(qkv, tp, tp_rank)
         out[dst + "self_attention.linear_proj.weight"] = _chunk(hf[att + "o_proj.weight"], tp, tp_rank, dim=1)
+        if _qk_norm(cfg):  # per head: every TP rank holds it whole
+            for ours, theirs in _QK_NORMS:
+                out[dst + f"self_attention.{theirs}.weight"] = hf[att + f"{ours}.weight"].clone()
         out[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"].clone()
         out[dst + "pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"].clone()
         gate, up = hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]
@@ -196,6 +209,9 @@ def iter_megatron_state_from_checkpoint(path, cfg, tp: int = 1, tp_rank: int = 0
             yield dst + f"self_attention.linear_qkv.{kind}", _interleave_qkv(q, k, v, local_groups)
         yield dst + "self_attention.linear_proj.weight", read(att + "o_proj.weight", (hidden, cfg.num_attention_heads * d),
                                                              cols=part(cfg.num_attention_heads * d))
+        if _qk_norm(cfg):
+            for ours, theirs in _QK_NORMS:
+                yield dst + f"self_attention.{theirs}.weight", read(att + f"{ours}.weight", (d,))
         yield dst + "input_layernorm.weight", read(src + "input_layernorm.weight", (hidden,))
         yield dst + "pre_mlp_layernorm.weight", read(src + "post_attention_layernorm.weight", (hidden,))
         gate = read(src + "mlp.gate_proj.weight", (inter, hidden), rows=part(inter))
@@ -228,6 +244,9 @@ def hf_layer_from_megatron(shards: dict[tuple[int, int], dict[str, torch.Tensor]
         for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
             out[dst + f"self_attn.{name}.{kind}"] = torch.cat([p[i] for p in parts])
     out[dst + "self_attn.o_proj.weight"] = cat(src + "self_attention.linear_proj.weight", dim=1)
+    if _qk_norm(cfg):
+        for ours, theirs in _QK_NORMS:
+            out[dst + f"self_attn.{ours}.weight"] = shards[(0, pp_rank)][src + f"self_attention.{theirs}.weight"].clone()
     out[dst + "input_layernorm.weight"] = shards[(0, pp_rank)][src + "input_layernorm.weight"].clone()
     out[dst + "post_attention_layernorm.weight"] = shards[(0, pp_rank)][src + "pre_mlp_layernorm.weight"].clone()
     fc1 = [shards[(t, pp_rank)][src + "mlp.linear_fc1.weight"].chunk(2) for t in range(tp)]

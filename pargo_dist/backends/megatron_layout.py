@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pargo_dist.errors import UserError
 
-LLAMA_FAMILY = ("llama", "qwen2", "mistral")
+LLAMA_FAMILY = ("llama", "qwen2", "mistral", "qwen3")  # qwen3: q/k RMSNorm per head, its own head_dim
 
 
 class ConversionError(UserError):

@@ -37,7 +37,7 @@ from pargo_dist.models.mllm import encode_visual, splice_visual_tokens
 def build_gpt(config: TransformerConfig, hf_text_config, pre_process: bool, post_process: bool) -> GPTModel:
     """A GPTModel (local layer spec: plain torch ops, no Transformer Engine) for one pipeline stage,
     its core attention torch's SDPA (megatron_attention.SDPAttention)."""
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=False)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return GPTModel(config, spec, pre_process=pre_process, post_process=post_process,
                     **gpt_model_kwargs(hf_text_config))

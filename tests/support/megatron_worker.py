@@ -54,17 +54,26 @@ def init(tp: int, pp: int = 1) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
 
 
-def tiny_llm(model_type: str):
+# the tiny causal LMs by name: Qwen2 tied, Qwen3 with a head_dim other than hidden / heads (24, not
+# 16), untied ("qwen3") and tied ("qwen3-tied")
+TINY_LLMS = {"llama": ("llama", {}), "qwen2": ("qwen2", {"tie_word_embeddings": True}),
+             "qwen3": ("qwen3", {"head_dim": 24, "tie_word_embeddings": False}),
+             "qwen3-tied": ("qwen3", {"head_dim": 24, "tie_word_embeddings": True})}
+
+
+def tiny_llm(name: str):
     torch.manual_seed(0)
-    extra = {"tie_word_embeddings": True} if model_type == "qwen2" else {}
+    model_type, extra = TINY_LLMS[name]
     cfg = AutoConfig.for_model(model_type, vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                rope_theta=10000.0, **extra)
     model = AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # Qwen2's q/k/v biases start at zero: make them matter
+    with torch.no_grad():  # Qwen2's q/k/v biases start at zero, norms at one: make them matter
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
+            elif "norm" in name:
+                p.normal_(1, 0.3)
     return model
 
 

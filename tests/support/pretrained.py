@@ -15,6 +15,10 @@ LLMS = {
     "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100, max_position_embeddings=256,
                   tie_word_embeddings=True),
+    # q/k RMSNorm per head, a head_dim (24) other than hidden / heads (16), untied: Qwen3
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=24, vocab_size=100,
+                  max_position_embeddings=256, tie_word_embeddings=False),
 }
 
 
@@ -26,10 +30,12 @@ def save_hub_style(out: Path, kind: str) -> Path:
     config = AutoConfig.for_model(values.pop("model_type"), **values)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # Qwen2's q/k/v biases start at zero: make them matter
+    with torch.no_grad():  # Qwen2's q/k/v biases start at zero, Qwen3's q/k norms at one: make them matter
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.normal_(1, 0.3)
     model.to(torch.bfloat16).save_pretrained(out, max_shard_size="100KB")
     assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
     return out
