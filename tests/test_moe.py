@@ -3,7 +3,10 @@
 ZeRO-3 gathers a module's parameters as the module is entered; an MoE block runs only the
 experts its tokens were routed to, so two ranks that route differently would gather different
 experts and wait in different collectives. The backend makes every decoder layer a ZeRO-3 leaf
-(one gather of the whole layer, experts included), so routing cannot desynchronise the ranks."""
+(one gather of the whole layer, experts included), so routing cannot desynchronise the ranks.
+DeepSpeed 0.19.8 also lists HF's Mixtral, Qwen2-MoE and Qwen3-MoE blocks as default leaves
+(`zero_optimization.leaf_module`); either alone passes this test, and with both off it fails
+(DeepSpeed's check that the ranks fetched the same parameters, a rank exiting; checked by hand)."""
 
 from __future__ import annotations
 
