@@ -53,7 +53,11 @@ def conversions(tmp_path_factory) -> dict:
 
 
 # Qwen3: q/k RMSNorm per head and a head_dim of 24 where hidden / heads is 16; untied and tied
-CONVERSIONS = [("llama", 1), ("llama", 2), ("qwen2", 1), ("qwen2", 2), ("qwen3", 1), ("qwen3", 2), ("qwen3-tied", 2)]
+CONVERSIONS = [("llama", 1), ("llama", 2), ("qwen2", 1), ("qwen2", 2), ("qwen3", 1), ("qwen3", 2), ("qwen3-tied", 2),
+               # MoE (4 experts, top 2) through megatron's MoELayer: experts whole or split over 2
+               # expert-parallel ranks (TP:EP), renormalised top-k (Qwen3-MoE, Mixtral) or not
+               ("qwen3_moe", "1:1"), ("qwen3_moe", "1:2"), ("qwen3_moe", "2:1"), ("qwen3_moe-raw", "1:2"),
+               ("mixtral", "1:2")]
 
 
 @pytest.mark.parametrize("model_type,tp", CONVERSIONS)
@@ -229,6 +233,9 @@ def test_megatron_recipe_errors_name_the_key(grad_recipe):
     out = train("backend.tensor_parallel=2", "--nproc", "3")
     assert out.returncode == 2 and "3 rank(s) do not divide into tensor_parallel x pipeline_parallel = 2 x 1" \
         in out.stderr
+    out = train("model.llm.config.model_type=qwen3_moe", "--nproc", "1")  # converted, not trained yet: says where
+    assert out.returncode == 2 and "model_type 'qwen3_moe' (mixture of experts) does not train on the megatron " \
+        "backend yet: use backend.name=deepspeed" in out.stderr, out.stderr[-2000:]
 
 
 def test_a_tp2_checkpoint_loaded_at_tp1_holds_the_same_adam_state(tp2_run, tmp_path):

@@ -114,6 +114,27 @@ def test_each_megatron_rank_reads_exactly_its_slice(checkpoint, tp, pp):
                 assert torch.equal(got[key], want[key]), (tp_rank, pp_rank, key)
 
 
+def test_each_expert_parallel_rank_reads_only_its_experts(tmp_path):
+    """An MoE checkpoint (Qwen3-MoE, bf16 hub style): what each (tp_rank, ep_rank) reads from the
+    files equals its slice of the tested whole-model conversion (test_megatron.py: MoE logits
+    equal HF's at EP 1 and 2), and it holds only its experts' weights."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_hub_style(tmp_path / "llm", "qwen3_moe")
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    full, text = hf.state_dict(), hf.config
+    for tp, ep in ((1, 2), (2, 2), (1, 4)):
+        for tp_rank in range(tp):
+            for ep_rank in range(ep):
+                want = megatron_state_from_hf(full, text, tp, tp_rank, ep=ep, ep_rank=ep_rank)
+                got = megatron_state_from_checkpoint(path, text, tp, tp_rank, ep=ep, ep_rank=ep_rank)
+                assert sorted(got) == sorted(want)
+                experts = {k.split("local_experts.")[1].split(".")[0] for k in got if "local_experts" in k}
+                assert experts == {str(i) for i in range(4 // ep)}, (tp, ep, experts)
+                for key in want:
+                    assert torch.equal(got[key], want[key]), (tp_rank, ep_rank, key)
+
+
 def test_a_megatron_rank_never_builds_the_llm(checkpoint):
     tok = load_tokenizer("synthetic")
     model = build.build_model(recipe_for(checkpoint, "backend.name=megatron"), tok, llm_weights=False)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pargo_dist.backends.megatron_layout import ConversionError, check_layout
+from pargo_dist.backends.megatron_layout import ConversionError, check_layout, num_experts
 
 
 def _head_dim(cfg) -> int:
@@ -38,7 +38,38 @@ def _qkv_bias(cfg) -> bool:
 
 def _qk_norm(cfg) -> bool:
     """Qwen3 normalises each query and key head (q_norm / k_norm, weight [head_dim]) before RoPE."""
-    return cfg.model_type == "qwen3"
+    return cfg.model_type in ("qwen3", "qwen3_moe")
+
+
+def _moe_names(cfg) -> tuple[str, str, str, str, str]:
+    """HF's names in an MoE layer: (block, router, gate, up, down) of `model.layers.N.<block>.`:
+    Qwen3-MoE `mlp.gate`, `mlp.experts.E.{gate,up,down}_proj`; Mixtral `block_sparse_moe.gate`,
+    `block_sparse_moe.experts.E.{w1,w3,w2}`."""
+    if cfg.model_type == "mixtral":
+        return "block_sparse_moe", "gate", "w1", "w3", "w2"
+    return "mlp", "gate", "gate_proj", "up_proj", "down_proj"
+
+
+def _local_experts(cfg, ep: int, ep_rank: int) -> range:
+    """The global indices of the experts expert-parallel rank `ep_rank` holds (contiguous)."""
+    per = num_experts(cfg) // ep
+    return range(ep_rank * per, (ep_rank + 1) * per)
+
+
+def _moe_config(cfg) -> dict[str, Any]:
+    """TransformerConfig fields of an MoE LLM. Routing as each model does it: Qwen3-MoE and
+    Mixtral softmax the router's logits over all experts, take the top k and renormalise those
+    k to sum to one, which is megatron's top-k of the logits then a softmax over the k
+    (moe_router_pre_softmax=False); Qwen3-MoE with norm_topk_prob=false keeps the unrenormalised
+    probabilities (pre-softmax). Dropless (no capacity factor); no load-balancing loss here (the
+    backend sets it from the recipe)."""
+    experts = num_experts(cfg)
+    if not experts:
+        return {}
+    ffn = cfg.moe_intermediate_size if cfg.model_type == "qwen3_moe" else cfg.intermediate_size
+    pre_softmax = cfg.model_type == "qwen3_moe" and not getattr(cfg, "norm_topk_prob", True)
+    return dict(num_moe_experts=experts, moe_router_topk=cfg.num_experts_per_tok, moe_ffn_hidden_size=ffn,
+                moe_router_pre_softmax=pre_softmax, moe_router_load_balancing_type="none", moe_grouped_gemm=False)
 
 
 _QK_NORMS = (("q_norm", "q_layernorm"), ("k_norm", "k_layernorm"))  # HF self_attn.* <-> megatron self_attention.*
@@ -60,6 +91,7 @@ def transformer_config_kwargs(cfg) -> dict[str, Any]:
         add_bias_linear=False,
         add_qkv_bias=_qkv_bias(cfg),
         qk_layernorm=_qk_norm(cfg),
+        **_moe_config(cfg),
         hidden_dropout=0.0,
         attention_dropout=float(getattr(cfg, "attention_dropout", 0.0) or 0.0),
     )
@@ -109,9 +141,10 @@ def _layer_range(cfg, pp: int, pp_rank: int) -> range:
 
 
 def megatron_state_from_hf(hf: dict[str, torch.Tensor], cfg, tp: int = 1, tp_rank: int = 0, pp: int = 1,
-                           pp_rank: int = 0) -> dict[str, torch.Tensor]:
-    """State dict of the GPTModel on (tp_rank, pp_rank) from an HF Llama-family state dict."""
-    check_layout(cfg, tp, pp)
+                           pp_rank: int = 0, ep: int = 1, ep_rank: int = 0) -> dict[str, torch.Tensor]:
+    """State dict of the GPTModel on (tp_rank, pp_rank, ep_rank) from an HF Llama-family or MoE
+    state dict (an MoE layer: its router whole, its experts of `ep_rank`, each split over TP)."""
+    check_layout(cfg, tp, pp, ep, moe=True)
     groups = cfg.num_key_value_heads or cfg.num_attention_heads
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     first, last = pp_rank == 0, pp_rank == pp - 1
@@ -140,6 +173,15 @@ def megatron_state_from_hf(hf: dict[str, torch.Tensor], cfg, tp: int = 1, tp_ran
                 out[dst + f"self_attention.{theirs}.weight"] = hf[att + f"{ours}.weight"].clone()
         out[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"].clone()
         out[dst + "pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"].clone()
+        if num_experts(cfg):
+            block, router, gate_w, up_w, down_w = _moe_names(cfg)
+            out[dst + "mlp.router.weight"] = hf[src + f"{block}.{router}.weight"].clone()
+            for local_e, e in enumerate(_local_experts(cfg, ep, ep_rank)):
+                expert, mine = src + f"{block}.experts.{e}.", dst + f"mlp.experts.local_experts.{local_e}."
+                out[mine + "linear_fc1.weight"] = torch.cat([_chunk(hf[expert + f"{gate_w}.weight"], tp, tp_rank),
+                                                             _chunk(hf[expert + f"{up_w}.weight"], tp, tp_rank)])
+                out[mine + "linear_fc2.weight"] = _chunk(hf[expert + f"{down_w}.weight"], tp, tp_rank, dim=1)
+            continue
         gate, up = hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]
         out[dst + "mlp.linear_fc1.weight"] = torch.cat([_chunk(gate, tp, tp_rank), _chunk(up, tp, tp_rank)])
         out[dst + "mlp.linear_fc2.weight"] = _chunk(hf[src + "mlp.down_proj.weight"], tp, tp_rank, dim=1)
@@ -147,23 +189,24 @@ def megatron_state_from_hf(hf: dict[str, torch.Tensor], cfg, tp: int = 1, tp_ran
 
 
 def megatron_state_from_checkpoint(path, cfg, tp: int = 1, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0,
-                                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                                   dtype: torch.dtype = torch.float32, ep: int = 1,
+                                   ep_rank: int = 0) -> dict[str, torch.Tensor]:
     """The same state dict as `megatron_state_from_hf`, read from an HF safetensors checkpoint
     directory (see `iter_megatron_state_from_checkpoint`)."""
-    return dict(iter_megatron_state_from_checkpoint(path, cfg, tp, tp_rank, pp, pp_rank, dtype))
+    return dict(iter_megatron_state_from_checkpoint(path, cfg, tp, tp_rank, pp, pp_rank, dtype, ep, ep_rank))
 
 
 def iter_megatron_state_from_checkpoint(path, cfg, tp: int = 1, tp_rank: int = 0, pp: int = 1, pp_rank: int = 0,
-                                        dtype: torch.dtype = torch.float32):
-    """(name, tensor) of the GPTModel on (tp_rank, pp_rank), one at a time, read from an HF
-    safetensors checkpoint directory: only this rank's TP slice of each weight and only its PP
-    stage's layers leave the files (`safe_open(...).get_slice`), converted to `dtype`. A caller
-    that copies each into its parameter holds one tensor beside the model, never a second model.
-    `cfg` is the model's text config, whose vocabulary may exceed the checkpoint's (grown rows:
-    see hf_checkpoint.read_rows)."""
+                                        dtype: torch.dtype = torch.float32, ep: int = 1, ep_rank: int = 0):
+    """(name, tensor) of the GPTModel on (tp_rank, pp_rank, ep_rank), one at a time, read from an
+    HF safetensors checkpoint directory: only this rank's TP slice of each weight, only its PP
+    stage's layers and only its experts leave the files (`safe_open(...).get_slice`), converted
+    to `dtype`. A caller that copies each into its parameter holds one tensor beside the model,
+    never a second model. `cfg` is the model's text config, whose vocabulary may exceed the
+    checkpoint's (grown rows: see hf_checkpoint.read_rows)."""
     from pargo_dist.hf_checkpoint import HFCheckpoint, read_rows
 
-    check_layout(cfg, tp, pp)
+    check_layout(cfg, tp, pp, ep, moe=True)
     ckpt = HFCheckpoint(path)
     groups = cfg.num_key_value_heads or cfg.num_attention_heads
     d = _head_dim(cfg)
@@ -214,6 +257,18 @@ def iter_megatron_state_from_checkpoint(path, cfg, tp: int = 1, tp_rank: int = 0
                 yield dst + f"self_attention.{theirs}.weight", read(att + f"{ours}.weight", (d,))
         yield dst + "input_layernorm.weight", read(src + "input_layernorm.weight", (hidden,))
         yield dst + "pre_mlp_layernorm.weight", read(src + "post_attention_layernorm.weight", (hidden,))
+        if num_experts(cfg):
+            block, router, gate_w, up_w, down_w = _moe_names(cfg)
+            ffn = _moe_config(cfg)["moe_ffn_hidden_size"]
+            yield dst + "mlp.router.weight", read(src + f"{block}.{router}.weight", (num_experts(cfg), hidden))
+            for local_e, e in enumerate(_local_experts(cfg, ep, ep_rank)):
+                expert, mine = src + f"{block}.experts.{e}.", dst + f"mlp.experts.local_experts.{local_e}."
+                gate = read(expert + f"{gate_w}.weight", (ffn, hidden), rows=part(ffn))
+                up = read(expert + f"{up_w}.weight", (ffn, hidden), rows=part(ffn))
+                yield mine + "linear_fc1.weight", torch.cat([gate, up])
+                del gate, up
+                yield mine + "linear_fc2.weight", read(expert + f"{down_w}.weight", (hidden, ffn), cols=part(ffn))
+            continue
         gate = read(src + "mlp.gate_proj.weight", (inter, hidden), rows=part(inter))
         up = read(src + "mlp.up_proj.weight", (inter, hidden), rows=part(inter))
         yield dst + "mlp.linear_fc1.weight", torch.cat([gate, up])
@@ -222,11 +277,12 @@ def iter_megatron_state_from_checkpoint(path, cfg, tp: int = 1, tp_rank: int = 0
     ckpt.close()
 
 
-def hf_layer_from_megatron(shards: dict[tuple[int, int], dict[str, torch.Tensor]], cfg, pp_rank: int, local: int,
-                           layer: int, tp: int = 1) -> dict[str, torch.Tensor]:
+def hf_layer_from_megatron(shards: dict[tuple[int, ...], dict[str, torch.Tensor]], cfg, pp_rank: int, local: int,
+                           layer: int, tp: int = 1, ep: int = 1) -> dict[str, torch.Tensor]:
     """The HF tensors of decoder layer `layer` (local index `local` in stage `pp_rank`) from the
-    (tp_rank, pp_rank) GPTModel state dicts that hold it. Works on meta tensors too (names and
-    shapes without reading a checkpoint)."""
+    (tp_rank, pp_rank) GPTModel state dicts that hold it, or with expert parallelism (ep > 1)
+    the (tp_rank, pp_rank, ep_rank) ones: each holds its experts, the rest is the same on every
+    expert rank. Works on meta tensors too (names and shapes without reading a checkpoint)."""
     groups = cfg.num_key_value_heads or cfg.num_attention_heads
     d = _head_dim(cfg)
     q_rows = cfg.num_attention_heads // groups * d
@@ -249,6 +305,19 @@ def hf_layer_from_megatron(shards: dict[tuple[int, int], dict[str, torch.Tensor]
             out[dst + f"self_attn.{ours}.weight"] = shards[(0, pp_rank)][src + f"self_attention.{theirs}.weight"].clone()
     out[dst + "input_layernorm.weight"] = shards[(0, pp_rank)][src + "input_layernorm.weight"].clone()
     out[dst + "post_attention_layernorm.weight"] = shards[(0, pp_rank)][src + "pre_mlp_layernorm.weight"].clone()
+    if num_experts(cfg):
+        block, router, gate_w, up_w, down_w = _moe_names(cfg)
+        out[dst + f"{block}.{router}.weight"] = shards[(0, pp_rank)][src + "mlp.router.weight"].clone()
+        for e_rank in range(ep):
+            for local_e, e in enumerate(_local_experts(cfg, ep, e_rank)):
+                mine = src + f"mlp.experts.local_experts.{local_e}."
+                held = [shards[(t, pp_rank, e_rank) if ep > 1 else (t, pp_rank)] for t in range(tp)]
+                fc1 = [h[mine + "linear_fc1.weight"].chunk(2) for h in held]
+                expert = dst + f"{block}.experts.{e}."
+                out[expert + f"{gate_w}.weight"] = torch.cat([gate for gate, _ in fc1])
+                out[expert + f"{up_w}.weight"] = torch.cat([up for _, up in fc1])
+                out[expert + f"{down_w}.weight"] = torch.cat([h[mine + "linear_fc2.weight"] for h in held], dim=1)
+        return out
     fc1 = [shards[(t, pp_rank)][src + "mlp.linear_fc1.weight"].chunk(2) for t in range(tp)]
     out[dst + "mlp.gate_proj.weight"] = torch.cat([g for g, _ in fc1])
     out[dst + "mlp.up_proj.weight"] = torch.cat([u for _, u in fc1])
@@ -269,15 +338,21 @@ def hf_ends_from_megatron(shards: dict[tuple[int, int], dict[str, torch.Tensor]]
     return out
 
 
-def hf_state_from_megatron(shards: dict[tuple[int, int], dict[str, torch.Tensor]], cfg, tp: int = 1,
-                           pp: int = 1) -> dict[str, torch.Tensor]:
-    """HF state dict from every (tp_rank, pp_rank) GPTModel state dict (the inverse of the above)."""
-    check_layout(cfg, tp, pp)
-    missing = [(t, p) for t in range(tp) for p in range(pp) if (t, p) not in shards]
+def hf_state_from_megatron(shards: dict[tuple[int, ...], dict[str, torch.Tensor]], cfg, tp: int = 1,
+                           pp: int = 1, ep: int = 1) -> dict[str, torch.Tensor]:
+    """HF state dict from every (tp_rank, pp_rank) GPTModel state dict, (tp_rank, pp_rank,
+    ep_rank) with expert parallelism (the inverse of the above)."""
+    check_layout(cfg, tp, pp, ep, moe=True)
+    if ep > 1:  # what is not an expert is the same on every expert rank: read it from expert rank 0
+        expected = [(t, p, e) for t in range(tp) for p in range(pp) for e in range(ep)]
+        shards = {**{(t, p): shards[(t, p, 0)] for t, p, _ in expected if (t, p, 0) in shards}, **shards}
+    else:
+        expected = [(t, p) for t in range(tp) for p in range(pp)]
+    missing = [key for key in expected if key not in shards]
     if missing:
-        raise ConversionError(f"shards missing for (tp_rank, pp_rank) {missing}")
+        raise ConversionError(f"shards missing for (tp_rank, pp_rank{', ep_rank' if ep > 1 else ''}) {missing}")
     out = hf_ends_from_megatron(shards, cfg, tp, pp)
     for pp_rank in range(pp):
         for local, layer in enumerate(_layer_range(cfg, pp, pp_rank)):
-            out.update(hf_layer_from_megatron(shards, cfg, pp_rank, local, layer, tp))
+            out.update(hf_layer_from_megatron(shards, cfg, pp_rank, local, layer, tp, ep))
     return out

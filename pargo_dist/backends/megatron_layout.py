@@ -15,13 +15,36 @@ class ConversionError(UserError):
     """The HF model (or the requested layout) cannot be expressed as our megatron GPTModel."""
 
 
-def check_layout(cfg, tp: int, pp: int) -> None:
-    """Why this model cannot be split TP x PP, as an error naming the numbers. `cfg`: an HF text
-    config, or any object with its fields (a field that is absent is not checked: the launcher
-    checks a recipe's config before any rank starts, when the vocabulary is not known yet)."""
-    if cfg.model_type not in LLAMA_FAMILY:
+MOE_TYPES = ("qwen3_moe", "mixtral")  # converted (megatron_convert); training them on megatron: not yet
+
+
+def num_experts(cfg) -> int:
+    """Routed experts per MoE layer (0 for a dense model): Qwen3-MoE's num_experts, Mixtral's
+    num_local_experts."""
+    return int(getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 0) \
+        if cfg.model_type in MOE_TYPES else 0
+
+
+def check_layout(cfg, tp: int, pp: int, ep: int = 1, moe: bool = False) -> None:
+    """Why this model cannot be split TP x PP (x EP experts), as an error naming the numbers.
+    `cfg`: an HF text config, or any object with its fields (a field that is absent is not
+    checked: the launcher checks a recipe's config before any rank starts, when the vocabulary
+    is not known yet). `moe`: whether MoE model types are accepted (the conversion's own tests);
+    the backend does not train them yet and refuses them by name."""
+    if cfg.model_type in MOE_TYPES and not moe:
+        raise ConversionError(f"model_type {cfg.model_type!r} (mixture of experts) does not train on the megatron "
+                              "backend yet: use backend.name=deepspeed (ZeRO-3 runs HF's MoE blocks, each decoder "
+                              "layer gathered whole)")
+    if cfg.model_type not in LLAMA_FAMILY + (MOE_TYPES if moe else ()):
         raise ConversionError(f"model_type {cfg.model_type!r} is not supported by the megatron backend "
                               f"(supported: {', '.join(LLAMA_FAMILY)})")
+    experts = num_experts(cfg)
+    if experts and experts % ep:
+        raise ConversionError(f"num_experts={experts} is not divisible by expert parallel size {ep}")
+    if cfg.model_type == "qwen3_moe" and (getattr(cfg, "mlp_only_layers", None) or
+                                          getattr(cfg, "decoder_sparse_step", 1) != 1):
+        raise ConversionError("qwen3_moe with dense layers among the MoE ones (mlp_only_layers, decoder_sparse_step "
+                              "!= 1) is not supported: every layer must be MoE")
     heads = getattr(cfg, "num_attention_heads", None)
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     for what, n in (("num_attention_heads", heads), ("num_key_value_heads", kv),

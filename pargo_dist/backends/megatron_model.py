@@ -34,10 +34,24 @@ from pargo_dist.constants import IGNORE_INDEX, PARTS
 from pargo_dist.models.mllm import encode_visual, splice_visual_tokens
 
 
+def _router_without_transformer_engine() -> None:
+    """megatron-core 0.16.1's MoE router (moe_utils.router_gating_linear) tests a name,
+    `te_general_gemm`, that the module defines only when Transformer Engine imports: without TE
+    (every CPU, and our GPU image) routing raises NameError. None is what it means to test for."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def build_gpt(config: TransformerConfig, hf_text_config, pre_process: bool, post_process: bool) -> GPTModel:
     """A GPTModel (local layer spec: plain torch ops, no Transformer Engine) for one pipeline stage,
-    its core attention torch's SDPA (megatron_attention.SDPAttention)."""
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
+    its core attention torch's SDPA (megatron_attention.SDPAttention). An MoE LLM gets megatron's
+    MoELayer (router, token dispatcher, SequentialMLP of the rank's experts)."""
+    if config.num_moe_experts:
+        _router_without_transformer_engine()
+    spec = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, moe_grouped_gemm=False,
+                                    normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return GPTModel(config, spec, pre_process=pre_process, post_process=post_process,
                     **gpt_model_kwargs(hf_text_config))

@@ -2,12 +2,13 @@
 start runs several cases in turn (the model-parallel groups are rebuilt between them), so the
 ranks pay their imports once.
 
-    python megatron_worker.py logits  OUT MODEL_TYPE:TP [MODEL_TYPE:TP ...]
+    python megatron_worker.py logits  OUT MODEL_TYPE:TP[:EP] [MODEL_TYPE:TP[:EP] ...]
     python megatron_worker.py grads   OUT RECIPE TP:PP:TIED[:compiled] [...]
     python megatron_worker.py moments OUT RECIPE STEP_DIR TP SAVED_WORLD
     python megatron_worker.py packed  OUT MODEL_TYPE:TP [...]
 
-`logits`: a random tiny HF causal LM (Llama or Qwen2) converted to this rank's GPTModel shard;
+`logits`: a random tiny HF causal LM (TINY_LLMS: Llama, Qwen2, Qwen3, Qwen3-MoE, Mixtral) converted
+to this rank's GPTModel shard (MoE: its experts of the rank's expert-parallel slice);
 rank 0 writes the largest |HF logits - megatron logits| and whether HF -> megatron -> HF gives
 back identical tensors.
 `grads`: the tiny ParGo MLLM of RECIPE on one batch, through MegatronBackend at TP x PP (the
@@ -45,12 +46,12 @@ from pargo_dist.backends.megatron_convert import hf_state_from_megatron, megatro
     transformer_config_kwargs  # noqa: E402
 
 
-def init(tp: int, pp: int = 1) -> None:
+def init(tp: int, pp: int = 1, ep: int = 1) -> None:
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             order="tp-pp-dp")
+                                             expert_model_parallel_size=ep, order="tp-ep-pp-dp" if ep > 1 else "tp-pp-dp")
     tensor_parallel.model_parallel_cuda_manual_seed(0, inference_rng_tracker=True)
 
 
@@ -58,7 +59,13 @@ def init(tp: int, pp: int = 1) -> None:
 # 16), untied ("qwen3") and tied ("qwen3-tied")
 TINY_LLMS = {"llama": ("llama", {}), "qwen2": ("qwen2", {"tie_word_embeddings": True}),
              "qwen3": ("qwen3", {"head_dim": 24, "tie_word_embeddings": False}),
-             "qwen3-tied": ("qwen3", {"head_dim": 24, "tie_word_embeddings": True})}
+             "qwen3-tied": ("qwen3", {"head_dim": 24, "tie_word_embeddings": True}),
+             # MoE: 4 experts, top 2; Qwen3-MoE renormalises the top-k (as Mixtral always does) or not
+             "qwen3_moe": ("qwen3_moe", {"head_dim": 24, "num_experts": 4, "num_experts_per_tok": 2,
+                                         "moe_intermediate_size": 32, "norm_topk_prob": True}),
+             "qwen3_moe-raw": ("qwen3_moe", {"head_dim": 24, "num_experts": 4, "num_experts_per_tok": 2,
+                                             "moe_intermediate_size": 32, "norm_topk_prob": False}),
+             "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2})}
 
 
 def tiny_llm(name: str):
@@ -77,13 +84,15 @@ def tiny_llm(name: str):
     return model
 
 
-def gather_shards(local: dict, tp_rank: int, pp_rank: int) -> dict:
+def gather_shards(local: dict, tp_rank: int, pp_rank: int, ep_rank: int | None = None) -> dict:
+    """Every rank's state dict by (tp_rank, pp_rank), or (tp_rank, pp_rank, ep_rank) with experts split."""
     everything = [None] * dist.get_world_size()
-    dist.all_gather_object(everything, ((tp_rank, pp_rank), {k: v.detach().cpu() for k, v in local.items() if torch.is_tensor(v)}))
+    key = (tp_rank, pp_rank) if ep_rank is None else (tp_rank, pp_rank, ep_rank)
+    dist.all_gather_object(everything, (key, {k: v.detach().cpu() for k, v in local.items() if torch.is_tensor(v)}))
     return dict(everything)
 
 
-def tiny_gpt(model_type: str, tp: int):
+def tiny_gpt(model_type: str, tp: int, ep: int = 1):
     """A random tiny HF causal LM and this TP rank's GPTModel shard of it (eval mode); -> (hf, gpt, tp rank).
     Both in float64: the same function in other orders (TP splits the matmuls) then differs by
     ~1e-15 on any CPU, not by float32 rounding that varies with the CPU's kernels. HF still takes
@@ -93,23 +102,26 @@ def tiny_gpt(model_type: str, tp: int):
 
     from pargo_dist.backends.megatron_model import build_gpt
 
-    init(tp)
+    init(tp, ep=ep)
     hf = tiny_llm(model_type).double()
     config = TransformerConfig(**transformer_config_kwargs(hf.config), tensor_model_parallel_size=tp,
+                               expert_model_parallel_size=ep, moe_token_dispatcher_type="allgather",
                                use_cpu_initialization=True, perform_initialization=False,
                                bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
                                persist_layer_norm=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
                                params_dtype=torch.float64)
     gpt = build_gpt(config, hf.config, pre_process=True, post_process=True).double().eval()
     rank = parallel_state.get_tensor_model_parallel_rank()
-    gpt.load_state_dict(megatron_state_from_hf(hf.state_dict(), hf.config, tp, rank), strict=True)
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    gpt.load_state_dict(megatron_state_from_hf(hf.state_dict(), hf.config, tp, rank, ep=ep, ep_rank=ep_rank),
+                        strict=True)
     return hf, gpt, rank
 
 
-def check_logits(model_type: str, tp: int) -> dict | None:
+def check_logits(model_type: str, tp: int, ep: int = 1) -> dict | None:
     from pargo_dist.backends.megatron_model import causal_padding_mask
 
-    hf, gpt, rank = tiny_gpt(model_type, tp)
+    hf, gpt, rank = tiny_gpt(model_type, tp, ep)
     torch.manual_seed(1)
     ids = torch.randint(0, hf.config.vocab_size, (2, 24))
     mask = torch.ones_like(ids)
@@ -119,9 +131,9 @@ def check_logits(model_type: str, tp: int) -> dict | None:
         local = gpt(ids, torch.arange(24)[None].expand(2, 24), causal_padding_mask(mask))
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(local)
     real = mask.bool()
-    shards = gather_shards(gpt.state_dict(), rank, 0)
+    shards = gather_shards(gpt.state_dict(), rank, 0, parallel_state.get_expert_model_parallel_rank() if ep > 1 else None)
     if dist.get_rank() == 0:
-        back = hf_state_from_megatron(shards, hf.config, tp)
+        back = hf_state_from_megatron(shards, hf.config, tp, ep=ep)
         original = hf.state_dict()
         if getattr(hf.config, "tie_word_embeddings", False):
             original = {k: v for k, v in original.items() if k != "lm_head.weight"}
@@ -292,9 +304,9 @@ if __name__ == "__main__":
     results = {}
     if mode in ("logits", "packed"):
         check = check_logits if mode == "logits" else check_packed
-        for case in rest:
-            model_type, tp = case.split(":")
-            results[case] = check(model_type, int(tp))
+        for case in rest:  # MODEL_TYPE:TP, or MODEL_TYPE:TP:EP for an MoE LLM's experts over EP ranks
+            model_type, tp, *ep = case.split(":")
+            results[case] = check(model_type, int(tp), *map(int, ep))
     elif mode == "moments":  # RECIPE STEP_DIR TP SAVED_WORLD: the state a load gives, to torch.save
         recipe, step_dir, tp, saved_world = rest
         state = loaded_moments(recipe, step_dir, int(tp), int(saved_world))

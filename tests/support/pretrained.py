@@ -19,6 +19,10 @@ LLMS = {
     "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=24, vocab_size=100,
                   max_position_embeddings=256, tie_word_embeddings=False),
+    # mixture of experts: 4 experts, top 2, q/k norms: Qwen3-MoE
+    "qwen3_moe": dict(model_type="qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                      num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=24, vocab_size=100, max_position_embeddings=256),
 }
 
 
