@@ -26,7 +26,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 # a requeued job may start again once its old credential expired (default 120 s): keep tests quick
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 SchedulerParameters=sched_interval=2
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
