@@ -167,6 +167,9 @@ class BackendConfig:
     pipeline_parallel: int = 1  # splits the LLM's layers into this many consecutive stages
     sequence_parallel: bool = False  # shard activations outside attention/MLP over TP ranks (GPU only)
     distributed_optimizer: bool = True  # shard Adam state over data-parallel ranks (GPU only)
+    # megatron, MoE LLMs (qwen3_moe, mixtral): each MoE layer's experts split over this many of
+    # the data-parallel replicas (divides them and the expert count); tokens go to their experts' rank
+    expert_parallel: int = 1
 
 
 @dataclass
@@ -218,7 +221,7 @@ class Config:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         for key in ("train.steps", "train.micro_batch", "train.grad_accum", "checkpoint.keep_last",
-                    "backend.tensor_parallel", "backend.pipeline_parallel"):
+                    "backend.tensor_parallel", "backend.pipeline_parallel", "backend.expert_parallel"):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
                 raise ConfigError(f"{key} must be >= 1")
@@ -229,8 +232,9 @@ class Config:
             if self.train.compile_backend not in known:
                 raise ConfigError(f"train.compile_backend={self.train.compile_backend!r}: must be one of {known} "
                                   "(torch.compile's backends; inductor is the one that generates kernels)")
-        if self.backend.name == "deepspeed" and (self.backend.tensor_parallel > 1 or self.backend.pipeline_parallel > 1):
-            raise ConfigError("backend.tensor_parallel / pipeline_parallel need backend.name=megatron "
+        if self.backend.name == "deepspeed" and (self.backend.tensor_parallel > 1 or self.backend.pipeline_parallel > 1
+                                                 or self.backend.expert_parallel > 1):
+            raise ConfigError("backend.tensor_parallel / pipeline_parallel / expert_parallel need backend.name=megatron "
                               "(DeepSpeed ZeRO is data parallel only)")
         bad = [p for p in self.model.init_parts if p not in PARTS]
         if bad or not self.model.init_parts:

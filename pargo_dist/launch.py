@@ -139,6 +139,9 @@ def check_layout_fits(cfg, world: int) -> None:
     if world % model_parallel:
         raise UserError(f"{world} rank(s) do not divide into tensor_parallel x pipeline_parallel = {b.tensor_parallel} "
                         f"x {b.pipeline_parallel}: launch a multiple of {model_parallel} ranks")
+    if (world // model_parallel) % b.expert_parallel:
+        raise UserError(f"{world // model_parallel} data-parallel replica(s) do not divide into expert_parallel = "
+                        f"{b.expert_parallel}: launch a multiple of {model_parallel * b.expert_parallel} ranks")
     llm = dict(cfg.model.llm.config)
     config_json = Path(cfg.model.llm.path or "") / "config.json"
     if not llm and cfg.model.llm.path and config_json.is_file():
@@ -146,7 +149,8 @@ def check_layout_fits(cfg, world: int) -> None:
     if llm:
         from pargo_dist.backends.megatron_layout import check_layout
 
-        check_layout(SimpleNamespace(**{"model_type": "llama", **llm}), b.tensor_parallel, b.pipeline_parallel)
+        check_layout(SimpleNamespace(**{"model_type": "llama", **llm}), b.tensor_parallel, b.pipeline_parallel,
+                     b.expert_parallel)
 
 
 def prepare_training(recipe: str | None, overrides: list[str], world: int):

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.ranks import run_ranks
-from support.training import env, losses, run_train, sample_ids, write_recipe
+from support.training import crash_copy, env, losses, run_train, sample_ids, write_recipe
 
 from pargo_dist import forkserver
 
@@ -126,19 +126,8 @@ def test_tp2_training_follows_the_deepspeed_loss_curve(tp2_run, reference):
 
 
 def resume_copy(tp2_run: Path, tmp_path: Path, data_dir) -> Path:
-    """A copy of the TP=2 run as a crash after step 2 would leave it: later checkpoints and log
-    lines gone. Returns its recipe. (What a SIGKILL leaves is tested with DeepSpeed in
-    test_train.py; the checkpoint rules are the backend's own.)"""
-    import shutil
-
-    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
-    shutil.copytree(tp2_run, tmp_path / "run")
-    for step in (4, 6):
-        shutil.rmtree(tmp_path / "run" / "checkpoints" / f"step_{step:08d}")
-    for name in ("train_log.jsonl", "sample_ids.rank0.jsonl", "sample_ids.rank1.jsonl"):
-        log = tmp_path / "run" / name
-        log.write_text("".join(line for line in log.read_text().splitlines(True) if json.loads(line)["step"] <= 2))
-    return recipe
+    """The TP=2 run as a crash after step 2 would leave it (support.training.crash_copy)."""
+    return crash_copy(tp2_run, tmp_path, data_dir, after=2)
 
 
 def test_resume_at_the_same_layout_reproduces_the_uninterrupted_tp2_run(tp2_run, tmp_path, data_dir):
@@ -233,9 +222,9 @@ def test_megatron_recipe_errors_name_the_key(grad_recipe):
     out = train("backend.tensor_parallel=2", "--nproc", "3")
     assert out.returncode == 2 and "3 rank(s) do not divide into tensor_parallel x pipeline_parallel = 2 x 1" \
         in out.stderr
-    out = train("model.llm.config.model_type=qwen3_moe", "--nproc", "1")  # converted, not trained yet: says where
-    assert out.returncode == 2 and "model_type 'qwen3_moe' (mixture of experts) does not train on the megatron " \
-        "backend yet: use backend.name=deepspeed" in out.stderr, out.stderr[-2000:]
+    out = train("backend.expert_parallel=2", "--nproc", "3")
+    assert out.returncode == 2 and "3 data-parallel replica(s) do not divide into expert_parallel = 2: launch a " \
+        "multiple of 2 ranks" in out.stderr, out.stderr[-2000:]
 
 
 def test_a_tp2_checkpoint_loaded_at_tp1_holds_the_same_adam_state(tp2_run, tmp_path):

@@ -11,11 +11,14 @@ DeepSpeed 0.19.8 also lists HF's Mixtral, Qwen2-MoE and Qwen3-MoE blocks as defa
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 from support.ranks import run_ranks
-from support.training import write_recipe
+from support.training import crash_copy, env, losses, run_train, sample_ids, write_recipe
+
+from pargo_dist import forkserver
 
 WORKER = Path(__file__).parent / "support" / "moe_worker.py"
 
@@ -37,3 +40,74 @@ def test_zero3_ranks_that_route_to_different_experts_train_as_one_rank(tmp_path,
     assert len(two["losses"]) == 3 and two["losses"][2] < two["losses"][0]  # it trains
     for a, b in zip(two["losses"], one["losses"]):
         assert a == pytest.approx(b, rel=1e-5), (two, one)
+
+
+# The tiny Qwen3-MoE of the megatron checks: 4 experts, top 2, q/k norms
+MOE = ["model.llm.config={model_type: qwen3_moe, hidden_size: 64, intermediate_size: 128, moe_intermediate_size: 32, "
+       "num_experts: 4, num_experts_per_tok: 2, norm_topk_prob: true, num_hidden_layers: 2, num_attention_heads: 4, "
+       "num_key_value_heads: 2, head_dim: 16, max_position_embeddings: 256}", "train.steps=4", "checkpoint.every=2"]
+EP2 = [*MOE, "backend.name=megatron", "backend.expert_parallel=2"]
+
+
+@pytest.fixture(scope="module")
+def moe_runs(tmp_path_factory, data_dir) -> dict[str, Path]:
+    """The same 2-rank, 4-step run of the tiny Qwen3-MoE under DeepSpeed ZeRO-3 (HF's modules)
+    and under megatron with its experts split over the 2 ranks (EP=2, megatron's MoELayer and
+    all-to-all token dispatch); checkpoints at steps 2 and 4, the held-out loss at the end."""
+    tmp = tmp_path_factory.mktemp("moe")
+    runs = {}
+    for name, overrides in (("zero3", MOE), ("ep2", EP2)):
+        run_train(write_recipe(tmp / f"{name}.yaml", tmp / name, data_dir), overrides, nproc=2)
+        runs[name] = tmp / name
+    return runs
+
+
+def test_megatron_expert_parallel_follows_zero3_on_the_same_batches(moe_runs):
+    """Aux loss off: the same routing and the same math, so the same curve (to 1e-4: other kernels
+    and reduction orders), read from the same samples."""
+    a, b = losses(moe_runs["zero3"]), losses(moe_runs["ep2"])
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert a[4] < a[1]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-4), (step, a, b)
+    assert sample_ids(moe_runs["ep2"]) == sample_ids(moe_runs["zero3"])
+    meta = json.loads((moe_runs["ep2"] / "checkpoints" / "step_00000004" / "meta.json").read_text())
+    assert meta["layout"] == {"tp": 1, "pp": 1, "dp": 2, "ep": 2}
+
+
+def test_an_ep2_checkpoint_resumes_at_ep1_with_adam_state(moe_runs, tmp_path, data_dir):
+    """Step 2 of the EP=2 run, resumed with every expert on every rank (EP=1, 2 data-parallel
+    replicas): megatron's distributed checkpoint reshards experts and their Adam moments, so
+    steps 3 and 4 continue the EP=2 curve."""
+    recipe = crash_copy(moe_runs["ep2"], tmp_path, data_dir, after=2)
+    out = run_train(recipe, [*MOE, "backend.name=megatron", "backend.expert_parallel=1"], nproc=2)
+    assert "resumed from" in out.stdout and "step_00000002" in out.stdout
+    ref, got = losses(moe_runs["ep2"]), losses(tmp_path / "run")
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, ref, got)
+
+
+def test_export_of_an_ep2_checkpoint_is_read_by_transformers_with_the_logged_loss(moe_runs, tmp_path):
+    """`pargo-dist export` reads the EP=2 checkpoint one decoder layer (with its experts) at a
+    time and writes an HF model; loaded back, it gives the held-out loss the run logged."""
+    import torch
+
+    from pargo_dist import build
+    from pargo_dist.config import load_config
+    from pargo_dist.constants import IGNORE_INDEX
+    from pargo_dist.generate import load_exported
+
+    run_dir = moe_runs["ep2"]
+    forkserver.run([sys.executable, "-m", "pargo_dist.cli", "export", str(run_dir), "--out", str(tmp_path / "hf")],
+                   check=True, env=env(), capture_output=True)
+    model, tok, _ = load_exported(tmp_path / "hf")
+    assert model.config.text_config.model_type == "qwen3_moe"
+    cfg = load_config(tmp_path / "hf" / "config.yaml")
+    total = n = 0.0
+    with torch.no_grad():
+        for batch in build.loader(cfg, cfg.data.eval, model, tok, batch_size=4):
+            res = model(**batch.model_inputs())
+            k = float((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+            total, n = total + res.loss.item() * k, n + k
+    assert total / n == pytest.approx(losses(run_dir, "eval/loss")[4], rel=1e-5)

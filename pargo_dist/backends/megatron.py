@@ -48,7 +48,7 @@ from megatron.core.transformer import TransformerConfig  # noqa: E402
 
 from pargo_dist.backends.megatron_convert import iter_megatron_state_from_checkpoint, megatron_state_from_hf, \
     transformer_config_kwargs  # noqa: E402
-from pargo_dist.backends.megatron_layout import check_layout  # noqa: E402
+from pargo_dist.backends.megatron_layout import check_layout, num_experts  # noqa: E402
 from pargo_dist.backends.megatron_model import ParGoMegatron, needs_padding_mask  # noqa: E402
 from pargo_dist.batch import Batch  # noqa: E402
 from pargo_dist.checkpoint import MEGATRON_DIR  # noqa: E402
@@ -76,7 +76,9 @@ def transformer_config(cfg, text_config) -> TransformerConfig:
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         autocast_dtype=torch.bfloat16 if bf16 else torch.float32,
         variable_seq_lengths=b.pipeline_parallel > 1,  # batches are padded to their own longest sample
-        # (megatron checks the MoE dispatcher even without experts; alltoall allows variable lengths)
+        expert_model_parallel_size=b.expert_parallel,
+        # (megatron checks the MoE dispatcher even without experts; alltoall sends each token to its
+        # experts' rank, whatever each rank's sequence length; on the CPU through megatron_cpu's patch)
         moe_token_dispatcher_type="alltoall",
         batch_p2p_comm=gpu,  # gloo has no batched isend/irecv
         use_cpu_initialization=not gpu,
@@ -95,6 +97,18 @@ def transformer_config(cfg, text_config) -> TransformerConfig:
     )
 
 
+def _experts_always_expert_parallel(stage: torch.nn.Module) -> None:
+    """Mark every expert weight as megatron marks them only when EP > 1 (`allreduce=False`), so
+    that they always get their own optimizer in the chain (dense, experts) and their gradients
+    the expert-data-parallel reduction (the whole data-parallel group at EP=1: the same sum).
+    The optimizer's checkpoint then has the same structure at every EP, and reshards from EP=2
+    to EP=1 and back; otherwise EP=1 has one optimizer and its checkpoint cannot read EP=2's."""
+    for module in stage.modules():
+        if getattr(module, "is_expert", False):
+            for param in module.parameters(recurse=False):
+                param.allreduce = False
+
+
 class MegatronBackend:
     name = "megatron"
     generates = False  # captions come from the exported HF model
@@ -105,7 +119,7 @@ class MegatronBackend:
     def __init__(self, cfg):
         self.cfg = cfg
         self._async_saves = None  # megatron-core's AsyncCallsQueue, from the first background save
-        self.tp, self.pp = cfg.backend.tensor_parallel, cfg.backend.pipeline_parallel
+        self.tp, self.pp, self.ep = cfg.backend.tensor_parallel, cfg.backend.pipeline_parallel, cfg.backend.expert_parallel
         self.replication = self.tp * self.pp
         self.model = self.ddp = self.optimizer = None
         self._grad_norm: float | None = None
@@ -127,8 +141,11 @@ class MegatronBackend:
         if not parallel_state.model_parallel_is_initialized():
             # its groups get the collective timeout too (in whole minutes, as megatron takes it)
             minutes = max(1, math.ceil(self.cfg.train.collective_timeout_s / 60))
+            # expert parallel ranks are data-parallel replicas next to each other ("ep-dp"): with
+            # ep = 1 the order is tp-pp-dp, as the samples' replication assumes
             parallel_state.initialize_model_parallel(tensor_model_parallel_size=self.tp,
-                                                     pipeline_model_parallel_size=self.pp, order="tp-pp-dp",
+                                                     pipeline_model_parallel_size=self.pp,
+                                                     expert_model_parallel_size=self.ep, order="tp-pp-ep-dp",
                                                      distributed_timeout_minutes=minutes)
         tensor_parallel.model_parallel_cuda_manual_seed(self.cfg.run.seed, inference_rng_tracker=not _on_gpu())
         return dist.get_rank(), world
@@ -151,20 +168,25 @@ class MegatronBackend:
         megatron DDP and build the optimizer."""
         cfg = self.cfg
         text = hf_model.config.text_config
-        check_layout(text, self.tp, self.pp)
+        check_layout(text, self.tp, self.pp, self.ep)
+        if self.ep > 1 and not num_experts(text):
+            raise UserError(f"backend.expert_parallel={self.ep} splits experts, and {text.model_type} has none: set "
+                            "backend.expert_parallel=1")
         config = transformer_config(cfg, text)
         first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
         trains_llm = any(p.requires_grad for p in hf_model.language_model.parameters())
         stage = ParGoMegatron(config, hf_model, pre_process=first, post_process=last)
-        where = (self.tp, parallel_state.get_tensor_model_parallel_rank(), self.pp,
-                 parallel_state.get_pipeline_model_parallel_rank())
-        if cfg.model.llm.path:  # only this rank's TP slice and PP layers leave the files, one tensor at a time
-            self._fill(stage.language_model, iter_megatron_state_from_checkpoint(cfg.model.llm.path, text, *where))
+        where = dict(tp=self.tp, tp_rank=parallel_state.get_tensor_model_parallel_rank(), pp=self.pp,
+                     pp_rank=parallel_state.get_pipeline_model_parallel_rank(), ep=self.ep,
+                     ep_rank=parallel_state.get_expert_model_parallel_rank())
+        if cfg.model.llm.path:  # only this rank's TP slice, PP layers and experts leave the files, one tensor at a time
+            self._fill(stage.language_model, iter_megatron_state_from_checkpoint(cfg.model.llm.path, text, **where))
         else:  # a random-init LLM: the seeded HF init, so every layout starts from the same weights
-            shard = megatron_state_from_hf(hf_model.language_model.state_dict(), text, *where)
+            shard = megatron_state_from_hf(hf_model.language_model.state_dict(), text, **where)
             stage.language_model.load_state_dict(shard, strict=True)
             del shard
         stage.language_model.requires_grad_(trains_llm)
+        _experts_always_expert_parallel(stage)
         hf_model.language_model.to("meta")  # the HF copy is only needed for FLOP counts now
         stage.to(self.device)
         self.model = stage
@@ -228,7 +250,8 @@ class MegatronBackend:
             group["lr"] = group["max_lr"] * factor
 
     def layout(self) -> dict[str, int]:
-        return {"tp": self.tp, "pp": self.pp, "dp": dist.get_world_size() // self.replication}
+        layout = {"tp": self.tp, "pp": self.pp, "dp": dist.get_world_size() // self.replication}
+        return {**layout, "ep": self.ep} if self.ep > 1 else layout
 
     def learning_rates(self) -> dict[str, float]:
         return {g.get("name", "all"): g["lr"] for g in self.optimizer.param_groups if g["params"]}

@@ -144,7 +144,7 @@ def megatron_state_from_hf(hf: dict[str, torch.Tensor], cfg, tp: int = 1, tp_ran
                            pp_rank: int = 0, ep: int = 1, ep_rank: int = 0) -> dict[str, torch.Tensor]:
     """State dict of the GPTModel on (tp_rank, pp_rank, ep_rank) from an HF Llama-family or MoE
     state dict (an MoE layer: its router whole, its experts of `ep_rank`, each split over TP)."""
-    check_layout(cfg, tp, pp, ep, moe=True)
+    check_layout(cfg, tp, pp, ep)
     groups = cfg.num_key_value_heads or cfg.num_attention_heads
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     first, last = pp_rank == 0, pp_rank == pp - 1
@@ -206,7 +206,7 @@ def iter_megatron_state_from_checkpoint(path, cfg, tp: int = 1, tp_rank: int = 0
     checkpoint's (grown rows: see hf_checkpoint.read_rows)."""
     from pargo_dist.hf_checkpoint import HFCheckpoint, read_rows
 
-    check_layout(cfg, tp, pp, ep, moe=True)
+    check_layout(cfg, tp, pp, ep)
     ckpt = HFCheckpoint(path)
     groups = cfg.num_key_value_heads or cfg.num_attention_heads
     d = _head_dim(cfg)
@@ -342,7 +342,7 @@ def hf_state_from_megatron(shards: dict[tuple[int, ...], dict[str, torch.Tensor]
                            pp: int = 1, ep: int = 1) -> dict[str, torch.Tensor]:
     """HF state dict from every (tp_rank, pp_rank) GPTModel state dict, (tp_rank, pp_rank,
     ep_rank) with expert parallelism (the inverse of the above)."""
-    check_layout(cfg, tp, pp, ep, moe=True)
+    check_layout(cfg, tp, pp, ep)
     if ep > 1:  # what is not an expert is the same on every expert rank: read it from expert rank 0
         expected = [(t, p, e) for t in range(tp) for p in range(pp) for e in range(ep)]
         shards = {**{(t, p): shards[(t, p, 0)] for t, p, _ in expected if (t, p, 0) in shards}, **shards}

@@ -13,6 +13,8 @@ tests' gloo process groups) we redirect exactly those spots and nothing else:
 - The pipeline schedules count tokens in a `device="cuda"` tensor: same view of torch.
 - A tied embedding split over pipeline stages is synchronised with `weight.data.cuda()` at
   construction: there, and only there, `Tensor.cuda()` returns the tensor itself.
+- MoE's all-to-all token dispatcher copies its split sizes to the host on a CUDA side stream:
+  it is given no stream, and the sizes (already on the host) as numpy, as the GPU path has them.
 - The CUDA RNG tracker is avoided by `model_parallel_cuda_manual_seed(...,
   inference_rng_tracker=True)` (the backend's job, see `megatron.seed`).
 
@@ -89,6 +91,18 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
                 grad.mul_(coeff)
 
 
+def _splits_on_host(self, point: str, tokens_per_expert=None):
+    """MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize without CUDA streams: on the CPU the
+    token counts are already on the host; the all-to-all takes its split sizes as numpy, as the
+    GPU path gives them."""
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, name, None)
+            if torch.is_tensor(value):
+                setattr(self, name, value.numpy())
+    return tokens_per_expert
+
+
 def apply() -> None:
     """Install the CPU workarounds (idempotent; a no-op when CUDA is available)."""
     global _APPLIED
@@ -108,4 +122,8 @@ def apply() -> None:
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     LanguageModule.setup_embeddings_and_output_layer = _without_tensor_cuda(
         LanguageModule.setup_embeddings_and_output_layer)
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = "host"  # (set, so that no CUDA stream is made)
+    MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = _splits_on_host
     _APPLIED = True

@@ -1,4 +1,4 @@
-"""Which Llama-family models megatron's GPTModel can hold, at which TP x PP layouts.
+"""Which Llama-family and MoE models megatron's GPTModel can hold, at which TP x PP x EP layouts.
 
 Torch-free, so the launcher checks a recipe before any rank starts (`pargo_dist.launch`); the
 backend checks the built model again (`MegatronBackend.setup`).
@@ -15,7 +15,7 @@ class ConversionError(UserError):
     """The HF model (or the requested layout) cannot be expressed as our megatron GPTModel."""
 
 
-MOE_TYPES = ("qwen3_moe", "mixtral")  # converted (megatron_convert); training them on megatron: not yet
+MOE_TYPES = ("qwen3_moe", "mixtral")  # megatron's MoELayer; experts split over backend.expert_parallel ranks
 
 
 def num_experts(cfg) -> int:
@@ -25,19 +25,14 @@ def num_experts(cfg) -> int:
         if cfg.model_type in MOE_TYPES else 0
 
 
-def check_layout(cfg, tp: int, pp: int, ep: int = 1, moe: bool = False) -> None:
+def check_layout(cfg, tp: int, pp: int, ep: int = 1) -> None:
     """Why this model cannot be split TP x PP (x EP experts), as an error naming the numbers.
     `cfg`: an HF text config, or any object with its fields (a field that is absent is not
     checked: the launcher checks a recipe's config before any rank starts, when the vocabulary
-    is not known yet). `moe`: whether MoE model types are accepted (the conversion's own tests);
-    the backend does not train them yet and refuses them by name."""
-    if cfg.model_type in MOE_TYPES and not moe:
-        raise ConversionError(f"model_type {cfg.model_type!r} (mixture of experts) does not train on the megatron "
-                              "backend yet: use backend.name=deepspeed (ZeRO-3 runs HF's MoE blocks, each decoder "
-                              "layer gathered whole)")
-    if cfg.model_type not in LLAMA_FAMILY + (MOE_TYPES if moe else ()):
+    is not known yet)."""
+    if cfg.model_type not in LLAMA_FAMILY + MOE_TYPES:
         raise ConversionError(f"model_type {cfg.model_type!r} is not supported by the megatron backend "
-                              f"(supported: {', '.join(LLAMA_FAMILY)})")
+                              f"(supported: {', '.join(LLAMA_FAMILY + MOE_TYPES)})")
     experts = num_experts(cfg)
     if experts and experts % ep:
         raise ConversionError(f"num_experts={experts} is not divisible by expert parallel size {ep}")

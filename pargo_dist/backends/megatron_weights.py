@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from pargo_dist.backends.megatron_convert import hf_ends_from_megatron, hf_layer_from_megatron
 
 _LAYER = re.compile(r"language_model\.decoder\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")  # one global tensor per layer kind, an expert axis after the layer's
 
 
 def _block_of(name: str) -> str:
@@ -79,7 +80,8 @@ class MegatronWeights:
         cfg = load_config(Path(step_dir) / "config.yaml")
         self.dir = Path(step_dir) / MEGATRON_DIR
         self.text = hf_model.config.text_config
-        one = replace(cfg, backend=replace(cfg.backend, tensor_parallel=1, pipeline_parallel=1, sequence_parallel=False))
+        one = replace(cfg, backend=replace(cfg.backend, tensor_parallel=1, pipeline_parallel=1, expert_parallel=1,
+                                           sequence_parallel=False))
         environ = dict(os.environ)
         self._run_alone(lambda: MegatronBackend(one).init_distributed())
         try:
@@ -91,14 +93,16 @@ class MegatronWeights:
             os.environ.clear()  # the launcher variables of that group must not reach later processes
             os.environ.update(environ)
         # local state-dict name -> (global key, chunk offset, chunk shape, dtype); a decoder
-        # layer's chunk has the layer axis in front (size 1), dropped once read
+        # layer's chunk has the layer axis in front (size 1), an expert's the layer and expert
+        # axes (at EP=1 its local index is its global one), dropped once read
         self._where: dict[str, tuple[str, tuple[int, ...], tuple[int, ...], torch.dtype]] = {}
         for name, entry in sharded.items():
             data = getattr(entry, "data", None)
             if not torch.is_tensor(data):  # _extra_state objects
                 continue
-            layer = _LAYER.match(name)
+            layer, expert = _LAYER.match(name), _EXPERT.search(name)
             lead = (int(layer.group(1)),) if layer else ()  # megatron numbers them globally: TP=PP=1 here
+            lead += (int(expert.group(1)),) if expert else ()
             offset = tuple(getattr(entry, "global_offset", None) or lead + (0,) * data.dim())  # a factory: none
             self._where[name] = (entry.key, offset, (1,) * len(lead) + tuple(data.shape), data.dtype)
         groups: dict[str, list[str]] = {}
@@ -132,20 +136,42 @@ class MegatronWeights:
             torch.distributed.destroy_process_group()
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        targets = {self._where[n][0]: torch.empty(self._where[n][2], dtype=self._where[n][3]) for n in names}
-        offsets = {self._where[n][0]: self._where[n][1] for n in names}
+        """One load of the chunks holding `names`. A layer's experts share one global tensor (an
+        expert axis after the layer's): they are read as one chunk over their experts, then split."""
+        by_key: dict[str, list[str]] = {}
+        for n in names:
+            by_key.setdefault(self._where[n][0], []).append(n)
+        targets, offsets, parts = {}, {}, {}
+        for key, members in by_key.items():
+            offset, shape, dtype = self._where[members[0]][1:]
+            if len(members) > 1:  # experts: the same chunk but for the expert axis (1)
+                first = min(self._where[n][1][1] for n in members)
+                offset = offset[:1] + (first,) + offset[2:]
+                shape = shape[:1] + (len(members),) + shape[2:]
+                parts.update({n: (key, self._where[n][1][1] - first) for n in members})
+            else:
+                parts[members[0]] = (key, None)
+            targets[key], offsets[key] = torch.empty(shape, dtype=dtype), offset
         with warnings.catch_warnings():  # "torch.distributed is disabled ...": one process, as meant
             warnings.simplefilter("ignore", UserWarning)
             load(targets, storage_reader=FileSystemReader(str(self.dir)), planner=_ChunkPlanner(offsets),
                  no_dist=True)
-        return {n: targets[self._where[n][0]].flatten(0, 1) if _LAYER.match(n) else targets[self._where[n][0]]
-                for n in names}
+        out = {}
+        for n, (key, index) in parts.items():
+            chunk = targets[key] if index is None else targets[key].narrow(1, index, 1)
+            out[n] = self._without_lead(n, chunk)
+        return out
+
+    def _without_lead(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A chunk without its leading layer (and expert) axes of size 1."""
+        lead = (1 if _LAYER.match(name) else 0) + (1 if _EXPERT.search(name) else 0)
+        return tensor.reshape(tensor.shape[lead:])
 
     def _convert(self, block: str, meta: bool = False) -> dict[str, torch.Tensor]:
         names = self._members[block]
         if meta:
             local = {n: torch.empty(self._where[n][2], dtype=self._where[n][3], device="meta") for n in names}
-            local = {n: t.flatten(0, 1) if _LAYER.match(n) else t for n, t in local.items()}
+            local = {n: self._without_lead(n, t) for n, t in local.items()}
         else:
             local = self._read(names)
         if block == "vision_tower+projector":

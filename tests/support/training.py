@@ -42,6 +42,22 @@ def write_recipe(path: Path, run_dir: Path, data_dir: Path) -> Path:
     return path
 
 
+def crash_copy(run: Path, tmp_path: Path, data_dir: Path, after: int) -> Path:
+    """A copy of a finished run (at tmp_path / "run") as a crash after step `after` would leave
+    it: later checkpoints and log lines gone. Returns its recipe. (What a SIGKILL leaves is
+    tested with DeepSpeed in test_train.py; the checkpoint rules are the backend's own.)"""
+    import shutil
+
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
+    shutil.copytree(run, tmp_path / "run")
+    for step_dir in (tmp_path / "run" / "checkpoints").glob("step_*"):
+        if int(step_dir.name.split("_")[1]) > after:
+            shutil.rmtree(step_dir)
+    for log in (tmp_path / "run").glob("*.jsonl"):
+        log.write_text("".join(line for line in log.read_text().splitlines(True) if json.loads(line).get("step", 0) <= after))
+    return recipe
+
+
 def train_cmd(recipe: Path, overrides: list[str], nproc: int) -> list[str]:
     return [sys.executable, "-m", "pargo_dist.cli", "train", str(recipe), *overrides, "--nproc", str(nproc)]
 
