@@ -64,7 +64,25 @@ def build_model(cfg: Config, tokenizer, seed: int | None = None, llm_weights: bo
     if len(tokenizer) > model.config.text_config.vocab_size:  # a config-only LLM smaller than the tokenizer
         model.language_model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
         model.config.text_config.vocab_size = model.get_input_embeddings().num_embeddings
+    moe_aux_loss(model, cfg.train.moe_aux_loss_coef)
     return model
+
+
+def moe_aux_loss(model: ParGoForConditionalGeneration, coef: float) -> None:
+    """An MoE LLM's load-balancing loss as the recipe sets it (train.moe_aux_loss_coef), whatever
+    its config.json says: HF's MoE LMs add router_aux_loss_coef x that loss to their loss when
+    output_router_logits is on (the megatron backend sets its own router from the recipe). HF's
+    loss sums over the top-k choices (top_k for a balanced router), megatron's divides by k (1):
+    the recipe's coefficient weighs megatron's, so HF's gets coef / top_k."""
+    from pargo_dist.backends.megatron_layout import MOE_TYPES
+
+    text = model.config.text_config
+    if text.model_type not in MOE_TYPES:
+        return
+    weight = coef / text.num_experts_per_tok
+    for config in {id(c): c for c in (text, model.language_model.config)}.values():
+        config.output_router_logits, config.router_aux_loss_coef = coef > 0, weight
+    model.language_model.router_aux_loss_coef = weight
 
 
 def meta_model(cfg: Config) -> ParGoForConditionalGeneration:

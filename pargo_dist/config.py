@@ -137,6 +137,10 @@ class TrainConfig:
     # fused kernels for the norm / rotary / activation chains; the first steps pay the compile
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: trace only, no codegen)
+    # MoE LLMs (qwen3_moe, mixtral): weight of the load-balancing loss added to the training loss
+    # (Switch Transformer's: experts x sum of each expert's token share x its mean router
+    # probability, per MoE layer); logged as train/moe_aux_loss. 0: off. Qwen3-MoE trained with 1e-3
+    moe_aux_loss_coef: float = 0.0
     eval_every: int = 0  # steps; 0: only at the end (if data.eval is set)
     eval_batches: int = 4
     sample_every: int = 0  # steps between sample captions in TensorBoard; 0: only at the end

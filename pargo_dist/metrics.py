@@ -156,6 +156,8 @@ class MetricsLogger:
             fields.append(lr)
         if get("train/grad_norm") is not None:
             fields.append(f"gnorm {get('train/grad_norm'):.2f}")
+        if get("train/moe_aux_loss") is not None:  # MoE: 1 when the routers spread tokens evenly
+            fields.append(f"moe aux {get('train/moe_aux_loss'):.3f}")
         if get("perf/tokens_per_s") is not None:
             fields.append(f"{get('perf/tokens_per_s'):,.0f} tok/s")
         if get("perf/samples_per_s") is not None:

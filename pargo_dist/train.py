@@ -199,6 +199,9 @@ class Trainer:
         norm = self.backend.grad_norm()
         if norm is not None:
             scalars["train/grad_norm"] = norm
+        aux = self.backend.moe_aux_loss()
+        if aux is not None:
+            scalars["train/moe_aux_loss"] = aux
         peak = peak_flops_per_device(self.cfg.train.precision)
         if peak:
             samples = max(stats["samples"], 1)

@@ -111,3 +111,23 @@ def test_export_of_an_ep2_checkpoint_is_read_by_transformers_with_the_logged_los
             k = float((batch.labels[:, 1:] != IGNORE_INDEX).sum())
             total, n = total + res.loss.item() * k, n + k
     assert total / n == pytest.approx(losses(run_dir, "eval/loss")[4], rel=1e-5)
+
+
+def test_the_load_balancing_loss_is_weighted_by_the_recipe_and_logged_by_both_backends(tmp_path, data_dir):
+    """train.moe_aux_loss_coef > 0: both backends add the routers' load-balancing loss (HF's over
+    all layers' routing at once, weighted coef / top_k; megatron's per layer, weighted
+    coef / layers) and log it, unweighted and on megatron's scale (1 for a balanced router), as
+    train/moe_aux_loss. At the first step the weights are the same: the two agree to 1 % (the
+    mean of per-layer losses against the loss of all layers' routing together); the second
+    step's token loss agrees to 1e-4, so the loss pulls the weights alike in both. train/loss
+    stays the token loss alone."""
+    aux = [*MOE, "train.moe_aux_loss_coef=0.01", "train.steps=2", "checkpoint.every=0", "data.eval=null"]
+    got = {}
+    for name, extra in (("zero3", []), ("ep2", ["backend.name=megatron", "backend.expert_parallel=2"])):
+        run_train(write_recipe(tmp_path / f"{name}.yaml", tmp_path / name, data_dir), [*aux, *extra], nproc=2)
+        got[name] = (losses(tmp_path / name, "train/moe_aux_loss"), losses(tmp_path / name))
+    (ds_aux, ds_loss), (mg_aux, mg_loss) = got["zero3"], got["ep2"]
+    assert sorted(ds_aux) == sorted(mg_aux) == [1, 2]
+    assert 0.9 < ds_aux[1] < 1.5 and mg_aux[1] == pytest.approx(ds_aux[1], rel=0.01), (ds_aux, mg_aux)
+    for step in (1, 2):  # step 1: the same forward, the token loss alone; step 2: after an update with the aux loss
+        assert mg_loss[step] == pytest.approx(ds_loss[step], rel=1e-4), (ds_loss, mg_loss)

@@ -89,6 +89,10 @@ class Backend(Protocol):
     def grad_norm(self) -> float | None:
         """Global gradient norm of the last step before clipping, if the backend knows it."""
 
+    def moe_aux_loss(self) -> float | None:
+        """The last step's load-balancing loss of an MoE LLM (unweighted, the mean over its MoE
+        layers, micro-batches and ranks) when train.moe_aux_loss_coef adds it; else None."""
+
     def layout(self) -> dict[str, int]:
         """How ranks are arranged (dp, tp, pp, zero_stage): recorded in each checkpoint."""
 

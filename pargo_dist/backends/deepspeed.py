@@ -345,14 +345,29 @@ class DeepSpeedBackend:
         # torch.full, not torch.tensor(float, device=...): a fill kernel instead of a blocking host copy
         num_items = torch.full((), targets / (self.world_size * len(micro_batches)), device=device)
         loss_sum = torch.zeros((), device=device)
+        coef, aux_sum = self.cfg.train.moe_aux_loss_coef, None
         for batch in micro_batches:
             out = self.engine(**batch.to(device).model_inputs(), num_items_in_batch=num_items)
             self.engine.backward(out.loss)
             if self._writer is not None:  # a background save is still copying the state this step updates
                 self._writer.wait_staged()
             self.engine.step()
-            loss_sum += out.loss.detach().float() * num_items
+            loss = out.loss.detach().float()
+            aux = getattr(out, "aux_loss", None) if coef else None
+            if aux is not None:  # HF added its weight x the load-balancing loss: the token loss is reported without it
+                lm = self.engine.module.language_model
+                loss = loss - lm.router_aux_loss_coef * aux.detach().float()
+                aux = aux.detach().float() / lm.config.num_experts_per_tok  # megatron's scale: 1 when balanced
+                aux_sum = aux if aux_sum is None else aux_sum + aux
+            loss_sum += loss * num_items
+        self._moe_aux = None
+        if aux_sum is not None:
+            dist.all_reduce(aux_sum)
+            self._moe_aux = float(aux_sum) / (self.world_size * len(micro_batches))
         return loss_sum
+
+    def moe_aux_loss(self) -> float | None:
+        return getattr(self, "_moe_aux", None)
 
     @torch.no_grad()
     def eval_loss_sum(self, batch: Batch) -> torch.Tensor:

@@ -66,8 +66,14 @@ def transformer_config(cfg, text_config) -> TransformerConfig:
     gpu = _on_gpu()
     recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) \
         if cfg.train.activation_checkpointing else {}
+    model = transformer_config_kwargs(text_config)
+    coef = cfg.train.moe_aux_loss_coef
+    if num_experts(text_config) and coef:
+        # HF weighs one load-balancing loss over all layers' routing; megatron adds one per layer:
+        # coef / layers keeps the recipe's coefficient on the layers' mean in both backends
+        model.update(moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=coef / text_config.num_hidden_layers)
     return TransformerConfig(
-        **transformer_config_kwargs(text_config),
+        **model,
         tensor_model_parallel_size=b.tensor_parallel,
         pipeline_model_parallel_size=b.pipeline_parallel,
         sequence_parallel=b.sequence_parallel and b.tensor_parallel > 1,
@@ -310,7 +316,26 @@ class MegatronBackend:
             raise RuntimeError(f"megatron optimizer step {step} failed (non-finite gradients)")
         self._grad_norm = None if norm is None else float(norm)
         self.set_step(step + 1)  # what the next step will use (and what the loop logs, as with DeepSpeed)
+        self._moe_aux = self._take_moe_aux_loss(len(micro_batches))
         return loss_sum
+
+    def _take_moe_aux_loss(self, micro_batches: int) -> float | None:
+        """The step's load-balancing loss from megatron's tracker (per layer, unweighted, summed over
+        micro-batches; zero on the layers of other stages), then cleared: the mean over layers,
+        micro-batches and data-parallel replicas (tensor-parallel ranks hold the same values)."""
+        if self.config.moe_router_load_balancing_type != "aux_loss":
+            return None
+        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+
+        tracked = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
+        values = tracked["values"].detach().float().clone() if tracked else torch.zeros(self.config.num_layers)
+        dist.all_reduce(values)
+        clear_aux_losses_tracker()
+        copies = dist.get_world_size() // self.pp  # every layer: on one stage, tp x dp times
+        return float(values.sum()) / (values.numel() * copies * micro_batches)
+
+    def moe_aux_loss(self) -> float | None:
+        return getattr(self, "_moe_aux", None)
 
     @torch.no_grad()
     def eval_loss_sum(self, batch: Batch) -> torch.Tensor:

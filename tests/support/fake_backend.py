@@ -89,6 +89,9 @@ class FakeBackend:
     def grad_norm(self) -> float | None:
         return None
 
+    def moe_aux_loss(self) -> float | None:
+        return None
+
     def layout(self) -> dict[str, int]:
         return {"dp": self.dp}
 
