@@ -157,6 +157,11 @@ SIZES: dict[str, list[str]] = {
            f"{_LLM}num_attention_heads=24", f"{_LLM}num_key_value_heads=8", f"{_LLM}max_position_embeddings=2048",
            f"{_LLM}vocab_size={VOCAB}", *_CLIP_L_336],
 }
+# "moe": tiny-cpu's LLM as a Qwen3-MoE (8 experts of width 128, 2 active, q/k norms): ZeRO (HF's
+# MoE block, each decoder layer a ZeRO-3 leaf) against megatron's MoELayer, both in one process
+# (EP=1: expert parallelism needs ranks; the 2-rank EP=2 run is tests/test_moe.py's)
+SIZES["moe"] = [f"{_LLM}model_type=qwen3_moe", f"{_LLM}num_experts=8", f"{_LLM}num_experts_per_tok=2",
+                f"{_LLM}moe_intermediate_size=128", f"{_LLM}norm_topk_prob=true", f"{_LLM}head_dim=32"]
 CUDA_ONLY = {"1b", "3b"}
 DEFAULT_PROJECTOR = {"1b", "3b"}  # sizes that use ProjectorConfig's defaults (the paper's 288 + 16 queries)
 # Sizes with longer text: 304 visual + 720 = 1,024 tokens a sample (a multiple of 64, as bf16

@@ -106,7 +106,11 @@ def meta_model(cfg: Config) -> ParGoForConditionalGeneration:
             raise UserError("model.llm.config needs vocab_size (the tokenizer is not read on the meta device)")
         llm["vocab_size"] = len(load_tokenizer("synthetic"))
     image_id = llm.get("image_token_id", llm["vocab_size"] - 1)
-    with torch.device("meta"):
+    from transformers.modeling_utils import no_init_weights
+
+    # no weight init: meta tensors hold no values, and initialising 36,000 experts' weights on
+    # the meta device still takes seconds per MoE recipe
+    with torch.device("meta"), no_init_weights():
         return ParGoForConditionalGeneration.from_components(
             vision, llm, projector=dict(m.projector), image_token_id=image_id,
             vision_feature_layer=m.vision.feature_layer, vision_drop_cls=m.vision.drop_cls,

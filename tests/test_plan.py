@@ -223,3 +223,28 @@ def test_the_plan_counts_the_buffers_the_run_gives_deepspeed(recipe, overrides, 
         assert planned == pytest.approx(bucket + w * min(total, max(live, s.largest_module)), rel=1e-6)
     else:
         assert planned == pytest.approx(4.5 * bucket, rel=1e-6)
+
+
+def test_moe_counts_every_expert_split_by_ep_flops_of_the_active_ones_and_fit_chooses_ep():
+    """Qwen3-30B-A3B (128 experts, 8 active): memory holds every expert, megatron splits them over
+    EP ranks (the rest stays whole), ZeRO-3 over all ranks; FLOPs count the 8 experts a token
+    runs (MFU of active parameters); `--fit` on 16 GPUs picks a layout with EP."""
+    from pargo_dist.plan.estimate import GiB, options
+
+    cfg = load_config(RECIPES / "qwen3-30b-a3b-stage2.yaml")
+    s = shapes_of(cfg, micro_batch=1, seq_len=128)
+    assert s.llm_experts == 128 and s.llm_expert_params == 128 * 3 * 2048 * 768
+    experts = s.llm_layers * s.llm_expert_params  # 29B of the LLM's 30.5B
+    hw = Hardware(gpus=16)
+    weights = {ep: estimate(cfg, hw, Layout("megatron", ep=ep), s).memory["weights"] for ep in (1, 2, 8)}
+    for ep in (2, 8):
+        assert weights[1] - weights[ep] == pytest.approx(2.0 * experts * (1 - 1 / ep) / GiB, rel=1e-6)
+    tower, total = s.params["vision_tower"], sum(s.params.values())
+    zero3 = model_state_bytes(s, Layout("deepspeed", zero_stage=3), 16)["weights"]
+    assert zero3 == pytest.approx(2.0 * (total - tower) / 16 + 2.0 * tower)
+    every = shapes_of(load_config(RECIPES / "qwen3-30b-a3b-stage2.yaml",
+                                  ["model.llm.config.num_experts_per_tok=128"]), micro_batch=1, seq_len=128)
+    expert_flops = 6 * 128 * experts  # forward + backward of every expert, per sample of 128 tokens
+    assert every.flops_per_sample - s.flops_per_sample == pytest.approx(expert_flops * (1 - 8 / 128), rel=1e-3)
+    fitting = [e for e in options(cfg, hw, s) if e.total_gib <= hw.gpu_mem_gib]
+    assert fitting and fitting[0].layout.ep > 1, [e.layout.name() for e in fitting[:3]]

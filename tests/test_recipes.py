@@ -25,6 +25,8 @@ PUBLISHED: dict[str, dict[str, float]] = {
     "llama3-8b-stage2.yaml": {"llm": 8.03e9, "vision": CLIP_L_336},
     "qwen2.5-7b-stage2.yaml": {"llm": 7.62e9, "vision": CLIP_L_336},
     "qwen3-8b-stage2.yaml": {"llm": 8.19e9, "vision": CLIP_L_336},
+    "qwen3-30b-a3b-stage2.yaml": {"llm": 30.53e9, "vision": CLIP_L_336},  # 128 experts, 8 active
+    "qwen3-235b-a22b-stage2.yaml": {"llm": 235.09e9, "vision": CLIP_L_336},
     "qwen2.5-14b-stage2.yaml": {"llm": 14.77e9, "vision": CLIP_L_336},
     "qwen2.5-32b-stage2.yaml": {"llm": 32.76e9, "vision": CLIP_L_336},
     "llama3-70b-stage2.yaml": {"llm": 70.55e9, "vision": CLIP_L_336},

@@ -33,6 +33,10 @@ Everything comes from the recipe's model built on the meta device (no weights, n
   the CUDA context, NCCL and allocator fragmentation. The whole step's peak of a 278M model on
   2 CPU ranks is planned within 4 % under ZeRO-3 and megatron TP=2
   (`benchmarks/plan_memory.py --step-peak`).
+- Mixture of experts: memory holds every expert (megatron: split over `expert_parallel` ranks;
+  ZeRO-3: over all ranks, a decoder layer gathered whole with its experts); FLOPs count the
+  top-k experts a token runs; activations are traced with a balanced router; `--fit` tries
+  expert parallelism before TP and PP.
 - Step time: model FLOPs per sample (pargo_dist.flops, vision tower included) x global batch
   / (GPUs x peak x MFU). The MFU is an input (--mfu, default 0.40), not a promise: measure it
   with benchmarks/train_step.py on your GPUs and pass it here.

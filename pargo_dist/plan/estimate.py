@@ -35,6 +35,7 @@ class Layout:
     zero_stage: int = 3
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # megatron, MoE LLMs: experts split over this many data-parallel replicas
     offload_optimizer: bool = False
     recompute: bool = False
     sequence_parallel: bool = False
@@ -44,7 +45,7 @@ class Layout:
     def name(self) -> str:
         if self.backend == "megatron":
             extra = (" SP" if self.sequence_parallel else "") + (" recompute" if self.recompute else "")
-            return f"megatron TP{self.tp} PP{self.pp}{extra}"
+            return f"megatron TP{self.tp} PP{self.pp}{f' EP{self.ep}' if self.ep > 1 else ''}{extra}"
         extra = (" +offload" if self.offload_optimizer else "") + (" recompute" if self.recompute else "")
         return f"ZeRO-{self.zero_stage}{extra}"
 
@@ -77,14 +78,21 @@ def model_state_bytes(s: Shapes, layout: Layout, world: int, precision: str = "b
         dp = max(world // (tp * pp), 1)
         llm_p, llm_t = float(s.params["language_model"]), float(s.trainable["language_model"])
         lm_train_frac = llm_t / llm_p if llm_p else 0.0
-        # the largest stage: the first holds embeddings, vision and projector on top of its layers
-        stage_llm = (math.ceil(s.llm_layers / pp) * s.llm_layer_params + s.llm_embed_params) / tp
+        # the largest stage: the first holds embeddings, vision and projector on top of its layers;
+        # an MoE layer's experts are split over EP (and TP) ranks, the rest over TP
+        layers = math.ceil(s.llm_layers / pp)
+        experts = layers * s.llm_expert_params / layout.ep / tp
+        dense = (layers * (s.llm_layer_params - s.llm_expert_params) + s.llm_embed_params) / tp
+        stage_llm = dense + experts
         replicated = float(s.params["vision_tower"] + s.params["projector"])
         rep_t = float(s.trainable["vision_tower"] + s.trainable["projector"])
         weights = w * (stage_llm + replicated)
         t_local = stage_llm * lm_train_frac + rep_t
         grads = 4.0 * t_local
-        optim = adam * t_local / (dp if layout.distributed_optimizer else 1)
+        # the distributed optimizer shards the dense part over the dp replicas, the experts over
+        # the replicas that hold the same experts (dp / EP)
+        shards = (dp, max(dp // layout.ep, 1)) if layout.distributed_optimizer else (1, 1)
+        optim = adam * ((dense * lm_train_frac + rep_t) / shards[0] + experts * lm_train_frac / shards[1])
     else:
         dp = world
         z = layout.zero_stage
@@ -176,8 +184,9 @@ def startup_host(s: Shapes, layout: Layout, hw: Hardware, precision: str = "bf16
     rest = 4.0 * float(s.params["vision_tower"] + s.params["projector"])
     w = 2.0 if precision == "bf16" else 4.0
     partitioned = False
-    if layout.backend == "megatron":
-        stage = (math.ceil(s.llm_layers / layout.pp) * s.llm_layer_params + s.llm_embed_params) / layout.tp
+    if layout.backend == "megatron":  # its TP x PP share, and of the experts its EP share
+        layer = s.llm_layer_params - s.llm_expert_params * (1 - 1 / layout.ep)
+        stage = (math.ceil(s.llm_layers / layout.pp) * layer + s.llm_embed_params) / layout.tp
         held, reads = (4.0 * stage, 2.0 * stage * ranks) if pretrained else (4.0 * (llm + stage), 0.0)
     elif not pretrained:
         held, reads = 4.0 * llm, 0.0
@@ -194,9 +203,9 @@ def startup_host(s: Shapes, layout: Layout, hw: Hardware, precision: str = "bf16
 
 def estimate(cfg, hw: Hardware, layout: Layout, shapes: Shapes) -> Estimate:
     world = hw.gpus
-    if layout.backend == "megatron" and world % (layout.tp * layout.pp):
-        raise UserError(f"{layout.name()} needs a multiple of {layout.tp * layout.pp} GPUs "
-                         f"(tensor x pipeline parallel), not {world}")
+    if layout.backend == "megatron" and world % (layout.tp * layout.pp * layout.ep):
+        raise UserError(f"{layout.name()} needs a multiple of {layout.tp * layout.pp * layout.ep} GPUs "
+                         f"(tensor x pipeline x expert parallel), not {world}")
     in_flight = min(layout.pp, cfg.train.grad_accum) if layout.backend == "megatron" else 1
     mem = {**model_state_bytes(shapes, layout, world, cfg.train.precision),
            **activation_bytes(shapes, layout, in_flight), **buffer_bytes(shapes, layout, world, cfg.train.precision)}
@@ -240,22 +249,31 @@ def save_blocking(ckpt: float, hw: Hardware, step_time_s: float) -> dict[str, fl
 def layout_of(cfg) -> Layout:
     b = cfg.backend
     return Layout(backend=b.name, zero_stage=b.zero_stage, tp=b.tensor_parallel, pp=b.pipeline_parallel,
+                  ep=b.expert_parallel,
                   offload_optimizer=b.offload_optimizer, recompute=cfg.train.activation_checkpointing,
                   sequence_parallel=b.sequence_parallel, distributed_optimizer=b.distributed_optimizer,
                   zero_init=b.zero_init)
 
 
-def candidates(cfg, hw: Hardware) -> list[Layout]:
+def candidates(cfg, hw: Hardware, shapes: Shapes | None = None) -> list[Layout]:
     """Layouts to try, cheapest in communication first: ZeRO-1..3 (then recompute, offload) for
-    deepspeed; TP within a node x PP, with and without recompute, for megatron."""
+    deepspeed; TP within a node x PP, with and without recompute, for megatron, and for an MoE
+    LLM (`shapes` says) its experts split over EP ranks that divide them and the replicas:
+    experts over EP before layers over TP/PP (a token's all-to-all costs less than splitting
+    every layer)."""
     if cfg.backend.name == "megatron":
+        experts = shapes.llm_experts if shapes is not None else 0
         out = []
         for recompute in (False, True):
             for tp in (1, 2, 4, 8):
                 for pp in (1, 2, 4, 8, 16):
-                    if tp <= hw.gpus_per_node and hw.gpus % (tp * pp) == 0:
-                        out.append(Layout("megatron", tp=tp, pp=pp, recompute=recompute, sequence_parallel=tp > 1))
-        return sorted(out, key=lambda lay: (lay.recompute, lay.tp * lay.pp, lay.pp))
+                    for ep in (1, 2, 4, 8, 16, 32, 64):
+                        if ep > 1 and (not experts or experts % ep):
+                            continue
+                        if tp <= hw.gpus_per_node and hw.gpus % (tp * pp * ep) == 0:
+                            out.append(Layout("megatron", tp=tp, pp=pp, ep=ep, recompute=recompute,
+                                              sequence_parallel=tp > 1))
+        return sorted(out, key=lambda lay: (lay.recompute, lay.tp * lay.pp, lay.pp, -lay.ep))
     return [Layout("deepspeed", zero_stage=z, recompute=r, offload_optimizer=o, zero_init=cfg.backend.zero_init)
             for o in (False, True) for r in (False, True) for z in (1, 2, 3)]
 
@@ -267,7 +285,7 @@ def fits(est: Estimate, hw: Hardware) -> bool:
 
 def options(cfg, hw: Hardware, shapes: Shapes) -> list[Estimate]:
     """Every candidate layout estimated, in `candidates` order (the first that fits is the pick)."""
-    return [estimate(cfg, hw, lay, shapes) for lay in candidates(cfg, hw)]
+    return [estimate(cfg, hw, lay, shapes) for lay in candidates(cfg, hw, shapes)]
 
 
 def format_estimate(est: Estimate, hw: Hardware) -> str:

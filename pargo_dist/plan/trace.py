@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pargo_dist.backends.megatron_layout import num_experts
 from pargo_dist.constants import PARTS
 from pargo_dist.data.crops import CropPolicy
 from pargo_dist.flops import model_flops_per_sample
@@ -34,6 +35,8 @@ class Shapes:
     tokens: int = 0  # per micro-batch
     dtype_bytes: int = 2
     flops_per_sample: float = 0.0
+    llm_expert_params: int = 0  # an MoE layer's routed experts (all of them), included in llm_layer_params
+    llm_experts: int = 0  # routed experts per MoE layer (0: a dense LLM)
 
 
 class _FlashLikeAttention(torch.autograd.Function):
@@ -65,6 +68,42 @@ def _flash_like():
         yield
     finally:
         nn.functional.scaled_dot_product_attention = original
+
+
+def _moe_blocks(layer: nn.Module) -> list[nn.Module]:
+    """The sparse MoE blocks in a decoder layer (HF's Qwen3-MoE, Mixtral: a router `gate`, an
+    `experts` list and a `top_k`)."""
+    return [m for m in layer.modules() if isinstance(getattr(m, "experts", None), nn.ModuleList)
+            and isinstance(getattr(m, "gate", None), nn.Linear) and hasattr(m, "top_k")]
+
+
+@contextlib.contextmanager
+def _balanced_routing(layer: nn.Module):
+    """An MoE block traced as if its router spread the tokens evenly: every expert runs on
+    tokens x top_k / experts rows. HF's block picks the experts from the router's values
+    (nonzero), which the meta device cannot tell; what a step keeps for the backward is that of
+    a balanced router, the state the load-balancing loss pushes towards."""
+    def balanced(block):
+        def forward(hidden_states):
+            batch, seq, width = hidden_states.shape
+            flat = hidden_states.reshape(-1, width)
+            logits = block.gate(flat)
+            weights, _ = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float), block.top_k, dim=-1)
+            rows = max(1, -(-flat.shape[0] * block.top_k // len(block.experts)))
+            out = torch.zeros_like(flat)
+            for expert in block.experts:
+                out = out + (expert(flat[:rows]) * weights[:rows, :1].to(flat.dtype)).sum() * 0
+            return out.reshape(batch, seq, width), logits
+        return forward
+
+    blocks = _moe_blocks(layer)
+    for block in blocks:
+        block.forward = balanced(block)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
 
 
 def _saved(fn, params: set[int]) -> list[torch.Tensor]:
@@ -117,7 +156,8 @@ def trace_activations(model: nn.Module, micro_batch: int, seq_len: int, crops: i
         out["vision"] = _nbytes(_saved(lambda: tower(pixels), params))
         feats = tensor(micro_batch, crops * tower.num_patches, tower.width, grad=vision_trains)  # crop-major
         out["projector"] = _nbytes(_saved(lambda: model.projector(feats), params))
-        kept = _saved(lambda: layer(x, attention_mask=None, position_embeddings=(rope, rope)), params)
+        with _balanced_routing(layer):
+            kept = _saved(lambda: layer(x, attention_mask=None, position_embeddings=(rope, rope)), params)
     out["llm_layer"] = _nbytes(kept)
     wide = _nbytes(t for t in kept if t.shape[-1] == hidden)
     labels = torch.zeros(micro_batch * seq_len, dtype=torch.long, device=device)
@@ -156,11 +196,15 @@ def shapes_of(cfg, micro_batch: int | None = None, seq_len: int | None = None) -
     layer_params = sum(w.numel() for w in layers[0].parameters())
     embed = params["language_model"] - layer_params * len(layers) - sum(w.numel() for w in lm.model.norm.parameters())
     largest = max(sum(w.numel() for w in m.parameters(recurse=False)) for m in model.modules())
+    experts = sum(w.numel() for block in _moe_blocks(layers[0]) for w in block.experts.parameters())
+    if experts:  # ZeRO-3 gathers a decoder layer whole (a leaf: DeepSpeedBackend), its experts with it
+        largest = max(largest, layer_params)
     seq = seq_len or cfg.data.train.max_len
     mb = micro_batch or cfg.train.micro_batch
     crops = CropPolicy.from_config(cfg.data.image).max_crops  # sized for the most crops an image can get
     act, split = trace_activations(model, mb, seq, crops)
     return Shapes(params=params, trainable=trainable, llm_layer_params=layer_params, llm_layers=len(layers),
+                  llm_expert_params=experts, llm_experts=num_experts(tcfg),
                   llm_embed_params=embed, largest_module=largest, hidden=tcfg.hidden_size, vocab=tcfg.vocab_size,
                   visual_tokens=model.num_image_tokens(crops), act_bytes=act,
                   act_layer_split=split, tokens=mb * seq, dtype_bytes=2 if cfg.train.precision == "bf16" else 4,
