@@ -100,9 +100,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     ranks = int(os.environ.get("WORLD_SIZE", args.nproc)) if "LOCAL_RANK" in os.environ else args.nproc
     cfg = prepare_training(args.recipe, args.overrides, ranks)  # fails here, before any rank starts
     if "LOCAL_RANK" not in os.environ and args.nproc > 1:
-        from pargo_dist.launch import launch
+        from pargo_dist.launch import launch, restart_policy
 
-        return launch(args.nproc, [args.recipe or str(DEFAULT_RECIPE), *args.overrides])
+        return launch(args.nproc, [args.recipe or str(DEFAULT_RECIPE), *args.overrides], restarts=restart_policy(cfg))
     from pargo_dist.launch import single_process_env
 
     single_process_env()

@@ -47,6 +47,12 @@ class ConfigError(UserError):
 class RunConfig:
     dir: str = "runs/default"  # checkpoints/, tb/, config.yaml, export/ live here
     seed: int = 0
+    # after a rank dies (killed, a lost peer, a crash, the hang detector) the launcher starts every
+    # rank again from the newest complete checkpoint, at most this many times within
+    # restart_window_s; never for a bad input (exit 2) or the same error at the same step twice.
+    # 0: off (a failure ends the run). Needs the launcher (--nproc > 1, launchers/launch.py, sbatch)
+    max_restarts: int = 0
+    restart_window_s: float = 3600.0
 
 
 @dataclass

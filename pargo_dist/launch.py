@@ -34,7 +34,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -61,14 +63,93 @@ def rank_env(local_rank: int, nproc: int, nnodes: int, node_rank: int, master: s
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
 
+FAILURE_DIR_ENV = "PARGO_DIST_FAILURE_DIR"  # where a failing rank writes what failed, for the restart decision
+NO_RESTART_EXITS = {2: "a bad recipe, argument or input", 130: "interrupted"}
+
+
+@dataclass
+class RestartPolicy:
+    """When the launcher starts every rank again after a failure (`run.max_restarts` within
+    `run.restart_window_s`): a rank that died (killed, a lost peer, a crash, the hang detector)
+    restarts the run from its newest complete checkpoint. Never for a bad input (exit 2), an
+    interruption, a signal the launcher itself got (preemption: the exit-75 path), or the same
+    failure again: the same error at the same step is a bug, not a fault, and ends the run."""
+
+    max_restarts: int = 0
+    window_s: float = 3600.0
+    times: list[float] = field(default_factory=list)
+    last: dict | None = None
+
+    def refuse(self, code: int, failure: dict | None) -> str | None:
+        """Why not to restart after exit `code` (failure: what the failing rank recorded), or None."""
+        if code in NO_RESTART_EXITS:
+            return NO_RESTART_EXITS[code]
+        if failure is not None and self.last is not None and \
+                (failure["step"], failure["error"]) == (self.last["step"], self.last["error"]):
+            return f"the same failure again at step {failure['step']} ({failure['error']})"
+        now = time.monotonic()
+        self.times = [t for t in self.times if now - t < self.window_s]
+        if len(self.times) >= self.max_restarts:
+            return f"{len(self.times)} restart(s) within run.restart_window_s={self.window_s:g} s already " \
+                   f"(run.max_restarts={self.max_restarts})"
+        return None
+
+    def note(self, failure: dict | None) -> int:
+        """Count a restart; returns its number within the window."""
+        self.times.append(time.monotonic())
+        self.last = failure
+        return len(self.times)
+
+
 def launch(nproc: int, train_args: list[str], nnodes: int = 1, node_rank: int = 0, master: str | None = None,
-           grace: float = 600.0, announce: str | None = None, command: str = "train") -> int:
-    """Run `pargo-dist <command> <train_args>` on nproc local ranks; returns the run's exit code."""
-    master = master or f"127.0.0.1:{free_port()}"
+           grace: float = 600.0, announce: str | None = None, command: str = "train",
+           restarts: RestartPolicy | None = None) -> int:
+    """Run `pargo-dist <command> <train_args>` on nproc local ranks; returns the run's exit code.
+    After a failure, start every rank again as `restarts` allows (see RestartPolicy): a single
+    node takes a new rendezvous port; nodes of a multi-node run meet again at the same master,
+    each launcher restarting its own ranks when they fail (a peer's death fails them too)."""
+    policy = restarts or RestartPolicy()
+    fixed_master = master is not None
+    while True:
+        master = master if fixed_master else f"127.0.0.1:{free_port()}"
+        with tempfile.TemporaryDirectory(prefix="pargo-failures-") as failures:
+            code, local, received = _run_ranks(nproc, train_args, nnodes, node_rank, master, grace, announce, command,
+                                               failures)
+            failure = _recorded_failure(Path(failures), node_rank * nproc + local if local is not None else None)
+        announce = None
+        if code in (0, REQUEUE_EXIT) or received or policy.max_restarts < 1:
+            return code
+        why = policy.refuse(code, failure)
+        if why:
+            print(f"pargo-dist launch: not restarting: {why}", file=sys.stderr, flush=True)
+            return code
+        n = policy.note(failure)
+        print(f"pargo-dist launch: restart {n} of at most {policy.max_restarts} within {policy.window_s:g} s: every "
+              "rank of this node starts again and resumes from the newest complete checkpoint", file=sys.stderr,
+              flush=True)
+
+
+def _recorded_failure(where: Path, rank: int | None) -> dict | None:
+    """What the failing rank wrote before it exited (train.record_failure); None if it could not
+    (killed, or no exception: the hang detector)."""
+    files = [where / f"rank_{rank:05d}.json"] if rank is not None else []
+    files += sorted(where.glob("rank_*.json"))
+    for path in files:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _run_ranks(nproc: int, train_args: list[str], nnodes: int, node_rank: int, master: str, grace: float,
+               announce: str | None, command: str, failures: str) -> tuple[int, int | None, list[int]]:
+    """One start of the ranks: (exit code, the local rank that failed or None, signals received)."""
     cmd = [sys.executable, "-m", "pargo_dist.cli", command, *train_args]
     hold_signals()  # the ranks start with them held (see the module docstring)
     # forkserver.Popen is subprocess.Popen unless a fork server is running (the test suite runs one)
-    procs = [forkserver.Popen(cmd, env=rank_env(r, nproc, nnodes, node_rank, master), die_with_parent=True)
+    procs = [forkserver.Popen(cmd, env={**rank_env(r, nproc, nnodes, node_rank, master), FAILURE_DIR_ENV: failures},
+                              die_with_parent=True)
              for r in range(nproc)]
     received: list[int] = []
 
@@ -98,9 +179,9 @@ def launch(nproc: int, train_args: list[str], nnodes: int = 1, node_rank: int = 
                           f"({EXIT_MEANINGS.get(code, 'see its error above')}); stopping the other ranks of this node",
                           file=sys.stderr, flush=True)
                     _stop(procs, grace=3.0)  # the others wait in a collective that cannot finish
-                    return code
+                    return code, local, received
             elif all(c is not None for c in codes):
-                return REQUEUE_EXIT if REQUEUE_EXIT in codes else 0
+                return (REQUEUE_EXIT if REQUEUE_EXIT in codes else 0), None, received
             time.sleep(0.1)
     finally:
         for sig, handler in previous.items():
@@ -187,15 +268,19 @@ def main(argv: list[str] | None = None) -> int:
         args.nnodes, args.node_rank, args.master = rdzv.nnodes, rdzv.node_rank, rdzv.master
     recipe = rest[0] if rest and "=" not in rest[0] else None
     try:
-        prepare_training(recipe, [a for a in rest[1 if recipe else 0:] if not a.startswith("--")],
-                         args.nproc * args.nnodes)
+        cfg = prepare_training(recipe, [a for a in rest[1 if recipe else 0:] if not a.startswith("--")],
+                               args.nproc * args.nnodes)
     except UserError as err:  # a bad recipe: said once, here, before any rank starts
         print(f"pargo-dist launch: error: {err}", file=sys.stderr)
         return 2
     announce = (f"[pargo-dist] node {args.node_rank}/{args.nnodes} on {socket.gethostname()}: started {args.nproc} "
                 f"rank(s), rendezvous {args.master or 'local'}")
     return launch(args.nproc, rest, nnodes=args.nnodes, node_rank=args.node_rank, master=args.master,
-                  announce=announce)
+                  announce=announce, restarts=restart_policy(cfg))
+
+
+def restart_policy(cfg) -> RestartPolicy:
+    return RestartPolicy(max_restarts=cfg.run.max_restarts, window_s=cfg.run.restart_window_s)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from pargo_dist.backends.base import Backend
 from pargo_dist.batch import Batch
 from pargo_dist.checkpoint import CheckpointManager, TrainState, capture_rng_state, restore_rng_state
+from pargo_dist.checkpoint_files import atomic_write
 from pargo_dist.compile import compile_blocks
 from pargo_dist.compat import return_freed_host_memory
 from pargo_dist.config import Config, to_yaml
@@ -475,6 +476,23 @@ def _lost_a_peer(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(text in str(err) for text in _PEER_GONE)
 
 
+def record_failure(trainer: "Trainer | None", err: BaseException) -> None:
+    """What failed, at which step, for the launcher's restart decision (launch.RestartPolicy: the
+    same error at the same step again is not restarted). Written where the launcher says
+    (PARGO_DIST_FAILURE_DIR), only for what a restart could cure: not a UserError or a lost peer."""
+    where = os.environ.get("PARGO_DIST_FAILURE_DIR")
+    if not where or isinstance(err, (UserError, TryAgainLater, KeyboardInterrupt)) or _lost_a_peer(err):
+        return
+    step = trainer.state.step + 1 if trainer is not None else 0  # 0: in set-up
+    error = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:300]}"
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        atomic_write(Path(where) / f"rank_{rank:05d}.json", lambda f: f.write(json.dumps({"step": step, "error": error})),
+                     binary=False)
+    except OSError:
+        pass
+
+
 def _leave_now(err: BaseException) -> None:
     """A rank that raises must not wait in a collective (the teardown barrier, the next step's
     all-reduce) that its peers will never join: print why and end this process now. The
@@ -520,6 +538,7 @@ def train(cfg: Config) -> int:
             dist.destroy_process_group()
         return code
     except BaseException as err:
+        record_failure(trainer, err)
         if dist.is_initialized() and dist.get_world_size() > 1:
             _leave_now(err)
         raise

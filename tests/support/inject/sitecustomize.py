@@ -57,3 +57,23 @@ if os.environ.get("PARGO_TEST_FAST_RETRIES") and _rank is not None:
     import pargo_dist.remote_checkpoints
 
     pargo_dist.remote_checkpoints.retried.__defaults__ = (6, 0.01)
+
+# PARGO_TEST_KILL="RANK:STEP:MARKER" makes that rank SIGKILL itself at the start of training step
+# STEP, once (the first to get there creates MARKER; a restarted run finds it and goes on), as a
+# node that dies, a GPU that falls off the bus or the kernel's OOM killer would end it.
+_kill = os.environ.get("PARGO_TEST_KILL")
+if _kill and _rank is not None and _kill.split(":")[0] == _rank:
+    import signal as _signal
+
+    import pargo_dist.train
+
+    _kill_step, _marker = int(_kill.split(":")[1]), _kill.split(":", 2)[2]
+    _step_before_kill = pargo_dist.train.Trainer.train_step
+
+    def _killed_step(trainer, micro_batches):
+        if trainer.state.step + 1 == _kill_step and not os.path.exists(_marker):
+            open(_marker, "w").close()
+            os.kill(os.getpid(), _signal.SIGKILL)
+        return _step_before_kill(trainer, micro_batches)
+
+    pargo_dist.train.Trainer.train_step = _killed_step
