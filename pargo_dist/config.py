@@ -200,6 +200,9 @@ class LoggingConfig:
     every: int = 10  # progress line every N steps (TensorBoard and train_log.jsonl get every step)
     tensorboard: bool = True
     sample_ids: bool = False  # write each rank's consumed sample ids per step (data-order audits)
+    # every `every` steps, name a rank whose own work before the step's first collective (its
+    # batch, the host's part) takes over this many times the median of the ranks (0: off)
+    straggler_factor: float = 2.0
     wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases (pip install .[wandb])
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)  # MLflow (pip install .[mlflow])
 

@@ -47,6 +47,7 @@ from pargo_dist.data.crops import CropPolicy
 from pargo_dist.errors import TryAgainLater, UserError
 from pargo_dist.flops import mfu, model_flops_per_sample, peak_flops_per_device
 from pargo_dist.metrics import MetricsLogger, StepTimer, peak_memory_gib
+from pargo_dist.stragglers import StragglerWatch
 from pargo_dist.process_group import set_collective_timeout
 from pargo_dist.signals import StopSignal
 from pargo_dist.store_sync import StoreSync
@@ -68,6 +69,7 @@ class Trainer:
         self.eval_loader, self.resume_from = eval_loader, resume_from
         self.rank, self.world = checkpoints.rank, checkpoints.world_size
         self.watchdog = watchdog or HangWatchdog(0, self.rank)  # timeout 0: off
+        self.stragglers = StragglerWatch(cfg.logging.straggler_factor, cfg.logging.every, self.rank)
         self.run_dir = checkpoints.run_dir
         self.streams = list(streams or ["data"])  # the datasets of a mixture, in order
         self.state = TrainState(step=0, world_size=self.world, stage=cfg.train.stage, backend=backend.name,
@@ -169,6 +171,7 @@ class Trainer:
                  sum(b.num_samples for b in micro_batches), sum(len(b.skipped) for b in micro_batches),
                  sum(b.num_images for b in micro_batches), sum(b.num_crops for b in micro_batches), *per_stream]
         counts = torch.tensor(local, dtype=torch.float64, device=self.backend.device)  # NCCL: GPU tensors only
+        self.stragglers.ready()  # this rank's own part of the step ends: from here it waits on the others
         dist.all_reduce(counts)
         # Ranks of one model replica (megatron TP x PP) read the same samples: count them once.
         targets, tokens, samples, skipped, images, crops, *per_stream = (
@@ -234,12 +237,14 @@ class Trainer:
             # the first batch may wait for the first shards to download, the first step for kernels
             allow = SETUP_ALLOWANCE_S if first else None
             self.watchdog.beat(f"reading the batch of step {self.state.step + 1}", allow=allow)
+            self.stragglers.start()
             micro = [next(batches) for _ in range(cfg.train.grad_accum)]
             self.watchdog.beat(f"training step {self.state.step + 1}", allow=allow)
             first = False
             stats = self.train_step(micro)
             self.state.step += 1
             scalars = self._scalars(stats, timer.stop(int(stats["samples"]), int(stats["tokens"])))
+            scalars.update(self.stragglers.compare(self.state.step))  # collective, every logging.every steps
             self.metrics.log(self.state.step, scalars)
             self._record(micro, scalars)
             last = self.state.step == cfg.train.steps

@@ -23,10 +23,15 @@ def inject(**faults: str) -> dict[str, str]:
 def test_a_killed_rank_restarts_the_run_which_ends_on_the_uninterrupted_curve(reference, tmp_path, data_dir):
     """Rank 1 is SIGKILLed at the start of step 3 (after the step-2 checkpoint), as a dead node
     would end it. Before, the run ended with exit 137. Now the launcher starts both ranks again;
-    they resume from step 2 and the run finishes with the uninterrupted run's curve and samples."""
+    they resume from step 2 and the run finishes with the uninterrupted run's curve and samples.
+    Rank 1 is also a straggler (0.3 s more per batch, a fault knob): it is named with its host at
+    every logging interval, and TensorBoard gets its rank (pargo_dist/stragglers.py)."""
     recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
     out = run_train(recipe, ["run.max_restarts=2"], nproc=2,
-                    extra_env=inject(PARGO_TEST_KILL=f"1:3:{tmp_path / 'killed'}"))
+                    extra_env=inject(PARGO_TEST_KILL=f"1:3:{tmp_path / 'killed'}", PARGO_TEST_SLOW_BATCH="1:0.3"))
+    named = [line for line in out.stdout.splitlines() if line.startswith("straggler: rank 1 on ")]
+    assert len(named) == 6 and not any(line.startswith("straggler: rank 0") for line in out.stdout.splitlines())
+    assert set(losses(tmp_path / "run", "perf/straggler_rank").values()) == {1.0}
     assert (tmp_path / "killed").exists()
     assert "rank 1 exited with 137" in out.stderr and "restart 1 of at most 2" in out.stderr, out.stderr[-3000:]
     assert "resumed from" in out.stdout and "step_00000002" in out.stdout

@@ -77,3 +77,20 @@ if _kill and _rank is not None and _kill.split(":")[0] == _rank:
         return _step_before_kill(trainer, micro_batches)
 
     pargo_dist.train.Trainer.train_step = _killed_step
+
+# PARGO_TEST_SLOW_BATCH="RANK:SECONDS" makes that rank take SECONDS longer to get each batch ready,
+# as a slow disk, a starved CPU or a busy host would: a straggler.
+_slow_batch = os.environ.get("PARGO_TEST_SLOW_BATCH")
+if _slow_batch and _rank is not None and _slow_batch.split(":")[0] == _rank:
+    import time as _time
+
+    import pargo_dist.train
+
+    _slow_s = float(_slow_batch.split(":")[1])
+    _step_before_slow = pargo_dist.train.Trainer.train_step
+
+    def _slow_step(trainer, micro_batches):
+        _time.sleep(_slow_s)
+        return _step_before_slow(trainer, micro_batches)
+
+    pargo_dist.train.Trainer.train_step = _slow_step

@@ -1,0 +1,71 @@
+"""Stragglers named: the rank whose own work in a step takes longest, with its host.
+
+In a synchronous step every rank waits for the slowest, so step times are all the same and
+say nothing about who is slow. What differs is each rank's own time before it first waits on
+the others: from asking for its batch to the step's first collective (the count of target
+tokens, before the forward). A rank with a slow disk or network, a starved CPU or a busy host
+spends longer there while the others wait for it. Every `logging.every` steps the ranks gather
+their mean of it (one small collective), and rank 0 names every rank above
+`logging.straggler_factor` x the median of the other ranks, on the progress output and in
+TensorBoard.
+
+Not seen here: a rank slow in its forward or backward (a GPU throttled by heat): it shows as the
+others' wait inside the backend's collectives, which this does not time.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import time
+
+import torch.distributed as dist
+
+NOISE_S = 0.05  # a rank is named only if also this much slower than the median (timer and scheduler noise)
+
+
+class StragglerWatch:
+    """Times each rank's own part of a step (`start` .. `ready`) and compares the ranks."""
+
+    def __init__(self, factor: float, every: int, rank: int):
+        self.factor, self.every, self.rank = factor, max(1, every), rank
+        self.host = socket.gethostname()
+        self._since: float | None = None
+        self._times: list[float] = []
+
+    def start(self) -> None:
+        """The rank asks for its next batch."""
+        self._since = time.perf_counter()
+
+    def ready(self) -> None:
+        """The rank reaches the step's first collective."""
+        if self._since is not None:
+            self._times.append(time.perf_counter() - self._since)
+            self._since = None
+
+    def compare(self, step: int) -> dict[str, float]:
+        """Collective every `every` steps (every rank calls it at every step): TensorBoard scalars
+        (perf/host_s_median, perf/host_s_max, perf/straggler_rank: -1 for none), and on rank 0 a
+        line naming each straggler."""
+        if not self.factor or step % self.every or not dist.is_initialized() or dist.get_world_size() < 2:
+            return {}
+        mine = statistics.fmean(self._times) if self._times else 0.0
+        self._times.clear()
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, (self.host, mine))
+        times = [t for _, t in everyone]
+        median = statistics.median(times)
+
+        def others(r: int) -> float:  # the median of the other ranks (with 2 ranks: the other one)
+            return statistics.median(times[:r] + times[r + 1:])
+
+        slow = [r for r, t in enumerate(times) if t > self.factor * others(r) and t - others(r) > NOISE_S]
+        if self.rank == 0:
+            for r in slow:
+                host, t = everyone[r]
+                print(f"straggler: rank {r} on {host}: {t:.2f} s of its own work per step before the first "
+                      f"collective, {t / max(others(r), 1e-9):.1f}x the other ranks' median ({others(r):.2f} s) "
+                      f"over the last {self.every} step(s)", flush=True)
+        worst = max(range(len(times)), key=times.__getitem__)
+        return {"perf/host_s_median": median, "perf/host_s_max": times[worst],
+                "perf/straggler_rank": float(worst if worst in slow else -1)}
