@@ -96,9 +96,10 @@ class TrainState:
     layout: dict[str, int] = field(default_factory=dict)  # dp / tp / pp / zero_stage
     loader: dict[str, Any] | None = None  # the streaming loader's state_dict
     trackers: dict[str, str] = field(default_factory=dict)  # tracker -> run id (W&B, MLflow), continued on resume
-    version: int = 1
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient norm (version 2)
+    version: int = 2
 
-    VERSION = 1  # (not a field: no annotation)
+    VERSION = 2  # (not a field: no annotation). 2: skipped_steps
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

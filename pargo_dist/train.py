@@ -25,6 +25,7 @@ its peers will not join; the launcher then stops the others (`train`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -188,6 +189,16 @@ class Trainer:
         return {"loss": loss_sum.item() / max(targets, 1.0), "tokens": tokens, "samples": samples,
                 "images": images, "crops": crops}
 
+    def _count_skipped_step(self, stats: dict[str, float]) -> None:
+        """A step whose gradient norm was not finite (on any rank: the norm is global) was skipped
+        by the backend on every rank: no update, the data moved on. Counted and said."""
+        norm = self.backend.grad_norm()
+        if norm is None or math.isfinite(norm):
+            return
+        self.state.skipped_steps += 1
+        self._say(f"step {self.state.step} skipped: gradient norm {norm} (loss {stats['loss']:.4g}); the optimizer "
+                  f"did not step, the data moved on ({self.state.skipped_steps} skipped so far)")
+
     def _scalars(self, stats: dict[str, float], perf: dict[str, float]) -> dict[str, float]:
         scalars = {"train/loss": stats["loss"], "data/skipped": float(self.state.skipped),
                    "perf/peak_mem_gib": peak_memory_gib(), **perf}
@@ -203,6 +214,7 @@ class Trainer:
         norm = self.backend.grad_norm()
         if norm is not None:
             scalars["train/grad_norm"] = norm
+        scalars["train/skipped_steps"] = float(self.state.skipped_steps)
         aux = self.backend.moe_aux_loss()
         if aux is not None:
             scalars["train/moe_aux_loss"] = aux
@@ -243,6 +255,7 @@ class Trainer:
             first = False
             stats = self.train_step(micro)
             self.state.step += 1
+            self._count_skipped_step(stats)
             scalars = self._scalars(stats, timer.stop(int(stats["samples"]), int(stats["tokens"])))
             scalars.update(self.stragglers.compare(self.state.step))  # collective, every logging.every steps
             self.metrics.log(self.state.step, scalars)

@@ -67,3 +67,21 @@ def test_the_restart_policy_counts_within_its_window_and_never_restarts_a_bad_in
     policy.note({"step": 4, "error": "RuntimeError: boom"})
     assert "same failure again at step 4" in policy.refuse(1, {"step": 4, "error": "RuntimeError: boom"})
     assert policy.refuse(1, {"step": 5, "error": "RuntimeError: boom"}) is None  # it got further: a fault
+
+
+@pytest.mark.parametrize("backend", [[], ["backend.name=megatron", "train.micro_batch=8"]], ids=["zero3", "megatron"])
+def test_a_step_with_a_non_finite_gradient_is_skipped_by_every_rank(tmp_path, data_dir, backend):
+    """Rank 1's images are NaN in step 3 (a fault knob): its loss and the step's gradient norm
+    are not finite. Every rank skips the update (DeepSpeed's overflow path; the megatron backend
+    checks the norm before megatron's optimizer, which would apply it), the data moves on, the
+    run says so and counts it (train/skipped_steps, kept in the checkpoint), and the weights stay
+    finite: every later step has a finite loss."""
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
+    out = run_train(recipe, ["train.steps=4", *backend], nproc=2, extra_env=inject(PARGO_TEST_NAN="1:3"))
+    assert "step 3 skipped: gradient norm" in out.stdout, out.stdout[-3000:]
+    skipped = losses(tmp_path / "run", "train/skipped_steps")
+    assert skipped == {1: 0.0, 2: 0.0, 3: 1.0, 4: 1.0}
+    got = losses(tmp_path / "run")
+    assert all(got[s] == got[s] and abs(got[s]) < 100 for s in (1, 2, 4)), got  # finite before and after
+    meta = (tmp_path / "run" / "checkpoints" / "step_00000004" / "meta.json").read_text()
+    assert '"skipped_steps": 1' in meta

@@ -360,6 +360,11 @@ class DeepSpeedBackend:
                 aux = aux.detach().float() / lm.config.num_experts_per_tok  # megatron's scale: 1 when balanced
                 aux_sum = aux if aux_sum is None else aux_sum + aux
             loss_sum += loss * num_items
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None and not math.isfinite(float(norm)):
+            # DeepSpeed skipped the update (a non-finite norm: its overflow path) and did not step
+            # the LR schedule: it stays a function of the step
+            self.set_step(step + 1)
         self._moe_aux = None
         if aux_sum is not None:
             dist.all_reduce(aux_sum)

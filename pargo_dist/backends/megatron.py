@@ -311,9 +311,15 @@ class MegatronBackend:
         dp = parallel_state.get_data_parallel_world_size()
         loss_sum = self._run_schedule(micro_batches, dp / max(targets, 1.0), forward_only=False)
         self.set_step(step)
-        ok, norm, _ = self.optimizer.step()
-        if not ok:
-            raise RuntimeError(f"megatron optimizer step {step} failed (non-finite gradients)")
+        # megatron's fp32 and bf16 optimizers step whatever the gradients hold (only fp16's loss
+        # scaler looks for inf/NaN): a non-finite norm (the same on every rank: gradients are
+        # reduced, the norm over model-parallel ranks) skips the step, as DeepSpeed skips it
+        self.optimizer.prepare_grads()  # (the fp32 optimizer's grads are in main_grad until then; step() repeats it)
+        norm = float(self.optimizer.get_grad_norm())
+        if math.isfinite(norm):
+            ok, norm, _ = self.optimizer.step()
+            if not ok:
+                raise RuntimeError(f"megatron optimizer step {step} failed (non-finite gradients)")
         self._grad_norm = None if norm is None else float(norm)
         self.set_step(step + 1)  # what the next step will use (and what the loop logs, as with DeepSpeed)
         self._moe_aux = self._take_moe_aux_loss(len(micro_batches))

@@ -94,3 +94,23 @@ if _slow_batch and _rank is not None and _slow_batch.split(":")[0] == _rank:
         return _step_before_slow(trainer, micro_batches)
 
     pargo_dist.train.Trainer.train_step = _slow_step
+
+# PARGO_TEST_NAN="RANK:STEP" makes that rank's projector output NaN in training step STEP, so its loss
+# and the step's gradients are not finite, as a bad sample or an overflow would make them.
+_nan = os.environ.get("PARGO_TEST_NAN")
+if _nan and _rank is not None and _nan.split(":")[0] == _rank:
+    import pargo_dist.train
+
+    _nan_step = int(_nan.split(":")[1])
+    _step_before_nan = pargo_dist.train.Trainer.train_step
+
+    def _nan_step_fn(trainer, micro_batches):
+        if trainer.state.step + 1 != _nan_step:
+            return _step_before_nan(trainer, micro_batches)
+        hook = trainer.backend.module.projector.register_forward_hook(lambda _m, _i, out: out * float("nan"))
+        try:
+            return _step_before_nan(trainer, micro_batches)
+        finally:
+            hook.remove()
+
+    pargo_dist.train.Trainer.train_step = _nan_step_fn
