@@ -314,7 +314,9 @@ class MegatronBackend:
         # megatron's fp32 and bf16 optimizers step whatever the gradients hold (only fp16's loss
         # scaler looks for inf/NaN): a non-finite norm (the same on every rank: gradients are
         # reduced, the norm over model-parallel ranks) skips the step, as DeepSpeed skips it
-        self.optimizer.prepare_grads()  # (the fp32 optimizer's grads are in main_grad until then; step() repeats it)
+        # (the fp32 optimizer's grads are in main_grad until then; step() repeats the copy, which is
+        # harmless in fp32 and bf16: only fp16's loss scaler, which we never use, would unscale twice)
+        self.optimizer.prepare_grads()
         norm = float(self.optimizer.get_grad_norm())
         if math.isfinite(norm):
             ok, norm, _ = self.optimizer.step()
