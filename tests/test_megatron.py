@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 from support.ranks import run_ranks
-from support.training import crash_copy, env, losses, run_train, sample_ids, write_recipe
+from support.training import crash_copy, env, exported_eval_loss, losses, run_train, sample_ids, write_recipe
 
 from pargo_dist import forkserver
 
@@ -155,23 +155,8 @@ def test_checkpoint_saved_at_tp2_resumes_at_tp1_with_optimizer_state(tp2_run, tm
 
 
 def test_export_of_a_tp2_checkpoint_gives_the_logged_eval_loss(tp2_run, tmp_path):
-    from pargo_dist import build
-    from pargo_dist.config import load_config
-    from pargo_dist.generate import load_exported
-    from pargo_dist.constants import IGNORE_INDEX
-
-    run_dir = tp2_run
-    forkserver.run([sys.executable, "-m", "pargo_dist.cli", "export", str(run_dir), "--out", str(tmp_path / "hf")],
-                   check=True, env=env(), capture_output=True)
-    model, tok, _ = load_exported(tmp_path / "hf")
-    cfg = load_config(tmp_path / "hf" / "config.yaml")
-    total = n = 0.0
-    with torch.no_grad():
-        for batch in build.loader(cfg, cfg.data.eval, model, tok, batch_size=4):
-            res = model(**batch.model_inputs())
-            k = float((batch.labels[:, 1:] != IGNORE_INDEX).sum())
-            total, n = total + res.loss.item() * k, n + k
-    assert total / n == pytest.approx(losses(run_dir, "eval/loss")[6], rel=1e-5)
+    got, _ = exported_eval_loss(tp2_run, tmp_path / "hf")
+    assert got == pytest.approx(losses(tp2_run, "eval/loss")[6], rel=1e-5)
 
 
 def test_a_checkpoint_is_read_back_one_decoder_layer_at_a_time(tp2_run, monkeypatch):

@@ -11,14 +11,11 @@ DeepSpeed 0.19.8 also lists HF's Mixtral, Qwen2-MoE and Qwen3-MoE blocks as defa
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 from support.ranks import run_ranks
-from support.training import crash_copy, env, losses, run_train, sample_ids, write_recipe
-
-from pargo_dist import forkserver
+from support.training import crash_copy, exported_eval_loss, losses, run_train, sample_ids, write_recipe
 
 WORKER = Path(__file__).parent / "support" / "moe_worker.py"
 
@@ -91,26 +88,10 @@ def test_an_ep2_checkpoint_resumes_at_ep1_with_adam_state(moe_runs, tmp_path, da
 def test_export_of_an_ep2_checkpoint_is_read_by_transformers_with_the_logged_loss(moe_runs, tmp_path):
     """`pargo-dist export` reads the EP=2 checkpoint one decoder layer (with its experts) at a
     time and writes an HF model; loaded back, it gives the held-out loss the run logged."""
-    import torch
-
-    from pargo_dist import build
-    from pargo_dist.config import load_config
-    from pargo_dist.constants import IGNORE_INDEX
-    from pargo_dist.generate import load_exported
-
     run_dir = moe_runs["ep2"]
-    forkserver.run([sys.executable, "-m", "pargo_dist.cli", "export", str(run_dir), "--out", str(tmp_path / "hf")],
-                   check=True, env=env(), capture_output=True)
-    model, tok, _ = load_exported(tmp_path / "hf")
+    got, model = exported_eval_loss(run_dir, tmp_path / "hf")
     assert model.config.text_config.model_type == "qwen3_moe"
-    cfg = load_config(tmp_path / "hf" / "config.yaml")
-    total = n = 0.0
-    with torch.no_grad():
-        for batch in build.loader(cfg, cfg.data.eval, model, tok, batch_size=4):
-            res = model(**batch.model_inputs())
-            k = float((batch.labels[:, 1:] != IGNORE_INDEX).sum())
-            total, n = total + res.loss.item() * k, n + k
-    assert total / n == pytest.approx(losses(run_dir, "eval/loss")[4], rel=1e-5)
+    assert got == pytest.approx(losses(run_dir, "eval/loss")[4], rel=1e-5)
 
 
 def test_the_load_balancing_loss_is_weighted_by_the_recipe_and_logged_by_both_backends(tmp_path, data_dir):

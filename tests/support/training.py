@@ -168,3 +168,26 @@ def run_nodes(recipe: Path, overrides: list[str], run_dirs: list[Path], extra_en
         if proc.returncode != 0:
             raise AssertionError(f"node {i} exited {proc.returncode}:\n" + "\n".join(o[-3000:] for o in outs))
     return outs
+
+
+def exported_eval_loss(run_dir: Path, out: Path):
+    """`pargo-dist export` of a run into `out`, loaded back as plain transformers loads it: its
+    mean token loss on the run's held-out split (what the run logged as eval/loss), and the model."""
+    import torch
+
+    from pargo_dist import build
+    from pargo_dist.config import load_config
+    from pargo_dist.constants import IGNORE_INDEX
+    from pargo_dist.generate import load_exported
+
+    forkserver.run([sys.executable, "-m", "pargo_dist.cli", "export", str(run_dir), "--out", str(out)],
+                   check=True, env=env(), capture_output=True)
+    model, tok, _ = load_exported(out)
+    cfg = load_config(out / "config.yaml")
+    total = n = 0.0
+    with torch.no_grad():
+        for batch in build.loader(cfg, cfg.data.eval, model, tok, batch_size=4):
+            res = model(**batch.model_inputs())
+            k = float((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+            total, n = total + res.loss.item() * k, n + k
+    return total / n, model

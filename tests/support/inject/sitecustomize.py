@@ -58,59 +58,65 @@ if os.environ.get("PARGO_TEST_FAST_RETRIES") and _rank is not None:
 
     pargo_dist.remote_checkpoints.retried.__defaults__ = (6, 0.01)
 
+
+def _around_step(before):
+    """Trainer.train_step with `before(trainer)` run first; `before` may return a context
+    manager held around the step (None: nothing)."""
+    import contextlib
+
+    import pargo_dist.train
+
+    step = pargo_dist.train.Trainer.train_step
+
+    def train_step(trainer, micro_batches):
+        with before(trainer) or contextlib.nullcontext():
+            return step(trainer, micro_batches)
+
+    pargo_dist.train.Trainer.train_step = train_step
+
+
+def _mine(spec):
+    """The knob's fields after RANK when it names this rank, else None."""
+    if spec and _rank is not None and spec.split(":")[0] == _rank:
+        return spec.split(":")[1:]
+    return None
+
+
 # PARGO_TEST_KILL="RANK:STEP:MARKER" makes that rank SIGKILL itself at the start of training step
 # STEP, once (the first to get there creates MARKER; a restarted run finds it and goes on), as a
 # node that dies, a GPU that falls off the bus or the kernel's OOM killer would end it.
-_kill = os.environ.get("PARGO_TEST_KILL")
-if _kill and _rank is not None and _kill.split(":")[0] == _rank:
+_kill = _mine(os.environ.get("PARGO_TEST_KILL"))
+if _kill:
     import signal as _signal
 
-    import pargo_dist.train
-
-    _kill_step, _marker = int(_kill.split(":")[1]), _kill.split(":", 2)[2]
-    _step_before_kill = pargo_dist.train.Trainer.train_step
-
-    def _killed_step(trainer, micro_batches):
-        if trainer.state.step + 1 == _kill_step and not os.path.exists(_marker):
+    def _kill_at(trainer, _step=int(_kill[0]), _marker=":".join(_kill[1:])):
+        if trainer.state.step + 1 == _step and not os.path.exists(_marker):
             open(_marker, "w").close()
             os.kill(os.getpid(), _signal.SIGKILL)
-        return _step_before_kill(trainer, micro_batches)
 
-    pargo_dist.train.Trainer.train_step = _killed_step
+    _around_step(_kill_at)
 
 # PARGO_TEST_SLOW_BATCH="RANK:SECONDS" makes that rank take SECONDS longer to get each batch ready,
 # as a slow disk, a starved CPU or a busy host would: a straggler.
-_slow_batch = os.environ.get("PARGO_TEST_SLOW_BATCH")
-if _slow_batch and _rank is not None and _slow_batch.split(":")[0] == _rank:
+_slow_batch = _mine(os.environ.get("PARGO_TEST_SLOW_BATCH"))
+if _slow_batch:
     import time as _time
 
-    import pargo_dist.train
-
-    _slow_s = float(_slow_batch.split(":")[1])
-    _step_before_slow = pargo_dist.train.Trainer.train_step
-
-    def _slow_step(trainer, micro_batches):
-        _time.sleep(_slow_s)
-        return _step_before_slow(trainer, micro_batches)
-
-    pargo_dist.train.Trainer.train_step = _slow_step
+    _around_step(lambda _trainer, _s=float(_slow_batch[0]): _time.sleep(_s))
 
 # PARGO_TEST_NAN="RANK:STEP" makes that rank's projector output NaN in training step STEP, so its loss
 # and the step's gradients are not finite, as a bad sample or an overflow would make them.
-_nan = os.environ.get("PARGO_TEST_NAN")
-if _nan and _rank is not None and _nan.split(":")[0] == _rank:
-    import pargo_dist.train
+_nan = _mine(os.environ.get("PARGO_TEST_NAN"))
+if _nan:
+    import contextlib as _contextlib
 
-    _nan_step = int(_nan.split(":")[1])
-    _step_before_nan = pargo_dist.train.Trainer.train_step
-
-    def _nan_step_fn(trainer, micro_batches):
-        if trainer.state.step + 1 != _nan_step:
-            return _step_before_nan(trainer, micro_batches)
-        hook = trainer.backend.module.projector.register_forward_hook(lambda _m, _i, out: out * float("nan"))
+    @_contextlib.contextmanager
+    def _nan_projector(projector):
+        hook = projector.register_forward_hook(lambda _m, _i, out: out * float("nan"))
         try:
-            return _step_before_nan(trainer, micro_batches)
+            yield
         finally:
             hook.remove()
 
-    pargo_dist.train.Trainer.train_step = _nan_step_fn
+    _around_step(lambda trainer, _step=int(_nan[0]): _nan_projector(trainer.backend.module.projector)
+                 if trainer.state.step + 1 == _step else None)
