@@ -16,7 +16,7 @@ rest of the ranks data parallel, each replica on the same batch), and
 the same HF model on rank 0 as the reference (what the DeepSpeed backend computes: HF's loss
 normalised by the answer-token count). Rank 0 writes loss and gradient differences for the
 projector and every LLM weight (megatron grads converted back to HF names). A case ending in
-`:compiled` first compiles the blocks as train.compile does (aot_eager backend).
+`:compiled` compiles megatron's TransformerLayers as train.compile does (aot_eager backend).
 `packed`: a row of three packed samples through the GPTModel shard (restarting positions, the
 block-diagonal mask) against each sample alone; rank 0 writes the largest difference.
 `moments`: the checkpoint STEP_DIR loaded at TP (megatron's resharding load); rank 0 torch.saves
@@ -218,8 +218,6 @@ def check_grads(tp: int, pp: int, recipe: str, overrides: list[str], compiled: b
     reference = copy.deepcopy(model)
     batch = batch_for(model, tokenizer)
     targets = float((batch.labels[:, 1:] != -100).sum())  # counted here, independently of Batch
-    if compiled:  # as build_trainer does for train.compile: the HF parts, then megatron's own layers
-        compile_blocks([model], "aot_eager")
     backend.setup(model)
     if compiled:
         assert compile_blocks([backend.module], "aot_eager") > 0

@@ -60,8 +60,8 @@ if os.environ.get("PARGO_TEST_FAST_RETRIES") and _rank is not None:
 
 
 def _around_step(before):
-    """Trainer.train_step with `before(trainer)` run first; `before` may return a context
-    manager held around the step (None: nothing)."""
+    """Trainer.train_step with `before(trainer, micro_batches)` run first; `before` may return a
+    context manager held around the step (None: nothing)."""
     import contextlib
 
     import pargo_dist.train
@@ -69,7 +69,7 @@ def _around_step(before):
     step = pargo_dist.train.Trainer.train_step
 
     def train_step(trainer, micro_batches):
-        with before(trainer) or contextlib.nullcontext():
+        with before(trainer, micro_batches) or contextlib.nullcontext():
             return step(trainer, micro_batches)
 
     pargo_dist.train.Trainer.train_step = train_step
@@ -89,7 +89,7 @@ _kill = _mine(os.environ.get("PARGO_TEST_KILL"))
 if _kill:
     import signal as _signal
 
-    def _kill_at(trainer, _step=int(_kill[0]), _marker=":".join(_kill[1:])):
+    def _kill_at(trainer, _micro, _step=int(_kill[0]), _marker=":".join(_kill[1:])):
         if trainer.state.step + 1 == _step and not os.path.exists(_marker):
             open(_marker, "w").close()
             os.kill(os.getpid(), _signal.SIGKILL)
@@ -102,21 +102,34 @@ _slow_batch = _mine(os.environ.get("PARGO_TEST_SLOW_BATCH"))
 if _slow_batch:
     import time as _time
 
-    _around_step(lambda _trainer, _s=float(_slow_batch[0]): _time.sleep(_s))
+    _around_step(lambda _trainer, _micro, _s=float(_slow_batch[0]): _time.sleep(_s))
 
-# PARGO_TEST_NAN="RANK:STEP" makes that rank's projector output NaN in training step STEP, so its loss
-# and the step's gradients are not finite, as a bad sample or an overflow would make them.
-_nan = _mine(os.environ.get("PARGO_TEST_NAN"))
-if _nan:
-    import contextlib as _contextlib
 
-    @_contextlib.contextmanager
-    def _nan_projector(projector):
-        hook = projector.register_forward_hook(lambda _m, _i, out: out * float("nan"))
+def _nan_projector(trainer):
+    """A context in which the model's projector outputs NaN."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def nan():
+        hook = trainer.backend.module.projector.register_forward_hook(lambda _m, _i, out: out * float("nan"))
         try:
             yield
         finally:
             hook.remove()
 
-    _around_step(lambda trainer, _step=int(_nan[0]): _nan_projector(trainer.backend.module.projector)
+    return nan()
+
+
+# PARGO_TEST_NAN="RANK:STEP" makes that rank's projector output NaN in training step STEP, so its loss
+# and the step's gradients are not finite, as a bad sample or an overflow would make them.
+_nan = _mine(os.environ.get("PARGO_TEST_NAN"))
+if _nan:
+    _around_step(lambda trainer, _micro, _step=int(_nan[0]): _nan_projector(trainer)
                  if trainer.state.step + 1 == _step else None)
+
+# PARGO_TEST_NAN_SAMPLE="ID" makes the projector output NaN in every step whose batch on this rank
+# holds sample ID, as a sample that always overflows would: on any rank, every time it is read.
+_nan_sample = os.environ.get("PARGO_TEST_NAN_SAMPLE")
+if _nan_sample and _rank is not None:
+    _around_step(lambda trainer, micro, _id=_nan_sample: _nan_projector(trainer)
+                 if any(_id in b.sample_ids for b in micro) else None)
