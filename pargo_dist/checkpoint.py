@@ -97,9 +97,11 @@ class TrainState:
     loader: dict[str, Any] | None = None  # the streaming loader's state_dict
     trackers: dict[str, str] = field(default_factory=dict)  # tracker -> run id (W&B, MLflow), continued on resume
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite gradient norm (version 2)
-    version: int = 2
+    rollbacks: int = 0  # returns to an earlier checkpoint after a divergence (version 3; divergence.py)
+    excluded_samples: dict[str, str] = field(default_factory=dict)  # sample id -> why it is skipped (version 3)
+    version: int = 3
 
-    VERSION = 2  # (not a field: no annotation). 2: skipped_steps
+    VERSION = 3  # (not a field: no annotation). 2: skipped_steps; 3: rollbacks, excluded_samples
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -234,7 +236,13 @@ class CheckpointManager:
         raise UserError(f"cannot resume from checkpoint {path}: it {problem}. "
                          f"Complete checkpoints available: {listing}")
 
-    def _newest_for_all(self, loads_with: tuple[str, dict[str, int]] | None = None) -> Path | None:
+    def before(self, step: int, loads_with: tuple[str, dict[str, int]] | None = None) -> Path | None:
+        """Collective: the newest complete checkpoint of a step before `step` (None: none), on
+        every filesystem, as `resolve("auto")` finds the newest: where a run rolls back to."""
+        return self._newest_for_all(loads_with, before=step)
+
+    def _newest_for_all(self, loads_with: tuple[str, dict[str, int]] | None = None,
+                        before: int | None = None) -> Path | None:
         """Collective: the step every rank resumes from, and its files on every filesystem.
 
         Rank 0 decides, from its own complete checkpoints or, with none, the newest in
@@ -245,13 +253,14 @@ class CheckpointManager:
         the files of that filesystem's ranks and the shared ones where the ranks load nothing
         else (remote_checkpoints.NodeShare)."""
         def choose() -> dict:
-            steps = self.complete_steps()
+            steps = [s for s in self.complete_steps() if before is None or s < before]
             if steps:
                 return {"step": steps[-1], "where": "local"}
             try:
                 remote = self.remote.steps() if self.remote is not None else []
             except UserError as err:  # unreachable: whether to start afresh cannot be told
                 return {"step": None, "where": None, "unreachable": str(err)}
+            remote = [s for s in remote if before is None or s < before]
             return {"step": remote[-1], "where": "remote"} if remote else {"step": None, "where": None}
 
         chosen = self.sync.share("resume step", choose)

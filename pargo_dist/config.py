@@ -153,6 +153,16 @@ class TrainConfig:
     sample_count: int = 2
     max_new_tokens: int = 48
     hang_timeout_s: float = 1800.0  # a rank without progress this long dumps its stacks and ends the run; 0: off
+    # Divergence (pargo_dist/divergence.py). A step whose loss or gradient norm is not finite is
+    # skipped (no update, the data moves on). This many such steps in a row, or one loss above
+    # loss_spike_factor x the mean of the last loss_spike_window steps, rolls the run back to the
+    # newest checkpoint before them and skips the samples that caused it, by id (kept in the
+    # checkpoints; data.train.skip_ids does it from the start); after max_rollbacks of those, the run
+    # stops and names the samples. 0: never roll back / no spike check
+    rollback_after_bad_steps: int = 3
+    loss_spike_factor: float = 0.0
+    loss_spike_window: int = 50
+    max_rollbacks: int = 3
     # how long gloo / NCCL wait in one collective before failing it. Work of one rank (a download,
     # an elastic conversion) is waited for outside collectives, so this bounds training's own waits
     collective_timeout_s: float = 1800.0
@@ -238,6 +248,13 @@ class Config:
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
                 raise ConfigError(f"{key} must be >= 1")
+        t = self.train
+        if t.rollback_after_bad_steps < 0 or t.max_rollbacks < 0 or t.loss_spike_window < 1 or \
+                not (t.loss_spike_factor == 0 or t.loss_spike_factor > 1):
+            raise ConfigError("train.rollback_after_bad_steps and train.max_rollbacks must be >= 0, "
+                              "train.loss_spike_window >= 1, train.loss_spike_factor 0 (off) or > 1 (got "
+                              f"{t.rollback_after_bad_steps}, {t.max_rollbacks}, {t.loss_spike_window}, "
+                              f"{t.loss_spike_factor})")
         if self.train.compile:
             import torch._dynamo
 

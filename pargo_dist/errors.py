@@ -25,3 +25,9 @@ class TryAgainLater(Exception):
     the run's checkpoints is unreachable when the run must know what it holds (which checkpoint
     to resume from). Neither a user error nor a bug: the run says why in one line and exits 75, so
     that SLURM requeues it (pargo_dist.slurm.REQUEUE_EXIT)."""
+
+
+class Diverged(UserError):
+    """Training that keeps diverging after the rollbacks a recipe allows (train.max_rollbacks), or
+    with no checkpoint to roll back to: more restarts would only repeat it. The message names the
+    samples of the bad steps and what to change (the learning rate, those samples)."""

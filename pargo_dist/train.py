@@ -45,7 +45,8 @@ from pargo_dist.compile import compile_blocks
 from pargo_dist.compat import return_freed_host_memory
 from pargo_dist.config import Config, to_yaml
 from pargo_dist.data.crops import CropPolicy
-from pargo_dist.errors import TryAgainLater, UserError
+from pargo_dist.divergence import DivergenceWatch, Verdict
+from pargo_dist.errors import Diverged, TryAgainLater, UserError
 from pargo_dist.flops import mfu, model_flops_per_sample, peak_flops_per_device
 from pargo_dist.metrics import MetricsLogger, StepTimer, peak_memory_gib
 from pargo_dist.stragglers import StragglerWatch
@@ -71,6 +72,8 @@ class Trainer:
         self.rank, self.world = checkpoints.rank, checkpoints.world_size
         self.watchdog = watchdog or HangWatchdog(0, self.rank)  # timeout 0: off
         self.stragglers = StragglerWatch(cfg.logging.straggler_factor, cfg.logging.every, self.rank)
+        self.divergence = DivergenceWatch.from_config(cfg.train)
+        self._recent_samples: dict[int, tuple[list[str], bool]] = {}  # step -> (this rank's ids, own loss finite)
         self.run_dir = checkpoints.run_dir
         self.streams = list(streams or ["data"])  # the datasets of a mixture, in order
         self.state = TrainState(step=0, world_size=self.world, stage=cfg.train.stage, backend=backend.name,
@@ -98,6 +101,8 @@ class Trainer:
                              stream_samples={**dict.fromkeys(self.streams, 0), **counts})
         if saved.loader is not None:
             self.loader.load_state_dict(saved.loader)
+        if saved.excluded_samples:  # skipped after an earlier rollback: skipped for good
+            self.loader.exclude(saved.excluded_samples)
         rank_state = self.ckpt.load_rank_state(step_dir)
         if rank_state is not None:
             restore_rng_state(rank_state["rng"])
@@ -179,6 +184,7 @@ class Trainer:
             c / self.backend.replication for c in counts.tolist())
         # right-padded batches train with plain causal attention (Batch.causal_only: same loss)
         loss_sum = self.backend.train_batch([b.causal_only() for b in micro_batches], targets, self.state.step)
+        own_finite = bool(torch.isfinite(loss_sum).all())  # which ranks' samples a divergence blames
         dist.all_reduce(loss_sum)
         s = self.state
         s.samples_seen += int(samples)
@@ -187,7 +193,7 @@ class Trainer:
         for name, n in zip(self.streams, per_stream):
             s.stream_samples[name] += round(n)
         return {"loss": loss_sum.item() / max(targets, 1.0), "tokens": tokens, "samples": samples,
-                "images": images, "crops": crops}
+                "images": images, "crops": crops, "own_finite": own_finite}
 
     def _count_skipped_step(self, stats: dict[str, float]) -> None:
         """A step whose gradient norm was not finite (on any rank: the norm is global) was skipped
@@ -198,6 +204,58 @@ class Trainer:
         self.state.skipped_steps += 1
         self._say(f"step {self.state.step} skipped: gradient norm {norm} (loss {stats['loss']:.4g}); the optimizer "
                   f"did not step, the data moved on ({self.state.skipped_steps} skipped so far)")
+
+    # -- divergence ---------------------------------------------------------------------
+
+    def _watch(self, micro: list[Batch], stats: dict[str, float]) -> Verdict | None:
+        """Keep this step's sample ids (a rollback skips them) and ask the divergence watch."""
+        step = self.state.step
+        self._recent_samples[step] = ([i for b in micro for i in b.sample_ids], stats["own_finite"])
+        for old in [s for s in self._recent_samples if s <= step - self.divergence.remembers]:
+            del self._recent_samples[old]
+        return self.divergence.observe(step, stats["loss"], self.backend.grad_norm())
+
+    def _culprits(self, steps: tuple[int, ...]) -> list[str]:
+        """Collective: the sample ids of the bad steps, from every rank: those of the ranks whose
+        own loss was not finite where there are any (the others' samples were fine), else all."""
+        mine = [self._recent_samples.get(s, ([], True)) for s in steps]
+        everyone: list = [None] * self.world
+        dist.all_gather_object(everyone, mine)
+        bad = [ids for rank in everyone for ids, finite in rank if not finite]
+        chosen = bad or [ids for rank in everyone for ids, _ in rank]
+        return list(dict.fromkeys(i for ids in chosen for i in ids))  # ranks of one replica read the same
+
+    def _roll_back(self, verdict: Verdict) -> None:
+        """Collective: back to the newest checkpoint from before the bad steps, skipping their
+        samples by id from now on (kept in TrainState, so later checkpoints skip them too). The
+        run's history counters (skipped steps, rollbacks) carry over the restored state."""
+        ids = self._culprits(verdict.steps)
+        s, limit = self.state, self.cfg.train.max_rollbacks
+        shown = ", ".join(ids[:16]) + (f" and {len(ids) - 16} more" if len(ids) > 16 else "")
+        advice = (f"The samples of those steps: {shown}. Lower optim.lr or raise optim.warmup_steps, look at these "
+                  "samples, or skip them from the start with data.train.skip_ids")
+        if s.rollbacks >= limit:
+            raise Diverged(f"training diverged: {verdict.reason}, after {s.rollbacks} rollback(s) already "
+                           f"(train.max_rollbacks={limit}). {advice}")
+        self._mark_saved(wait=True)
+        self.watchdog.beat(f"rolling back from step {s.step}", allow=SETUP_ALLOWANCE_S)
+        target = self.ckpt.before(verdict.steps[0], loads_with=(self.backend.name, self.backend.layout()))
+        if target is None:
+            raise Diverged(f"training diverged: {verdict.reason}, and no complete checkpoint from before step "
+                           f"{verdict.steps[0]} to roll back to (checkpoint.every={self.cfg.checkpoint.every}). {advice}")
+        why = f"rollback {s.rollbacks + 1} after step {s.step}: {verdict.reason}"
+        excluded = {**s.excluded_samples, **dict.fromkeys(ids, why)}
+        skipped_steps, rollbacks = s.skipped_steps, s.rollbacks + 1
+        self.resume(target)
+        self.state.skipped_steps, self.state.rollbacks, self.state.excluded_samples = skipped_steps, rollbacks, excluded
+        self.loader.exclude(ids)
+        self.divergence.rolled_back(self.state.step)
+        self._recent_samples.clear()
+        if self.rank == 0:
+            atomic_write(self.run_dir / "excluded_samples.json", lambda f: f.write(json.dumps(excluded, indent=1)),
+                         binary=False)
+        self._say(f"rolled back to step {self.state.step} ({why}); skipping {len(ids)} sample(s) from now on: "
+                  f"{shown} (rollback {rollbacks} of at most {limit}; all in {self.run_dir / 'excluded_samples.json'})")
 
     def _scalars(self, stats: dict[str, float], perf: dict[str, float]) -> dict[str, float]:
         scalars = {"train/loss": stats["loss"], "data/skipped": float(self.state.skipped),
@@ -215,6 +273,7 @@ class Trainer:
         if norm is not None:
             scalars["train/grad_norm"] = norm
         scalars["train/skipped_steps"] = float(self.state.skipped_steps)
+        scalars["train/rollbacks"] = float(self.state.rollbacks)
         aux = self.backend.moe_aux_loss()
         if aux is not None:
             scalars["train/moe_aux_loss"] = aux
@@ -260,6 +319,12 @@ class Trainer:
             scalars.update(self.stragglers.compare(self.state.step))  # collective, every logging.every steps
             self.metrics.log(self.state.step, scalars)
             self._record(micro, scalars)
+            verdict = self._watch(micro, stats)
+            if verdict is not None:
+                batches.close()
+                self._roll_back(verdict)
+                batches, first = self._batches(), True
+                continue
             last = self.state.step == cfg.train.steps
             if self.eval_loader is not None and self._due(cfg.train.eval_every, last):
                 self.evaluate()

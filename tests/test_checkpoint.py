@@ -103,7 +103,7 @@ def test_train_state_is_versioned(tmp_path):
     mgr = CheckpointManager(tmp_path)
     path = save(mgr, 3)
     meta = path / "meta.json"
-    assert json.loads(meta.read_text())["version"] == TrainState.VERSION == 2
+    assert json.loads(meta.read_text())["version"] == TrainState.VERSION == 3
     legacy = {"step": 3, "samples_seen": 30, "tokens_seen": 9, "world_size": 2, "stage": "align",
               "layout": {"dp": 2, "zero_stage": 3}, "loader": {"sample_in_epoch": 30}}  # no version, backend, skipped
     meta.write_text(json.dumps(legacy))
@@ -113,10 +113,13 @@ def test_train_state_is_versioned(tmp_path):
     assert state.loader == {"sample_in_epoch": 30} and state.skipped_steps == 0
     meta.write_text(json.dumps({**legacy, "version": 1}))  # version 1: no skipped_steps yet
     assert mgr.load_state(path).skipped_steps == 0
-    meta.write_text(json.dumps({**legacy, "version": 3}))
-    with pytest.raises(UserError, match=f"{meta}: train state version 3 is newer"):
+    meta.write_text(json.dumps({**legacy, "version": 2, "skipped_steps": 1}))  # 2: no rollbacks yet
+    state = mgr.load_state(path)
+    assert (state.skipped_steps, state.rollbacks, state.excluded_samples) == (1, 0, {})
+    meta.write_text(json.dumps({**legacy, "version": 4}))
+    with pytest.raises(UserError, match=f"{meta}: train state version 4 is newer"):
         mgr.load_state(path)
-    meta.write_text(json.dumps({**legacy, "version": 2, "sheduler": {}}))
+    meta.write_text(json.dumps({**legacy, "version": 3, "sheduler": {}}))
     with pytest.raises(ValueError, match=r"unknown train state fields \['sheduler'\]"):
         mgr.load_state(path)
 

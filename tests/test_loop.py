@@ -23,7 +23,7 @@ from pargo_dist.backends.base import Backend
 from pargo_dist.checkpoint import CheckpointManager, TrainState
 from pargo_dist.config import load_config
 from pargo_dist.data.collate import Collator
-from pargo_dist.errors import UserError
+from pargo_dist.errors import Diverged, UserError
 from pargo_dist.metrics import MetricsLogger
 from pargo_dist.signals import StopSignal
 from pargo_dist.slurm import REQUEUE_EXIT
@@ -188,3 +188,64 @@ def test_a_resume_at_another_layout_says_so_and_continues_the_schedule_and_the_d
 def test_empty_training_data_is_an_error_that_says_so(tmp_path):
     with pytest.raises(UserError, match="gave no batch"):
         run(trainer(recipe(tmp_path), loader=ListLoader([])))
+
+
+def test_a_loss_spike_rolls_back_and_the_run_continues_as_if_its_samples_were_never_there(tmp_path, capsys):
+    """A sample that multiplies its batch's loss by 50 in step 4 (past a window of 2 steps, factor
+    3): the run goes back to the step-2 checkpoint, skips that step's samples by id, and its curve
+    is then exactly that of a run whose loader never had them. The samples are named, kept in the
+    checkpoint (a resume skips them too) and in run.dir/excluded_samples.json."""
+    data = batches(40)
+    spiky = data[7].sample_ids[1]  # step 4 takes micro-batches 6 and 7
+    step4 = data[6].sample_ids + data[7].sample_ids
+    cfg = recipe(tmp_path / "spike", "checkpoint.every=2", "train.loss_spike_factor=3", "train.loss_spike_window=2")
+    t = trainer(cfg, loader=ListLoader(data))
+    t.backend.poison[spiky] = 50.0
+    assert run(t) == 0
+    out = capsys.readouterr().out
+    assert "rolled back to step 2 (rollback 1 after step 4: loss" in out and "x the mean" in out, out
+    assert f"skipping 6 sample(s) from now on: {', '.join(step4)} (rollback 1 of at most 3" in out
+    assert t.state.rollbacks == 1 and sorted(t.state.excluded_samples) == sorted(step4)
+    assert CheckpointManager.load_state(tmp_path / "spike" / "checkpoints" / "step_00000006").excluded_samples.keys() \
+        == set(step4)
+    assert json.loads((tmp_path / "spike" / "excluded_samples.json").read_text()).keys() == set(step4)
+    clean = ListLoader(data)
+    clean.exclude(step4)
+    assert run(trainer(recipe(tmp_path / "clean", "checkpoint.every=2"), loader=clean)) == 0
+    got, want = logged(tmp_path / "spike"), logged(tmp_path / "clean")  # the last value logged per step
+    assert got == want
+    assert logged(tmp_path / "spike", "train/rollbacks") == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 1}
+
+
+def test_one_non_finite_step_is_skipped_and_repeated_ones_roll_back_until_the_run_stops_naming_them(tmp_path):
+    """rollback_after_bad_steps=2: a lone NaN step is only skipped (no update, counted). Two in a
+    row roll back; with max_rollbacks=1 the next divergence stops the run with a Diverged error
+    that names the samples, and with no checkpoint before the bad steps there is nothing to roll
+    back to: the same error, saying so."""
+    data = batches(40)
+    cfg = recipe(tmp_path / "lone", "train.rollback_after_bad_steps=2")
+    t = trainer(cfg, loader=ListLoader(data))
+    t.backend.poison[data[4].sample_ids[0]] = float("nan")  # step 3
+    assert run(t) == 0
+    assert t.state.skipped_steps == 1 and t.state.rollbacks == 0
+    loss = logged(tmp_path / "lone")
+    assert loss[3] != loss[3] and all(loss[s] == loss[s] for s in (1, 2, 4, 5, 6))  # NaN at 3 only
+
+    cfg = recipe(tmp_path / "again", "train.rollback_after_bad_steps=2", "train.max_rollbacks=1", "checkpoint.every=2",
+                 "train.steps=12")
+    t = trainer(cfg, loader=ListLoader(data))
+    # steps 3 and 4 (micro-batches 4-7) diverge, then, after the rollback, two later steps do
+    for b in (5, 6, 15, 17):
+        t.backend.poison[data[b].sample_ids[0]] = float("nan")
+    with pytest.raises(Diverged, match=r"2 step\(s\) in a row with a non-finite loss or gradient norm \(steps \d+-\d+; "
+                                       r"train.rollback_after_bad_steps=2\), after 1 rollback\(s\) already "
+                                       r"\(train.max_rollbacks=1\)") as err:
+        run(t)
+    assert data[15].sample_ids[0] in str(err.value) and data[17].sample_ids[0] in str(err.value)
+    assert t.state.rollbacks == 1 and set(data[4].sample_ids + data[7].sample_ids) <= set(t.state.excluded_samples)
+
+    t = trainer(recipe(tmp_path / "none", "train.rollback_after_bad_steps=1", "checkpoint.every=0"),
+                loader=ListLoader(data))
+    t.backend.poison[data[0].sample_ids[0]] = float("nan")
+    with pytest.raises(Diverged, match="no complete checkpoint from before step 1 to roll back to"):
+        run(t)

@@ -4,7 +4,9 @@ faults from tests/support/inject/sitecustomize.py (PARGO_TEST_KILL, PARGO_TEST_F
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -72,19 +74,38 @@ def test_the_restart_policy_counts_within_its_window_and_never_restarts_a_bad_in
     assert policy.refuse(1, {"step": 5, "error": "RuntimeError: boom"}) is None  # it got further: a fault
 
 
-@pytest.mark.parametrize("backend", [[], ["backend.name=megatron", "train.micro_batch=8"]], ids=["zero3", "megatron"])
-def test_a_step_with_a_non_finite_gradient_is_skipped_by_every_rank(tmp_path, data_dir, backend):
-    """Rank 1's images are NaN in step 3 (a fault knob): its loss and the step's gradient norm
-    are not finite. Every rank skips the update (DeepSpeed's overflow path; the megatron backend
-    checks the norm before megatron's optimizer, which would apply it), the data moves on, the
-    run says so and counts it (train/skipped_steps, kept in the checkpoint), and the weights stay
-    finite: every later step has a finite loss."""
+@pytest.mark.parametrize("backend", [["data.train.num_workers=1"],
+                                     ["backend.name=megatron", "backend.tensor_parallel=2", "train.micro_batch=8"]],
+                         ids=["zero3-loader-worker", "megatron-tp2"])
+def test_a_sample_that_makes_nan_is_skipped_rolled_back_and_never_trained_on(reference, tmp_path, data_dir, backend):
+    """One sample of step 3 makes its rank's loss NaN every time it is read (a fault knob). Step 3
+    is skipped by every rank (DeepSpeed's overflow path; the megatron backend checks the norm
+    before megatron's optimizer, which would apply it) and counted; with
+    train.rollback_after_bad_steps=1 the run then goes back to the step-2 checkpoint and skips
+    the samples of the ranks whose loss was NaN (ZeRO-3: rank 1's 4; TP=2: both ranks read the
+    same 8) by id. Its whole curve is then exactly that of a run told to skip those samples from
+    the start (data.train.skip_ids): weights, Adam, RNG and data position all came back."""
+    ref = reference(3, "finetune")
+    rank1_step3 = [json.loads(line) for line in (ref / "sample_ids.rank1.jsonl").read_text().splitlines()][2]
+    assert rank1_step3["step"] == 3
+    poisoned = rank1_step3["ids"][1]
     recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
-    out = run_train(recipe, ["train.steps=4", *backend], nproc=2, extra_env=inject(PARGO_TEST_NAN="1:3"))
+    out = run_train(recipe, ["train.rollback_after_bad_steps=1", *backend], nproc=2,
+                    extra_env=inject(PARGO_TEST_NAN_SAMPLE=poisoned))
+    culprits = sample_ids(ref)[3] if "backend.name=megatron" in backend else rank1_step3["ids"]
     assert "step 3 skipped: gradient norm" in out.stdout, out.stdout[-3000:]
-    skipped = losses(tmp_path / "run", "train/skipped_steps")
-    assert skipped == {1: 0.0, 2: 0.0, 3: 1.0, 4: 1.0}
-    got = losses(tmp_path / "run")
-    assert all(got[s] == got[s] and abs(got[s]) < 100 for s in (1, 2, 4)), got  # finite before and after
-    meta = (tmp_path / "run" / "checkpoints" / "step_00000004" / "meta.json").read_text()
-    assert '"skipped_steps": 1' in meta
+    assert "rolled back to step 2 (rollback 1 after step 3: 1 step(s) in a row with a non-finite loss" in out.stdout
+    said = re.search(rf"skipping {len(culprits)} sample\(s\) from now on: (.*) \(rollback 1 of at most 3", out.stdout)
+    assert said and sorted(said.group(1).split(", ")) == sorted(culprits), out.stdout[-3000:]
+    assert losses(tmp_path / "run", "train/skipped_steps") == {s: float(s >= 3) for s in range(1, 7)}
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step_00000006" / "meta.json").read_text())
+    assert meta["skipped_steps"] == 1 and meta["rollbacks"] == 1 and sorted(meta["excluded_samples"]) == sorted(culprits)
+    assert not any(poisoned in ids for ids in sample_ids(tmp_path / "run").values())
+
+    clean = write_recipe(tmp_path / "clean.yaml", tmp_path / "clean", data_dir)
+    run_train(clean, [f"data.train.skip_ids=[{','.join(culprits)}]", *backend], nproc=2)
+    got, want = losses(tmp_path / "run"), losses(tmp_path / "clean")
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), (step, got, want)
+    assert sample_ids(tmp_path / "run") == sample_ids(tmp_path / "clean")

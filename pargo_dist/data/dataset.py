@@ -103,6 +103,7 @@ class ParGoDataset(StreamingDataset):
         except ValueError as err:  # streaming's own checks of the weights (proportion on every stream, ...)
             raise UserError(f"data {'streams' if cfg.streams else 'source'}: {err}") from None
         self.cfg = cfg
+        self.excluded = set(cfg.skip_ids)  # sample ids replaced like unusable ones (ParGoLoader.exclude)
         self.image_processor = image_processor
         self.prompt = PromptBuilder(tokenizer, num_image_tokens, cfg.max_len, cfg.caption_prompt)
         # estimated tokens per sample, from the shards' lengths.npz (data.group_by_length; grouping.py)
@@ -122,6 +123,10 @@ class ParGoDataset(StreamingDataset):
     def load_state_dict(self, obj: dict[str, Any]) -> None:
         grouping.check_resume(self.cfg, obj)  # a position means the saved order: other grouping settings are logged
         super().load_state_dict(obj)
+        # streaming takes a saved position from an epoch before its own next one for a stale
+        # state and starts a new epoch: in a process that already iterated (a rollback restores
+        # an earlier position in place) the next epoch must be the saved one again
+        self.next_epoch = obj["epoch"]
 
     def encode(self, raw: dict[str, Any]) -> dict[str, Any]:
         """One MDS sample -> model-ready example. Raises BadSample for unusable samples."""
@@ -145,6 +150,8 @@ class ParGoDataset(StreamingDataset):
             raw: dict[str, Any] = {}
             try:
                 raw = self.read(sample)
+                if raw.get("id") in self.excluded:
+                    raise BadSample("excluded", "in data.skip_ids or skipped after a rollback")
                 example = self.encode(raw)
             except BadSample as err:
                 name = raw.get("id") or f"{self.shard_file(sample)}#{sample}"
@@ -229,6 +236,17 @@ class ParGoLoader(StreamingDataLoader):
 
     def _get_batch_size(self, batch: Any) -> int:
         return batch.num_samples
+
+    def exclude(self, ids) -> None:
+        """Never yield these sample ids again: each is replaced by the next usable sample, as an
+        unusable one is (the run's rollback after a divergence, pargo_dist/divergence.py). Persistent
+        workers hold a copy of the dataset made when they started: they are shut down, and the
+        next iteration starts workers with the new set."""
+        self.dataset.excluded.update(ids)
+        workers = getattr(self, "_iterator", None)  # torch keeps persistent workers' iterator here
+        if workers is not None:
+            workers._shutdown_workers()
+            self._iterator = None
 
     def __iter__(self):
         """A UserError raised in a loader worker (data.num_workers > 0) arrives re-made by torch

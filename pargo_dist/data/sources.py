@@ -45,6 +45,9 @@ class DataConfig:
     download_timeout: float = 120.0
     predownload: int | None = None  # samples to download ahead per worker (streaming's default: 8 x batch)
     max_substitutes: int = 32  # consecutive unusable samples tolerated before failing loudly
+    # sample ids never trained on: each is replaced by the next usable sample, as a corrupt one is
+    # (counted in data/skipped). A run adds the samples of a rollback itself (train.rollback_*)
+    skip_ids: list[str] = field(default_factory=list)
     # Length-grouped micro-batches (pargo_dist/data/grouping.py): within each block of group_block
     # consecutive samples of the epoch's order, samples are sorted by estimated tokens (visual +
     # text) and cut into groups of group_size, the groups in a seeded random order; resume stays

@@ -8,6 +8,7 @@ train_batch at that step (index), e.g. to send the process a signal or raise on 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +34,10 @@ class FakeBackend:
         self.step_lr = lr
         self.dp = dp  # the layout it reports (its arithmetic is the same at any): stands for another one
         self.hooks: dict[int, Callable[[], None]] = {}
+        # sample id -> factor on the loss of every step whose batch holds it (nan: a sample that
+        # always overflows; 50: one that makes a loss spike)
+        self.poison: dict[str, float] = {}
+        self.norm: float | None = None
         self.calls: list[tuple[str, int | float]] = []  # what the loop asked, in order
 
     def init_distributed(self) -> tuple[int, int]:
@@ -68,10 +73,14 @@ class FakeBackend:
         total = torch.zeros(())
         for batch in micro_batches:
             loss = self._loss_sum(batch)
+            for i in batch.sample_ids:
+                loss = loss * self.poison.get(i, 1.0)
             (loss / targets).backward()
             total += loss.detach()
-        with torch.no_grad():
-            self.model.weight -= self.step_lr * self.model.weight.grad
+        self.norm = float(self.model.weight.grad.norm())
+        if math.isfinite(self.norm):  # as the real backends: a non-finite gradient is not applied
+            with torch.no_grad():
+                self.model.weight -= self.step_lr * self.model.weight.grad
         self.set_step(step + 1)
         return total
 
@@ -87,7 +96,7 @@ class FakeBackend:
         return {"all": self.step_lr}
 
     def grad_norm(self) -> float | None:
-        return None
+        return self.norm
 
     def moe_aux_loss(self) -> float | None:
         return None
@@ -116,12 +125,17 @@ class ListLoader:
     def __init__(self, batches: list[Batch]):
         self.batches = batches
         self.consumed = 0
+        self.excluded: set[str] = set()
 
     def __iter__(self):
         start = self.consumed % len(self.batches) if self.batches else 0
         for batch in self.batches[start:]:
             self.consumed += 1
-            yield batch
+            if not self.excluded.intersection(batch.sample_ids):  # the fake passes over the whole batch
+                yield batch
+
+    def exclude(self, ids) -> None:
+        self.excluded.update(ids)
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed}
