@@ -245,16 +245,17 @@ def forget_steps(s3, bucket: str, prefix: str, steps: list[int]) -> None:
 @pytest.mark.skipif(not can_emulate_nodes(), reason="emulating nodes needs `unshare -m` (root) for a /dev/shm per node")
 def test_nodes_without_a_shared_disk_resume_from_the_store_once_per_filesystem_past_a_short_timeout(
         s3_server, tmp_path, data_dir, reference):
-    """Two "nodes" of one rank each, a collective timeout of 3 s, and the work one rank does for
-    the others (the download of a checkpoint, its elastic conversion) slowed to 5 s by a fault knob.
-    The store holds the uninterrupted 2-rank run's step-2 checkpoint (that job died before step 4):
+    """Two "nodes" of one rank each and a collective timeout of 3 s. The store holds the
+    uninterrupted 2-rank run's step-2 checkpoint (that job died before step 4):
     - requeued onto nodes with a run.dir each (no shared disk), each node downloads it once, into
       its own run.dir, and only what its rank reads (its own ZeRO shards and rank state, and the
       shared files); the curve after the resume is the uninterrupted run's; each node uploads
       the files its rank wrote, and only rank 0's disk holds a COMPLETE marker;
     - requeued again (the store losing step 6) onto two nodes sharing one run.dir and on another
-      ZeRO stage (an elastic resume), step 4 is downloaded once and converted once for both ranks,
-      and the curve follows the uninterrupted run's."""
+      ZeRO stage (an elastic resume), with the work one rank does for the other (the download,
+      the elastic conversion) slowed to 5 s each by a fault knob: step 4 is downloaded once and
+      converted once for both ranks while the other waits past the timeout, and the curve
+      follows the uninterrupted run's."""
     ref_dir = reference(3, "finetune")
     ref = losses(ref_dir)
     bucket = s3_server.make_bucket("ckpt-nodes")
@@ -268,7 +269,7 @@ def test_nodes_without_a_shared_disk_resume_from_the_store_once_per_filesystem_p
             "PARGO_TEST_SLOW_SINGLE_RANK_S": "5"}
 
     nodes = [tmp_path / "job2" / "node0", tmp_path / "job2" / "node1"]
-    outs = run_nodes(recipe, common, nodes, extra_env=slow)
+    outs = run_nodes(recipe, common, nodes)
     stored2 = local_files(step2)
     for rank, out in enumerate(outs):  # each filesystem downloaded it, once: its rank's files and the shared ones
         assert out.count("downloaded step_00000002") == 1, out[-3000:]
