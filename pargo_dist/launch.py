@@ -15,7 +15,9 @@ Why not torchrun: its agent answers SIGTERM by terminating the workers itself (a
 the signal, finish its step, save, and the launcher must report "requeue me" (exit 75). This
 launcher sets the same variables torchrun does (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...),
 forwards SIGTERM / SIGUSR1 / SIGINT to every rank, and returns 75 only if every rank saved
-and asked for it; if one rank fails, the others are stopped and its exit code is returned.
+and asked for it, or, under SLURM, when the run's in-job restarts are spent after faults (see
+RestartPolicy: the job is requeued onto a fresh allocation); if one rank fails, the others are
+stopped and its exit code is returned.
 Ranks die with the launcher (PR_SET_PDEATHSIG), so a killed job leaves no orphans. Where a fork
 server runs (PARGO_DIST_FORKSERVER, see pargo_dist/forkserver.py) it forks the ranks instead.
 
@@ -46,6 +48,7 @@ from pargo_dist.signals import hold_signals, release_signals
 from pargo_dist.slurm import EXIT_MEANINGS, PEER_LOST_EXIT, REQUEUE_EXIT, rendezvous_from_env
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+KILL_WAIT_S = 30.0  # how long a SIGKILLed rank may take to go (it dies when its kernel call returns)
 PEER_GRACE_S = 2.0  # how long a rank that lost its peer waits to be explained by the failing rank
 
 
@@ -73,26 +76,50 @@ class RestartPolicy:
     `run.restart_window_s`): a rank that died (killed, a lost peer, a crash, the hang detector)
     restarts the run from its newest complete checkpoint. Never for a bad input (exit 2), an
     interruption, a signal the launcher itself got (preemption: the exit-75 path), or the same
-    failure again: the same error at the same step is a bug, not a fault, and ends the run."""
+    failure again: the same error at the same step is a bug, not a fault, and ends the run.
+
+    Under SLURM (`requeue_when_spent`, set where SLURM_JOB_ID is in the environment), a run whose
+    restarts are spent after faults exits 75 instead of the failing code (`requeue_instead`),
+    and the batch script requeues the job onto a fresh allocation: a node that cannot rejoin
+    fails its peers' rendezvous again and again until the restarts are spent, and the requeued
+    job gets a node in its place. Only with run.max_restarts >= 1; what `not_a_fault` names
+    still ends the job."""
 
     max_restarts: int = 0
     window_s: float = 3600.0
+    requeue_when_spent: bool = False
     times: list[float] = field(default_factory=list)
     last: dict | None = None
 
     def refuse(self, code: int, failure: dict | None) -> str | None:
         """Why not to restart after exit `code` (failure: what the failing rank recorded), or None."""
+        return self.not_a_fault(code, failure) or self.spent()
+
+    def not_a_fault(self, code: int, failure: dict | None) -> str | None:
+        """Why exit `code` is not a fault that starting again can cure (a bad input, an
+        interruption, the same failure at the same step again), or None."""
         if code in NO_RESTART_EXITS:
             return NO_RESTART_EXITS[code]
         if failure is not None and self.last is not None and \
                 (failure["step"], failure["error"]) == (self.last["step"], self.last["error"]):
             return f"the same failure again at step {failure['step']} ({failure['error']})"
+        return None
+
+    def spent(self) -> str | None:
+        """Why no restart is left within the window, or None."""
         now = time.monotonic()
         self.times = [t for t in self.times if now - t < self.window_s]
         if len(self.times) >= self.max_restarts:
             return f"{len(self.times)} restart(s) within run.restart_window_s={self.window_s:g} s already " \
                    f"(run.max_restarts={self.max_restarts})"
         return None
+
+    def requeue_instead(self, code: int, failure: dict | None) -> bool:
+        """After `refuse` said no: whether the run exits REQUEUE_EXIT rather than `code`, for
+        SLURM to requeue it (see the class docstring): the restarts are spent and this failure
+        is a fault too."""
+        return self.requeue_when_spent and self.max_restarts >= 1 and self.not_a_fault(code, failure) is None \
+            and self.spent() is not None
 
     def note(self, failure: dict | None) -> int:
         """Count a restart; returns its number within the window."""
@@ -107,7 +134,9 @@ def launch(nproc: int, train_args: list[str], nnodes: int = 1, node_rank: int = 
     """Run `pargo-dist <command> <train_args>` on nproc local ranks; returns the run's exit code.
     After a failure, start every rank again as `restarts` allows (see RestartPolicy): a single
     node takes a new rendezvous port; nodes of a multi-node run meet again at the same master,
-    each launcher restarting its own ranks when they fail (a peer's death fails them too)."""
+    each launcher restarting its own ranks when they fail (a peer's death fails them too).
+    Once the restarts are spent, under SLURM, it returns REQUEUE_EXIT instead of the failing
+    code (RestartPolicy.requeue_instead): the job is requeued onto a fresh allocation."""
     policy = restarts or RestartPolicy()
     fixed_master = master is not None
     while True:
@@ -122,6 +151,11 @@ def launch(nproc: int, train_args: list[str], nnodes: int = 1, node_rank: int = 
         why = policy.refuse(code, failure)
         if why:
             print(f"pargo-dist launch: not restarting: {why}", file=sys.stderr, flush=True)
+            if policy.requeue_instead(code, failure):
+                print(f"pargo-dist launch: in-job restarts spent: exiting {REQUEUE_EXIT} instead of {code} so that "
+                      "SLURM requeues the job onto a fresh allocation, where a node that cannot rejoin can be replaced",
+                      file=sys.stderr, flush=True)
+                return REQUEUE_EXIT
             return code
         n = policy.note(failure)
         print(f"pargo-dist launch: restart {n} of at most {policy.max_restarts} within {policy.window_s:g} s: every "
@@ -178,7 +212,8 @@ def _run_ranks(nproc: int, train_args: list[str], nnodes: int, node_rank: int, m
                     print(f"pargo-dist launch: rank {node_rank * nproc + local} exited with {code} "
                           f"({EXIT_MEANINGS.get(code, 'see its error above')}); stopping the other ranks of this node",
                           file=sys.stderr, flush=True)
-                    _stop(procs, grace=3.0)  # the others wait in a collective that cannot finish
+                    # the others wait in a collective that cannot finish
+                    _stop(procs, grace=3.0, first_rank=node_rank * nproc)
                     return code, local, received
             elif all(c is not None for c in codes):
                 return (REQUEUE_EXIT if REQUEUE_EXIT in codes else 0), None, received
@@ -186,19 +221,30 @@ def _run_ranks(nproc: int, train_args: list[str], nnodes: int, node_rank: int, m
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        _stop(procs, grace=grace if received else 10.0)
+        _stop(procs, grace=grace if received else 10.0, first_rank=node_rank * nproc)
 
 
-def _stop(procs: list[subprocess.Popen], grace: float) -> None:
+def _stop(procs: list[subprocess.Popen], grace: float, first_rank: int = 0) -> None:
+    """SIGTERM, then SIGKILL to what is left after `grace` s (a rank stuck in a collective or a
+    GPU call, or stopped: SIGTERM stays pending on a stopped process, SIGKILL does not), and
+    wait until it is gone, so that no rank outlives its start (a process in the kernel, such as
+    a GPU driver call, dies only when the call returns: said, not waited for forever)."""
     for p in procs:
         if p.poll() is None:
             p.terminate()
     deadline = time.monotonic() + grace
-    for p in procs:
+    for r, p in enumerate(procs, start=first_rank):
         try:
             p.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            print(f"pargo-dist launch: rank {r} (pid {p.pid}) did not stop {grace:g} s after SIGTERM: SIGKILL",
+                  file=sys.stderr, flush=True)
             p.kill()
+            try:
+                p.wait(timeout=KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                print(f"pargo-dist launch: rank {r} (pid {p.pid}) is still there {KILL_WAIT_S:g} s after SIGKILL "
+                      "(stuck in the kernel or a driver); going on without it", file=sys.stderr, flush=True)
 
 
 def single_process_env() -> None:
@@ -280,7 +326,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def restart_policy(cfg) -> RestartPolicy:
-    return RestartPolicy(max_restarts=cfg.run.max_restarts, window_s=cfg.run.restart_window_s)
+    """The recipe's restart policy; under SLURM (SLURM_JOB_ID set) spent restarts requeue the job."""
+    return RestartPolicy(max_restarts=cfg.run.max_restarts, window_s=cfg.run.restart_window_s,
+                         requeue_when_spent="SLURM_JOB_ID" in os.environ)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ job does not meet its previous incarnation's socket in TIME_WAIT). MASTER_ADDR /
 if set, win: clusters with a dedicated fabric name its interface that way.
 
 After the step ends, the batch script asks `python -m pargo_dist.slurm after-step --rc N`
-whether to requeue: only exit 75 (every rank saved after SIGUSR1/SIGTERM) requeues, and at
+whether to requeue: only exit 75 requeues (every rank saved after SIGUSR1/SIGTERM, or the
+launcher spent its in-job restarts on faults: run.max_restarts, pargo_dist/launch.py), and at
 most --max-requeues times; a real failure ends the job with its exit code, never a loop.
 """
 
@@ -28,7 +29,8 @@ HANG_EXIT = 124  # the hang detector's "no progress" (as timeout(1) reports a ti
 PEER_LOST_EXIT = 3  # a rank whose collective failed because another rank went away (not the cause)
 
 EXIT_MEANINGS = {0: "finished",
-                 REQUEUE_EXIT: "asks to be requeued (saved after a signal, or the store lacks the newest checkpoint)",
+                 REQUEUE_EXIT: "asks to be requeued (saved after a signal, the store lacks the newest checkpoint, "
+                               "or the in-job restarts are spent)",
                  HANG_EXIT: "hang detector: a rank made no progress", 1: "failed: its traceback is above",
                  2: "a bad recipe, argument or input: the line above says what to change",
                  PEER_LOST_EXIT: "lost a peer rank: the failing rank's own error is above, or in another node's log",
@@ -107,11 +109,13 @@ def after_step(rc: int, restarts: int, max_requeues: int) -> tuple[bool, str]:
         return False, "[pargo-dist] training finished (exit 0)"
     if rc != REQUEUE_EXIT:
         return False, (f"[pargo-dist] exit {rc} ({meaning}): not requeued; only exit {REQUEUE_EXIT} (checkpoint "
-                       "saved after SIGUSR1/SIGTERM) requeues. The error is above in this log.")
+                       "saved after SIGUSR1/SIGTERM, or in-job restarts spent) requeues. The error is above in "
+                       "this log.")
     if restarts >= max_requeues:
-        return False, (f"[pargo-dist] saved, but this job was already requeued {restarts} times "
+        return False, (f"[pargo-dist] exit {rc}, but this job was already requeued {restarts} times "
                        f"(max {max_requeues}): not requeuing again. Resubmit with --run-dir to continue.")
-    return True, f"[pargo-dist] checkpoint saved: requeuing (requeue {restarts + 1} of at most {max_requeues})"
+    return True, f"[pargo-dist] exit {rc}, the job asks to be requeued: requeuing (requeue {restarts + 1} of at " \
+                 f"most {max_requeues})"
 
 
 def main(argv: list[str] | None = None) -> int:

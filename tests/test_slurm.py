@@ -17,15 +17,23 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from support.slurm_cluster import SlurmCluster, unavailable
 from support.training import env, losses, marker, write_recipe
 
 from pargo_dist import cli, forkserver
-from pargo_dist.slurm import HANG_EXIT, REQUEUE_EXIT, after_step, expand_hostlist, port_for_job, rendezvous_from_env
+from pargo_dist.launch import RestartPolicy, restart_policy
+from pargo_dist.slurm import (HANG_EXIT, PEER_LOST_EXIT, REQUEUE_EXIT, after_step, expand_hostlist, port_for_job,
+                              rendezvous_from_env)
 
 LAUNCHER = Path(__file__).resolve().parents[1] / "launchers" / "launch.py"
+INJECT = str(Path(__file__).parent / "support" / "inject")  # the fault knobs (sitecustomize.py), as test_restart.py
+
+
+def inject(**faults: str) -> dict[str, str]:
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [INJECT, os.environ.get("PYTHONPATH")])), **faults}
 
 
 # -- what every node derives on its own ------------------------------------------------------
@@ -68,6 +76,38 @@ def test_only_a_saved_checkpoint_requeues_and_only_up_to_the_cap():
     assert "hang detector" in after_step(HANG_EXIT, 0, 3)[1]
 
 
+def test_spent_in_job_restarts_requeue_under_slurm_only_after_faults(monkeypatch):
+    """The launcher's choice once its restarts are spent (RestartPolicy.requeue_instead): under
+    SLURM, exit 75 instead of the failing code after faults (a hang, a kill, a lost peer, a
+    crash); never for a bad input, an interruption or the same failure again; never outside
+    SLURM or with run.max_restarts=0 (the failure ends the job, as before)."""
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    cfg = SimpleNamespace(run=SimpleNamespace(max_restarts=1, restart_window_s=60.0))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert not restart_policy(cfg).requeue_when_spent
+    monkeypatch.setenv("SLURM_JOB_ID", "81234")
+    policy = restart_policy(cfg)
+    assert policy.requeue_when_spent
+    assert policy.refuse(HANG_EXIT, None) is None and not policy.requeue_instead(HANG_EXIT, None)  # restarts left
+    policy.note(None)
+    for code in (HANG_EXIT, 137, PEER_LOST_EXIT, 1):
+        assert "1 restart(s) within" in policy.refuse(code, None) and policy.requeue_instead(code, None), code
+    for code in (2, 130):
+        assert policy.refuse(code, None) and not policy.requeue_instead(code, None), code
+    failure = {"step": 3, "error": "RuntimeError: boom"}
+    policy.last = failure
+    assert "same failure again" in policy.refuse(1, failure) and not policy.requeue_instead(1, failure)
+    assert policy.requeue_instead(1, {"step": 4, "error": "RuntimeError: boom"})  # it got further: a fault
+    clock[0] += 60  # the restart leaves the window: restart again rather than requeue
+    assert policy.refuse(HANG_EXIT, None) is None and not policy.requeue_instead(HANG_EXIT, None)
+    outside = RestartPolicy(max_restarts=1, requeue_when_spent=False)
+    outside.note(None)
+    assert outside.refuse(HANG_EXIT, None) and not outside.requeue_instead(HANG_EXIT, None)
+    never = RestartPolicy(max_restarts=0, requeue_when_spent=True)
+    assert never.refuse(HANG_EXIT, None) and not never.requeue_instead(HANG_EXIT, None)
+
+
 # -- pargo-dist submit -----------------------------------------------------------------------
 
 def test_submit_dry_run_writes_the_sbatch_script(tmp_path, data_dir, capsys, monkeypatch):
@@ -100,7 +140,7 @@ def test_submit_rejects_a_bad_recipe_before_queueing(tmp_path, data_dir, capsys)
     assert "--nproc-per-node" in capsys.readouterr().err
 
 
-# -- the launcher: signals at start-up, hangs, two nodes ----------------------------------------
+# -- the launcher: signals at start-up, two nodes ----------------------------------------------
 
 def _launch(recipe: Path, overrides: list[str], nproc: int, extra_env: dict | None = None,
             wrap: list[str] = ()) -> subprocess.Popen:
@@ -108,17 +148,6 @@ def _launch(recipe: Path, overrides: list[str], nproc: int, extra_env: dict | No
            "--", str(recipe), *overrides]
     return forkserver.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**env(), **(extra_env or {})}, start_new_session=True)
-
-
-def _rank_pids(launcher: subprocess.Popen) -> list[int]:
-    """The launcher's ranks: its children, or the fork server's (tests/conftest.py) other than the
-    launcher itself, which the server forked too (no other launch runs meanwhile)."""
-    parents = [launcher.pid]
-    if os.environ.get(forkserver.ENV):
-        parents.append(int(Path(os.environ[forkserver.ENV] + ".pid").read_text()))
-    pids = {int(p) for parent in parents
-            for p in subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()}
-    return sorted(pids - {launcher.pid})
 
 
 def test_a_signal_during_start_up_is_honoured_at_the_first_step(recipe):
@@ -130,28 +159,6 @@ def test_a_signal_during_start_up_is_honoured_at_the_first_step(recipe):
     assert proc.returncode == REQUEUE_EXIT, out[-3000:]
     run_dir = recipe.parent / "run"
     assert marker(run_dir, 1).exists() and sorted(losses(run_dir)) == [1]
-
-
-def test_hang_detector_dumps_stacks_and_ends_the_run(recipe):
-    """A rank frozen mid-run (SIGSTOP): its peer waits in a collective, then gives up loudly."""
-    run_dir = recipe.parent / "run"
-    proc = _launch(recipe, ["train.steps=1000", "checkpoint.every=0", "train.hang_timeout_s=3"], nproc=2)
-    deadline = time.monotonic() + 300
-    while not (run_dir / "train_log.jsonl").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
-        time.sleep(0.1)
-    ranks = _rank_pids(proc)
-    assert len(ranks) == 2
-    os.kill(ranks[1], signal.SIGSTOP)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == HANG_EXIT, out[-3000:]
-    # what the waiting rank was doing depends on when its peer froze: in a step's collectives, in
-    # the per-step agreement after it, or in the data loader's cross-rank coordination
-    assert re.search(r"rank 0 made no progress for \d+s .*\) while (training step|agreeing on signals after step"
-                     r"|reading the batch of step) \d+", out), out[-3000:]
-    # the waiting rank's stack
-    assert re.search(r'File ".*pargo_dist/train\.py", line \d+ in run', out), out[-3000:]
-    assert f"rank 0 exited with {HANG_EXIT}" in out
 
 
 def _unshare_ok() -> bool:
@@ -198,11 +205,13 @@ def cluster(tmp_path_factory):
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
-def submit(cluster: SlurmCluster, recipe: Path, *args: str) -> tuple[int, Path, Path]:
-    """`pargo-dist submit` for 2 CPU ranks on the one node; returns (job id, run dir, log)."""
+def submit(cluster: SlurmCluster, recipe: Path, *args: str,
+           extra_env: dict[str, str] | None = None) -> tuple[int, Path, Path]:
+    """`pargo-dist submit` for 2 CPU ranks on the one node; returns (job id, run dir, log). The job
+    gets the submitting environment (sbatch's --export=ALL), extra_env included."""
     out = subprocess.run([sys.executable, "-m", "pargo_dist.cli", "submit", str(recipe), "--nproc-per-node", "2",
-                          "--time", "15:00", *args], capture_output=True, text=True, env={**env(), **cluster.env},
-                         cwd=recipe.parent)
+                          "--time", "15:00", *args], capture_output=True, text=True,
+                         env={**env(), **cluster.env, **(extra_env or {})}, cwd=recipe.parent)
     assert out.returncode == 0, out.stderr
     job = int(re.search(r"submitted job (\d+)", out.stdout).group(1))
     log = Path(re.search(r"log +(\S+)", out.stdout).group(1))
@@ -238,6 +247,60 @@ def test_usr1_saves_requeues_and_the_job_finishes_on_the_reference_curve(cluster
     assert marker(run_dir, 6).exists()
     assert "got SIGUSR1" in text and "requeuing (requeue 1 of at most 10)" in text
     assert "restart 1" in text and "resumed from" in text and "training finished" in text
+    ref, got = losses(reference(3, "finetune")), losses(run_dir)
+    assert sorted(got) == list(range(1, 7))
+    for step in got:
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, got)
+
+
+def _state(pid: str) -> str | None:
+    """A process's state (T: stopped, Z: exited, not reaped), None when it is gone."""
+    try:
+        return Path("/proc", pid, "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def test_a_rank_that_hangs_twice_spends_the_restarts_and_the_job_requeues_onto_the_reference_curve(
+        cluster, reference, recipe, tmp_path):
+    """Rank 1 stops itself (SIGSTOP, as a rank whose GPU hangs would) at the start of step 4, the
+    second after the step-2 checkpoint (the first step of a start may take the set-up allowance),
+    twice. Rank 0 waits in step 4's collective until the hang detector ends it (exit 124, its
+    stack dumped); the launcher SIGKILLs the frozen rank (SIGTERM stays pending on a stopped
+    process) and restarts both (run.max_restarts=1). Rank 1 freezes again, the hang detector
+    fires again, the restarts are spent: the launcher exits 75 instead of 124, the batch script
+    requeues the job, and the requeued job resumes from step 2 and finishes on the uninterrupted
+    curve. No frozen rank outlives its start."""
+    frozen = tmp_path / "frozen"  # one line per freeze: the frozen rank's pid
+    job, run_dir, log = submit(cluster, recipe, "train.hang_timeout_s=3", "run.max_restarts=1",
+                               extra_env=inject(PARGO_TEST_FREEZE=f"1:4:{frozen}:2"))
+    try:
+        wait_job(cluster, job, log, until=lambda _: frozen.exists() and len(frozen.read_text().split()) == 2)
+        first, second = frozen.read_text().split()
+        deadline = time.monotonic() + 5  # (the rank writes its pid, then stops itself)
+        while _state(second) != "T" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first != second and _state(first) is None and _state(second) == "T"  # the first killed and reaped
+        info = wait_job(cluster, job, log)
+    finally:  # a failed test leaves no job that holds the node for the next ones
+        subprocess.run(["scancel", str(job)], env=cluster.env, capture_output=True)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", text[-5000:]
+    assert frozen.read_text().split() == [first, second]
+    assert _state(second) is None
+    # twice: the waiting rank says what it waited in and dumps its stack, its launcher kills the frozen one
+    hangs = re.findall(r"rank 0 made no progress for \d+s \(limit 3s, .*\) while training step (\d+)", text)
+    assert hangs == ["4", "4"], text[-5000:]
+    assert len(re.findall(r'File ".*pargo_dist/train\.py", line \d+ in run', text)) >= 2, text[-5000:]
+    assert text.count(f"rank 0 exited with {HANG_EXIT}") == 2
+    assert re.findall(r"rank 1 \(pid (\d+)\) did not stop 3 s after SIGTERM: SIGKILL", text) == [first, second]
+    assert "restart 1 of at most 1 within" in text and "restart 2 of" not in text
+    assert "not restarting: 1 restart(s) within run.restart_window_s=3600 s already (run.max_restarts=1)" in text
+    assert f"in-job restarts spent: exiting {REQUEUE_EXIT} instead of {HANG_EXIT} so that SLURM requeues" in text
+    assert f"job step ended with exit code {REQUEUE_EXIT}" in text and "requeuing (requeue 1 of at most 10)" in text
+    # the in-job restart and the requeued job both resume from the step-2 checkpoint
+    assert len(re.findall(r"resumed from \S+/step_00000002 at step 2", text)) == 2, text[-5000:]
+    assert "training finished" in text and marker(run_dir, 6).exists()
     ref, got = losses(reference(3, "finetune")), losses(run_dir)
     assert sorted(got) == list(range(1, 7))
     for step in got:

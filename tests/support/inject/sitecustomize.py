@@ -133,3 +133,27 @@ _nan_sample = os.environ.get("PARGO_TEST_NAN_SAMPLE")
 if _nan_sample and _rank is not None:
     _around_step(lambda trainer, micro, _id=_nan_sample: _nan_projector(trainer)
                  if any(_id in b.sample_ids for b in micro) else None)
+
+# PARGO_TEST_FREEZE="RANK:STEP:MARKER:TIMES" makes that rank stop itself (SIGSTOP) at the start of
+# training step STEP, as a rank whose GPU hangs would: it neither progresses nor exits, so its peers
+# wait in a collective until the hang detector ends them, and only SIGKILL removes it. At most TIMES
+# times over a test: each freeze appends the rank's pid to MARKER, a restarted or requeued run that
+# finds TIMES lines there goes on.
+_freeze = _mine(os.environ.get("PARGO_TEST_FREEZE"))
+if _freeze:
+    import signal as _signal
+
+    def _freeze_at(trainer, _micro, _step=int(_freeze[0]), _marker=":".join(_freeze[1:-1]), _times=int(_freeze[-1])):
+        if trainer.state.step + 1 != _step:
+            return
+        try:
+            with open(_marker) as f:
+                frozen = len(f.read().split())
+        except FileNotFoundError:
+            frozen = 0
+        if frozen < _times:
+            with open(_marker, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            os.kill(os.getpid(), _signal.SIGSTOP)
+
+    _around_step(_freeze_at)
