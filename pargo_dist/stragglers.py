@@ -32,6 +32,13 @@ class StragglerWatch:
         self.host = socket.gethostname()
         self._since: float | None = None
         self._times: list[float] = []
+        self._warming = True  # the first step after a start (or a rollback) is not timed
+
+    def warm_up(self) -> None:
+        """The next step starts a fresh pass over the data (a start, a rollback): its batch also
+        waits for the loader's workers and first shards, on every rank alike, which says
+        nothing about the host; it is not timed."""
+        self._warming = True
 
     def start(self) -> None:
         """The rank asks for its next batch."""
@@ -39,9 +46,9 @@ class StragglerWatch:
 
     def ready(self) -> None:
         """The rank reaches the step's first collective."""
-        if self._since is not None:
+        if self._since is not None and not self._warming:
             self._times.append(time.perf_counter() - self._since)
-            self._since = None
+        self._since, self._warming = None, False
 
     def compare(self, step: int) -> dict[str, float]:
         """Collective every `every` steps (every rank calls it at every step): TensorBoard scalars

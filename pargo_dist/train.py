@@ -324,6 +324,7 @@ class Trainer:
                 batches.close()
                 self._roll_back(verdict)
                 batches, first = self._batches(), True
+                self.stragglers.warm_up()
                 continue
             last = self.state.step == cfg.train.steps
             if self.eval_loader is not None and self._due(cfg.train.eval_every, last):

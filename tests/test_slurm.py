@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 from support.slurm_cluster import SlurmCluster, unavailable
-from support.training import env, losses, marker, write_recipe
+from support.training import env, losses, marker, sample_ids, write_recipe
 
 from pargo_dist import cli, forkserver
 from pargo_dist.launch import RestartPolicy, restart_policy
@@ -166,23 +166,45 @@ def _unshare_ok() -> bool:
     return shutil.which("unshare") is not None and subprocess.run(probe, capture_output=True).returncode == 0
 
 
-def test_two_nodes_on_loopback_follow_the_single_node_curve(reference, recipe):
+def test_two_nodes_on_loopback_restart_together_after_a_killed_rank_and_follow_the_single_node_curve(
+        reference, recipe, tmp_path):
     """Two launchers with --slurm, node ranks 0 and 1, rendezvous derived from the same variables
     an sbatch job sets. Node 1 gets a private /dev/shm (a mount namespace), as a second machine
-    would: streaming keeps per-node state there."""
+    would: streaming keeps per-node state there.
+
+    Node 1's rank is SIGKILLed at the start of step 3 (after the step-2 checkpoint), as a dead GPU
+    would end it (a fault knob). Before, the run ended with exit 137. Now node 1's launcher starts
+    its rank again; node 0's rank, whose collective lost its peer, exits 3 and its launcher starts
+    it again too; both meet at the same rendezvous, resume from step 2 and finish on the
+    uninterrupted run's curve and samples. Rank 1 is also a straggler (0.3 s more per batch, a
+    fault knob): it is named with its host at the logging intervals, never rank 0, and TensorBoard
+    gets its rank (pargo_dist/stragglers.py)."""
     if not _unshare_ok():
         pytest.skip("needs `unshare -m` and mount (root) to give the second node its own /dev/shm")
-    job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "127.0.0.[1-2]", "SLURM_JOB_NUM_NODES": "2"}
+    job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "127.0.0.[1-2]", "SLURM_JOB_NUM_NODES": "2",
+           **inject(PARGO_TEST_KILL=f"1:3:{tmp_path / 'killed'}", PARGO_TEST_SLOW_BATCH="1:0.3")}
     private_shm = ["unshare", "-m", "sh", "-c", 'mount -t tmpfs none /dev/shm && exec "$0" "$@"']
-    nodes = [_launch(recipe, [], nproc=1, extra_env={**job, "SLURM_NODEID": str(n)}, wrap=private_shm if n else ())
+    nodes = [_launch(recipe, ["run.max_restarts=2"], nproc=1, extra_env={**job, "SLURM_NODEID": str(n)},
+                     wrap=private_shm if n else ())
              for n in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-    assert "node 1/2" in outs[1] and "rendezvous 127.0.0.1:" in outs[1]
+    node0, node1 = [p.communicate(timeout=600)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], node0[-3000:] + node1[-3000:]
+    assert "node 1/2" in node1 and "rendezvous 127.0.0.1:" in node1
+    assert (tmp_path / "killed").exists()
+    assert "rank 1 exited with 137" in node1 and "restart 1 of at most 2" in node1, node1[-3000:]
+    assert "rank 0 exited with 3" in node0 and "restart 1 of at most 2" in node0, node0[-3000:]
+    assert "restart 2" not in node0 + node1 and "resumed from" in node0 and "step_00000002" in node0
+    # (the first step of each start, which waits for the loader's warm-up, is not timed: rank 1 is
+    # named at steps 2, 4, 5 and 6 but for a hiccup of the machine, rank 0 never)
+    named = [line for line in node0.splitlines() if line.startswith("straggler: rank 1 on ")]
+    assert len(named) >= 3 and not any(line.startswith("straggler: rank 0") for line in node0.splitlines())
+    flagged = losses(recipe.parent / "run", "perf/straggler_rank")
+    assert set(flagged.values()) <= {1.0, -1.0} and sum(v == 1.0 for v in flagged.values()) >= 3, flagged
     ref, got = losses(reference(3, "finetune")), losses(recipe.parent / "run")
     assert sorted(got) == list(range(1, 7))
     for step in got:
-        assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, ref, got)
+        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, got)
+    assert sample_ids(recipe.parent / "run") == sample_ids(reference(3, "finetune"))
 
 
 @pytest.fixture
