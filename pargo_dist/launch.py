@@ -45,7 +45,7 @@ from types import SimpleNamespace
 from pargo_dist import forkserver
 from pargo_dist.errors import UserError
 from pargo_dist.signals import hold_signals, release_signals
-from pargo_dist.slurm import EXIT_MEANINGS, PEER_LOST_EXIT, REQUEUE_EXIT, rendezvous_from_env
+from pargo_dist.slurm import EXIT_MEANINGS, PEER_LOST_EXIT, REQUEUE_EXIT, RESTARTS_SPENT, rendezvous_from_env
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 KILL_WAIT_S = 30.0  # how long a SIGKILLed rank may take to go (it dies when its kernel call returns)
@@ -67,7 +67,7 @@ def rank_env(local_rank: int, nproc: int, nnodes: int, node_rank: int, master: s
 
 
 FAILURE_DIR_ENV = "PARGO_DIST_FAILURE_DIR"  # where a failing rank writes what failed, for the restart decision
-NO_RESTART_EXITS = {2: "a bad recipe, argument or input", 130: "interrupted"}
+NO_RESTART_EXITS = {2: "a bad recipe, argument or input, or a run that diverged", 130: "interrupted"}
 
 
 @dataclass
@@ -152,7 +152,7 @@ def launch(nproc: int, train_args: list[str], nnodes: int = 1, node_rank: int = 
         if why:
             print(f"pargo-dist launch: not restarting: {why}", file=sys.stderr, flush=True)
             if policy.requeue_instead(code, failure):
-                print(f"pargo-dist launch: in-job restarts spent: exiting {REQUEUE_EXIT} instead of {code} so that "
+                print(f"{RESTARTS_SPENT}: exiting {REQUEUE_EXIT} instead of {code} so that "
                       "SLURM requeues the job onto a fresh allocation, where a node that cannot rejoin can be replaced",
                       file=sys.stderr, flush=True)
                 return REQUEUE_EXIT

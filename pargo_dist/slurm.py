@@ -20,6 +20,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 from pargo_dist.errors import UserError
@@ -102,11 +103,37 @@ def rendezvous_from_env(env: Mapping[str, str] | None = None) -> Rendezvous:
                       node_rank=int(env["SLURM_NODEID"]))
 
 
-def after_step(rc: int, restarts: int, max_requeues: int) -> tuple[bool, str]:
-    """(requeue?, the line the job log gets) for a job step that ended with exit code rc."""
+# What a node's launcher prints when it exits REQUEUE_EXIT because its in-job restarts are spent
+# (pargo_dist.launch); the batch script finds it in the job log (`asked_for_requeue`).
+RESTARTS_SPENT = "pargo-dist launch: in-job restarts spent"
+
+
+def job_start_line(job_id: str) -> str:
+    """The line slurm/train.sbatch writes to the job log at each start (a requeue appends)."""
+    return f"[pargo-dist] job {job_id} start"
+
+
+def asked_for_requeue(log: Path, job_id: str) -> bool:
+    """Whether a node's launcher of this start of the job (the log after its last start line)
+    exited REQUEUE_EXIT for spent restarts. srun reports the highest of the nodes' exit codes,
+    and `--kill-on-bad-exit` ends the other nodes' launchers when one exits 75: one killed
+    meanwhile (137) or ended by the hang detector (124) hides that node's 75."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return False
+    return RESTARTS_SPENT in text[text.rfind(job_start_line(job_id)):]
+
+
+def after_step(rc: int, restarts: int, max_requeues: int, restarts_spent: bool = False) -> tuple[bool, str]:
+    """(requeue?, the line the job log gets) for a job step that ended with exit code rc.
+    `restarts_spent`: a node's launcher asked for a requeue (asked_for_requeue), whatever rc says,
+    unless rc is a bad input (2) or the run finished."""
     meaning = EXIT_MEANINGS.get(rc, "training failed")
     if rc == 0:
         return False, "[pargo-dist] training finished (exit 0)"
+    if rc not in (2, REQUEUE_EXIT) and restarts_spent:
+        rc, meaning = REQUEUE_EXIT, f"srun's exit {rc} is another node's; a node's in-job restarts are spent"
     if rc != REQUEUE_EXIT:
         return False, (f"[pargo-dist] exit {rc} ({meaning}): not requeued; only exit {REQUEUE_EXIT} (checkpoint "
                        "saved after SIGUSR1/SIGTERM, or in-job restarts spent) requeues. The error is above in "
@@ -114,8 +141,9 @@ def after_step(rc: int, restarts: int, max_requeues: int) -> tuple[bool, str]:
     if restarts >= max_requeues:
         return False, (f"[pargo-dist] exit {rc}, but this job was already requeued {restarts} times "
                        f"(max {max_requeues}): not requeuing again. Resubmit with --run-dir to continue.")
-    return True, f"[pargo-dist] exit {rc}, the job asks to be requeued: requeuing (requeue {restarts + 1} of at " \
-                 f"most {max_requeues})"
+    why = f" ({meaning})" if restarts_spent else ""
+    return True, f"[pargo-dist] exit {rc}{why}, the job asks to be requeued: requeuing (requeue {restarts + 1} of " \
+                 f"at most {max_requeues})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,13 +153,17 @@ def main(argv: list[str] | None = None) -> int:
     step = sub.add_parser("after-step", help="exit 0 if the job should requeue itself, 1 if not (prints why)")
     step.add_argument("--rc", type=int, required=True, help="the job step's exit code")
     step.add_argument("--max-requeues", type=int, required=True)
+    step.add_argument("--log", type=Path, help="the job log: a node's launcher asking for a requeue there counts "
+                                               "whatever srun's exit code (see asked_for_requeue)")
     sub.add_parser("rendezvous", help="print the rendezvous this node derives (a debugging aid)")
     args = ap.parse_args(argv)
     if args.command == "rendezvous":
         r = rendezvous_from_env()
         print(f"master {r.master} nnodes {r.nnodes} node_rank {r.node_rank}")
         return 0
-    requeue, message = after_step(args.rc, int(os.environ.get("SLURM_RESTART_COUNT") or 0), args.max_requeues)
+    spent = args.log is not None and asked_for_requeue(args.log, os.environ.get("SLURM_JOB_ID", ""))
+    requeue, message = after_step(args.rc, int(os.environ.get("SLURM_RESTART_COUNT") or 0), args.max_requeues,
+                                  restarts_spent=spent)
     print(message, flush=True)
     return 0 if requeue else 1
 

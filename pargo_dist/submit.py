@@ -114,6 +114,7 @@ def render(spec: JobSpec, workdir: Path | None = None, python: str | None = None
         "SBATCH_LINES": "\n".join(f"#SBATCH {line}" for line in lines),
         "EXPORTS": "\n".join(exports) or "# (no --export variables)",
         "TRAIN_ARGS": " ".join(train_args),
+        "LOG": shlex.quote(f"{log_dir}/{name}-") + '"${SLURM_JOB_ID}.out"',
     }
     script = re.sub(r"@([A-Z_]+)@", lambda m: values[m.group(1)], TEMPLATE.read_text())
     return RenderedJob(script=script, name=name, log_dir=log_dir, run_dir=run_dir)

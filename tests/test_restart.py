@@ -39,7 +39,7 @@ def test_the_restart_policy_counts_within_its_window_and_never_restarts_a_bad_in
     clock = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
     policy = RestartPolicy(max_restarts=2, window_s=60)
-    assert policy.refuse(2, None) == "a bad recipe, argument or input"
+    assert policy.refuse(2, None) == "a bad recipe, argument or input, or a run that diverged"
     for n in (1, 2):
         assert policy.refuse(137, None) is None and policy.note(None) == n
         clock[0] += 10

@@ -25,8 +25,8 @@ from support.training import env, losses, marker, sample_ids, write_recipe
 
 from pargo_dist import cli, forkserver
 from pargo_dist.launch import RestartPolicy, restart_policy
-from pargo_dist.slurm import (HANG_EXIT, PEER_LOST_EXIT, REQUEUE_EXIT, after_step, expand_hostlist, port_for_job,
-                              rendezvous_from_env)
+from pargo_dist.slurm import (HANG_EXIT, PEER_LOST_EXIT, REQUEUE_EXIT, RESTARTS_SPENT, after_step, asked_for_requeue,
+                              expand_hostlist, port_for_job, rendezvous_from_env)
 
 LAUNCHER = Path(__file__).resolve().parents[1] / "launchers" / "launch.py"
 INJECT = str(Path(__file__).parent / "support" / "inject")  # the fault knobs (sitecustomize.py), as test_restart.py
@@ -74,6 +74,21 @@ def test_only_a_saved_checkpoint_requeues_and_only_up_to_the_cap():
         requeue, message = after_step(rc, restarts=0, max_requeues=3)
         assert not requeue and f"exit {rc}" in message
     assert "hang detector" in after_step(HANG_EXIT, 0, 3)[1]
+
+
+def test_a_nodes_request_to_requeue_counts_even_when_another_nodes_exit_code_hides_it(tmp_path):
+    """On several nodes srun reports the highest exit code: node 0's launcher exits 75 (restarts
+    spent), srun's --kill-on-bad-exit ends node 1's, which reports 137. The batch script passes its
+    log: the launcher's line in this start of the job (not an earlier one) requeues it."""
+    log = tmp_path / "job.out"
+    earlier = f"[pargo-dist] job 77 start\n{RESTARTS_SPENT}: exiting 75 instead of 124 so that SLURM requeues\n"
+    log.write_text(earlier + "[pargo-dist] job 77 start\npargo-dist launch: rank 1 exited with 137\n")
+    assert not asked_for_requeue(log, "77") and not after_step(137, 1, 3)[0]
+    log.write_text(earlier + f"[pargo-dist] job 77 start\n{RESTARTS_SPENT}: exiting 75 instead of 3 so that ...\n")
+    assert asked_for_requeue(log, "77") and not asked_for_requeue(tmp_path / "absent.out", "77")
+    requeue, message = after_step(137, 1, 3, restarts_spent=True)
+    assert requeue and "exit 75 (srun's exit 137 is another node's; a node's in-job restarts are spent)" in message
+    assert not after_step(2, 1, 3, restarts_spent=True)[0] and not after_step(75, 3, 3, restarts_spent=True)[0]
 
 
 def test_spent_in_job_restarts_requeue_under_slurm_only_after_faults(monkeypatch):
@@ -125,6 +140,7 @@ def test_submit_dry_run_writes_the_sbatch_script(tmp_path, data_dir, capsys, mon
         assert line in sbatch, (line, sbatch)
     assert "--slurm --nproc 8" in script and "optim.lr=1e-4" in script and "export NCCL_DEBUG=WARN" in script
     assert f'"run.dir={tmp_path}/runs/x/slurm-${{SLURM_JOB_ID}}"' in script
+    assert f'--log {tmp_path}/runs/x/logs/r-"${{SLURM_JOB_ID}}.out"' in script  # where --output writes (%x-%j)
     assert script.index("#SBATCH") < script.index("set -uo")  # sbatch reads directives before any command
     path = tmp_path / "job.sbatch"
     path.write_text(script)
