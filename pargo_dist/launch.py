@@ -49,6 +49,10 @@ from pargo_dist.slurm import EXIT_MEANINGS, PEER_LOST_EXIT, REQUEUE_EXIT, RESTAR
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 KILL_WAIT_S = 30.0  # how long a SIGKILLed rank may take to go (it dies when its kernel call returns)
+# how long the other ranks of a failed start get to leave after SIGTERM before SIGKILL: they
+# cannot save (a peer is gone) and most have left by themselves (their collective failed);
+# what is left is stuck in a collective or a GPU call, or stopped
+FAILED_RUN_GRACE_S = 1.5
 PEER_GRACE_S = 2.0  # how long a rank that lost its peer waits to be explained by the failing rank
 
 
@@ -213,7 +217,7 @@ def _run_ranks(nproc: int, train_args: list[str], nnodes: int, node_rank: int, m
                           f"({EXIT_MEANINGS.get(code, 'see its error above')}); stopping the other ranks of this node",
                           file=sys.stderr, flush=True)
                     # the others wait in a collective that cannot finish
-                    _stop(procs, grace=3.0, first_rank=node_rank * nproc)
+                    _stop(procs, grace=FAILED_RUN_GRACE_S, first_rank=node_rank * nproc)
                     return code, local, received
             elif all(c is not None for c in codes):
                 return (REQUEUE_EXIT if REQUEUE_EXIT in codes else 0), None, received

@@ -132,9 +132,21 @@ def resume_copy(tp2_run: Path, tmp_path: Path, data_dir) -> Path:
     return crash_copy(tp2_run, tmp_path, data_dir, after=2)
 
 
-def test_resume_at_the_same_layout_reproduces_the_uninterrupted_tp2_run(tp2_run, tmp_path, data_dir):
-    """Model and optimizer from megatron's distributed checkpoint, at TP=2 again: steps 3..6 equal."""
-    out = run_train(resume_copy(tp2_run, tmp_path, data_dir), TP2, nproc=2)
+@pytest.fixture(scope="module")
+def async_tp2_run(tmp_path_factory, data_dir) -> tuple[Path, str]:
+    """tp2_run's recipe with checkpoint.async_save (megatron-core's own asynchronous save: shards
+    written by a forked process, finalized when every rank is done): its run dir and output."""
+    tmp = tmp_path_factory.mktemp("megatron_async")
+    out = run_train(write_recipe(tmp / "async.yaml", tmp / "run", data_dir), [*TP2, "checkpoint.async_save=true"],
+                    nproc=2)
+    return tmp / "run", out.stdout
+
+
+def test_resume_at_the_same_layout_reproduces_the_uninterrupted_tp2_run(tp2_run, async_tp2_run, tmp_path, data_dir):
+    """Model and optimizer from megatron's distributed checkpoint, at TP=2 again: steps 3..6 equal
+    the uninterrupted run's. The checkpoint is the background-saving run's (equal to the
+    synchronous run, test below): one written in the background resumes like a synchronous one."""
+    out = run_train(resume_copy(async_tp2_run[0], tmp_path, data_dir), TP2, nproc=2)
     assert "resumed from" in out.stdout and "step_00000002" in out.stdout
     ref, got = losses(tp2_run), losses(tmp_path / "run")
     assert sorted(got) == list(range(1, 7))
@@ -234,25 +246,12 @@ def test_a_tp2_checkpoint_loaded_at_tp1_holds_the_same_adam_state(tp2_run, tmp_p
     assert all(t.any() for t in a["exp_avg_sq"].values())  # Adam has stepped every LLM weight
 
 
-def test_background_saves_resume_like_synchronous_ones(tp2_run, tmp_path, data_dir):
-    """checkpoint.async_save with megatron-core's own asynchronous save (shards written by a forked
-    process, finalized when every rank is done): the run is the synchronous one, and its step-2
-    checkpoint resumes to the same curve to 1e-6."""
-    run = tmp_path / "async"
-    out = run_train(write_recipe(tmp_path / "async.yaml", run, data_dir), [*TP2, "checkpoint.async_save=true"],
-                    nproc=2)
-    assert "saving checkpoint" in out.stdout and f"checkpoint {run / 'checkpoints' / 'step_00000006'} complete" \
-        in out.stdout
-    ref = losses(tp2_run)
-    assert losses(run) == pytest.approx(ref, rel=1e-6)
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    recipe = resume_copy(run, resumed, data_dir)
-    out = run_train(recipe, TP2, nproc=2)
-    assert "resumed from" in out.stdout and "step_00000002" in out.stdout
-    got = losses(resumed / "run")
-    for step in range(3, 7):
-        assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, got)
+def test_background_saves_train_like_synchronous_ones(tp2_run, async_tp2_run):
+    """checkpoint.async_save: the run is the synchronous one, its checkpoints marked complete when
+    written (its step-2 checkpoint resumes: test_resume_at_the_same_layout_...)."""
+    run, out = async_tp2_run
+    assert "saving checkpoint" in out and f"checkpoint {run / 'checkpoints' / 'step_00000006'} complete" in out
+    assert losses(run) == pytest.approx(losses(tp2_run), rel=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -253,7 +253,7 @@ def test_nodes_without_a_shared_disk_resume_from_the_store_once_per_filesystem_p
       the files its rank wrote, and only rank 0's disk holds a COMPLETE marker;
     - requeued again (the store losing step 6) onto two nodes sharing one run.dir and on another
       ZeRO stage (an elastic resume), with the work one rank does for the other (the download,
-      the elastic conversion) slowed to 5 s each by a fault knob: step 4 is downloaded once and
+      the elastic conversion) slowed to 4 s each by a fault knob: step 4 is downloaded once and
       converted once for both ranks while the other waits past the timeout, and the curve
       follows the uninterrupted run's."""
     ref_dir = reference(3, "finetune")
@@ -266,7 +266,7 @@ def test_nodes_without_a_shared_disk_resume_from_the_store_once_per_filesystem_p
     recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "unused", data_dir)
     common = [f"checkpoint.remote={bucket}/run", "data.eval=null", "train.collective_timeout_s=3"]
     slow = {"PYTHONPATH": os.pathsep.join(filter(None, [INJECT, os.environ.get("PYTHONPATH")])),
-            "PARGO_TEST_SLOW_SINGLE_RANK_S": "5"}
+            "PARGO_TEST_SLOW_SINGLE_RANK_S": "4"}
 
     nodes = [tmp_path / "job2" / "node0", tmp_path / "job2" / "node1"]
     outs = run_nodes(recipe, common, nodes)
