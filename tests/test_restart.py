@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.training import losses, run_train, sample_ids, write_recipe
+from support.training import crash_copy, losses, run_train, sample_ids, write_recipe
 
 from pargo_dist.launch import RestartPolicy
 
@@ -86,3 +86,30 @@ def test_a_sample_that_makes_nan_is_skipped_rolled_back_and_never_trained_on(ref
     for step in got:
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), (step, got, want)
     assert sample_ids(tmp_path / "run") == sample_ids(tmp_path / "clean")
+
+
+def test_a_skipped_step_leaves_the_run_as_if_its_batch_had_never_been_there(tmp_path, data_dir):
+    """ZeRO-3, rank 1's projector output NaN in step 3 (a fault knob), no rollback
+    (train.rollback_after_bad_steps=0): every rank skips the update through DeepSpeed's overflow
+    path. The run without that batch: the same run's step-2 checkpoint, told it is at step 3 with
+    the data one global batch further (meta.json edited). Steps 4-6 of both are equal: the skipped
+    step moved neither the weights nor Adam's moments or step count, and the schedule and the data
+    went on."""
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
+    out = run_train(recipe, ["train.rollback_after_bad_steps=0"], nproc=2, extra_env=inject(PARGO_TEST_NAN="1:3"))
+    assert "step 3 skipped: gradient norm" in out.stdout and "rolled back" not in out.stdout, out.stdout[-3000:]
+    assert losses(tmp_path / "run", "train/skipped_steps") == {s: float(s >= 3) for s in range(1, 7)}
+
+    without = tmp_path / "without"
+    without.mkdir()
+    recipe = crash_copy(tmp_path / "run", without, data_dir, after=2)
+    meta_path = without / "run" / "checkpoints" / "step_00000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    batch = meta["samples_seen"] // 2  # one global batch: 2 steps so far
+    meta.update(step=3, samples_seen=meta["samples_seen"] + batch)
+    meta["loader"]["sample_in_epoch"] += batch
+    meta_path.write_text(json.dumps(meta))
+    run_train(recipe, [], nproc=2)
+    got, want = losses(tmp_path / "run"), losses(without / "run")
+    for step in (4, 5, 6):
+        assert want[step] == pytest.approx(got[step], rel=1e-6, abs=1e-7), (step, got, want)
