@@ -27,10 +27,11 @@ $(STAMP): pyproject.toml constraints.txt
 		"wandb>=0.31" "mlflow-skinny>=3.17"
 	touch $(STAMP)
 
-# The suite's processes are forked from a pre-imported server (tests/conftest.py); the last line
-# says how long the whole run took, install excluded.
+# The suite's processes are forked from a pre-imported server (tests/conftest.py); it runs as two
+# pytest sessions at once, each with its own /dev/shm where root allows (tests/support/run_groups.py;
+# PARGO_TEST_GROUPS=1: one session); the last line says how long the whole run took, install excluded.
 test: $(STAMP)
-	@start=$$(date +%s); OMP_NUM_THREADS=1 $(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	@start=$$(date +%s); OMP_NUM_THREADS=1 $(BIN)/python tests/support/run_groups.py $(PYTEST_ARGS); rc=$$?; \
 	secs=$$(( $$(date +%s) - start )); \
 	echo "make test: pytest exited $$rc after $$((secs / 60)) min $$((secs % 60)) s ($$secs s) on $$(nproc) cores"; \
 	exit $$rc

@@ -14,13 +14,15 @@ import argparse
 import re
 from collections import defaultdict
 
-LINE = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s+(setup|call|teardown)\s+(\S+?\.py)::")
-SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed).*) in ([\d.]+)s")
+# (a line may start with its group, "[1/2] ", when make test ran the suite as parallel sessions)
+LINE = re.compile(r"^(?:\[\d+/\d+\] )?\s*(\d+(?:\.\d+)?)s\s+(setup|call|teardown)\s+(\S+?\.py)::")
+SUMMARY = re.compile(r"^(?:\[\d+/\d+\] )?=*\s*(\d+) passed.* in ([\d.]+)s")
+WALL = re.compile(r"make test: pytest exited \d+ after .* \((\d+) s\)")
 
 
 def per_file(path: str) -> tuple[dict[str, float], str]:
     totals: dict[str, float] = defaultdict(float)
-    summary = "?"
+    sessions, wall = [], None
     with open(path, errors="replace") as f:
         for line in f:
             m = LINE.match(line)
@@ -28,7 +30,17 @@ def per_file(path: str) -> tuple[dict[str, float], str]:
                 totals[m.group(3)] += float(m.group(1))
             s = SUMMARY.search(line)
             if s:
-                summary = f"{s.group(1)} in {float(s.group(2)):.0f} s"
+                sessions.append((int(s.group(1)), float(s.group(2))))
+            w = WALL.search(line)
+            if w:
+                wall = int(w.group(1))
+    summary = "?"
+    if sessions:
+        summary = f"{sum(n for n, _ in sessions)} passed in {max(t for _, t in sessions):.0f} s"
+        if len(sessions) > 1:
+            summary += f" ({len(sessions)} sessions at once: {', '.join(f'{t:.0f} s' for _, t in sessions)})"
+    if wall is not None:
+        summary += f"; make test's wall time {wall} s"
     return dict(totals), summary
 
 

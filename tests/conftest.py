@@ -176,3 +176,22 @@ def reference(tmp_path_factory, data_dir):
         return cache[(zero, stage)]
 
     return get
+
+
+def pytest_addoption(parser):
+    parser.addoption("--group", default=None, metavar="K/N",
+                     help="run only group K of N of the test files (tests/support/groups.py); `make test` runs "
+                          "the N groups at once (tests/support/run_groups.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    spec = config.getoption("--group")
+    if not spec:
+        return
+    from support.groups import assign
+
+    k, n = (int(x) for x in spec.split("/"))
+    groups = assign(sorted({item.path.name for item in items}), n)
+    keep = [item for item in items if groups[item.path.name] == k - 1]
+    config.hook.pytest_deselected(items=[item for item in items if groups[item.path.name] != k - 1])
+    items[:] = keep
