@@ -8,7 +8,9 @@ Each session runs in a mount namespace with a /dev/shm of its own, as a separate
 have: mosaicml-streaming keeps its per-node state there and, when a loader starts, removes every
 streaming segment it finds (`clean_stale_shared_memory`), so two sessions on one /dev/shm would
 break each other's loaders. That needs root (`unshare -m`); without it the suite runs as one
-session. Each session also gets its own pytest base temp dir and dataset cache (PARGO_CACHE).
+session. Each session also gets its own temp dir (TMPDIR: streaming skips a shared-memory prefix
+whose file lock exists in the temp dir, so two sessions' ranks sharing /tmp could each see a
+different first free prefix), pytest base temp dir and dataset cache (PARGO_CACHE).
 
 Lines are prefixed with their group ("[1/2] "); arguments go to every pytest session.
 """
@@ -42,7 +44,9 @@ def main() -> int:
     base = tempfile.mkdtemp(prefix="pargo-test-groups-")
     procs = []
     for k in range(1, groups + 1):
-        env = {**os.environ, "PARGO_CACHE": os.path.join(base, f"cache{k}")}
+        tmp = os.path.join(base, f"t{k}")
+        os.makedirs(tmp)
+        env = {**os.environ, "PARGO_CACHE": os.path.join(base, f"cache{k}"), "TMPDIR": tmp}
         cmd = [*ISOLATE, *pytest, *args, f"--group={k}/{groups}", f"--basetemp={os.path.join(base, f'tmp{k}')}"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                       bufsize=1))
