@@ -275,11 +275,10 @@ def build_loader(cfg: DataConfig, *, tokenizer, image_processor: ImagePreprocess
 
     `replication`: that many consecutive ranks receive the same samples (the ranks of one
     tensor/pipeline-parallel model replica)."""
-    from streaming.base.util import clean_stale_shared_memory
-
     from pargo_dist.data.collate import Collator
+    from pargo_dist.data.shared_memory import remove_stale_shared_memory
 
-    clean_stale_shared_memory()
+    remove_stale_shared_memory()  # a killed run's registrations, not a live process's
     dataset = ParGoDataset(cfg, tokenizer=tokenizer, image_processor=image_processor,
                            num_image_tokens=num_image_tokens, batch_size=batch_size,
                            replication=replication if replication > 1 else None)

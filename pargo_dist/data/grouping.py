@@ -293,12 +293,13 @@ def add_lengths(dataset: str, split: str | None = None) -> str:
     import urllib.parse
 
     from streaming import StreamingDataset
-    from streaming.base.util import clean_stale_shared_memory
+
+    from pargo_dist.data.shared_memory import remove_stale_shared_memory
 
     remote = dataset if len(urllib.parse.urlparse(dataset).scheme) > 1 else None
     local = tempfile.mkdtemp(prefix="pargo-lengths-") if remote else dataset
     try:
-        clean_stale_shared_memory()
+        remove_stale_shared_memory()
         ds = StreamingDataset(remote=remote, local=local, split=split, shuffle=False, batch_size=1)
         log, shard = SizeLog(), None
         for i in range(ds.num_samples):

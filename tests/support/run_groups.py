@@ -5,9 +5,10 @@ Why: a third of the suite's time the 2 cores wait (ranks meeting, timeouts a tes
 purpose, a SLURM job being scheduled), and another session's work fills it.
 
 Each session runs in a mount namespace with a /dev/shm of its own, as a separate machine would
-have: mosaicml-streaming keeps its per-node state there and, when a loader starts, removes every
-streaming segment it finds (`clean_stale_shared_memory`), so two sessions on one /dev/shm would
-break each other's loaders. That needs root (`unshare -m`); without it the suite runs as one
+have: mosaicml-streaming keeps its per-node state there, and its `clean_stale_shared_memory`
+(which some tests call) removes every streaming segment it finds, live ones included, so two
+sessions on one /dev/shm could break each other's loaders. (pargo_dist's loaders remove only
+stale ones: pargo_dist/data/shared_memory.py.) That needs root (`unshare -m`); without it the suite runs as one
 session. Each session also gets its own temp dir (TMPDIR: streaming skips a shared-memory prefix
 whose file lock exists in the temp dir, so two sessions' ranks sharing /tmp could each see a
 different first free prefix), pytest base temp dir and dataset cache (PARGO_CACHE).
