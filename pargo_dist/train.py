@@ -73,7 +73,8 @@ class Trainer:
         self.watchdog = watchdog or HangWatchdog(0, self.rank)  # timeout 0: off
         self.stragglers = StragglerWatch(cfg.logging.straggler_factor, cfg.logging.every, self.rank)
         self.divergence = DivergenceWatch.from_config(cfg.train)
-        self._recent_samples: dict[int, tuple[list[str], bool]] = {}  # step -> (this rank's ids, own loss finite)
+        # step -> (this rank's ids, whether its own loss was finite: a bool tensor)
+        self._recent_samples: dict[int, tuple[list[str], torch.Tensor]] = {}
         self.run_dir = checkpoints.run_dir
         self.streams = list(streams or ["data"])  # the datasets of a mixture, in order
         self.state = TrainState(step=0, world_size=self.world, stage=cfg.train.stage, backend=backend.name,
@@ -184,7 +185,8 @@ class Trainer:
             c / self.backend.replication for c in counts.tolist())
         # right-padded batches train with plain causal attention (Batch.causal_only: same loss)
         loss_sum = self.backend.train_batch([b.causal_only() for b in micro_batches], targets, self.state.step)
-        own_finite = bool(torch.isfinite(loss_sum).all())  # which ranks' samples a divergence blames
+        # which ranks' samples a divergence blames; a tensor, read only then (no host sync per step)
+        own_finite = torch.isfinite(loss_sum).all()
         dist.all_reduce(loss_sum)
         s = self.state
         s.samples_seen += int(samples)
@@ -218,7 +220,7 @@ class Trainer:
     def _culprits(self, steps: tuple[int, ...]) -> list[str]:
         """Collective: the sample ids of the bad steps, from every rank: those of the ranks whose
         own loss was not finite where there are any (the others' samples were fine), else all."""
-        mine = [self._recent_samples.get(s, ([], True)) for s in steps]
+        mine = [(ids, bool(finite)) for ids, finite in (self._recent_samples.get(s, ([], True)) for s in steps)]
         everyone: list = [None] * self.world
         dist.all_gather_object(everyone, mine)
         bad = [ids for rank in everyone for ids, finite in rank if not finite]

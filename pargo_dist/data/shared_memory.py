@@ -37,7 +37,8 @@ def mapped_shm_names() -> set[str]:
 
 def stale_prefixes(live: set[str]) -> list[tuple[int, list[str]]]:
     """(prefix, its segment names) for each registered prefix, from 0 to the first unused one
-    (where streaming stops looking too), whose segments no process maps."""
+    (where streaming stops looking too), whose segments no process maps (`live`: an empty set
+    gives every registered prefix)."""
     from streaming.base.constant import SHM_TO_CLEAN
 
     stale, prefix = [], 0
@@ -59,8 +60,10 @@ def remove_stale_shared_memory() -> int:
 
     started = maybe_init_dist()
     removed = 0
-    if get_local_rank() == 0 and os.path.isdir(SHM):
-        for _, names in stale_prefixes(mapped_shm_names()):
+    registered = stale_prefixes(set()) if get_local_rank() == 0 and os.path.isdir(SHM) else []
+    if registered:  # (every process's maps are read only when there is something to decide)
+        live = mapped_shm_names()
+        for names in (names for _, names in registered if not live.intersection(names)):
             for name in names:
                 try:
                     os.unlink(os.path.join(SHM, name))

@@ -91,6 +91,24 @@ def full_state(backend) -> dict:
             "tied": output is lm.get_input_embeddings().weight}
 
 
+def deepspeed_rank(cfg, seed: int | None = None):
+    """This rank's DeepSpeed backend with the recipe's model: the process group joined, the model
+    built (after torch.manual_seed(seed), if given), frozen / adapted for its stage and set up.
+    Returns (backend, model, tokenizer, rank, world)."""
+    from pargo_dist import build
+    from pargo_dist.backends.deepspeed import DeepSpeedBackend
+
+    backend = DeepSpeedBackend(cfg)
+    rank, world = backend.init_distributed()
+    tokenizer = build.build_tokenizer(cfg)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = build.build_model(cfg, tokenizer)
+    build.init_freeze_and_adapt(model, cfg, gather=backend.param_gather)
+    backend.setup(model)
+    return backend, model, tokenizer, rank, world
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("recipe")
@@ -102,19 +120,11 @@ def main() -> None:
     ap.add_argument("--save")
     args = ap.parse_args()
 
-    from pargo_dist import build
-    from pargo_dist.backends.deepspeed import DeepSpeedBackend
     from pargo_dist.config import load_config
 
     cfg = load_config(args.recipe, [f"backend.zero_stage={args.zero}", "backend.zero3_on_one_rank=true",
                                     "train.micro_batch=2", *CASES[args.case]])
-    backend = DeepSpeedBackend(cfg)
-    rank, world = backend.init_distributed()
-    tokenizer = build.build_tokenizer(cfg)
-    torch.manual_seed(0)
-    model = build.build_model(cfg, tokenizer)
-    build.init_freeze_and_adapt(model, cfg, gather=backend.param_gather)
-    backend.setup(model)
+    backend, model, tokenizer, rank, world = deepspeed_rank(cfg, seed=0)
     backend.train(True)
     start = 0
     if args.load:

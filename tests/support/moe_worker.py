@@ -48,19 +48,12 @@ def force_routing(model, row_groups: torch.Tensor, ran: set[int]) -> None:
 
 def main() -> None:
     recipe, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    from elastic_worker import fixed_batches
+    from elastic_worker import deepspeed_rank, fixed_batches
 
-    from pargo_dist import build
-    from pargo_dist.backends.deepspeed import DeepSpeedBackend
     from pargo_dist.config import load_config
 
     cfg = load_config(recipe, [MOE, "train.stage=full", "optim.lr=1e-2", "backend.zero_stage=3"])
-    backend = DeepSpeedBackend(cfg)
-    rank, world = backend.init_distributed()
-    tokenizer = build.build_tokenizer(cfg)
-    model = build.build_model(cfg, tokenizer)
-    build.init_freeze_and_adapt(model, cfg)
-    backend.setup(model)
+    backend, _, tokenizer, rank, world = deepspeed_rank(cfg)
     mine = slice(rank * ROWS // world, (rank + 1) * ROWS // world)
     ran: set[int] = set()
     force_routing(backend.module, (torch.arange(ROWS) // (ROWS // 2))[mine], ran)
