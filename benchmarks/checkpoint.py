@@ -9,7 +9,7 @@ directory on the run's filesystem. Per save:
               Synchronous: every file is written before save returns (torch.save, as DeepSpeed
               does). Background: save returns once DeepSpeed has built its state dicts; a thread
               copies them to host memory while the next step's forward and backward run, the
-              update waits for the copy (pargo_dist.background_save); another thread writes.
+              update waits for the copy (pargo_dist.checkpoint.background_save); another thread writes.
   step +s     how much slower the next step ran, not counting that wait: the copy and the write
               compete with it for these 2 cores and the memory bus (the kernel's page-cache
               writes are CPU time too); on a GPU node the step runs on the GPU
@@ -28,7 +28,7 @@ train`, one step, checkpoint.every=1) leaves a checkpoint as every GPU recipe sa
 
   convert 1w s   DeepSpeed's ds_to_universal with one extraction worker, in the rank's process:
                  how pargo_dist converted before (rank 0 alone, the others in a barrier)
-  convert Nw s   pargo_dist/backends/deepspeed_universal.py now: its own process, with the
+  convert Nw s   pargo_dist/backends/deepspeed/universal.py now: its own process, with the
                  workers the node's cores and memory allow (N), while the other ranks wait on the store
   up / rank MB   what each rank uploads to checkpoint.remote (the files it wrote; rank 0 also the
                  shared ones), so what each node sends is the sum over its ranks
@@ -71,8 +71,8 @@ def measure(size: str, args) -> dict:
 
     from pargo_dist.build import build_model, init_freeze_and_adapt
     from pargo_dist.data.tokenizer import synthetic_tokenizer
-    from pargo_dist.launch import single_process_env
-    from pargo_dist.train import make_backend
+    from pargo_dist.runtime.rank_env import single_process_env
+    from pargo_dist.train.run import make_backend
 
     single_process_env()
     bench = argparse.Namespace(batch=[2], precision="fp32", zero=[2], warmup=0, steps=1, recipe=train_step.RECIPE)
@@ -134,8 +134,8 @@ def conversion(size: str, root: Path) -> dict:
     """A 2-rank ZeRO-3 bf16 checkpoint of `size`, converted both ways (see the module docstring)."""
     import subprocess
 
-    from pargo_dist.backends.deepspeed_universal import UNIVERSAL_DIR, convert, extract_workers
-    from pargo_dist.remote_checkpoints import NodeShare, RemoteCheckpoints
+    from pargo_dist.backends.deepspeed.universal import UNIVERSAL_DIR, convert, extract_workers
+    from pargo_dist.checkpoint.object_store import NodeShare, RemoteCheckpoints
 
     run = root / size
     overrides = [*train_step.SIZES[size], f"run.dir={run}", "train.steps=1", "checkpoint.every=1",

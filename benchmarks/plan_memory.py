@@ -83,7 +83,7 @@ def worker(size: str, zero: int) -> None:
     import torch
 
     from pargo_dist import build
-    from pargo_dist.backends.deepspeed import DeepSpeedBackend
+    from pargo_dist.backends.deepspeed.backend import DeepSpeedBackend
     from pargo_dist.config import load_config
 
     torch.set_num_threads(1)
@@ -104,7 +104,7 @@ def worker(size: str, zero: int) -> None:
 
 
 def measure(size: str, zero: int, ranks: int) -> float:
-    from pargo_dist.launch import free_port, rank_env
+    from pargo_dist.runtime.rank_env import free_port, rank_env
 
     master = f"127.0.0.1:{free_port()}"
     procs = [subprocess.Popen([sys.executable, __file__, "--worker", size, str(zero)], stdout=subprocess.PIPE,

@@ -162,12 +162,13 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r".*(Full backward hook is firing|For backward hooks to be called).*")
 
     from pargo_dist.build import build_model, init_freeze_and_adapt
-    from pargo_dist.checkpoint import CheckpointManager
+    from pargo_dist.checkpoint.manager import CheckpointManager
     from pargo_dist.data.tokenizer import synthetic_tokenizer
-    from pargo_dist.launch import single_process_env
-    from pargo_dist.metrics import MetricsLogger
-    from pargo_dist.signals import StopSignal
-    from pargo_dist.train import Trainer, make_backend
+    from pargo_dist.runtime.rank_env import single_process_env
+    from pargo_dist.observe.metrics import MetricsLogger
+    from pargo_dist.runtime.signals import StopSignal
+    from pargo_dist.train.trainer import Trainer
+    from pargo_dist.train.run import make_backend
 
     single_process_env()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

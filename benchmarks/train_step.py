@@ -6,7 +6,7 @@ ZeRO gradient reduction, clipping, AdamW update) on one fixed synthetic batch, s
 loading is inside the timed region; rates come from the median step time (robust to other
 processes on a shared machine). The contenders train the same model (same recipe, same seed,
 same frozen parts), on the same batch; the DeepSpeed ones under the same DeepSpeed config
-(`pargo_dist.backends.deepspeed.ds_config`):
+(`pargo_dist.backends.deepspeed.backend.ds_config`):
 
   pargo_dist      our loop: `Trainer.train_step` itself (global target-token count, its
                   all-reduces, the loss normalisation), over the backend `make_backend(cfg)`
@@ -28,7 +28,7 @@ same frozen parts), on the same batch; the DeepSpeed ones under the same DeepSpe
                   the Trainer's own per-step work (batch fetch and device move, loss-kwarg
                   counting, callbacks) is included, as it is in a real run.
   compiled        the pargo_dist row with the recipe override train.compile=true, its blocks
-                  compiled as a run compiles them (pargo_dist.train.set_up_backend, which
+                  compiled as a run compiles them (pargo_dist.train.trainer.set_up_backend, which
                   build_trainer calls too; a note under the table
                   says how many). Compiling falls in the warm-up steps, so give it --warmup 2
                   or more. --compile-backend sets train.compile_backend (aot_eager: the same
@@ -60,7 +60,7 @@ does. Sequence: the visual tokens + 64 text tokens (tiny, small), 304 visual + 7
 
 The planner's prediction, next to each measurement: `pargo_dist.plan` (`estimate`, as
 `pargo-dist plan` calls it) for the row's own config and layout (the ZeRO stage DeepSpeed will
-run, or megatron TP=1 PP=1), on Hardware(gpus=1, this GPU's memory, peak = pargo_dist.flops
+run, or megatron TP=1 PP=1), on Hardware(gpus=1, this GPU's memory, peak = pargo_dist.models.flops
 peak_flops_per_device, else 989 TFLOP/s, mfu = the planner's default 0.40), for the benchmark's
 micro batch and sequence. Columns:
 
@@ -211,7 +211,7 @@ def predict(cfg, batch: int, seq: int) -> dict:
     """The planner's memory and step time for this row's config on one GPU (see the docstring):
     `estimate(cfg, hw, layout, shapes_of(cfg, batch, seq))`, the layout at the ZeRO stage
     DeepSpeed will really run (ds_config's), or megatron's TP x PP."""
-    from pargo_dist.flops import peak_flops_per_device
+    from pargo_dist.models.flops import peak_flops_per_device
     from pargo_dist.plan.estimate import (
         H100_BF16_TFLOPS,
         Hardware,
@@ -227,7 +227,7 @@ def predict(cfg, batch: int, seq: int) -> dict:
     hw = Hardware(gpus=1, gpu_mem_gib=mem, peak_tflops=peak / 1e12 if peak else H100_BF16_TFLOPS)
     layout = layout_of(cfg)
     if cfg.backend.name == "deepspeed":
-        from pargo_dist.backends.deepspeed import ds_config
+        from pargo_dist.backends.deepspeed.backend import ds_config
 
         layout.zero_stage = ds_config(cfg, 1)["zero_optimization"]["stage"]
     est = estimate(cfg, hw, layout, shapes_of(cfg, micro_batch=batch, seq_len=seq))
@@ -293,12 +293,12 @@ def run_pargo(cfg, model, batch, args, backend) -> tuple[list[float], str]:
     frozen, as build_trainer does); then as build_trainer: activation checkpointing and
     train.compile where the recipe asks, and setup, which builds the optimizer and LR
     schedule. The step count advances as in Trainer.run."""
-    from pargo_dist.checkpoint import CheckpointManager
-    from pargo_dist.metrics import MetricsLogger
-    from pargo_dist.signals import StopSignal
-    from pargo_dist.train import Trainer
+    from pargo_dist.checkpoint.manager import CheckpointManager
+    from pargo_dist.observe.metrics import MetricsLogger
+    from pargo_dist.runtime.signals import StopSignal
+    from pargo_dist.train.trainer import Trainer
 
-    from pargo_dist.train import set_up_backend
+    from pargo_dist.train.run import set_up_backend
 
     COMPILED["blocks"] = set_up_backend(cfg, backend, model)  # as build_trainer: checkpointing, compile, setup
     COMPILED["backend"] = cfg.train.compile_backend
@@ -319,7 +319,7 @@ def run_pargo(cfg, model, batch, args, backend) -> tuple[list[float], str]:
 def run_bare(cfg, model, batch, args, _backend=None) -> tuple[list[float], str]:
     import deepspeed
 
-    from pargo_dist.backends.deepspeed import ds_config
+    from pargo_dist.backends.deepspeed.backend import ds_config
 
     params = [p for p in model.parameters() if p.requires_grad]
     # fused, as pargo_dist's and the HF Trainer's (its default since torch 2.8): the rows compare loops
@@ -340,7 +340,7 @@ def run_bare(cfg, model, batch, args, _backend=None) -> tuple[list[float], str]:
 def run_hf(cfg, model, batch, args, _backend=None) -> tuple[list[float], str]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from pargo_dist.backends.deepspeed import ds_config
+    from pargo_dist.backends.deepspeed.backend import ds_config
 
     inputs = batch.model_inputs()
     n = len(batch)
@@ -389,7 +389,7 @@ def run_hf(cfg, model, batch, args, _backend=None) -> tuple[list[float], str]:
 def run_one(size: str, contender: str, args) -> dict:
     """Build, time, measure one contender (in this process: the parent starts one per case).
     The planner's prediction is printed first (PLAN_MARK), so a row that fails later keeps it."""
-    from pargo_dist.launch import single_process_env
+    from pargo_dist.runtime.rank_env import single_process_env
 
     single_process_env()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -398,9 +398,9 @@ def run_one(size: str, contender: str, args) -> dict:
 
     from pargo_dist.build import build_model, init_freeze_and_adapt, meta_model
     from pargo_dist.data.tokenizer import synthetic_tokenizer
-    from pargo_dist.flops import mfu, model_flops_per_sample, peak_flops_per_device
-    from pargo_dist.metrics import peak_memory_gib
-    from pargo_dist.train import make_backend
+    from pargo_dist.models.flops import mfu, model_flops_per_sample, peak_flops_per_device
+    from pargo_dist.observe.metrics import peak_memory_gib
+    from pargo_dist.train.run import make_backend
 
     transformers.logging.set_verbosity_error()
     extra = EXTRA_OF.get(contender, []) + ([f"model.lora.r={args.lora_r}", f"model.lora.alpha={2 * args.lora_r}"]
@@ -413,7 +413,7 @@ def run_one(size: str, contender: str, args) -> dict:
         backend = make_backend(cfg)
         backend.init_distributed()
     else:
-        from pargo_dist.backends.deepspeed import init_distributed
+        from pargo_dist.backends.deepspeed.backend import init_distributed
 
         init_distributed()
     n = batch_size(size, args)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Start a run's ranks on this node; see pargo_dist/launch.py (signals forwarded, exit 75 = requeue).
+"""Start a run's ranks on this node; see pargo_dist/launch/node.py (signals forwarded, exit 75 = requeue).
 
     python launchers/launch.py --nproc 2 -- recipes/tiny-cpu.yaml train.steps=50
     srun --ntasks-per-node=1 python launchers/launch.py --slurm --nproc 8 -- recipes/x.yaml   # in sbatch
@@ -14,7 +14,7 @@ import sys
 
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
 
-from pargo_dist.launch import main  # noqa: E402
+from pargo_dist.launch.node import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,7 +16,7 @@ from pargo_dist.data.tokenizer import image_token_id, load_tokenizer
 from pargo_dist.errors import UserError
 from pargo_dist.models import ParGoForConditionalGeneration
 from pargo_dist.models.vision import vision_config_from
-from pargo_dist.weights import load_trained_weights
+from pargo_dist.backends.trained_weights import load_trained_weights
 
 
 def _require_local(key: str, path: str | None, what: str) -> None:
@@ -74,7 +74,7 @@ def moe_aux_loss(model: ParGoForConditionalGeneration, coef: float) -> None:
     output_router_logits is on (the megatron backend sets its own router from the recipe). HF's
     loss sums over the top-k choices (top_k for a balanced router), megatron's divides by k (1):
     the recipe's coefficient weighs megatron's, so HF's gets coef / top_k."""
-    from pargo_dist.backends.megatron_layout import MOE_TYPES
+    from pargo_dist.backends.megatron.layout import MOE_TYPES
 
     text = model.config.text_config
     if text.model_type not in MOE_TYPES:
@@ -136,7 +136,7 @@ def init_freeze_and_adapt(model: ParGoForConditionalGeneration, cfg: Config, gat
             raise UserError(f"model.init_from={cfg.model.init_from}: {err}") from None
     model.freeze(cfg.train.stage)
     if cfg.model.lora.r:
-        from pargo_dist.lora import apply_lora
+        from pargo_dist.models.lora import apply_lora
 
         apply_lora(model, cfg.model.lora)
     return loaded

@@ -92,7 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
 
     from pargo_dist.config import DEFAULT_RECIPE
-    from pargo_dist.launch import prepare_training
+    from pargo_dist.launch.node import prepare_training
 
     if args.recipe and "=" in args.recipe:  # no recipe named: the first word is an override
         args.overrides.insert(0, args.recipe)
@@ -100,19 +100,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     ranks = int(os.environ.get("WORLD_SIZE", args.nproc)) if "LOCAL_RANK" in os.environ else args.nproc
     cfg = prepare_training(args.recipe, args.overrides, ranks)  # fails here, before any rank starts
     if "LOCAL_RANK" not in os.environ and args.nproc > 1:
-        from pargo_dist.launch import launch, restart_policy
+        from pargo_dist.launch.node import launch
+        from pargo_dist.launch.restarts import restart_policy
 
         return launch(args.nproc, [args.recipe or str(DEFAULT_RECIPE), *args.overrides], restarts=restart_policy(cfg))
-    from pargo_dist.launch import single_process_env
+    from pargo_dist.runtime.rank_env import single_process_env
 
     single_process_env()
-    from pargo_dist.train import train
+    from pargo_dist.train.run import train
 
     return train(cfg)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pargo_dist.export import export
+    from pargo_dist.export.hf import export
 
     out = export(args.checkpoint, args.out, adapters_only=args.adapters_only, max_shard_bytes=args.max_shard_size,
                  dtype=args.dtype)
@@ -127,7 +128,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from pargo_dist.generate import caption_image, held_out_image, load_exported
+    from pargo_dist.evaluation.generate import caption_image, held_out_image, load_exported
 
     model, tokenizer, cfg = load_exported(args.model)
     truth = None
@@ -149,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import os
 
     if "LOCAL_RANK" not in os.environ and args.nproc > 1:
-        from pargo_dist.launch import launch
+        from pargo_dist.launch.node import launch
 
         return launch(args.nproc, args.argv, command="eval")  # ranks see LOCAL_RANK, ignore --nproc
     from pargo_dist.evaluation.command import run
@@ -269,7 +270,7 @@ def _generate_parser() -> argparse.ArgumentParser:
 
 
 def _submit_parser() -> argparse.ArgumentParser:
-    from pargo_dist import submit
+    from pargo_dist.launch import submit
 
     return _module_parser("submit", submit)
 
@@ -287,13 +288,13 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 
 def _report_parser() -> argparse.ArgumentParser:
-    from pargo_dist import report
+    from pargo_dist.observe import report
 
     return _module_parser("report", report)
 
 
 def _doctor_parser() -> argparse.ArgumentParser:
-    from pargo_dist import doctor
+    from pargo_dist.launch import doctor
 
     return _module_parser("doctor", doctor)
 
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = argv[0]
     if name in ("train", "eval"):  # SIGTERM / SIGUSR1 stay pending until the launcher or loop handles them
-        from pargo_dist.signals import hold_signals
+        from pargo_dist.runtime.signals import hold_signals
 
         hold_signals()
     args = command_parser(name).parse_intermixed_args(argv[1:])  # flags and key=value overrides in any order
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pargo-dist {name}: error: {err}", file=sys.stderr)
         return 2
     except TryAgainLater as err:  # outside the job (an unreachable store): requeue
-        from pargo_dist.slurm import REQUEUE_EXIT
+        from pargo_dist.runtime.exits import REQUEUE_EXIT
 
         print(f"pargo-dist {name}: {err}; exiting with {REQUEUE_EXIT} for requeue", file=sys.stderr)
         return REQUEUE_EXIT

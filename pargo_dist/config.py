@@ -25,7 +25,8 @@ from pargo_dist.constants import PARTS, STAGES
 from pargo_dist.data.crops import CropPolicy, ImageConfig
 from pargo_dist.data.sources import DataConfig
 from pargo_dist.errors import UserError
-from pargo_dist.trackers import MlflowConfig, WandbConfig, check_trackers
+from pargo_dist.models.lora import LoraConfig
+from pargo_dist.observe.trackers import MlflowConfig, WandbConfig, check_trackers
 
 
 def _recipes_dir() -> Path:
@@ -69,20 +70,6 @@ class VisionConfig:
 class LLMConfig:
     path: str | None = None  # local HF causal-LM directory: pretrained weights
     config: dict[str, Any] = field(default_factory=dict)  # or an HF config: random init (vocab from the tokenizer)
-
-
-@dataclass
-class LoraConfig:
-    """LoRA adapters on the LLM in stage `finetune` (peft): the LLM's own weights stay frozen, the
-    adapters and the projector train. r=0: off (the whole LLM trains)."""
-
-    r: int = 0  # rank; ParGo's stage 2 used 256
-    alpha: float = 16.0  # the update is scaled by alpha / r; ParGo's stage 2 used 512
-    dropout: float = 0.0
-    # module names (suffixes, e.g. q_proj) or one regex over full names (peft's target_modules);
-    # empty: the LLM family's attention projections (pargo_dist/lora.py DEFAULT_TARGETS)
-    target_modules: list[str] = field(default_factory=list)
-    target_regex: str | None = None
 
 
 @dataclass
@@ -139,7 +126,7 @@ class TrainConfig:
     grad_accum: int = 1
     precision: str = "fp32"  # fp32 | bf16
     activation_checkpointing: bool = False
-    # torch.compile each transformer block (tower, projector, LLM layers; pargo_dist.compile):
+    # torch.compile each transformer block (tower, projector, LLM layers; pargo_dist.backends.compile):
     # fused kernels for the norm / rotary / activation chains; the first steps pay the compile
     compile: bool = False
     compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: trace only, no codegen)
@@ -153,7 +140,7 @@ class TrainConfig:
     sample_count: int = 2
     max_new_tokens: int = 48
     hang_timeout_s: float = 1800.0  # a rank without progress this long dumps its stacks and ends the run; 0: off
-    # Divergence (pargo_dist/divergence.py). A step whose loss or gradient norm is not finite is
+    # Divergence (pargo_dist/train/divergence.py). A step whose loss or gradient norm is not finite is
     # skipped (no update, the data moves on). This many such steps in a row, or one loss above
     # loss_spike_factor x the mean of the last loss_spike_window steps, rolls the run back to the
     # newest checkpoint before them and skips the samples that caused it, by id (kept in the

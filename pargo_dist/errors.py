@@ -4,7 +4,7 @@ A `UserError` is a bad recipe, a bad input file (a shard that does not decompres
 a refused conversion, an output that already exists: the command line prints its message as one
 line and exits 2, because a traceback would only bury the sentence that says what to change. Every
 other exception is a bug or a fault (an OOM, a lost node): it keeps its traceback and exits 1, on
-the rank where it happened, at once (see `pargo_dist.train.train`).
+the rank where it happened, at once (see `pargo_dist.train.trainer.train`).
 
 UserError subclasses ValueError so that callers and tests that catch ValueError keep working.
 """
@@ -24,7 +24,7 @@ class TryAgainLater(Exception):
     """A condition outside the job that a later attempt may find gone: the object store holding
     the run's checkpoints is unreachable when the run must know what it holds (which checkpoint
     to resume from). Neither a user error nor a bug: the run says why in one line and exits 75, so
-    that SLURM requeues it (pargo_dist.slurm.REQUEUE_EXIT)."""
+    that SLURM requeues it (pargo_dist.launch.slurm.REQUEUE_EXIT)."""
 
 
 class Diverged(UserError):

@@ -16,25 +16,33 @@ import pargo_dist  # noqa: E402,F401  (environment shims before any transformers
 
 torch.set_num_threads(1)
 
+# Every process the suite starts imports tests/support/inject/sitecustomize.py: the fault knobs and
+# the fork server's routing of the product's own children (each acts only when its variable is set).
+INJECT = str(Path(__file__).parent / "support" / "inject")
+_WITHOUT_INJECT = os.environ.get("PYTHONPATH", "")
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [INJECT, _WITHOUT_INJECT]))
+
 
 def _start_fork_server():
     """Processes the tests start (ranks, `pargo-dist` commands, workers) are forked by a server
     that imported torch, transformers, DeepSpeed, megatron-core and streaming once, instead of
-    each importing them for 6-8 s (pargo_dist/forkserver.py; tests/test_forkserver.py checks
+    each importing them for 6-8 s (tests/support/forkserver.py; tests/test_forkserver.py checks
     that a forked process equals a fresh one). It starts importing now, while pytest collects
     and runs the in-process tests. PARGO_TEST_FORKSERVER=0 runs every process fresh."""
     import atexit
     import shutil
     import tempfile
 
-    from pargo_dist import forkserver
+    from support import forkserver
 
     if os.environ.get("PARGO_TEST_FORKSERVER", "1") == "0" or os.environ.get(forkserver.ENV):
         return
     where = tempfile.mkdtemp(prefix="pargo-fs-")
     path = os.path.join(where, "server.sock")
     log = os.environ.get("PARGO_TEST_FORKSERVER_LOG") or os.path.join(where, "server.log")  # says what ran fresh
-    server = forkserver.start(path, log=open(log, "w"))
+    # the server itself starts without sitecustomize: each child imports it as a fresh process
+    # would, with the child's own environment (its RANK, its knobs)
+    server = forkserver.start(path, env={**os.environ, "PYTHONPATH": _WITHOUT_INJECT}, log=open(log, "w"))
     os.environ[forkserver.ENV] = path
 
     def stop():

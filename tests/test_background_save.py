@@ -1,4 +1,4 @@
-"""pargo_dist.background_save in-process: the host copy a background save writes, and the writer's
+"""pargo_dist.checkpoint.background_save in-process: the host copy a background save writes, and the writer's
 ordering and failure reporting. (The whole protocol, with real ranks, a kill mid-write and a
 signal: tests/test_train.py.)"""
 
@@ -10,7 +10,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from pargo_dist.background_save import BackgroundWriter, host_snapshot, save_file
+from pargo_dist.checkpoint.background_save import BackgroundWriter, host_snapshot, save_file
 
 
 def test_the_snapshot_is_the_state_when_taken_with_views_kept_as_views(tmp_path):

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from pargo_dist.checkpoint import COMPLETE, CheckpointManager, TrainState, capture_rng_state, restore_rng_state
+from pargo_dist.checkpoint.manager import COMPLETE, CheckpointManager
+from pargo_dist.checkpoint.state import TrainState, capture_rng_state, restore_rng_state
 from pargo_dist.errors import UserError
 
 
@@ -219,7 +220,7 @@ def _rank_worker(run_dir: str, store: str, rank: int, world: int) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    from pargo_dist.store_sync import StoreSync
+    from pargo_dist.runtime.store_sync import StoreSync
 
     mgr = CheckpointManager(run_dir, keep_last=2, rank=rank, world_size=world, sync=StoreSync.default())
     for step in (1, 2, 3):

@@ -1,4 +1,4 @@
-"""train.compile (pargo_dist.compile): each transformer block's forward through torch.compile.
+"""train.compile (pargo_dist.backends.compile): each transformer block's forward through torch.compile.
 
 Reference: the same model run eagerly. The tests compile with the aot_eager backend: dynamo
 traces every block into a graph and AOTAutograd builds its joint forward/backward, exactly as
@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import IMAGE_TOKEN, tiny_model
 
-from pargo_dist.compile import compile_blocks, transformer_blocks
+from pargo_dist.backends.compile import compile_blocks, transformer_blocks
 from pargo_dist.models.mllm import insert_image_tokens
 
 

@@ -159,7 +159,7 @@ def test_mixed_crops_train_through_the_padding_without_a_gradient_from_it():
 
 
 def test_the_planner_sizes_activations_and_flops_for_the_most_crops_an_image_can_get():
-    from pargo_dist.flops import model_flops_per_sample
+    from pargo_dist.models.flops import model_flops_per_sample
     from pargo_dist.plan.trace import shapes_of
 
     one = shapes_of(load_config(None, []))

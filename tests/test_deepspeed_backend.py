@@ -35,7 +35,7 @@ def test_zero3_keeps_the_frozen_tower_whole_and_out_of_its_partitions(tmp_path, 
     """ZeRO-3 partitions what it wraps and gathers it in every forward: the frozen tower is left
     out (whole, in the training precision, no ZeRO attributes, no DeepSpeed hooks), what trains is
     partitioned, and the model computes what it computed before set-up."""
-    from pargo_dist.backends.deepspeed import DeepSpeedBackend
+    from pargo_dist.backends.deepspeed.backend import DeepSpeedBackend
 
     # (one rank runs ZeRO-3 as ZeRO-2 unless parameters are offloaded: offloading keeps stage 3 here)
     cfg, model = built(tmp_path, "backend.zero_stage=3", "backend.offload_params=true", f"train.precision={precision}")
@@ -71,7 +71,7 @@ def test_zero3_keeps_the_frozen_tower_whole_and_out_of_its_partitions(tmp_path, 
 
 def test_a_trained_tower_stays_with_zero3(tmp_path):
     """A tower that trains needs its optimizer partitions: it stays in the module DeepSpeed wraps."""
-    from pargo_dist.backends.deepspeed import DeepSpeedBackend
+    from pargo_dist.backends.deepspeed.backend import DeepSpeedBackend
 
     cfg, model = built(tmp_path, "backend.zero_stage=3", "backend.offload_params=true", "train.stage=full")
     assert any(p.requires_grad for p in model.vision_tower.parameters())
@@ -84,7 +84,7 @@ def test_a_trained_tower_stays_with_zero3(tmp_path):
 def test_zero3_on_one_rank_runs_as_zero2_and_says_so(tmp_path, capsys):
     """One rank has nothing to partition: ZeRO-3's gathers and hooks would be pure cost. The run
     says what it chose; more ranks, or offloaded parameters (stage 3 only), keep stage 3."""
-    from pargo_dist.backends.deepspeed import DeepSpeedBackend, zero_stage_for
+    from pargo_dist.backends.deepspeed.backend import DeepSpeedBackend, zero_stage_for
 
     cfg, model = built(tmp_path, "backend.zero_stage=3")
     backend = DeepSpeedBackend(cfg)
@@ -116,8 +116,10 @@ def test_a_background_save_holds_the_state_from_before_the_next_step(tmp_path, m
     import sys
     from pathlib import Path
 
-    from pargo_dist.backends.deepspeed import DeepSpeedBackend
-    from pargo_dist.background_save import STAGE_DELAY_ENV
+    from pargo_dist.backends.deepspeed.backend import DeepSpeedBackend
+    import time
+
+    from pargo_dist.checkpoint import background_save
 
     sys.path.insert(0, str(Path(__file__).parent / "support"))
     from elastic_worker import fixed_batches
@@ -129,7 +131,8 @@ def test_a_background_save_holds_the_state_from_before_the_next_step(tmp_path, m
     batches = fixed_batches(backend.module, build.build_tokenizer(cfg), steps=2, rank=0, world=1)
     backend.train_batch([batches[0][0]], float(batches[0][1]), 0)  # Adam's state exists from here on
     backend.save(tmp_path / "sync")
-    monkeypatch.setenv(STAGE_DELAY_ENV, "1")
+    copy = background_save.host_snapshot
+    monkeypatch.setattr(background_save, "host_snapshot", lambda *a, **k: time.sleep(1) or copy(*a, **k))
     backend.save(tmp_path / "background", background=True)
     backend.train_batch([batches[1][0]], float(batches[1][1]), 1)
     backend.wait_for_saves()
@@ -157,7 +160,7 @@ def _zero3_run(tmp_path, steps: int):
 
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    from pargo_dist.backends.deepspeed import DeepSpeedBackend
+    from pargo_dist.backends.deepspeed.backend import DeepSpeedBackend
 
     sys.path.insert(0, str(Path(__file__).parent / "support"))
     from elastic_worker import fixed_batches
@@ -182,13 +185,12 @@ def test_zero3_buffers_are_sized_to_the_model(tmp_path, monkeypatch):
     model under ~4B parameters: ZeRO-3 then copied every gradient into the bucket (a second full
     gradient) and kept every parameter gathered through the step (a second full model); a 278M
     model peaked at 6.2 GiB per rank against megatron TP=2's 2.6. Sized to the model
-    (backends/deepspeed_buffers; its latency floor lowered so that this tiny model counts as
+    (backends/deepspeed/buffers; its latency floor lowered so that this tiny model counts as
     large, and none of its small weights kept whole): the bucket holds 1/8 of the trained parameters, and after a forward at most the
     reuse distance plus one prefetch stays gathered, where DeepSpeed's defaults keep every
     partitioned parameter. The losses are those of the defaults: bucket sizes change when a
     gradient is reduced, not its value."""
-    from pargo_dist.backends import deepspeed, deepspeed_buffers
-
+    from pargo_dist.backends.deepspeed import backend as deepspeed, buffers as deepspeed_buffers
     monkeypatch.setattr(deepspeed_buffers, "LATENCY_FLOOR", 0)
     monkeypatch.setattr(deepspeed, "persistence_threshold", lambda hidden: 0)  # (no tiny weight kept whole)
     backend, losses, gathered = _zero3_run(tmp_path / "sized", steps=2)

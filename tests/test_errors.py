@@ -9,9 +9,7 @@ which Python loads at start-up from PYTHONPATH: the product code has no test hoo
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,9 +17,7 @@ from pathlib import Path
 import pytest
 from support.training import env, write_recipe
 
-from pargo_dist import forkserver
-
-INJECT = str(Path(__file__).parent / "support" / "inject")
+from support import forkserver
 LAUNCHER = Path(__file__).parents[1] / "launchers" / "launch.py"
 
 
@@ -31,7 +27,7 @@ def recipe(tmp_path, data_dir):
 
 
 def launch(recipe: Path, *overrides: str, fault: str | None = None, nproc: int = 2):
-    extra = {"PYTHONPATH": os.pathsep.join(filter(None, [INJECT, os.environ.get("PYTHONPATH")]))}
+    extra = {}
     if fault:
         extra["PARGO_TEST_FAULT"] = fault
     start = time.monotonic()

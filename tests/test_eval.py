@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pargo_dist import forkserver
+from support import forkserver
 from pargo_dist.data.synthetic import SyntheticConfig, held_out, position_name, synthetic_scene
 from pargo_dist.evaluation import mme
 from pargo_dist.evaluation.details import aggregate, parse_question, parse_shapes, score_caption
@@ -135,7 +135,7 @@ def evaluated(reference, tmp_path_factory):
 
 
 def test_eval_loss_is_the_trainers_and_metrics_reach_tensorboard(evaluated):
-    from pargo_dist.report import read_scalars
+    from pargo_dist.observe.report import read_scalars
     from support.training import losses
 
     run, out, log = evaluated
@@ -160,7 +160,7 @@ def test_batched_answers_are_single_sample_generation(evaluated):
     from PIL import Image
 
     from pargo_dist.evaluation.runner import Evaluator
-    from pargo_dist.generate import caption_image, held_out_image, load_exported
+    from pargo_dist.evaluation.generate import caption_image, held_out_image, load_exported
 
     _, out, _ = evaluated
     model, tokenizer, cfg = load_exported(out / "model")

@@ -13,10 +13,10 @@ from support.pretrained import save_hub_style
 from support.training import run_train, write_recipe
 
 from pargo_dist import build
-from pargo_dist.checkpoint import resolve_checkpoint
+from pargo_dist.checkpoint.manager import resolve_checkpoint
 from pargo_dist.config import load_config
-from pargo_dist.export import StreamedModel, block_of, export
-from pargo_dist.weights import load_trained_weights
+from pargo_dist.export.hf import StreamedModel, block_of, export
+from pargo_dist.backends.trained_weights import load_trained_weights
 
 
 @pytest.fixture(scope="module")

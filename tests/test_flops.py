@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from pargo_dist.constants import PARTS
-from pargo_dist.flops import (
+from pargo_dist.models.flops import (
     flops_breakdown,
     forward_flops,
     mfu,

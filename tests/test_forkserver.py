@@ -1,4 +1,4 @@
-"""pargo_dist/forkserver.py: a process forked by the server is the process a fresh interpreter
+"""tests/support/forkserver.py: a process forked by the server is the process a fresh interpreter
 would have started (the suite's processes and the launcher's ranks rely on it), and what the
 server must not fork runs fresh."""
 
@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from pargo_dist import forkserver
+from support import forkserver
 
+TESTS = str(Path(__file__).parent)  # for `from support import forkserver` in the processes below
 PROBE = r'''
 import atexit, json, os, random, signal, sys, threading, time
 import torch
@@ -132,7 +133,7 @@ def test_a_child_dies_with_the_process_that_asked_for_it(server, tmp_path):
     """The launcher's ranks die with it (PR_SET_PDEATHSIG for a fresh process); a forked rank is
     the server's child, so the server kills it when the launcher's connection closes."""
     client = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pargo_dist import forkserver\n"
+        f"import sys, time; sys.path.insert(0, {TESTS!r}); from support import forkserver\n"
         "p = forkserver.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], die_with_parent=True)\n"
         "print(p.pid, p.forked, flush=True); time.sleep(120)")], stdout=subprocess.PIPE, text=True)
     pid, forked = client.stdout.readline().split()
@@ -157,7 +158,7 @@ def test_a_caller_in_other_namespaces_gets_a_fresh_process(server):
     probe = ["unshare", "-m", "true"]
     if shutil.which("unshare") is None or subprocess.run(probe, capture_output=True).returncode:
         pytest.skip("needs `unshare -m` (root)")
-    code = ("import os, sys; from pargo_dist import forkserver\n"
+    code = (f"import os, sys; sys.path.insert(0, {TESTS!r}); from support import forkserver\n"
             "p = forkserver.Popen([sys.executable, '-c', 'import os; print(os.readlink(\"/proc/self/ns/mnt\"))'],"
             " stdout=-1, text=True)\n"
             "print(p.forked, p.communicate()[0].strip(), os.readlink('/proc/self/ns/mnt'))")

@@ -20,14 +20,15 @@ import torch.distributed as dist
 from support.fake_backend import FakeBackend, ListLoader
 
 from pargo_dist.backends.base import Backend
-from pargo_dist.checkpoint import CheckpointManager, TrainState
+from pargo_dist.checkpoint.manager import CheckpointManager
+from pargo_dist.checkpoint.state import TrainState
 from pargo_dist.config import load_config
 from pargo_dist.data.collate import Collator
 from pargo_dist.errors import Diverged, UserError
-from pargo_dist.metrics import MetricsLogger
-from pargo_dist.signals import StopSignal
-from pargo_dist.slurm import REQUEUE_EXIT
-from pargo_dist.train import Trainer
+from pargo_dist.observe.metrics import MetricsLogger
+from pargo_dist.runtime.signals import StopSignal
+from pargo_dist.runtime.exits import REQUEUE_EXIT
+from pargo_dist.train.trainer import Trainer
 
 MICRO = 3  # samples per micro-batch
 

@@ -54,7 +54,7 @@ def test_lora_trains_the_adapters_and_the_projector_only(tmp_path, data_dir):
 
 
 def test_merged_logits_equal_the_adapted_model(tmp_path, data_dir):
-    from pargo_dist.lora import merge
+    from pargo_dist.models.lora import merge
 
     recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
     cfg, tokenizer, model = lora_model(recipe)
@@ -90,9 +90,9 @@ def test_lora_zero3_resumes_exactly_and_exports_merged_or_adapters(tmp_path, dat
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from pargo_dist.export import export
+    from pargo_dist.export.hf import export
     from pargo_dist.models import ParGoForConditionalGeneration
-    from pargo_dist.weights import checkpoint_weights
+    from pargo_dist.backends.trained_weights import checkpoint_weights
 
     run = tmp_path / "run"
     llm = [f"model.llm.path={save_hub_style(tmp_path / 'llm', 'llama')}", "model.llm.config={}"]

@@ -21,7 +21,6 @@ References and tolerances (docs/architecture.md, "Testing: how tolerances are ch
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,8 +29,7 @@ import torch
 from support.ranks import run_ranks
 from support.training import crash_copy, env, exported_eval_loss, losses, run_train, sample_ids, write_recipe
 
-from pargo_dist import forkserver
-
+from support import forkserver
 WORKER = Path(__file__).parent / "support" / "megatron_worker.py"
 MEGATRON = ["backend.name=megatron"]
 # float32 math in two orders (TP/PP splits, other kernels) differs by a few eps per reduction; 1e-5
@@ -178,10 +176,10 @@ def test_a_checkpoint_is_read_back_one_decoder_layer_at_a_time(tp2_run, monkeypa
     read holds the tower and projector, one decoder layer, or the embeddings and norm, and each
     is read once (the export's logits are checked above against the run's own eval loss)."""
     from pargo_dist import build
-    from pargo_dist.backends import megatron_weights
-    from pargo_dist.checkpoint import resolve_checkpoint
+    from pargo_dist.backends.megatron import weights as megatron_weights
+    from pargo_dist.checkpoint.manager import resolve_checkpoint
     from pargo_dist.config import load_config
-    from pargo_dist.weights import checkpoint_weights
+    from pargo_dist.backends.trained_weights import checkpoint_weights
 
     reads = []
     read = megatron_weights.MegatronWeights._read

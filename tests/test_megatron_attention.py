@@ -1,4 +1,4 @@
-"""Our SDPA core attention (backends/megatron_attention.py) against megatron's own
+"""Our SDPA core attention (backends/megatron/attention.py) against megatron's own
 DotProductAttention, in-process at TP=1 (a 1-rank group): outputs and the gradients of q, k and
 v, for multi-head and grouped-query attention, with megatron's explicit masks and, for a
 right-padded batch, with no mask at all (causal). TP=2 runs end to end in test_megatron.py (the
@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pargo_dist.backends import megatron  # noqa: F401  (megatron's CPU shims first)
-from pargo_dist.backends.megatron_attention import SDPAttention
-from pargo_dist.backends.megatron_model import causal_padding_mask
+import pargo_dist.backends.megatron.backend  # noqa: F401  (megatron's CPU shims first)
+from pargo_dist.backends.megatron.attention import SDPAttention
+from pargo_dist.backends.megatron.model import causal_padding_mask
 
 S, B, D = 9, 3, 8
 
@@ -82,7 +82,7 @@ def test_sdpa_core_attention_equals_megatrons(heads, groups, padding):
 
 
 def test_a_right_padded_batch_needs_no_mask():
-    from pargo_dist.backends.megatron_model import needs_padding_mask
+    from pargo_dist.backends.megatron.model import needs_padding_mask
 
     right = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
     assert not needs_padding_mask(right) and not needs_padding_mask(torch.ones(2, 5, dtype=torch.long))

@@ -9,9 +9,9 @@ from collections import defaultdict
 import pytest
 import torch
 
-from pargo_dist import metrics
-from pargo_dist.metrics import MetricsLogger, StepTimer, peak_memory_gib
-from pargo_dist.report import read_scalars, read_texts
+from pargo_dist.observe import metrics
+from pargo_dist.observe.metrics import MetricsLogger, StepTimer, peak_memory_gib
+from pargo_dist.observe.report import read_scalars, read_texts
 
 # ----------------------------------------------------------------------------- memory, timing
 

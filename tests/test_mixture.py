@@ -64,7 +64,7 @@ def test_mixture_is_counted_per_stream_and_resumes_on_another_rank_count(mixture
         assert row["data/stream/txt"] == sum(stream_of(i) == "txt" for i in seen)
     assert log[-1]["data/stream/images"] + log[-1]["data/stream/txt"] == 32
     assert log[-1]["data/stream/txt"] > 0 and log[-1]["data/stream/images"] > log[-1]["data/stream/txt"]
-    from pargo_dist.report import read_scalars
+    from pargo_dist.observe.report import read_scalars
 
     assert read_scalars(run / "tb")["data/stream/txt"][-1] == (4, log[-1]["data/stream/txt"])
 
@@ -111,7 +111,7 @@ RANK_SCRIPT = textwrap.dedent("""
     import pargo_dist
     from pargo_dist import build
     from pargo_dist.config import load_config
-    from pargo_dist.backends.deepspeed import DeepSpeedBackend
+    from pargo_dist.backends.deepspeed.backend import DeepSpeedBackend
     from pargo_dist.data.collate import Collator
     from pargo_dist.data.prompt import PromptBuilder
 

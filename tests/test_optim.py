@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pargo_dist.config import load_config
-from pargo_dist.optim import adamw
+from pargo_dist.backends.optim import adamw
 
 
 def step_with_random_grads(opt, params, steps: int) -> list[torch.Tensor]:
@@ -49,7 +49,7 @@ def test_fuse_adamw_reaches_torch_adamw_inside_wrappers_and_keeps_its_update():
     switches it to the fused kernel, for the same update."""
     from types import SimpleNamespace
 
-    from pargo_dist.optim import fuse_adamw
+    from pargo_dist.backends.optim import fuse_adamw
 
     torch.manual_seed(0)
     start = [torch.randn(19, 7, dtype=torch.float64), torch.randn(23, dtype=torch.float64)]

@@ -118,6 +118,8 @@ def test_a_wheel_ships_the_recipes_so_a_plain_pip_install_has_the_default(tmp_pa
         z.extractall(tmp_path / "site")
     shipped = {f"pargo_dist/recipes/{p.name}" for p in (root / "recipes").glob("*.yaml")}
     assert "pargo_dist/recipes/tiny-cpu.yaml" in shipped and shipped <= names
+    modules = {str(p.relative_to(root)) for p in (root / "pargo_dist").rglob("*.py")}
+    assert modules - names == set(), f"the wheel lacks {sorted(modules - names)}: list their packages in pyproject.toml"
     out = subprocess.run([sys.executable, "-c", "import pargo_dist\nfrom pargo_dist.config import DEFAULT_RECIPE, "
                           "load_config\nprint(pargo_dist.__file__, DEFAULT_RECIPE, load_config(None).run.dir)"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
@@ -126,3 +128,15 @@ def test_a_wheel_ships_the_recipes_so_a_plain_pip_install_has_the_default(tmp_pa
     module, recipe, run_dir = out.stdout.split()
     site = str(tmp_path / "site")
     assert module.startswith(site) and recipe == f"{site}/pargo_dist/recipes/tiny-cpu.yaml" and run_dir == "runs/tiny-cpu"
+
+
+def test_the_product_carries_no_test_hooks():
+    """Faults, delays and the suite's fork server are injected from tests/support (inject/sitecustomize.py):
+    no product module reads a test variable or knows the fork server, so nothing a user's shell
+    leaks in can change how production ranks start or save."""
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "pargo_dist"
+    found = [f"{p.relative_to(package.parent)}: {word}" for p in package.rglob("*.py")
+             for word in ("PARGO_TEST", "forkserver", "FORKSERVER", "_DELAY_S") if word in p.read_text()]
+    assert not found, found

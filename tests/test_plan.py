@@ -196,8 +196,8 @@ def test_the_plan_counts_the_buffers_the_run_gives_deepspeed(recipe, overrides, 
     parameters at a fraction of the model (278M: a 1/8 bucket, not DeepSpeed's 5e8, which is
     larger than the model), DeepSpeed's own sizes above (8B). The planner's buffers are those
     sizes in bytes, plus its fixed framework reserve."""
-    from pargo_dist.backends.deepspeed import ds_config
-    from pargo_dist.backends.deepspeed_buffers import DS_MAX_LIVE, DS_REDUCE_BUCKET
+    from pargo_dist.backends.deepspeed.backend import ds_config
+    from pargo_dist.backends.deepspeed.buffers import DS_MAX_LIVE, DS_REDUCE_BUCKET
     from pargo_dist.build import meta_model
     from pargo_dist.plan.estimate import FRAMEWORK_RESERVE_GIB, GiB, buffer_bytes
 

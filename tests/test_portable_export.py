@@ -50,8 +50,8 @@ print(json.dumps({"module": type(model).__module__, "processor": type(processor)
 @pytest.fixture(scope="module")
 def exported(reference, tmp_path_factory):
     """The reference run's last checkpoint, its recipe switched to 2x2 crops, exported."""
-    from pargo_dist.checkpoint import resolve_checkpoint
-    from pargo_dist.export import export
+    from pargo_dist.checkpoint.manager import resolve_checkpoint
+    from pargo_dist.export.hf import export
 
     tmp = tmp_path_factory.mktemp("portable")
     step = tmp / "step"
@@ -65,7 +65,7 @@ def exported(reference, tmp_path_factory):
 def test_plain_transformers_loads_the_export_and_captions_like_pargo_dist(exported, tmp_path):
     from pargo_dist.build import image_processor
     from pargo_dist.data.prompt import PromptBuilder
-    from pargo_dist.generate import caption_image, held_out_image, load_exported
+    from pargo_dist.evaluation.generate import caption_image, held_out_image, load_exported
 
     model, tokenizer, cfg = load_exported(exported)
     image, _ = held_out_image(cfg, 3)
@@ -103,7 +103,7 @@ def test_the_export_ships_every_module_it_imports_and_names_them_in_auto_map(exp
 
 
 def test_a_shipped_module_that_imports_an_unshipped_one_stops_the_export():
-    from pargo_dist.portable import relative_source
+    from pargo_dist.export.portable import relative_source
 
     with pytest.raises(RuntimeError, match=r"build.py imports pargo_dist.config, which the export does not ship"):
         relative_source("pargo_dist.build")

@@ -14,14 +14,13 @@ from support.pretrained import save_hub_style
 from support.training import losses, run_train, write_recipe
 
 from pargo_dist import build
-from pargo_dist.backends.megatron_convert import megatron_state_from_checkpoint, megatron_state_from_hf
+from pargo_dist.backends.megatron.convert import megatron_state_from_checkpoint, megatron_state_from_hf
 from pargo_dist.config import load_config
 from pargo_dist.data.tokenizer import load_tokenizer
 from pargo_dist.errors import UserError
-from pargo_dist.hf_checkpoint import HFCheckpoint
+from pargo_dist.models.pretrained import HFCheckpoint
 
 
-INJECT = str(Path(__file__).parent / "support" / "inject")  # fault knobs (sitecustomize.py)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
@@ -73,7 +72,7 @@ def test_partitions_read_row_ranges_that_reassemble_the_whole_fill(checkpoint):
     vocabulary grown past the checkpoint's: the slices put end to end equal the whole fill."""
     from transformers import AutoModelForCausalLM
 
-    from pargo_dist.hf_checkpoint import fill_causal_lm
+    from pargo_dist.models.pretrained import fill_causal_lm
 
     tok = load_tokenizer("synthetic")
     whole = build.build_model(recipe_for(checkpoint), tok).language_model.state_dict()
@@ -197,19 +196,18 @@ def test_zero3_partitioned_as_it_is_read_starts_where_the_whole_build_does(tmp_p
     With backend.zero_init=auto (null) the ranks see nodes of different sizes (a fault knob: one
     rank's node has 1 MiB): rank 0 decides for all, so "whole" and "parts" build alike on both
     ranks, where deciding apart would leave one rank in zero.Init's collectives alone."""
-    from pargo_dist.weights import checkpoint_weights
+    from pargo_dist.backends.trained_weights import checkpoint_weights
 
     path = save_hub_style(tmp_path / "llm", "llama")
     ref = reference(path).state_dict()
     common = [f"model.llm.path={path}", "model.llm.config={}", "train.steps=1", "optim.lr=0", "data.eval=null",
               "backend.zero_stage=3"]
-    inject = {"PYTHONPATH": os.pathsep.join(filter(None, [INJECT, os.environ.get("PYTHONPATH")]))}
     first = {}
     for name, extra, small_node in (("whole", ["backend.zero_init=null"], "1"),
                                     ("parts", ["backend.zero_init=null"], "0"),
                                     ("parts16", ["backend.zero_init=true", "train.precision=bf16"], None)):
         recipe = write_recipe(tmp_path / f"{name}.yaml", tmp_path / name, data_dir)
-        knob = {**inject, "PARGO_TEST_NODE_MEMORY": f"{small_node}:{2**20}"} if small_node else {}
+        knob = {"PARGO_TEST_NODE_MEMORY": f"{small_node}:{2**20}"} if small_node else {}
         out = run_train(recipe, [*common, *extra], nproc=2, extra_env=knob)
         if small_node:  # said once, by rank 0, with its decision
             said = [line for line in out.stdout.splitlines() if "the pretrained LLM is" in line]
@@ -243,7 +241,7 @@ def test_a_checkpoint_that_does_not_fit_stops_every_rank_with_the_named_tensor(t
 def test_node_memory_is_capped_by_the_cgroup_limit(tmp_path):
     """backend.zero_init=auto decides from what the job may use: a SLURM --mem or container limit
     (cgroup v2 memory.max, v1 memory.limit_in_bytes), not the machine's RAM that sysconf reports."""
-    from pargo_dist.node_memory import node_memory_bytes
+    from pargo_dist.runtime.node_memory import node_memory_bytes
 
     physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     (tmp_path / "memory.max").write_text("max\n")  # v2, no limit

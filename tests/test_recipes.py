@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pargo_dist.backends.megatron_layout import check_layout
+from pargo_dist.backends.megatron.layout import check_layout
 from pargo_dist.build import build_model, build_tokenizer, meta_model
 from pargo_dist.config import load_config
 

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import time
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -19,7 +18,6 @@ from support.training import (can_emulate_nodes, losses, marker, run_nodes, run_
 
 from pargo_dist import cli
 
-INJECT = str(Path(__file__).parent / "support" / "inject")  # fault knobs (sitecustomize.py)
 SECRET = "s3cret-that-must-never-be-printed"
 
 
@@ -92,7 +90,7 @@ def test_a_requeued_job_on_a_new_node_resumes_from_the_store_and_export_reads_it
 def test_an_upload_that_fails_through_every_retry_names_the_object_and_leaves_no_marker(tmp_path, monkeypatch):
     """In-process, the store replaced by one that refuses one shard: five retries (backoff
     skipped here), then an error naming that object; the COMPLETE object is never sent."""
-    import pargo_dist.remote_checkpoints as rc
+    import pargo_dist.checkpoint.object_store as rc
 
     step_dir = tmp_path / "checkpoints" / "step_00000002"
     (step_dir / "ds").mkdir(parents=True)
@@ -121,7 +119,7 @@ def test_a_run_sees_only_its_own_checkpoints_in_a_shared_bucket(s3_server, tmp_p
     """One bucket, many runs: the run at s3://bkt/exp lists, downloads and prunes only
     exp/step_<N>/..., never a run under its prefix (exp/ablation), beside it (exp2) or at the
     bucket's root, even when theirs are newer."""
-    from pargo_dist.remote_checkpoints import RemoteCheckpoints
+    from pargo_dist.checkpoint.object_store import RemoteCheckpoints
 
     bucket = s3_server.make_bucket("ckpt-shared")
     client = s3_server.client()
@@ -158,9 +156,9 @@ def test_a_node_downloads_only_what_its_ranks_load(s3_server, tmp_path):
     share with a message that says where the whole checkpoint is."""
     import json
 
-    from pargo_dist.checkpoint import resolve_checkpoint
+    from pargo_dist.checkpoint.manager import resolve_checkpoint
     from pargo_dist.errors import UserError
-    from pargo_dist.remote_checkpoints import NodeShare, RemoteCheckpoints, holds
+    from pargo_dist.checkpoint.object_store import NodeShare, RemoteCheckpoints, holds
 
     bucket = s3_server.make_bucket("ckpt-share")
     client = s3_server.client()
@@ -202,7 +200,7 @@ def test_every_rank_uploads_the_shards_it_wrote_in_bf16_too(tmp_path, monkeypatc
     (its own naming function gives the names here): that rank uploads it, not rank 0 for all."""
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    import pargo_dist.remote_checkpoints as rc
+    import pargo_dist.checkpoint.object_store as rc
 
     world = 2
     step_dir = tmp_path / "checkpoints" / "step_00000002"
@@ -265,8 +263,7 @@ def test_nodes_without_a_shared_disk_resume_from_the_store_once_per_filesystem_p
         client.upload_file(str(step2 / name), "ckpt-nodes", f"run/step_00000002/{name}")
     recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "unused", data_dir)
     common = [f"checkpoint.remote={bucket}/run", "data.eval=null", "train.collective_timeout_s=3"]
-    slow = {"PYTHONPATH": os.pathsep.join(filter(None, [INJECT, os.environ.get("PYTHONPATH")])),
-            "PARGO_TEST_SLOW_SINGLE_RANK_S": "4"}
+    slow = {"PARGO_TEST_SLOW_SINGLE_RANK_S": "4"}  # a fault knob (tests/support/inject/sitecustomize.py)
 
     nodes = [tmp_path / "job2" / "node0", tmp_path / "job2" / "node1"]
     outs = run_nodes(recipe, common, nodes)
@@ -322,8 +319,8 @@ def test_an_outage_is_retried_at_the_next_save_and_the_marker_waits_for_every_ra
     failed keeps rank 0 from marking the step; once the store is back, the next save uploads whole."""
     import torch.distributed as dist
 
-    import pargo_dist.remote_checkpoints as rc
-    from pargo_dist.checkpoint_upload import UploadMirror
+    import pargo_dist.checkpoint.object_store as rc
+    from pargo_dist.checkpoint.upload import UploadMirror
 
     monkeypatch.setattr(rc.time, "sleep", lambda s: None)
     root = tmp_path / "checkpoints"
@@ -375,8 +372,7 @@ def test_a_run_that_ends_during_an_outage_exits_75_and_its_requeue_uploads_it(s3
     proxy = OutageProxy(int(s3_server.endpoint.rsplit(":", 1)[1]))
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "recipe.yaml", run_dir, data_dir)
-    fast = {"PYTHONPATH": os.pathsep.join(filter(None, [INJECT, os.environ.get("PYTHONPATH")])),
-            "PARGO_TEST_FAST_RETRIES": "1", "S3_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "1"}
+    fast = {"PARGO_TEST_FAST_RETRIES": "1", "S3_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "1"}
     args = [f"checkpoint.remote={bucket}/run", "train.steps=2", "data.eval=null"]
 
     proc = start_train(recipe, args, nproc=2, extra_env=fast)
@@ -398,8 +394,8 @@ def test_at_start_an_unreachable_store_is_a_requeue_and_a_missing_bucket_exit_2(
     """In-process, at a run's start. With no local checkpoint and the store unreachable, whether to
     start afresh cannot be told: TryAgainLater (exit 75), naming why. A bucket that does not
     exist is refused at once, not retried, with its hint said once (a UserError: exit 2)."""
-    import pargo_dist.remote_checkpoints as rc
-    from pargo_dist.checkpoint import CheckpointManager
+    import pargo_dist.checkpoint.object_store as rc
+    from pargo_dist.checkpoint.manager import CheckpointManager
     from pargo_dist.errors import TryAgainLater
 
     monkeypatch.setattr(rc.retried, "__defaults__", (2, 0.0))  # each attempt makes a boto3 client: ~0.5 s

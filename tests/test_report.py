@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pargo_dist.metrics import MetricsLogger
-from pargo_dist.report import add_arguments, group_of, report, run, summarize
+from pargo_dist.observe.metrics import MetricsLogger
+from pargo_dist.observe.report import add_arguments, group_of, report, run, summarize
 
 # Final eval values per run, as an evaluator would log them at the last checkpoint.
 TAGS = ("eval/recall/all", "eval/recall/colour", "eval/precision", "eval/mme/acc")

@@ -7,21 +7,19 @@ two-node test); a frozen rank that spends the restarts and requeues, on the real
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
-from pathlib import Path
 
 import pytest
 from support.training import crash_copy, losses, run_train, sample_ids, write_recipe
 
-from pargo_dist.launch import RestartPolicy
+from pargo_dist.launch.restarts import RestartPolicy
 
-INJECT = str(Path(__file__).parent / "support" / "inject")
 
 
 def inject(**faults: str) -> dict[str, str]:
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [INJECT, os.environ.get("PYTHONPATH")])), **faults}
+    """Fault knobs (tests/support/inject/sitecustomize.py, on every test process's PYTHONPATH)."""
+    return dict(faults)
 
 
 def test_the_same_failure_at_the_same_step_ends_the_run_after_one_retry(tmp_path, data_dir):

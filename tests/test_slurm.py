@@ -9,7 +9,6 @@ to 1e-6 (the same ranks in the same order) or, for two nodes, to 1e-5.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -20,20 +19,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from support import forkserver
 from support.slurm_cluster import SlurmCluster, unavailable
 from support.training import env, losses, marker, sample_ids, write_recipe
 
-from pargo_dist import cli, forkserver
-from pargo_dist.launch import RestartPolicy, restart_policy
-from pargo_dist.slurm import (HANG_EXIT, PEER_LOST_EXIT, REQUEUE_EXIT, RESTARTS_SPENT, after_step, asked_for_requeue,
-                              expand_hostlist, port_for_job, rendezvous_from_env)
+from pargo_dist import cli
+from pargo_dist.launch.restarts import RestartPolicy, restart_policy
+from pargo_dist.launch.slurm import RESTARTS_SPENT, after_step, asked_for_requeue, expand_hostlist, port_for_job, rendezvous_from_env
+from pargo_dist.runtime.exits import HANG_EXIT, PEER_LOST_EXIT, REQUEUE_EXIT
 
 LAUNCHER = Path(__file__).resolve().parents[1] / "launchers" / "launch.py"
-INJECT = str(Path(__file__).parent / "support" / "inject")  # the fault knobs (sitecustomize.py), as test_restart.py
 
 
 def inject(**faults: str) -> dict[str, str]:
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [INJECT, os.environ.get("PYTHONPATH")])), **faults}
+    """Fault knobs (tests/support/inject/sitecustomize.py, on every test process's PYTHONPATH)."""
+    return dict(faults)
 
 
 # -- what every node derives on its own ------------------------------------------------------
@@ -194,7 +194,7 @@ def test_two_nodes_on_loopback_restart_together_after_a_killed_rank_and_follow_t
     it again too; both meet at the same rendezvous, resume from step 2 and finish on the
     uninterrupted run's curve and samples. Rank 1 is also a straggler (0.3 s more per batch, a
     fault knob): it is named with its host at the logging intervals, never rank 0, and TensorBoard
-    gets its rank (pargo_dist/stragglers.py)."""
+    gets its rank (pargo_dist/train/stragglers.py)."""
     if not _unshare_ok():
         pytest.skip("needs `unshare -m` and mount (root) to give the second node its own /dev/shm")
     job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "127.0.0.[1-2]", "SLURM_JOB_NUM_NODES": "2",
@@ -329,7 +329,7 @@ def test_a_rank_that_hangs_twice_spends_the_restarts_and_the_job_requeues_onto_t
     # twice: the waiting rank says what it waited in and dumps its stack, its launcher kills the frozen one
     hangs = re.findall(r"rank 0 made no progress for \d+s \(limit 3s, .*\) while training step (\d+)", text)
     assert hangs == ["4", "4"], text[-5000:]
-    assert len(re.findall(r'File ".*pargo_dist/train\.py", line \d+ in run', text)) >= 2, text[-5000:]
+    assert len(re.findall(r'File ".*pargo_dist/train/trainer\.py", line \d+ in run', text)) >= 2, text[-5000:]
     assert text.count(f"rank 0 exited with {HANG_EXIT}") == 2
     assert re.findall(r"rank 1 \(pid (\d+)\) did not stop 1.5 s after SIGTERM: SIGKILL", text) == [first, second]
     assert "restart 1 of at most 1 within" in text and "restart 2 of" not in text

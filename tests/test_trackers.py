@@ -11,6 +11,7 @@ launch created, and the recipe and the sample captions are there.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from support.training import run_train, write_recipe
 
-from pargo_dist.report import read_scalars
+from pargo_dist.observe.report import read_scalars
 
 # `make install` puts wandb and mlflow-skinny here, apart from the stack (see the Makefile: beside
 # it, megatron-core and DeepSpeed import them in every process); the runs below get it on their path.
@@ -76,7 +77,7 @@ def test_wandb_and_mlflow_log_what_tensorboard_logs_and_a_resume_continues_their
     recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
     trackers = ["logging.wandb.project=pargo-test", "logging.wandb.mode=offline",
                 f"logging.mlflow.tracking_uri={store}", "logging.mlflow.experiment=trackers"]
-    env = {"PYTHONPATH": str(TRACKERS)}
+    env = {"PYTHONPATH": os.pathsep.join([str(TRACKERS), os.environ["PYTHONPATH"]])}  # (keeps the fault knobs)
     first = run_train(recipe, [*trackers, "train.steps=3", "checkpoint.every=3", "train.eval_every=3"], nproc=1,
                       extra_env=env)
     meta = json.loads((tmp_path / "run" / "checkpoints" / "step_00000003" / "meta.json").read_text())

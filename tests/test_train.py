@@ -89,8 +89,8 @@ def test_elastic_resume_two_ranks_to_one_continues_the_uninterrupted_curve(refer
 
 def test_export_round_trip_matches_the_logged_eval_loss(reference, tmp_path):
     from pargo_dist.config import load_config
-    from pargo_dist.export import export
-    from pargo_dist.generate import load_exported
+    from pargo_dist.export.hf import export
+    from pargo_dist.evaluation.generate import load_exported
     from pargo_dist import build
     from pargo_dist.constants import IGNORE_INDEX
 
@@ -113,8 +113,7 @@ def test_export_round_trip_matches_the_logged_eval_loss(reference, tmp_path):
 def test_bad_recipes_fail_before_any_rank_starts(recipe):
     import sys
 
-    from pargo_dist import forkserver
-
+    from support import forkserver
     def cli(*args):
         return forkserver.run([sys.executable, "-m", "pargo_dist.cli", "train", str(recipe), *args, "--nproc", "2"],
                               capture_output=True, text=True, timeout=120)
@@ -135,9 +134,9 @@ def test_stage2_starts_from_the_stage1_projector(reference, tmp_path, data_dir):
     from safetensors.torch import load_file
 
     from pargo_dist import build
-    from pargo_dist.weights import load_trained_weights
+    from pargo_dist.backends.trained_weights import load_trained_weights
     from pargo_dist.config import load_config
-    from pargo_dist.export import export
+    from pargo_dist.export.hf import export
 
     stage1 = reference(2, "align")
     exported = export(stage1, tmp_path / "stage1-export")
@@ -171,7 +170,7 @@ def test_frozen_parts_from_init_from_survive_resume_and_export(reference, tmp_pa
     backbones equal the source's."""
     from safetensors.torch import load_file
 
-    from pargo_dist.export import export
+    from pargo_dist.export.hf import export
 
     source = export(reference(3, "finetune"), tmp_path / "source")
     recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "run", data_dir)
@@ -213,7 +212,7 @@ def test_background_saves_are_marked_only_when_written_and_a_signal_waits_for_th
        writes, marks it complete, then exits 75 for requeue;
     3. a third run resumes from step 3 and finishes. The whole curve is the uninterrupted
        (synchronous) run's, to 1e-6: the background checkpoints hold exactly what sync ones do."""
-    run_dir, slow = recipe.parent / "run", {"PARGO_DIST_CHECKPOINT_WRITE_DELAY_S": "1"}
+    run_dir, slow = recipe.parent / "run", {"PARGO_TEST_WRITE_DELAY_S": "1"}
     args = ["checkpoint.async_save=true"]
     proc = start_train(recipe, args, nproc=2, extra_env=slow)
     wait_for(marker(run_dir, 2), proc)  # marked when step 4's save began (one save in flight)

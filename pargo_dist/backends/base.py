@@ -6,7 +6,7 @@ mixed precision and its own checkpoint files. It knows nothing of data formats (
 `Batch` objects and reads only their tensors and `num_targets`) and nothing of training
 stages: what trains is what has `requires_grad`, set on the model before `setup`.
 
-The loop (pargo_dist/train.py) knows nothing of DeepSpeed or megatron: it calls these methods
+The loop (pargo_dist/train/trainer.py) knows nothing of DeepSpeed or megatron: it calls these methods
 and nothing else. Two implementations: `deepspeed.DeepSpeedBackend` (ZeRO 1-3, data parallel)
 and `megatron.MegatronBackend` (tensor x pipeline parallel LLM, data parallel over the rest).
 A test double (tests/support/fake_backend.py) implements it for in-process loop tests.

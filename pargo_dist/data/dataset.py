@@ -239,7 +239,7 @@ class ParGoLoader(StreamingDataLoader):
 
     def exclude(self, ids) -> None:
         """Never yield these sample ids again: each is replaced by the next usable sample, as an
-        unusable one is (the run's rollback after a divergence, pargo_dist/divergence.py). Persistent
+        unusable one is (the run's rollback after a divergence, pargo_dist/train/divergence.py). Persistent
         workers hold a copy of the dataset made when they started: they are shut down, and the
         next iteration starts workers with the new set."""
         self.dataset.excluded.update(ids)

@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _resolve(args, rank: int) -> tuple[Path, Path, Path | None, int]:
     """-> (exported model dir, out dir, tensorboard dir, step). Called before the ranks' process
     group exists (see _export_once)."""
-    from pargo_dist.checkpoint import CheckpointManager, resolve_checkpoint, run_dir_of
+    from pargo_dist.checkpoint.manager import CheckpointManager, resolve_checkpoint, run_dir_of
 
     source = Path(args.model)
     if "://" in str(args.model):  # a run's checkpoint.remote: its newest complete checkpoint, downloaded
@@ -77,14 +77,14 @@ def _export_once(step_dir: Path, model_dir: Path, rank: int) -> None:
     wait until it is there. Both happen before the evaluation's process group is formed, because
     - a megatron checkpoint is read back (at TP=1, whatever layout saved it) by a process that
       forms a one-process group of its own for megatron and tears it down after
-      (backends/megatron_weights.py): inside the evaluation's group it is refused;
+      (backends/megatron/weights.py): inside the evaluation's group it is refused;
     - an export of a large checkpoint lasts longer than a collective's timeout (10-30 minutes):
       ranks waiting for it in a barrier, or in the group's rendezvous, would time out. Here they
       wait on the directory, in no collective, and the group forms once the model is there.
     The ranks of `pargo-dist eval --nproc N` share this machine, so they see the same directory;
     should rank 0 fail, the launcher stops the others. The export is written beside `model_dir`
     and renamed into place, so a waiting rank (or a rerun after a kill) never reads half of one."""
-    from pargo_dist.export import export
+    from pargo_dist.export.hf import export
 
     done = model_dir / "config.yaml"  # export's last write
     if rank != 0:
@@ -156,9 +156,9 @@ def run(args: argparse.Namespace) -> int:
         evaluate_mme,
         open_dataset,
     )
-    from pargo_dist.generate import load_exported
-    from pargo_dist.signals import StopSignal
-    from pargo_dist.slurm import REQUEUE_EXIT
+    from pargo_dist.evaluation.generate import load_exported
+    from pargo_dist.runtime.signals import StopSignal
+    from pargo_dist.runtime.exits import REQUEUE_EXIT
 
     stop = StopSignal()
     rank = int(os.environ.get("RANK", 0))

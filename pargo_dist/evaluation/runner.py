@@ -37,7 +37,7 @@ from pargo_dist.data.collate import Collator
 from pargo_dist.data.prompt import split_prompt_answer
 from pargo_dist.data.schema import BadSample
 from pargo_dist.errors import UserError
-from pargo_dist.signals import StopSignal
+from pargo_dist.runtime.signals import StopSignal
 
 PARTS = "parts"
 
@@ -147,7 +147,7 @@ class Evaluator:
                                 pixel_mean=tuple(self.pixels.mean), pixel_std=tuple(self.pixels.std))
 
     def _generate(self, prompts: list[list[int]], pixels: torch.Tensor, crops: list[int] | None = None) -> list[str]:
-        from pargo_dist.generate import generate_texts
+        from pargo_dist.evaluation.generate import generate_texts
 
         return generate_texts(self.model, self.tokenizer, prompts, pixels, self.device, image_crops=crops,
                               **self.generate_kwargs)

@@ -33,7 +33,7 @@ from transformers.integrations.accelerate import init_empty_weights
 
 from pargo_dist.constants import IGNORE_INDEX, PARTS, STAGES
 from pargo_dist.errors import UserError
-from pargo_dist.hf_checkpoint import fill_causal_lm
+from pargo_dist.models.pretrained import fill_causal_lm
 from pargo_dist.models.projector import (
     MLPProjector,
     ProjectorConfig,

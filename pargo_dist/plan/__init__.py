@@ -28,7 +28,7 @@ Everything comes from the recipe's model built on the meta device (no weights, n
   TP the tensors of hidden width stay whole unless sequence parallel is on, the rest split.
 - Buffers: DeepSpeed's gradient bucket (ZeRO-1/2: 4.5x with overlap_comm, as its docs state)
   and ZeRO-3's gathered parameters (its reuse distance plus one prefetch), at the sizes the run
-  gives DeepSpeed (backends/deepspeed_buffers.py: a fraction of the model below ~4B parameters,
+  gives DeepSpeed (backends/deepspeed/buffers.py: a fraction of the model below ~4B parameters,
   DeepSpeed's defaults above), the fp32 logits gradient of the loss, and a fixed 2.5 GiB for
   the CUDA context, NCCL and allocator fragmentation. The whole step's peak of a 278M model on
   2 CPU ranks is planned within 4 % under ZeRO-3 and megatron TP=2
@@ -37,7 +37,7 @@ Everything comes from the recipe's model built on the meta device (no weights, n
   ZeRO-3: over all ranks, a decoder layer gathered whole with its experts); FLOPs count the
   top-k experts a token runs; activations are traced with a balanced router; `--fit` tries
   expert parallelism before TP and PP.
-- Step time: model FLOPs per sample (pargo_dist.flops, vision tower included) x global batch
+- Step time: model FLOPs per sample (pargo_dist.models.flops, vision tower included) x global batch
   / (GPUs x peak x MFU). The MFU is an input (--mfu, default 0.40), not a promise: measure it
   with benchmarks/train_step.py on your GPUs and pass it here.
 - Start-up host memory per node, and the time to read a bf16 checkpoint at --fs-gbps, as the

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pargo_dist.backends.deepspeed_buffers import buffer_sizes
+from pargo_dist.backends.deepspeed.buffers import buffer_sizes
 from pargo_dist.errors import UserError
 from pargo_dist.plan.trace import Shapes
 
@@ -140,7 +140,7 @@ def _deepspeed_params(s: Shapes, layout: Layout) -> float:
 def zero3_live_bytes(s: Shapes, precision: str = "bf16") -> float:
     """Parameters ZeRO-3 keeps gathered: DeepSpeed releases a parameter only when it will not be
     reused within stage3_max_reuse_distance, and prefetches up to stage3_prefetch_bucket_size
-    more (both sized to the model: backends/deepspeed_buffers.py), so up to their sum stays
+    more (both sized to the model: backends/deepspeed/buffers.py), so up to their sum stays
     resident, never less than the largest module, never more than the whole model."""
     P, T = _deepspeed_params(s, Layout("deepspeed", zero_stage=3)), float(sum(s.trainable.values()))
     sizes = buffer_sizes(int(T), int(P), 3)
@@ -166,7 +166,7 @@ def buffer_bytes(s: Shapes, layout: Layout, world: int, precision: str = "bf16")
 def startup_host(s: Shapes, layout: Layout, hw: Hardware, precision: str = "bf16",
                  pretrained: bool = True) -> dict[str, float]:
     """Host memory of start-up and the bytes each node reads from a bf16 checkpoint (2 bytes per
-    parameter), as the backends load a model (pargo_dist/hf_checkpoint.py):
+    parameter), as the backends load a model (pargo_dist/models/pretrained.py):
 
       megatron         each rank reads its TP slice and PP layers, held in fp32 until they move
                        to the GPU: 4 x stage parameters / TP

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pargo_dist.backends.megatron_layout import num_experts
+from pargo_dist.backends.megatron.layout import num_experts
 from pargo_dist.constants import PARTS
 from pargo_dist.data.crops import CropPolicy
-from pargo_dist.flops import model_flops_per_sample
+from pargo_dist.models.flops import model_flops_per_sample
 
 
 @dataclass
@@ -182,7 +182,7 @@ def shapes_of(cfg, micro_batch: int | None = None, seq_len: int | None = None) -
     params = {p: sum(w.numel() for w in getattr(model, p).parameters()) for p in PARTS}
     trainable = {p: sum(w.numel() for w in getattr(model, p).parameters() if w.requires_grad) for p in PARTS}
     if cfg.model.lora.r:  # the LLM's own weights freeze; its adapters (r x (in + out) per target) train
-        from pargo_dist.lora import adapter_params
+        from pargo_dist.models.lora import adapter_params
 
         trainable["language_model"] = adapter_params(model.language_model, cfg.model.lora,
                                                      model.config.text_config.model_type)

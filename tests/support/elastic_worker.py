@@ -96,7 +96,7 @@ def deepspeed_rank(cfg, seed: int | None = None):
     built (after torch.manual_seed(seed), if given), frozen / adapted for its stage and set up.
     Returns (backend, model, tokenizer, rank, world)."""
     from pargo_dist import build
-    from pargo_dist.backends.deepspeed import DeepSpeedBackend
+    from pargo_dist.backends.deepspeed.backend import DeepSpeedBackend
 
     backend = DeepSpeedBackend(cfg)
     rank, world = backend.init_distributed()

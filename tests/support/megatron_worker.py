@@ -35,14 +35,13 @@ import torch
 import torch.distributed as dist
 
 import pargo_dist  # noqa: F401  (compat shims first)
-from pargo_dist.backends import megatron_cpu
-
+from pargo_dist.backends.megatron import cpu as megatron_cpu
 megatron_cpu.apply()
 
 from megatron.core import parallel_state, tensor_parallel  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
-from pargo_dist.backends.megatron_convert import hf_state_from_megatron, megatron_state_from_hf, \
+from pargo_dist.backends.megatron.convert import hf_state_from_megatron, megatron_state_from_hf, \
     transformer_config_kwargs  # noqa: E402
 
 
@@ -100,7 +99,7 @@ def tiny_gpt(model_type: str, tp: int, ep: int = 1):
     megatron vs megatron (packed vs alone) by ~1e-15."""
     from megatron.core.transformer import TransformerConfig
 
-    from pargo_dist.backends.megatron_model import build_gpt
+    from pargo_dist.backends.megatron.model import build_gpt
 
     init(tp, ep=ep)
     hf = tiny_llm(model_type).double()
@@ -119,7 +118,7 @@ def tiny_gpt(model_type: str, tp: int, ep: int = 1):
 
 
 def check_logits(model_type: str, tp: int, ep: int = 1) -> dict | None:
-    from pargo_dist.backends.megatron_model import causal_padding_mask
+    from pargo_dist.backends.megatron.model import causal_padding_mask
 
     hf, gpt, rank = tiny_gpt(model_type, tp, ep)
     torch.manual_seed(1)
@@ -146,7 +145,7 @@ def check_logits(model_type: str, tp: int, ep: int = 1) -> dict | None:
 def check_packed(model_type: str, tp: int) -> dict | None:
     """A row packing three samples (positions restarting at each, packed_causal_mask, the rotary
     embedding at those positions) against each sample run alone: every sample's logits."""
-    from pargo_dist.backends.megatron_model import packed_causal_mask, rope_at_positions
+    from pargo_dist.backends.megatron.model import packed_causal_mask, rope_at_positions
 
     hf, gpt, _ = tiny_gpt(model_type, tp)
     rope_at_positions(gpt)
@@ -203,8 +202,8 @@ def torch_optimizers(opt) -> list:
 
 def check_grads(tp: int, pp: int, recipe: str, overrides: list[str], compiled: bool = False) -> dict | None:
     from pargo_dist import build
-    from pargo_dist.backends.megatron import MegatronBackend
-    from pargo_dist.compile import compile_blocks
+    from pargo_dist.backends.megatron.backend import MegatronBackend
+    from pargo_dist.backends.compile import compile_blocks
     from pargo_dist.config import load_config
 
     cfg = load_config(recipe, ["backend.name=megatron", f"backend.tensor_parallel={tp}",
@@ -269,7 +268,7 @@ def loaded_moments(recipe: str, step_dir: str, tp: int, saved_world: int) -> dic
     every LLM weight and its Adam moments and step, put together across TP ranks and converted to
     HF names (rank 0 returns them). Two layouts loading one checkpoint must agree exactly."""
     from pargo_dist import build
-    from pargo_dist.backends.megatron import MegatronBackend
+    from pargo_dist.backends.megatron.backend import MegatronBackend
     from pargo_dist.config import load_config
 
     cfg = load_config(recipe, ["backend.name=megatron", f"backend.tensor_parallel={tp}"])

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pargo_dist import forkserver
-from pargo_dist.launch import free_port, rank_env
+from support import forkserver
+from pargo_dist.runtime.rank_env import free_port, rank_env
 
 
 def run_ranks(script: str | Path, args: list[str], world_size: int, env: dict[str, str] | None = None,

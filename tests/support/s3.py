@@ -17,7 +17,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-from pargo_dist.launch import free_port  # noqa: F401  (re-exported for the tests)
+from pargo_dist.runtime.rank_env import free_port  # noqa: F401  (re-exported for the tests)
 
 
 def wait_http(url: str, timeout: float = 30.0) -> None:

@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from pargo_dist.launch import free_port
+from pargo_dist.runtime.rank_env import free_port
 
 BINARIES = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "sinfo")
 

@@ -10,8 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from pargo_dist import forkserver
-
+from support import forkserver
 TEST_RECIPE = """
 run: {{dir: {run_dir}, seed: 0}}
 model:
@@ -145,7 +144,7 @@ def run_nodes(recipe: Path, overrides: list[str], run_dirs: list[Path], extra_en
     the directories differ, a shared filesystem when they are the same. Nodes after the first
     get a /dev/shm of their own (`own_shm`). Returns each node's output; every launcher must
     exit 0."""
-    from pargo_dist.launch import free_port
+    from pargo_dist.runtime.rank_env import free_port
 
     master = f"127.0.0.1:{free_port()}"
     cmds = [[sys.executable, "-m", "pargo_dist.launch", "--nproc", "1", "--nnodes", str(len(run_dirs)),
@@ -178,7 +177,7 @@ def exported_eval_loss(run_dir: Path, out: Path):
     from pargo_dist import build
     from pargo_dist.config import load_config
     from pargo_dist.constants import IGNORE_INDEX
-    from pargo_dist.generate import load_exported
+    from pargo_dist.evaluation.generate import load_exported
 
     forkserver.run([sys.executable, "-m", "pargo_dist.cli", "export", str(run_dir), "--out", str(out)],
                    check=True, env=env(), capture_output=True)

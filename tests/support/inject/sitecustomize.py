@@ -1,5 +1,10 @@
-"""Test-only fault injection: Python imports this at start-up when tests/support/inject is on
-PYTHONPATH (tests/test_errors.py puts it there), so the product code carries no test hooks.
+"""Test-only: what the tests inject into the processes they start, so the product carries no
+test hooks. Python imports this at start-up because tests/conftest.py puts tests/support/inject
+on PYTHONPATH for every process of the suite; each knob below acts only when its variable is set.
+
+PARGO_TEST_FORKSERVER_SOCKET (set by tests/conftest.py): the product's own `python -m pargo_dist`
+children (a launcher's ranks, the universal conversion) are forked by the suite's fork server
+(tests/support/forkserver.py) instead of importing the stack afresh.
 
 PARGO_TEST_FAULT="RANK:STEP" makes that rank ("*": every rank) raise a RuntimeError inside
 training step STEP (1-based), as a bug, a damaged input or an OOM on that rank alone would.
@@ -7,28 +12,41 @@ training step STEP (1-based), as a bug, a damaged input or an OOM on that rank a
 
 import os
 
+if os.environ.get("PARGO_TEST_FORKSERVER_SOCKET"):
+    import importlib.util as _util
+    import sys as _sys
+
+    _server = _sys.modules.get("support.forkserver")
+    if _server is None:
+        _spec = _util.spec_from_file_location(
+            "support.forkserver", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                               "forkserver.py"))
+        _server = _sys.modules["support.forkserver"] = _util.module_from_spec(_spec)
+        _spec.loader.exec_module(_server)
+    _server.route_product_children()
+
 _spec = os.environ.get("PARGO_TEST_FAULT")
 _rank = os.environ.get("RANK")
 if _spec and _rank is not None and _spec.split(":")[0] in ("*", _rank):
-    import pargo_dist.train
+    import pargo_dist.train.trainer
 
     _step = int(_spec.split(":")[1])
-    _original = pargo_dist.train.Trainer.train_step
+    _original = pargo_dist.train.trainer.Trainer.train_step
 
     def _train_step(trainer, micro_batches):
         if trainer.state.step + 1 == _step:
             raise RuntimeError(f"injected fault on rank {_rank} in step {_step}")
         return _original(trainer, micro_batches)
 
-    pargo_dist.train.Trainer.train_step = _train_step
+    pargo_dist.train.trainer.Trainer.train_step = _train_step
 
 # PARGO_TEST_NODE_MEMORY="RANK:BYTES" makes that rank see a node of BYTES memory (a smaller node,
 # or a cgroup limit), as ranks on nodes of different sizes would.
 _memory = os.environ.get("PARGO_TEST_NODE_MEMORY")
 if _memory and _rank is not None and _memory.split(":")[0] == _rank:
-    import pargo_dist.node_memory
+    import pargo_dist.runtime.node_memory
 
-    pargo_dist.node_memory.node_memory_bytes = lambda *_, _bytes=int(_memory.split(":")[1]): _bytes
+    pargo_dist.runtime.node_memory.node_memory_bytes = lambda *_, _bytes=int(_memory.split(":")[1]): _bytes
 
 # PARGO_TEST_SLOW_SINGLE_RANK_S="SECONDS" makes the work one rank does for the others take that much
 # longer: the elastic conversion and the download of a checkpoint from the store, as they take
@@ -37,8 +55,8 @@ _slow = float(os.environ.get("PARGO_TEST_SLOW_SINGLE_RANK_S", "0") or 0)
 if _slow and _rank is not None:
     import time
 
-    import pargo_dist.backends.deepspeed_universal
-    import pargo_dist.remote_checkpoints
+    import pargo_dist.backends.deepspeed.universal
+    import pargo_dist.checkpoint.object_store
 
     def _slowed(fn):
         def slowed(*args, **kwargs):
@@ -46,17 +64,48 @@ if _slow and _rank is not None:
             return fn(*args, **kwargs)
         return slowed
 
-    _universal = pargo_dist.backends.deepspeed_universal
+    _universal = pargo_dist.backends.deepspeed.universal
     _universal.convert_in_own_process = _slowed(_universal.convert_in_own_process)
-    _remote = pargo_dist.remote_checkpoints.RemoteCheckpoints
+    _remote = pargo_dist.checkpoint.object_store.RemoteCheckpoints
     _remote.download = _slowed(_remote.download)
 
 # PARGO_TEST_FAST_RETRIES=1 makes object-store retries back off 10 ms instead of 0.5 s (an outage
 # that outlasts them costs a test seconds, not half a minute per checkpoint).
 if os.environ.get("PARGO_TEST_FAST_RETRIES") and _rank is not None:
-    import pargo_dist.remote_checkpoints
+    import pargo_dist.checkpoint.object_store
 
-    pargo_dist.remote_checkpoints.retried.__defaults__ = (6, 0.01)
+    pargo_dist.checkpoint.object_store.retried.__defaults__ = (6, 0.01)
+
+
+# PARGO_TEST_WRITE_DELAY_S="SECONDS" delays every background checkpoint write, and
+# PARGO_TEST_STAGE_DELAY_S="SECONDS" every copy of a background save to host memory, as a slow
+# filesystem or a large checkpoint would: a test can then kill a run in the middle of a write, or
+# see the next optimizer update wait for a copy.
+_write_delay = float(os.environ.get("PARGO_TEST_WRITE_DELAY_S", "0") or 0)
+_stage_delay = float(os.environ.get("PARGO_TEST_STAGE_DELAY_S", "0") or 0)
+if (_write_delay or _stage_delay) and _rank is not None:
+    import time as _time
+
+    import pargo_dist.checkpoint.background_save as _background
+
+    if _stage_delay:
+        _snapshot = _background.host_snapshot
+
+        def _slow_snapshot(*args, **kwargs):
+            _time.sleep(_stage_delay)
+            return _snapshot(*args, **kwargs)
+
+        _background.host_snapshot = _slow_snapshot
+    if _write_delay:
+        _submit = _background.BackgroundWriter.submit
+
+        def _slow_submit(writer, what, state, write):
+            def slow_write(copy):
+                _time.sleep(_write_delay)
+                return write(copy)
+            return _submit(writer, what, state, slow_write)
+
+        _background.BackgroundWriter.submit = _slow_submit
 
 
 def _around_step(before):
@@ -64,15 +113,15 @@ def _around_step(before):
     context manager held around the step (None: nothing)."""
     import contextlib
 
-    import pargo_dist.train
+    import pargo_dist.train.trainer
 
-    step = pargo_dist.train.Trainer.train_step
+    step = pargo_dist.train.trainer.Trainer.train_step
 
     def train_step(trainer, micro_batches):
         with before(trainer, micro_batches) or contextlib.nullcontext():
             return step(trainer, micro_batches)
 
-    pargo_dist.train.Trainer.train_step = train_step
+    pargo_dist.train.trainer.Trainer.train_step = train_step
 
 
 def _mine(spec):

@@ -1,0 +1,69 @@
+"""Files that are whole or absent: atomic writes, fsync of files and directories, tolerant reads.
+
+The checkpoint's crash rule (pargo_dist/checkpoint/manager.py) rests on these: a marker is never durable
+before the data it vouches for, and a reader never sees half a file under its real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink inside `path` durable (the entry lives in the directory)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[object], None], binary: bool) -> None:
+    """Write via a temp file in the same dir, fsync it, then rename over `path`.
+
+    Readers see either the old file, no file, or the whole new one; never a truncated one.
+    The temp name carries the pid so two writers never share a temp file.
+    """
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None if it is missing, truncated or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def fsync_tree(step_dir: Path) -> None:
+    """fsync every file and directory under `step_dir`, whoever wrote them.
+
+    On a local disk the page cache is shared, so one rank can flush the other ranks'
+    files; on network filesystems the writers' close() already pushed their data.
+    """
+    for dirpath, _, filenames in os.walk(step_dir):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))

@@ -1,0 +1,313 @@
+"""`checkpoint.remote`: every complete checkpoint also in object storage, found there again when a
+requeued job lands on nodes without the run's local files.
+
+Layout: `<remote>/step_<N:08d>/<the step directory's files>`, the same names as on disk. The
+COMPLETE object is uploaded last, by rank 0, after every rank uploaded its own files (the ones
+it wrote: `rank_<r>.pt`, DeepSpeed's `zero_pp_rank_<r>_*`, megatron's `__<r>_<i>.distcp`; rank
+0 the shared ones), so a remote checkpoint without it is one whose upload did not finish and is
+never resumed from. keep_last applies remotely too (S3; other stores keep every checkpoint).
+
+Transfers go through mosaicml-streaming's storage clients, the ones the data path already uses:
+s3:// (and S3-compatible stores through S3_ENDPOINT_URL), gs://, oci://, azure://, with their
+usual credentials from the environment, which nothing here prints. Each transfer is retried
+with exponential backoff; a failure that outlasts the retries is a RemoteError naming the object,
+and no COMPLETE object is written for that checkpoint. Training uploads in the background and
+goes on through such failures (pargo_dist/checkpoint/upload.py); a permanent refusal (a missing
+bucket) is raised at once.
+
+A resume downloads once per filesystem, and only what that filesystem's ranks read (NodeShare):
+their own shards and the shared files where the saving layout loads it, everything otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from pargo_dist.checkpoint.pruning import COMPLETE, SHARE  # the same marker, as an object; a node's share
+from pargo_dist.errors import UserError
+
+# Keys are matched relative to the run's own prefix and anchored there: another run's checkpoints
+# under it (s3://bkt/exp/ablation/step_.../) or beside it (s3://bkt/exp2/) are never this run's.
+_STEP = re.compile(r"^step_(\d{8})/COMPLETE$")
+_STEP_OBJECT = re.compile(r"^step_(\d{8})/")
+# The files a rank writes itself: our rank state, DeepSpeed's ZeRO shards (bf16_/fp16_ prefixed in
+# mixed precision, as every GPU recipe saves), megatron's distcp shards.
+_OWNED = (re.compile(r"^rank_(\d+)\.pt$"), re.compile(r"^(?:bf16_|fp16_)?zero_pp_rank_(\d+)_"),
+          re.compile(r"^__(\d+)_\d+\.distcp$"))
+META = "meta.json"  # the run-level state (checkpoint.META): which layout saved the checkpoint
+_SKIP_DIRS = ("ds_universal",)  # made from ds/ on an elastic resume: a cache, not the checkpoint
+T = TypeVar("T")
+
+
+def cache_dir(url: str) -> Path:
+    """Where `pargo-dist export` / `eval` put a remote run's checkpoint: PARGO_DIST_CACHE (default
+    ~/.cache/pargo_dist) / remote / <the URL, made a directory name>."""
+    root = Path(os.environ.get("PARGO_DIST_CACHE", Path.home() / ".cache" / "pargo_dist"))
+    return root / "remote" / re.sub(r"[^A-Za-z0-9._-]+", "_", url.rstrip("/"))
+
+
+class RemoteError(UserError):
+    """An object-store transfer that failed through every retry."""
+
+
+def written_by(name: str) -> int | None:
+    """The rank that wrote a checkpoint file (by its name), None for a file every rank reads."""
+    for pattern in _OWNED:
+        match = pattern.search(Path(name).name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def owner_of(name: str, world_size: int) -> int:
+    """The rank that uploads a checkpoint file: the one that wrote it, rank 0 for shared files."""
+    writer = written_by(name)
+    return 0 if writer is None else writer % world_size
+
+
+@dataclass
+class NodeShare:
+    """The ranks on one filesystem, and how they will load a checkpoint: what a node needs of it.
+
+    A DeepSpeed checkpoint loaded by the layout that saved it (the same rank count, ZeRO stage and
+    backend) is read rank by rank: each rank its own ZeRO shards and rank state, and the shared
+    files (meta.json, the module states, the config). Anything else reads other ranks' files: an
+    elastic resume converts every shard, and megatron's distributed checkpoints are read by
+    tensor piece, whoever wrote it. Then the node needs the whole checkpoint."""
+
+    ranks: tuple[int, ...]
+    world_size: int
+    backend: str
+    layout: dict[str, int] = field(default_factory=dict)
+
+    def only_own_files(self, saved: dict) -> bool:
+        """Whether these ranks need only their own and the shared files of a checkpoint whose
+        meta.json is `saved`."""
+        return (len(self.ranks) < self.world_size and self.backend == saved.get("backend") == "deepspeed"
+                and saved.get("world_size") == self.world_size and saved.get("layout") == self.layout)
+
+    def wants(self, name: str) -> bool:
+        writer = written_by(name)
+        return writer is None or writer in self.ranks
+
+
+def share_of(step_dir: Path) -> dict | None:
+    """What a local step directory holds when a node downloaded only its share of it (its SHARE
+    file: ranks, world_size), None when it holds the whole checkpoint."""
+    path = Path(step_dir) / SHARE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def holds(step_dir: Path, share: NodeShare | None) -> bool:
+    """Whether a local step directory has every file `share` needs (every file, without one):
+    true unless it holds only a node's share (SHARE) that lacks some of them."""
+    held = share_of(step_dir)
+    if held is None:
+        return True
+    if share is None or held["world_size"] != share.world_size:
+        return False
+    meta = Path(step_dir) / META
+    return (set(share.ranks) <= set(held["ranks"]) and meta.is_file()
+            and share.only_own_files(json.loads(meta.read_text())))
+
+
+def permanent(err: BaseException) -> bool:
+    """A refusal no retry changes: the store answered 4xx (no such bucket, access denied, bad
+    credentials), except timeouts and throttling. Connection failures and 5xx are transient."""
+    response = getattr(err, "response", None)
+    if not isinstance(response, dict):
+        return False
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    code = str(response.get("Error", {}).get("Code", ""))
+    if status is None and code.isdigit():
+        status = int(code)
+    return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
+
+
+def retried(what: str, fn: Callable[[], T], attempts: int = 6, first_wait_s: float = 0.5) -> T:
+    """fn(), retried with exponential backoff (0.5, 1, 2, 4, 8 s) through transient failures; the
+    last one is raised as a RemoteError naming `what` (never the credentials). A permanent
+    refusal (`permanent`: a missing bucket, denied access) is raised at once."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except RemoteError:  # an inner step that already went through its retries (opening the client)
+            raise
+        except Exception as err:  # noqa: BLE001  the store's or the network's: retried
+            if permanent(err):
+                raise RemoteError(f"{what} was refused: {type(err).__name__}: {err}. Check that the bucket in "
+                                  "checkpoint.remote exists and that the credentials may write to it") from err
+            if attempt == attempts - 1:
+                raise RemoteError(f"{what} failed after {attempts} attempts: {type(err).__name__}: {err} (check the "
+                                  "object store's endpoint, e.g. S3_ENDPOINT_URL, and the network)") from err
+            time.sleep(first_wait_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+class RemoteCheckpoints:
+    """The checkpoints of one run under `url`, mirrored from `local_root` (run.dir/checkpoints)."""
+
+    def __init__(self, url: str, local_root: str | Path):
+        parsed = urllib.parse.urlparse(url)
+        if not parsed.scheme or not parsed.netloc:
+            raise UserError(f"checkpoint.remote={url!r}: expected an object-store URL such as s3://bucket/prefix")
+        self.url = url.rstrip("/")
+        self.local_root = Path(local_root)
+        self._client = None
+        self.last_download: tuple[int, int, int] | None = None  # files fetched, files stored, bytes fetched
+
+    def _uploader(self):
+        """streaming's client for the store (made on first use: it checks the bucket)."""
+        if self._client is None:
+            from streaming.base.storage import CloudUploader
+
+            self.local_root.mkdir(parents=True, exist_ok=True)
+            self._client = retried(f"opening {self.url}", lambda: CloudUploader.get(
+                (str(self.local_root), self.url), keep_local=True, exist_ok=True, retry=1))
+        return self._client
+
+    # -- upload ----------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Fail fast on what no retry fixes: a bad URL (at construction) or a missing or
+        forbidden bucket (one attempt here). An unreachable store is not an error at start:
+        training goes on and the uploads retry (pargo_dist/checkpoint/upload.py)."""
+        try:
+            self._uploader()
+        except RemoteError as err:
+            if isinstance(err.__cause__, Exception) and permanent(err.__cause__):
+                raise
+            self._client = None
+
+    def own_files(self, step_dir: Path, rank: int, world_size: int) -> list[Path]:
+        """The files of `step_dir` that `rank` uploads: those it wrote (rank 0: and the shared
+        ones), without the COMPLETE marker, files still being written, and caches."""
+        step_dir = Path(step_dir)
+        return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name not in (COMPLETE, SHARE)
+                      and not p.name.endswith((".writing", ".tmp"))
+                      and not any(part.startswith(_SKIP_DIRS) for part in p.relative_to(step_dir).parts)
+                      and owner_of(p.name, world_size) == rank)
+
+    def upload_files(self, step_dir: Path, rank: int, world_size: int) -> None:
+        """This rank's files of `step_dir` (`own_files`), each retried; raises RemoteError."""
+        uploader = self._uploader()
+        for path in self.own_files(step_dir, rank, world_size):
+            name = str(path.relative_to(self.local_root))
+            retried(f"uploading {self.url}/{name}", lambda name=name: uploader.upload_file(name))
+
+    def upload_marker(self, step_dir: Path, keep_last: int) -> None:
+        """Rank 0, once every rank's files are up: the COMPLETE object, then pruning to keep_last."""
+        name = str((Path(step_dir) / COMPLETE).relative_to(self.local_root))
+        retried(f"uploading {self.url}/{name}", lambda: self._uploader().upload_file(name))
+        self.prune(keep_last)
+
+    def upload(self, step_dir: Path, rank: int, world_size: int, barrier: Callable[[], None],
+               keep_last: int) -> None:
+        """Collective, synchronous (tools and tests; training uploads in the background through
+        pargo_dist/checkpoint/upload.py): every rank its files, then rank 0 the marker."""
+        self.upload_files(step_dir, rank, world_size)
+        barrier()
+        if rank == 0:
+            self.upload_marker(step_dir, keep_last)
+        barrier()
+
+    def _keys(self) -> list[str]:
+        return retried(f"listing {self.url}", lambda: self._uploader().list_objects() or [])
+
+    def _relative(self, key: str) -> str | None:
+        """`key` below this run's prefix, or None for an object outside it."""
+        prefix = urllib.parse.urlparse(self.url).path.strip("/")
+        if not prefix:
+            return key
+        return key[len(prefix) + 1:] if key.startswith(prefix + "/") else None
+
+    def steps(self, keys: list[str] | None = None) -> list[int]:
+        """The steps of this run's complete checkpoints in the store (or among `keys`), oldest first."""
+        keys = self._keys() if keys is None else keys
+        return sorted({int(m.group(1)) for k in keys for m in [_STEP.match(self._relative(k) or "")] if m})
+
+    def prune(self, keep_last: int) -> None:
+        """Delete all but the newest `keep_last` complete checkpoints (and any upload left
+        unfinished before them). S3 only: other stores keep every checkpoint."""
+        client = getattr(self._uploader(), "s3", None)
+        if client is None:
+            return
+        keys = self._keys()  # one listing for both: which steps are complete, which objects go
+        complete = self.steps(keys)
+        if len(complete) <= keep_last:
+            return
+        parsed = urllib.parse.urlparse(self.url)
+        oldest_kept = complete[-keep_last]
+        doomed = [k for k in keys for m in [_STEP_OBJECT.match(self._relative(k) or "")]
+                  if m and int(m.group(1)) < oldest_kept]
+        doomed.sort(key=lambda k: not k.endswith("/" + COMPLETE))  # markers first: never complete-but-partial
+        for i in range(0, len(doomed), 1000):
+            batch = [{"Key": k} for k in doomed[i:i + 1000]]
+            retried(f"deleting old checkpoints under {self.url}",
+                    lambda batch=batch: client.delete_objects(Bucket=parsed.netloc, Delete={"Objects": batch}))
+
+    # -- download ---------------------------------------------------------------------------
+
+    def download(self, step: int, share: NodeShare | None = None) -> Path:
+        """The checkpoint of `step` into local_root/step_<N>, marker last, through a directory of
+        its own renamed into place (so nodes sharing a filesystem do not collide: the first one
+        there wins). Returns the local step directory.
+
+        `share`: the ranks of this filesystem. Where they load only their own files (see
+        NodeShare), only those and the shared ones are fetched, and a SHARE file says which
+        ranks' files the directory holds; a later call that needs more fetches the whole."""
+        from streaming.base.storage import CloudDownloader
+
+        target = self.local_root / f"step_{step:08d}"
+        if (target / COMPLETE).is_file() and holds(target, share):
+            return target
+        parsed = urllib.parse.urlparse(self.url)
+        keys = retried(f"listing {self.url}", lambda: self._uploader().list_objects(f"step_{step:08d}/") or [])
+        keys = [k for k in keys if _STEP_OBJECT.match(self._relative(k) or "")]
+        staging = self.local_root / f".step_{step:08d}.{socket.gethostname()}.{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        names = [self._relative(k).split("/", 1)[1] for k in keys]
+        downloader = CloudDownloader.get(self.url)
+
+        def fetch(key: str, name: str) -> None:
+            remote = f"{parsed.scheme}://{parsed.netloc}/{key}"
+            local = staging / name
+            local.parent.mkdir(parents=True, exist_ok=True)
+            retried(f"downloading {remote}", lambda: downloader.download(remote, str(local), 600))
+
+        wanted = dict(zip(names, keys))
+        if share is not None and META in wanted:
+            fetch(wanted[META], META)
+            if share.only_own_files(json.loads((staging / META).read_text())):
+                wanted = {name: key for name, key in wanted.items() if share.wants(name)}
+        for name in sorted(wanted, key=lambda n: n == COMPLETE):
+            if not (staging / name).is_file():
+                fetch(wanted[name], name)
+        downloader.clean_up()
+        if not (staging / COMPLETE).is_file():
+            shutil.rmtree(staging, ignore_errors=True)
+            raise RemoteError(f"{self.url}/step_{step:08d} has no {COMPLETE} object: not a finished checkpoint")
+        self.last_download = (len(wanted), len(names), sum((staging / n).stat().st_size for n in wanted))
+        if len(wanted) < len(names):
+            (staging / SHARE).write_text(json.dumps({"ranks": sorted(share.ranks), "world_size": share.world_size}))
+        if target.is_dir() and not ((target / COMPLETE).is_file() and holds(target, share)):
+            shutil.rmtree(target)  # this node's part of the save, or a smaller share: superseded
+        try:
+            staging.rename(target)
+        except OSError:  # another node got there first
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def fetch_newest(self) -> Path | None:
+        """The newest complete remote checkpoint, downloaded; None when the store has none."""
+        steps = self.steps()
+        return self.download(steps[-1]) if steps else None
