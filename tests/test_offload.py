@@ -1,12 +1,18 @@
-"""ZeRO-Offload with real ranks (torchrun, gloo on CPU): optimizer state, and under ZeRO-3 the
+"""ZeRO-Offload with real ranks (gloo on CPU): optimizer state, and under ZeRO-3 the
 parameters, kept in host memory. The backend keeps its client torch AdamW for the offloaded
-partitions (backends/deepspeed.py, offload_config), so an offloaded run trains, saves, resumes and
-reshards like one without offload.
+partitions (backends/deepspeed/backend.py, offload_config), so an offloaded run trains, saves,
+resumes and reshards like one without offload.
 
-Tolerances: on CPU the "device" is host memory too, so offloading moves no bytes between
-memories; DeepSpeed still takes another path (gradients copied into CPU-side buffers, the norm
-for clipping computed over them, the update written back), which may add the same numbers in
-another order. So the offloaded curve is compared with the non-offloaded reference to rel 1e-5
+What these tests prove, and what they cannot: on CPU the "device" is host memory too, so
+offloading moves no bytes between memories and saves none; that (the GPU memory an offload frees,
+the time its copies cost) is for a GPU run (benchmarks/gpu_run.sh). What they prove is that the
+recipe's offload keys reach DeepSpeed, which then runs its offload code path (its own flags say
+so: DeepSpeedBackend.offloaded, printed at set-up), and that this path (gradients copied into
+host-side buffers, the norm for clipping computed over them, our AdamW stepping the host copies,
+the update written back, the offloaded state saved, loaded and resharded) does the same math as
+the run without offload.
+
+Tolerances: the offload path may add the same numbers in another order. So the offloaded curve is compared with the non-offloaded reference to rel 1e-5
 (the same bound test_train.py uses for a change of float order; measured: equal to the last bit,
 as were ZeRO-1/2 with the optimizer offloaded, and bf16); a resume replays the same offloaded
 computation from saved state and is compared to 1e-6.
@@ -28,7 +34,8 @@ def offloaded(tmp_path_factory, data_dir):
     """An uninterrupted 2-rank ZeRO-3 run of the test recipe (6 steps, a checkpoint every 2) with
     the optimizer and the parameters offloaded."""
     tmp = tmp_path_factory.mktemp("offloaded")
-    run_train(write_recipe(tmp / "recipe.yaml", tmp / "run", data_dir), OFFLOAD, nproc=2)
+    out = run_train(write_recipe(tmp / "recipe.yaml", tmp / "run", data_dir), OFFLOAD, nproc=2)
+    (tmp / "stdout.txt").write_text(out.stdout)  # beside the run, what it printed
     return tmp / "run"
 
 
@@ -49,7 +56,10 @@ def resumed_from_step_2(source, tmp_path, data_dir):
 
 def test_offloaded_zero3_follows_the_reference_curve(offloaded, reference):
     """Offload changes where the fp32 partitions, Adam's moments and the parameters live, not the
-    math: the same AdamW, param groups and LR schedule as the reference run."""
+    math: the same AdamW, param groups and LR schedule as the reference run. DeepSpeed itself says
+    it offloaded both (its optimizer's flags), so this is the offload path, not the plain one."""
+    said = (offloaded.parent / "stdout.txt").read_text()
+    assert "ZeRO-Offload: optimizer state and parameters in host memory" in said, said[-2000:]
     got, ref = losses(offloaded), losses(reference(3, "finetune"))
     assert sorted(got) == sorted(ref) == list(range(1, 7))
     for step in got:
@@ -91,6 +101,8 @@ def test_offloaded_two_rank_checkpoint_reshards_onto_one_rank(offloaded, tmp_pat
     recipe, run_dir = resumed_from_step_2(offloaded, tmp_path, data_dir)
     out = run_train(recipe, [*offload, "train.micro_batch=8"], nproc=1)
     assert f"elastic resume (dp 2, zero_stage 3 -> dp 1, zero_stage {stage})" in out.stdout
+    offloaded_now = "optimizer state and parameters" if stage == 3 else "optimizer state"
+    assert f"ZeRO-Offload: {offloaded_now} in host memory" in out.stdout
     assert "at step 2" in out.stdout
     ids = sample_ids(run_dir)
     seen = [i for s in sorted(ids) for i in ids[s]]

@@ -6,9 +6,12 @@ References: the uninterrupted 2-rank run's loss curve (conftest.reference) and t
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import threading
 import time
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -17,6 +20,7 @@ from support.training import (can_emulate_nodes, losses, marker, run_nodes, run_
                               write_recipe)
 
 from pargo_dist import cli
+from pargo_dist.checkpoint.upload import UploadMirror
 
 SECRET = "s3cret-that-must-never-be-printed"
 
@@ -108,9 +112,13 @@ def test_an_upload_that_fails_through_every_retry_names_the_object_and_leaves_no
     remote = rc.RemoteCheckpoints("s3://bucket/run", tmp_path / "checkpoints")
     monkeypatch.setattr(remote, "_uploader", lambda: Refusing())
     monkeypatch.setattr(rc.time, "sleep", lambda s: None)
-    with pytest.raises(rc.RemoteError, match=r"uploading s3://bucket/run/step_00000002/ds/zero_pp_rank_0_mp_rank_00_"
-                                             r"optim_states.pt failed after 6 attempts: ConnectionError"):
-        remote.upload(step_dir, rank=0, world_size=1, barrier=lambda: None, keep_last=3)
+    said = []
+    mirror = UploadMirror(remote, 0, 1, None, keep_last=3, say=said.append)
+    mirror.submit(step_dir, 2)
+    mirror.wait()
+    assert re.fullmatch(r"uploading s3://bucket/run/step_00000002/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt "
+                        r"failed after 6 attempts: ConnectionError.*", mirror.failure), mirror.failure
+    assert mirror.missing() == 2 and "step 2 is not in s3://bucket/run" in said[-1]
     assert len(tries) == 6 and not any(n.endswith("COMPLETE") for n in sent)
     assert rc.owner_of("rank_00003.pt", 4) == 3 and rc.owner_of("__1_0.distcp", 2) == 1 and rc.owner_of("meta.json", 4) == 0
 
@@ -214,6 +222,8 @@ def test_every_rank_uploads_the_shards_it_wrote_in_bf16_too(tmp_path, monkeypatc
         written[f"rank_{rank:05d}.pt"] = rank
     for name in written:
         (step_dir / name).write_text("x")
+    (step_dir / ".rank_00001.pt.tmp.4242").write_text("half")  # what a rank killed mid-write leaves: never sent
+    (step_dir / "ds" / ".mp_rank_00_model_states.pt.tmp.77").write_text("half")
     assert "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt" in written
     sent: dict[int, list[str]] = {}
 
@@ -228,7 +238,9 @@ def test_every_rank_uploads_the_shards_it_wrote_in_bf16_too(tmp_path, monkeypatc
     monkeypatch.setattr(remote, "prune", lambda keep_last: None)
     for rank in range(world):
         monkeypatch.setattr(remote, "_uploader", lambda rank=rank: Recording(rank))
-        remote.upload(step_dir, rank=rank, world_size=world, barrier=lambda: None, keep_last=3)
+        remote.upload_files(step_dir, rank, world)
+    monkeypatch.setattr(remote, "_uploader", lambda: Recording(0))
+    remote.upload_marker(step_dir, keep_last=3)  # rank 0, once every rank's files are up
     for rank in range(world):
         assert sorted(sent[rank]) == sorted([n for n, r in written.items() if r == rank]
                                             + (["COMPLETE"] if rank == 0 else [])), rank
@@ -302,66 +314,89 @@ def test_nodes_without_a_shared_disk_resume_from_the_store_once_per_filesystem_p
 
 
 class FlakyStore:
-    """A store for RemoteCheckpoints' upload side: refuses everything while `down`; records what it got."""
+    """One rank's view of the object store (RemoteCheckpoints' upload side): refuses everything while
+    `down`; holds each upload until `gate` is set; records what it got in `objects` (shared)."""
 
-    def __init__(self):
-        self.down, self.objects = False, []
+    def __init__(self, objects: list[str]):
+        self.down, self.objects = False, objects
+        self.gate = threading.Event()
+        self.gate.set()
 
     def upload_file(self, name):
+        self.gate.wait(timeout=60)
         if self.down:
             raise ConnectionError("Connection refused")
         self.objects.append(name)
 
 
 def test_an_outage_is_retried_at_the_next_save_and_the_marker_waits_for_every_rank(tmp_path, monkeypatch):
-    """Two ranks' upload threads (in-process, over one c10d HashStore): while the store is down a
-    step is left without its COMPLETE object and said on the progress line; a rank whose files
-    failed keeps rank 0 from marking the step; once the store is back, the next save uploads whole."""
+    """Two ranks' upload threads (in-process, over one c10d HashStore), uploading at once as in a
+    run: while the store is down a step is left without its COMPLETE object and said on the
+    progress line; rank 0 marks a step only after every rank's files are up: it waits while rank 1
+    is still uploading, and a rank whose files failed keeps it from marking the step; once the
+    store is back, the next save uploads whole."""
     import torch.distributed as dist
 
     import pargo_dist.checkpoint.object_store as rc
-    from pargo_dist.checkpoint.upload import UploadMirror
 
-    monkeypatch.setattr(rc.time, "sleep", lambda s: None)
+    monkeypatch.setattr(rc.time, "sleep", lambda s: None)  # (the retries' back-off)
     root = tmp_path / "checkpoints"
-    store, kv = FlakyStore(), dist.HashStore()
+    objects: list[str] = []
+    stores, kv = [FlakyStore(objects), FlakyStore(objects)], dist.HashStore()
     said = []
     mirrors = []
     for rank in (0, 1):
         remote = rc.RemoteCheckpoints("s3://bucket/run", root)
-        monkeypatch.setattr(remote, "_uploader", lambda: store)
+        monkeypatch.setattr(remote, "_uploader", lambda rank=rank: stores[rank])
         monkeypatch.setattr(remote, "prune", lambda keep_last: None)
         mirrors.append(UploadMirror(remote, rank, 2, kv, keep_last=3, say=said.append))
 
-    def save(step: int, down_for: tuple[int, ...]) -> None:
+    def save(step: int) -> Path:
         step_dir = root / f"step_{step:08d}"
         (step_dir / "ds").mkdir(parents=True)
         for name in ("meta.json", "rank_00000.pt", "rank_00001.pt", "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                      "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "COMPLETE"):
             (step_dir / name).write_text("x")
-        for rank in (1, 0):  # one after the other, so that `down` applies to this rank's uploads only
-            store.down = rank in down_for
-            mirrors[rank].submit(step_dir, step)
-            mirrors[rank].wait()
-        store.down = False
+        for mirror in mirrors:
+            mirror.submit(step_dir, step)
+        return step_dir
 
-    save(2, (0, 1))
-    assert not any(n.endswith("COMPLETE") for n in store.objects) and mirrors[0].missing() == 2
+    def finish() -> None:
+        for mirror in mirrors:
+            mirror.wait()
+
+    stores[0].down = stores[1].down = True
+    save(2)
+    finish()
+    assert not any(n.endswith("COMPLETE") for n in objects) and mirrors[0].missing() == 2
     assert mirrors[0].behind() == "remote: step 2 not uploaded, retried at the next save"
     assert mirrors[1].behind() is None  # rank 0 speaks for the run
     assert "Training goes on" in said[-1] and "exits 75" in said[-1]
 
-    save(4, (1,))  # rank 0's files go up, rank 1's do not: no marker
-    assert "step_00000004/COMPLETE" not in store.objects and mirrors[0].missing() == 4
-    assert "step_00000004/rank_00000.pt" in store.objects and "step_00000004/rank_00001.pt" not in store.objects
+    # rank 0's files go up at once; rank 1's upload is still in flight: rank 0 waits for it
+    stores[0].down = False
+    stores[1].gate.clear()
+    save(4)
+    mine = {"step_00000004/" + n for n in ("meta.json", "rank_00000.pt", "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt")}
+    deadline = time.monotonic() + 30
+    while not mine <= set(objects) and time.monotonic() < deadline:
+        threading.Event().wait(0.01)
+    threading.Event().wait(0.3)  # time enough for rank 0 to mark the step, had it not waited
+    assert mine <= set(objects) and "step_00000004/COMPLETE" not in objects and mirrors[0].busy()
+    stores[1].gate.set()  # ...and then rank 1's files fail: no marker
+    finish()
+    assert "step_00000004/COMPLETE" not in objects and mirrors[0].missing() == 4
+    assert "step_00000004/rank_00001.pt" not in objects
 
-    save(6, ())
+    stores[1].down = False
+    save(6)
+    finish()
     assert mirrors[0].missing() is None and mirrors[0].behind() is None
-    assert {n for n in store.objects if n.startswith("step_00000006/")} == {
+    assert {n for n in objects if n.startswith("step_00000006/")} == {
         "step_00000006/" + n for n in ("meta.json", "rank_00000.pt", "rank_00001.pt", "COMPLETE",
                                         "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                         "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")}
-    assert store.objects[-1] == "step_00000006/COMPLETE" and "reachable again" in said[-1]
+    assert objects[-1] == "step_00000006/COMPLETE" and "reachable again" in said[-1]
 
 
 def test_a_run_that_ends_during_an_outage_exits_75_and_its_requeue_uploads_it(s3_server, tmp_path, data_dir):

@@ -24,7 +24,6 @@ first save, before its size is known, copies into plain memory.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -33,6 +32,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from pargo_dist.checkpoint.files import atomic_write
 
 _ALIGN = 64  # bytes: each storage's copy starts on a cache line
 
@@ -248,13 +249,7 @@ class BackgroundWriter:
 
 
 def save_file(obj: Any, path: str | Path, zipfile: bool = True) -> None:
-    """torch.save to `path` through a temporary name, fsync'd, then renamed: a reader never sees
-    half a file under the real name. `zipfile`: torch's serialization format (DeepSpeed's
-    checkpoints use the legacy one unless configured)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".writing")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f, _use_new_zipfile_serialization=zipfile)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save to `path` through a temporary name (`atomic_write`): a reader never sees half a
+    file under the real name. `zipfile`: torch's serialization format (DeepSpeed's checkpoints
+    use the legacy one unless configured)."""
+    atomic_write(Path(path), lambda f: torch.save(obj, f, _use_new_zipfile_serialization=zipfile), binary=True)

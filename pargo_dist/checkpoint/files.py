@@ -21,13 +21,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temp_name(path: Path) -> Path:
+    """Where `atomic_write` writes `path` before the rename: a hidden name with the writer's pid,
+    so two writers never share a temp file."""
+    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
+
+
+def being_written(name: str) -> bool:
+    """Whether a file name is an `atomic_write` temp file (a write in flight, or one a killed
+    process left): never part of a checkpoint, never uploaded."""
+    head, sep, pid = name.rpartition(".tmp.")
+    return bool(sep) and head.startswith(".") and pid.isdigit()
+
+
 def atomic_write(path: Path, write: Callable[[object], None], binary: bool) -> None:
     """Write via a temp file in the same dir, fsync it, then rename over `path`.
 
     Readers see either the old file, no file, or the whole new one; never a truncated one.
-    The temp name carries the pid so two writers never share a temp file.
     """
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb" if binary else "w") as f:
             write(f)

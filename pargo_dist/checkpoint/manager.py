@@ -83,9 +83,10 @@ class CheckpointManager:
     def barrier(self, what: str = "checkpoint") -> None:
         self.sync.barrier(what)
 
-    def filesystem(self):
-        """Collective on first call (every rank calls it at the same point: begin, resolve): which
-        ranks see this rank's checkpoint directory (pargo_dist/runtime/filesystems.py)."""
+    def join_filesystem_group(self):
+        """Collective on the first call (every rank calls it at the same point: begin, resolve):
+        which ranks see this rank's checkpoint directory (pargo_dist/runtime/filesystems.py). Later
+        calls return the group found then."""
         if self._filesystem is None:
             from pargo_dist.runtime.filesystems import FilesystemGroup, filesystem_group
 
@@ -189,7 +190,7 @@ class CheckpointManager:
         if step is None:
             return None
         if self.world_size > 1 or chosen["where"] == "remote":
-            group = self.filesystem()
+            group = self.join_filesystem_group()
             share = NodeShare(tuple(group.ranks), self.world_size, *loads_with) if loads_with else None
             here = self.step_dir(step)
             if group.leader and not (self.is_complete(here) and holds(here, share)):
@@ -218,7 +219,7 @@ class CheckpointManager:
         marker first, so the new files never mix with old ones.
         """
         path = self.step_dir(step)
-        if self.filesystem().leader:  # on each filesystem: nodes with disks of their own write there
+        if self.join_filesystem_group().leader:  # on each filesystem: nodes with disks of their own write there
             if path.exists() or path.is_symlink():
                 self._delete(path)
             path.mkdir(parents=True)
@@ -259,7 +260,7 @@ class CheckpointManager:
             self._prune_safely(self.cleanup)
         # rank 0's filesystem holds the marker; others (nodes with disks of their own) keep the steps it kept
         kept = self.sync.share(f"step {step} marked", self.complete_steps)
-        if self.rank != 0 and self.filesystem().leader:
+        if self.rank != 0 and self.join_filesystem_group().leader:
             self._prune_safely(lambda: prune_to(self.root, self._step_dirs(), kept))
         if self.uploads is not None:
             self.uploads.submit(step_dir, step)
@@ -350,9 +351,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir, a run dir (its newest complete checkpoint), or a run's checkpoint.remote
     URL (s3://...: its newest complete checkpoint, downloaded to a cache dir first)."""
     if "://" in str(path):
-        from pargo_dist.checkpoint.object_store import RemoteCheckpoints, cache_dir
+        from pargo_dist.checkpoint.object_store import RemoteCheckpoints, download_dir
 
-        fetched = RemoteCheckpoints(str(path), cache_dir(str(path)) / "checkpoints").fetch_newest()
+        fetched = RemoteCheckpoints(str(path), download_dir(str(path)) / "checkpoints").fetch_newest()
         if fetched is None:
             raise UserError(f"{path} holds no complete checkpoint (no step_*/COMPLETE object)")
         return fetched

@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from pargo_dist.checkpoint.files import being_written
 from pargo_dist.checkpoint.pruning import COMPLETE, SHARE  # the same marker, as an object; a node's share
 from pargo_dist.errors import UserError
+from pargo_dist.runtime.cache import cache_dir
 
 # Keys are matched relative to the run's own prefix and anchored there: another run's checkpoints
 # under it (s3://bkt/exp/ablation/step_.../) or beside it (s3://bkt/exp2/) are never this run's.
@@ -48,11 +50,10 @@ _SKIP_DIRS = ("ds_universal",)  # made from ds/ on an elastic resume: a cache, n
 T = TypeVar("T")
 
 
-def cache_dir(url: str) -> Path:
-    """Where `pargo-dist export` / `eval` put a remote run's checkpoint: PARGO_DIST_CACHE (default
-    ~/.cache/pargo_dist) / remote / <the URL, made a directory name>."""
-    root = Path(os.environ.get("PARGO_DIST_CACHE", Path.home() / ".cache" / "pargo_dist"))
-    return root / "remote" / re.sub(r"[^A-Za-z0-9._-]+", "_", url.rstrip("/"))
+def download_dir(url: str) -> Path:
+    """Where `pargo-dist export` / `eval` put a remote run's checkpoint: the cache's remote/
+    (pargo_dist/runtime/cache.py) / <the URL, made a directory name>."""
+    return cache_dir("remote") / re.sub(r"[^A-Za-z0-9._-]+", "_", url.rstrip("/"))
 
 
 class RemoteError(UserError):
@@ -193,7 +194,7 @@ class RemoteCheckpoints:
         ones), without the COMPLETE marker, files still being written, and caches."""
         step_dir = Path(step_dir)
         return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name not in (COMPLETE, SHARE)
-                      and not p.name.endswith((".writing", ".tmp"))
+                      and not being_written(p.name)
                       and not any(part.startswith(_SKIP_DIRS) for part in p.relative_to(step_dir).parts)
                       and owner_of(p.name, world_size) == rank)
 
@@ -209,16 +210,6 @@ class RemoteCheckpoints:
         name = str((Path(step_dir) / COMPLETE).relative_to(self.local_root))
         retried(f"uploading {self.url}/{name}", lambda: self._uploader().upload_file(name))
         self.prune(keep_last)
-
-    def upload(self, step_dir: Path, rank: int, world_size: int, barrier: Callable[[], None],
-               keep_last: int) -> None:
-        """Collective, synchronous (tools and tests; training uploads in the background through
-        pargo_dist/checkpoint/upload.py): every rank its files, then rank 0 the marker."""
-        self.upload_files(step_dir, rank, world_size)
-        barrier()
-        if rank == 0:
-            self.upload_marker(step_dir, keep_last)
-        barrier()
 
     def _keys(self) -> list[str]:
         return retried(f"listing {self.url}", lambda: self._uploader().list_objects() or [])

@@ -20,7 +20,6 @@ import hashlib
 import logging
 import os
 import struct
-import tempfile
 import traceback
 import warnings
 from typing import Any, Mapping
@@ -35,6 +34,7 @@ from pargo_dist.data.prompt import PromptBuilder
 from pargo_dist.data.schema import BadSample
 from pargo_dist.data.sources import DataConfig, StreamConfig  # noqa: F401  (re-exported)
 from pargo_dist.errors import DamagedShard, UserError
+from pargo_dist.runtime.cache import cache_dir
 
 log = logging.getLogger(__name__)
 # streaming's note that a `replication` resume counts replicated samples: ParGoLoader counts them once
@@ -42,9 +42,9 @@ warnings.filterwarnings("ignore", message=r"The `replication` arg has been set.*
 
 
 def default_cache_dir(remote: str) -> str:
-    """A local cache dir unique to the remote (streaming needs one local dir per dataset)."""
-    root = os.environ.get("PARGO_CACHE", os.path.join(tempfile.gettempdir(), "pargo_dist_cache"))
-    return os.path.join(root, hashlib.sha1(remote.encode()).hexdigest()[:16])
+    """A local cache dir unique to the remote (streaming needs one local dir per dataset), under
+    PARGO_DIST_CACHE (pargo_dist/runtime/cache.py)."""
+    return str(cache_dir("streaming") / hashlib.sha1(remote.encode()).hexdigest()[:16])
 
 
 def stream_names(cfg: DataConfig) -> list[str]:

@@ -140,12 +140,14 @@ def _deepspeed_params(s: Shapes, layout: Layout) -> float:
 def zero3_live_bytes(s: Shapes, precision: str = "bf16") -> float:
     """Parameters ZeRO-3 keeps gathered: DeepSpeed releases a parameter only when it will not be
     reused within stage3_max_reuse_distance, and prefetches up to stage3_prefetch_bucket_size
-    more (both sized to the model: backends/deepspeed/buffers.py), so up to their sum stays
-    resident, never less than the largest module, never more than the whole model."""
+    more (both sized to the model: backends/deepspeed/buffers.py); a leaf (a whole decoder layer,
+    DeepSpeedBackend._whole_layers_as_leaves) is gathered at once on top of them. So up to their
+    sum stays resident, never more than the whole model (measured against a real engine:
+    tests/test_deepspeed_backend.py, test_the_planner_counts_the_buffers_deepspeed_allocates)."""
     P, T = _deepspeed_params(s, Layout("deepspeed", zero_stage=3)), float(sum(s.trainable.values()))
     sizes = buffer_sizes(int(T), int(P), 3)
-    live = sizes["stage3_max_reuse_distance"] + sizes["stage3_prefetch_bucket_size"]
-    return (2.0 if precision == "bf16" else 4.0) * min(P, max(live, s.largest_module))
+    live = sizes["stage3_max_reuse_distance"] + sizes["stage3_prefetch_bucket_size"] + s.largest_leaf
+    return (2.0 if precision == "bf16" else 4.0) * min(P, live)
 
 
 def buffer_bytes(s: Shapes, layout: Layout, world: int, precision: str = "bf16") -> dict[str, float]:

@@ -26,7 +26,8 @@ class Shapes:
     llm_layer_params: int
     llm_layers: int
     llm_embed_params: int  # input embedding (+ lm_head if untied)
-    largest_module: int  # largest single module's parameters (ZeRO-3 gathers it whole)
+    largest_module: int  # largest single module's own parameters (one tensor read at a time: zero_init)
+    largest_leaf: int  # the most ZeRO-3 gathers at once: a decoder layer (a leaf: DeepSpeedBackend), or a larger module
     hidden: int
     vocab: int
     visual_tokens: int
@@ -197,15 +198,13 @@ def shapes_of(cfg, micro_batch: int | None = None, seq_len: int | None = None) -
     embed = params["language_model"] - layer_params * len(layers) - sum(w.numel() for w in lm.model.norm.parameters())
     largest = max(sum(w.numel() for w in m.parameters(recurse=False)) for m in model.modules())
     experts = sum(w.numel() for block in _moe_blocks(layers[0]) for w in block.experts.parameters())
-    if experts:  # ZeRO-3 gathers a decoder layer whole (a leaf: DeepSpeedBackend), its experts with it
-        largest = max(largest, layer_params)
     seq = seq_len or cfg.data.train.max_len
     mb = micro_batch or cfg.train.micro_batch
     crops = CropPolicy.from_config(cfg.data.image).max_crops  # sized for the most crops an image can get
     act, split = trace_activations(model, mb, seq, crops)
     return Shapes(params=params, trainable=trainable, llm_layer_params=layer_params, llm_layers=len(layers),
                   llm_expert_params=experts, llm_experts=num_experts(tcfg),
-                  llm_embed_params=embed, largest_module=largest, hidden=tcfg.hidden_size, vocab=tcfg.vocab_size,
+                  llm_embed_params=embed, largest_module=largest, largest_leaf=max(largest, layer_params), hidden=tcfg.hidden_size, vocab=tcfg.vocab_size,
                   visual_tokens=model.num_image_tokens(crops), act_bytes=act,
                   act_layer_split=split, tokens=mb * seq, dtype_bytes=2 if cfg.train.precision == "bf16" else 4,
                   flops_per_sample=model_flops_per_sample(model, seq, crops=crops))

@@ -12,7 +12,7 @@ talks to) instead: a counter per barrier, polled with a growing interval (1 ms t
 poll is a quick request, so no store or collective timeout applies to the wait itself. A rank
 that dies while others wait ends the job through the launcher (it stops every rank when one
 fails); a rank that hangs is caught by its own hang watchdog (the worker beats it with an
-allowance for its work). Every rank calls the same sequence of `barrier`/`share`/`gather`, as
+allowance for its work). Every rank calls the same sequence of `barrier`/`share`, as
 with collectives: each call gets the next key.
 
 `StoreSync.default()` uses the default process group's store (torch's private
@@ -39,7 +39,7 @@ def wait_until(ready: Callable[[], bool]) -> None:
 
 
 class LocalSync:
-    """One process: every wait is over at once, `share` computes, `gather` is a list of one."""
+    """One process: every wait is over at once, `share` computes."""
 
     rank, world_size = 0, 1
 
@@ -49,15 +49,12 @@ class LocalSync:
     def share(self, what: str, compute: Callable[[], Any], src: int = 0) -> Any:
         return compute()
 
-    def gather(self, what: str, value: Any) -> list[Any]:
-        return [value]
-
     def leave_together(self, what: str) -> None:
         pass
 
 
 class StoreSync:
-    """barrier / share / gather over a c10d Store, by polling (see the module docstring)."""
+    """barrier / share over a c10d Store, by polling (see the module docstring)."""
 
     def __init__(self, store, rank: int, world_size: int, namespace: str = "pargo"):
         self.store, self.rank, self.world_size = store, rank, world_size
@@ -99,14 +96,6 @@ class StoreSync:
             return value
         wait_until(lambda: self.store.check([key]))
         return json.loads(self.store.get(key))
-
-    def gather(self, what: str, value: Any) -> list[Any]:
-        """Every rank's (JSON-able) `value`, in rank order, on every rank."""
-        key = self._key(what)
-        self.store.set(f"{key}/{self.rank}", json.dumps(value))
-        keys = [f"{key}/{r}" for r in range(self.world_size)]
-        wait_until(lambda: self.store.check(keys))
-        return [json.loads(self.store.get(k)) for k in keys]
 
     def leave_together(self, what: str, patience_s: float = 30.0) -> None:
         """Every rank is about to exit (all agreed on it, e.g. through `share`): rank 0, whose

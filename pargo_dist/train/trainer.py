@@ -177,7 +177,8 @@ class Trainer:
             c / self.backend.replication for c in counts.tolist())
         # right-padded batches train with plain causal attention (Batch.causal_only: same loss)
         loss_sum = self.backend.train_batch([b.causal_only() for b in micro_batches], targets, self.state.step)
-        # which ranks' samples a divergence blames; a tensor, read only then (no host sync per step)
+        # which ranks' samples a divergence blames: kept as a tensor and read only when a divergence
+        # needs it (the step already waits for the device once, for the logged loss below)
         own_finite = torch.isfinite(loss_sum).all()
         dist.all_reduce(loss_sum)
         s = self.state

@@ -10,6 +10,11 @@ batch: a hook on every router adds a large logit to experts {0, 1} for the first
 0 and 1 (the case that hangs ZeRO-3 when each expert is gathered as it is entered), and one
 rank, holding all four rows, routes each row the same way. Rank 0 writes OUT: the step losses
 (summed token losses over every rank / global targets) and the experts each rank ran.
+
+DeepSpeed's own list of MoE blocks it gathers whole (zero_optimization.leaf_module: Mixtral,
+Qwen2-MoE and Qwen3-MoE in 0.19.8) is emptied here, as it is for every MoE architecture it does
+not list (DeepSeek, InternLM2-MoE, a custom model): what keeps the ranks together is then the
+backend's own choice of leaves (DeepSpeedBackend._whole_layers_as_leaves) alone.
 """
 
 from __future__ import annotations
@@ -52,6 +57,9 @@ def main() -> None:
 
     from pargo_dist.config import load_config
 
+    from deepspeed.runtime.zero import leaf_module_config
+
+    leaf_module_config.DEFAULT_LEAF_MODULE_CLASSES.clear()  # (see the module docstring)
     cfg = load_config(recipe, [MOE, "train.stage=full", "optim.lr=1e-2", "backend.zero_stage=3"])
     backend, _, tokenizer, rank, world = deepspeed_rank(cfg)
     mine = slice(rank * ROWS // world, (rank + 1) * ROWS // world)

@@ -11,7 +11,7 @@ sessions on one /dev/shm could break each other's loaders. (pargo_dist's loaders
 stale ones: pargo_dist/data/shared_memory.py.) That needs root (`unshare -m`); without it the suite runs as one
 session. Each session also gets its own temp dir (TMPDIR: streaming skips a shared-memory prefix
 whose file lock exists in the temp dir, so two sessions' ranks sharing /tmp could each see a
-different first free prefix), pytest base temp dir and dataset cache (PARGO_CACHE).
+different first free prefix), pytest base temp dir and cache (PARGO_DIST_CACHE).
 
 Lines are prefixed with their group ("[1/2] "); arguments go to every pytest session.
 """
@@ -47,7 +47,7 @@ def main() -> int:
     for k in range(1, groups + 1):
         tmp = os.path.join(base, f"t{k}")
         os.makedirs(tmp)
-        env = {**os.environ, "PARGO_CACHE": os.path.join(base, f"cache{k}"), "TMPDIR": tmp}
+        env = {**os.environ, "PARGO_DIST_CACHE": os.path.join(base, f"cache{k}"), "TMPDIR": tmp}
         cmd = [*ISOLATE, *pytest, *args, f"--group={k}/{groups}", f"--basetemp={os.path.join(base, f'tmp{k}')}"]
         procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                       bufsize=1))

@@ -274,6 +274,22 @@ class DeepSpeedBackend:
         if tower is not None:
             dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
             tower.to(self.engine.device, dtype)
+        offloaded = self.offloaded()
+        if offloaded and torch.distributed.get_rank() == 0:
+            print(f"ZeRO-Offload: {' and '.join(offloaded)} in host memory (DeepSpeed's offload path, "
+                  f"our AdamW steps the host copies)", flush=True)
+
+    def offloaded(self) -> list[str]:
+        """What DeepSpeed's ZeRO optimizer says it keeps in host memory: its own flags after
+        set-up (ZeRO-1/2: cpu_offload; ZeRO-3: offload_optimizer, offload_param), not the recipe's
+        keys, so a key that never reached DeepSpeed shows here as nothing offloaded."""
+        optimizer = getattr(self.engine, "optimizer", None)
+        out = []
+        if getattr(optimizer, "cpu_offload", False) or getattr(optimizer, "offload_optimizer", False):
+            out.append("optimizer state")
+        if getattr(optimizer, "offload_param", False):
+            out.append("parameters")
+        return out
 
     @staticmethod
     def _whole_layers_as_leaves(model: torch.nn.Module) -> list[type]:
