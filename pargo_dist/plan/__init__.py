@@ -27,12 +27,12 @@ Everything comes from the recipe's model built on the meta device (no weights, n
   layer keeps its input, plus one layer's activations while it is recomputed. Under megatron
   TP the tensors of hidden width stay whole unless sequence parallel is on, the rest split.
 - Buffers: DeepSpeed's gradient bucket (ZeRO-1/2: 4.5x with overlap_comm, as its docs state)
-  and ZeRO-3's gathered parameters (its reuse distance plus one prefetch), at the sizes the run
-  gives DeepSpeed (backends/deepspeed/buffers.py: a fraction of the model below ~4B parameters,
-  DeepSpeed's defaults above), the fp32 logits gradient of the loss, and a fixed 2.5 GiB for
-  the CUDA context, NCCL and allocator fragmentation. The whole step's peak of a 278M model on
-  2 CPU ranks is planned within 4 % under ZeRO-3 and megatron TP=2
-  (`benchmarks/plan_memory.py --step-peak`).
+  and ZeRO-3's gathered parameters (its reuse distance plus one prefetch, plus the largest leaf:
+  a whole decoder layer), at the sizes the run gives DeepSpeed (backends/deepspeed/buffers.py: a
+  fraction of the model below ~4B parameters, DeepSpeed's defaults above), the fp32 logits
+  gradient of the loss, and a fixed 2.5 GiB for the CUDA context, NCCL and allocator
+  fragmentation. The whole step's peak of a 278M model on 2 CPU ranks is planned within 3 %
+  (ZeRO-3 -0.4 %, megatron TP=2 -2.5 %; `benchmarks/plan_memory.py --step-peak`).
 - Mixture of experts: memory holds every expert (megatron: split over `expert_parallel` ranks;
   ZeRO-3: over all ranks, a decoder layer gathered whole with its experts); FLOPs count the
   top-k experts a token runs; activations are traced with a balanced router; `--fit` tries
