@@ -34,8 +34,9 @@ train`, one step, checkpoint.every=1) leaves a checkpoint as every GPU recipe sa
                  shared ones), so what each node sends is the sum over its ranks
   down / node MB  what a node of one rank downloads for a resume on new nodes, once per
                  filesystem: by the same layout, its rank's shards and the shared files
-                 (remote_checkpoints.NodeShare), per node; elastic (another rank count or ZeRO
-                 stage), the whole checkpoint, as the conversion reads every rank's shards
+                 (pargo_dist.checkpoint.object_store.NodeShare), per node; elastic (another
+                 rank count or ZeRO stage), the whole checkpoint, as the conversion reads every
+                 rank's shards
 
     OMP_NUM_THREADS=1 python benchmarks/checkpoint.py --conversion --sizes small medium 302m
 """

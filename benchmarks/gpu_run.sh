@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script to run on a GPU device machine for issue 17 ("GPU step speed"): device set-up,
+# The one script to run on a GPU device machine for the GPU step-speed figures: device set-up,
 # then train_step.py and profile_step.py in order of priority, inside a fixed time budget, so
 # that one session of a few minutes brings back whole tables. Run from the repo root, with the
 # wheels carried:
@@ -23,7 +23,7 @@
 #   refs           train_step 1b, batch 16: bare deepspeed, hf trainer (framework overhead)
 # Why this order: a 1b row costs ~50-70 s on an H200, mostly start-up (imports, model build,
 # DeepSpeed set-up; the tables' "start s" column says how much), so 8 minutes hold about six
-# runs. The first parts answer the issue's main questions (our step vs megatron at a batch that
+# runs. The first parts answer the main questions (our step vs megatron at a batch that
 # fills the GPU, where the host waits, what compile buys, whether 3b fits as planned); the rest
 # run when time is left and are reported as skipped otherwise.
 #

@@ -28,7 +28,7 @@ same frozen parts), on the same batch; the DeepSpeed ones under the same DeepSpe
                   the Trainer's own per-step work (batch fetch and device move, loss-kwarg
                   counting, callbacks) is included, as it is in a real run.
   compiled        the pargo_dist row with the recipe override train.compile=true, its blocks
-                  compiled as a run compiles them (pargo_dist.train.trainer.set_up_backend, which
+                  compiled as a run compiles them (pargo_dist.train.run.set_up_backend, which
                   build_trainer calls too; a note under the table
                   says how many). Compiling falls in the warm-up steps, so give it --warmup 2
                   or more. --compile-backend sets train.compile_backend (aot_eager: the same
@@ -80,10 +80,10 @@ A prediction that cannot be made shows "n/a"; it is made in the row's own proces
 model is built, so a row that runs out of memory still shows what the planner expected.
 
 Every contender runs in its own subprocess (one rank: RANK=0, WORLD_SIZE=1; gloo on CPU, NCCL
-on CUDA), so peak memory (`metrics.peak_memory_gib`: CUDA max_memory_allocated, or the process
-peak RSS on CPU, imports included) and process-group state cannot leak between them. MFU
-(`flops.model_flops_per_sample`, vision tower included) is shown where the GPU's peak
-FLOP/s is known. "start s" is the row's imports, model build, set-up and warm-up steps
+on CUDA), so peak memory (`pargo_dist.observe.metrics.peak_memory_gib`: CUDA
+max_memory_allocated, or the process peak RSS on CPU, imports included) and process-group state
+cannot leak between them. MFU (`pargo_dist.models.flops.model_flops_per_sample`, vision tower
+included) is shown where the GPU's peak FLOP/s is known. "start s" is the row's imports, model build, set-up and warm-up steps
 (where a GPU row's time goes when it is not stepping). A contender that cannot run shows
 "n/a: <reason>" in its row. --budget-s caps the whole run: rows are started only while time
 is left (each with at most the time left), the rest show "n/a: skipped", and the tables are

@@ -1,8 +1,10 @@
 """Checkpoint layout and lifecycle, independent of the training backend.
 
-The checkpoint format lives here: the layout, the run-level state, how to find a checkpoint from
-a run dir. Reading a checkpoint's weights back into a model, whatever backend wrote them, is
-pargo_dist/backends/trained_weights.py (init_from, export and elastic resume all use `load_trained_weights`).
+The collective steps of a checkpoint's life live here: begin, commit, find (resolve), prune,
+and the downloads and uploads of `checkpoint.remote`; what a checkpoint holds besides the
+backend's shards is pargo_dist/checkpoint/state.py. Reading a checkpoint's weights back by HF
+names, whatever backend wrote them, is pargo_dist/backends/trained_weights.py (`model.init_from`
+and export use it; a resume at another layout is the backend's own `load`).
 
 Layout of one checkpoint, `<run_dir>/checkpoints/step_<N:08d>/`:
 

@@ -15,7 +15,7 @@ from typing import Callable
 
 from pargo_dist.checkpoint.files import fsync_dir
 
-COMPLETE = "COMPLETE"  # a step directory counts as a checkpoint only with this marker (checkpoint.py)
+COMPLETE = "COMPLETE"  # a step directory counts as a checkpoint only with this marker (manager.py)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 # beside COMPLETE in a step directory a node downloaded only its ranks' share of (remote_checkpoints)
 SHARE = "SHARE"

@@ -8,8 +8,8 @@ filesystem, can leave half-written files. So:
   children inherit the mask, so a signal that arrives while a rank still imports torch stays
   pending instead of killing it.
 - `StopSignal` installs a handler that only notes the signal, then releases the mask (a pending
-  one is delivered now). The loop checks `requested` (evaluation, per batch) or `agreed()`
-  (training, per step: every rank must stop after the same step, so they agree by all-reduce).
+  one is delivered now). The loop checks `requested`: evaluation per batch, training once per step
+  in `Trainer._agree` (every rank must stop after the same step, so they agree by all-reduce).
 """
 
 from __future__ import annotations

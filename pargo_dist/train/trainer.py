@@ -149,7 +149,6 @@ class Trainer:
         stop, writing = (bool(v) for v in flags.tolist())
         return stop, self._unmarked is not None and not writing
 
-
     # -- the loop -----------------------------------------------------------------------
 
     def _batches(self) -> Iterator[Batch]:

@@ -1,6 +1,6 @@
 """DeepSpeed's checkpoint engine with background writes (`checkpoint.async_save`).
 
-Its own module: the backend (backends/deepspeed.py) only swaps it in around a save, and the
+Its own module: the backend (backends/deepspeed/backend.py) only swaps it in around a save, and the
 copying and writing themselves are pargo_dist/checkpoint/background_save.py's, shared with megatron.
 """
 
