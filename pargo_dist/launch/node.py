@@ -211,7 +211,8 @@ def prepare_training(recipe: str | None, overrides: list[str], world: int):
 
 def main(argv: list[str] | None = None) -> int:
     hold_signals()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prog = "python -m pargo_dist.launch" if sys.argv[0].endswith("__main__.py") else None  # else the script's name
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nproc", type=int, default=1, help="ranks on this node (one per GPU)")
     ap.add_argument("--nnodes", type=int, default=1, help="nodes in the run")
     ap.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1")
