@@ -39,6 +39,22 @@ train`, one step, checkpoint.every=1) leaves a checkpoint as every GPU recipe sa
                  rank's shards
 
     OMP_NUM_THREADS=1 python benchmarks/checkpoint.py --conversion --sizes small medium 302m
+
+`--transfer`: checkpoint.remote's transfers against boto3's own s3transfer. A checkpoint laid out
+as an 8-rank ZeRO-3 bf16 save writes it (per rank: model states, optimizer states, rank state;
+the shared meta.json, config.yaml, COMPLETE; --transfer-mb in all) goes to and comes back from
+an S3 server on loopback (moto_server: an S3-compatible server, CPU-bound like any store on
+these 2 cores), three ways each, in one run, the same server and files:
+
+  ours            RemoteCheckpoints.upload_files for every rank's files (the ranks' threads at
+                  once, as a node's ranks upload), then RemoteCheckpoints.download of the whole
+                  checkpoint (what a node that resumes elastically fetches)
+  s3transfer 10   boto3's TransferManager with 10 threads over the same files (upload_file /
+                  download_file for each): the reference a well-kept library gives
+  one at a time   the files one after the other, one request each (how streaming's uploader
+                  and downloader, which pargo_dist used before, move them)
+
+    python benchmarks/checkpoint.py --transfer --transfer-mb 512
 """
 
 from __future__ import annotations
@@ -182,6 +198,95 @@ def main_conversion(args) -> None:
     shutil.rmtree(root, ignore_errors=True)
 
 
+def checkpoint_files(root: Path, total_mb: int, ranks: int = 8) -> dict[str, int]:
+    """An 8-rank ZeRO-3 bf16 save's file names, `total_mb` in all (random bytes): name -> size."""
+    shards = {}
+    for r in range(ranks):
+        shards[f"ds/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt"] = 6
+        shards[f"ds/zero_pp_rank_{r}_mp_rank_00_model_states.pt"] = 1
+        shards[f"rank_{r:05d}.pt"] = 0
+    unit = total_mb * 2**20 // sum(shards.values())
+    sizes = {name: max(4096, weight * unit) for name, weight in shards.items()}
+    sizes.update({"meta.json": 512, "config.yaml": 2048, "COMPLETE": 64})
+    step = root / "step_00000010"
+    for name, size in sizes.items():
+        (step / name).parent.mkdir(parents=True, exist_ok=True)
+        (step / name).write_bytes(os.urandom(size))
+    return sizes
+
+
+def main_transfer(args) -> None:
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
+    from boto3.s3.transfer import S3Transfer, TransferConfig
+
+    from pargo_dist.checkpoint.object_store import RemoteCheckpoints
+    from pargo_dist.runtime.rank_env import free_port
+
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(S3_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    try:
+        client = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT_URL"])
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket="bench")
+                break
+            except Exception:  # noqa: BLE001  the server is still starting
+                time.sleep(0.1)
+        root = Path(tempfile.mkdtemp(prefix="pargo-transfer-")) / "checkpoints"
+        sizes = checkpoint_files(root, args.transfer_mb)
+        total = sum(sizes.values()) / 2**20
+        step = root / "step_00000010"
+        names = sorted(sizes, key=lambda n: n == "COMPLETE")
+        rows = []
+
+        def timed(fn) -> float:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+
+        # ours: every rank's upload (a thread per rank, as on a node), then the whole download
+        remote = RemoteCheckpoints("s3://bench/ours", root)
+        up = timed(lambda: list(ThreadPoolExecutor(8).map(lambda r: remote.upload_files(step, r, 8), range(8)))
+                   ) + timed(lambda: remote.upload_marker(step, keep_last=3))
+        fresh = RemoteCheckpoints("s3://bench/ours", root.parent / "down-ours")
+        down = timed(lambda: fresh.download(10))
+        rows.append(("ours", up, down))
+
+        manager = S3Transfer(client, TransferConfig(max_concurrency=10))
+        pool = ThreadPoolExecutor(10)
+        up = timed(lambda: list(pool.map(lambda n: manager.upload_file(str(step / n), "bench", f"tm/{n}"), names)))
+        out = root.parent / "down-tm"
+        for n in names:
+            (out / n).parent.mkdir(parents=True, exist_ok=True)
+        down = timed(lambda: list(pool.map(lambda n: manager.download_file("bench", f"tm/{n}", str(out / n)), names)))
+        rows.append(("s3transfer, 10 threads", up, down))
+
+        single = TransferConfig(multipart_threshold=2**40, use_threads=False)
+        up = timed(lambda: [client.upload_file(str(step / n), "bench", f"one/{n}", Config=single) for n in names])
+        out = root.parent / "down-one"
+        for n in names:
+            (out / n).parent.mkdir(parents=True, exist_ok=True)
+        down = timed(lambda: [client.download_file("bench", f"one/{n}", str(out / n), Config=single) for n in names])
+        rows.append(("one at a time", up, down))
+
+        print(f"{len(sizes)} files, {total:,.0f} MiB (an 8-rank ZeRO-3 bf16 save), moto_server on loopback, "
+              f"{os.cpu_count()} cores")
+        print()
+        print("| way | upload s | upload MiB/s | download s | download MiB/s |")
+        print("|---|---|---|---|---|")
+        for name, up, down in rows:
+            print(f"| {name} | {up:.2f} | {total / up:,.1f} | {down:.2f} | {total / down:,.1f} |")
+        shutil.rmtree(root.parent, ignore_errors=True)
+    finally:
+        server.terminate()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", default=["small", "medium"], choices=["tiny", "small", "medium", "302m"])
@@ -189,8 +294,14 @@ def main() -> None:
                     help="time the elastic conversion and the upload/download volumes instead of saves")
     ap.add_argument("--repeats", type=int, default=3, help="saves per way (median shown)")
     ap.add_argument("--dir", default=None, help="where to write (default: the system temp dir)")
+    ap.add_argument("--transfer", action="store_true",
+                    help="time checkpoint.remote's upload and download against boto3's s3transfer")
+    ap.add_argument("--transfer-mb", type=int, default=512, help="--transfer: the checkpoint's size")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.transfer:
+        main_transfer(args)
+        return
     if args.conversion:
         main_conversion(args)
         return

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -188,7 +189,7 @@ def test_a_node_downloads_only_what_its_ranks_load(s3_server, tmp_path):
                                                f"ds/zero_pp_rank_{r}_mp_rank_00_model_states.pt", f"rank_{r:05d}.pt")}
     assert local_files(got) == set(shared) | mine | {"SHARE"}
     fetched = sum((got / name).stat().st_size for name in set(shared) | mine)
-    assert remote.last_download == (10, 16, fetched)
+    assert remote.last_download[:3] == (10, 16, fetched)
     assert holds(got, node) and holds(got, NodeShare((3,), 4, "deepspeed", layout))
     for wider in (NodeShare((1, 2, 3), 4, "deepspeed", layout), NodeShare((0, 1), 2, "deepspeed", {"dp": 2}),
                   NodeShare((2, 3), 4, "deepspeed", {"dp": 4, "zero_stage": 2}), None):
@@ -449,3 +450,48 @@ def test_at_start_an_unreachable_store_is_a_requeue_and_a_missing_bucket_exit_2(
         CheckpointManager(tmp_path / "other", remote="s3://no-such-bucket/run")
     message = str(refused.value)
     assert "was refused" in message and message.count("Check that the bucket") == 1 and "attempts" not in message
+
+
+def test_a_store_that_goes_away_mid_download_is_a_requeue_and_leaves_nothing(s3_server, tmp_path, monkeypatch):
+    """In-process: a new node resumes from the store, and the store goes away after the first file
+    of the download and stays away past the retries. That is not a bad input (exit 2) but a fault
+    a requeue cures: TryAgainLater (exit 75), naming the object; the half-downloaded directory is
+    removed, and one that a killed attempt on this host left behind is removed by the next one."""
+    import pargo_dist.checkpoint.object_store as rc
+    from pargo_dist.checkpoint.manager import CheckpointManager
+    from pargo_dist.errors import TryAgainLater, UserError
+
+    monkeypatch.setattr(rc.retried, "__defaults__", (2, 0.0))
+    proxy = OutageProxy(int(s3_server.endpoint.rsplit(":", 1)[1]))
+    monkeypatch.setenv("S3_ENDPOINT_URL", proxy.endpoint)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    bucket = s3_server.make_bucket("ckpt-mid")
+    client = s3_server.client()
+    for name in ("meta.json", "config.yaml", "rank_00000.pt", "ds/mp_rank_00_model_states.pt", "COMPLETE"):
+        body = '{"step": 2, "world_size": 1, "backend": "deepspeed"}' if name == "meta.json" else "x" * 1000
+        client.put_object(Bucket="ckpt-mid", Key=f"run/step_00000002/{name}", Body=body.encode())
+    root = tmp_path / "run" / "checkpoints"
+    left = root / f".step_00000002.{socket.gethostname()}.999999999"  # a killed attempt's (no such pid)
+    (left / "ds").mkdir(parents=True)
+    fetcher = rc.RemoteCheckpoints._fetcher
+
+    def outage_after_the_first_file(self, *args, **kwargs):
+        fetch = fetcher(self, *args, **kwargs)
+
+        def first_then_outage(items):
+            fetch(items[:1])
+            proxy.outage(600)
+            fetch(items[1:])
+        return first_then_outage
+
+    monkeypatch.setattr(rc.RemoteCheckpoints, "_fetcher", outage_after_the_first_file)
+    manager = CheckpointManager(tmp_path / "run", remote=f"{bucket}/run")
+    with pytest.raises(TryAgainLater) as stopped:
+        manager.resolve("auto")
+    assert not isinstance(stopped.value, UserError)
+    assert re.search(r"downloading s3://ckpt-mid/run/step_00000002/\S+ failed after 2 attempts", str(stopped.value))
+    assert not list(root.glob(".step_*")) and not (root / "step_00000002").exists()
+    proxy._restore()
+    monkeypatch.setattr(rc.RemoteCheckpoints, "_fetcher", fetcher)
+    got = manager.resolve("auto")
+    assert got == root / "step_00000002" and CheckpointManager.is_complete(got)

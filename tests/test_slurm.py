@@ -65,6 +65,19 @@ def test_every_node_derives_the_same_rendezvous():
         rendezvous_from_env({**base, "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "2"})
 
 
+def test_each_start_of_the_ranks_meets_at_a_store_of_its_own():
+    """An in-job restart never meets the previous start's store (whose rank 0 may still be leaving,
+    serving the old keys, or be told to abort by a node that lost its rank): the nodes meet at the
+    job's port plus the start's number; one node alone takes a fresh port each time."""
+    from pargo_dist.launch.node import start_master
+
+    assert [start_master("10.0.0.7:29500", k) for k in range(3)] == ["10.0.0.7:29500", "10.0.0.7:29501",
+                                                                      "10.0.0.7:29502"]
+    assert start_master("[::1]:29500", 1) == "[::1]:29501"
+    alone = {start_master(None, 0) for _ in range(5)}
+    assert len(alone) > 1 and all(m.startswith("127.0.0.1:") for m in alone)
+
+
 def test_only_a_saved_checkpoint_requeues_and_only_up_to_the_cap():
     assert after_step(REQUEUE_EXIT, restarts=0, max_requeues=3)[0]
     assert after_step(REQUEUE_EXIT, restarts=2, max_requeues=3)[0]

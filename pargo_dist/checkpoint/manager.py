@@ -38,7 +38,8 @@ from pargo_dist.checkpoint.pruning import COMPLETE, STEP_DIR, delete_step_dir, p
 from pargo_dist.checkpoint.files import atomic_write, fsync_tree, read_json, write_text
 from pargo_dist.checkpoint.state import CONFIG, META, TrainState
 from pargo_dist.errors import TryAgainLater, UserError
-from pargo_dist.checkpoint.object_store import NodeShare, holds, share_of
+from pargo_dist.runtime.store_sync import SETUP_ALLOWANCE_S, transfer_allowance
+from pargo_dist.checkpoint.object_store import NodeShare, RemoteUnavailable, holds, share_of
 
 # -- the manager -----------------------------------------------------------------------
 
@@ -53,7 +54,8 @@ class CheckpointManager:
     """
 
     def __init__(self, run_dir: str | Path, keep_last: int = 3, rank: int = 0, world_size: int = 1,
-                 sync=None, remote: str | None = None, say: Callable[[str], None] | None = None):
+                 sync=None, remote: str | None = None, say: Callable[[str], None] | None = None,
+                 heartbeat: Callable[..., None] | None = None):
         if keep_last < 1:
             raise UserError(f"keep_last must be >= 1 (the newest complete checkpoint is always kept), "
                              f"got {keep_last}")
@@ -70,6 +72,8 @@ class CheckpointManager:
         self.sync = sync or LocalSync()
         self._filesystem = None
         self.say = say or (lambda text: print(text, flush=True) if rank == 0 else None)
+        # heartbeat(what, allow=seconds): progress of long work for the hang detector (its `beat`)
+        self.heartbeat = heartbeat or (lambda what, allow=None: None)
         # checkpoint.remote: complete checkpoints are uploaded there, and found there at resume
         self.remote = self.uploads = None
         if remote:
@@ -175,13 +179,16 @@ class CheckpointManager:
         def choose() -> dict:
             steps = [s for s in self.complete_steps() if before is None or s < before]
             if steps:
-                return {"step": steps[-1], "where": "local"}
+                found = self.step_dir(steps[-1])
+                size = sum(p.stat().st_size for p in found.rglob("*") if p.is_file())
+                return {"step": steps[-1], "where": "local", "bytes": size}
             try:
                 remote = self.remote.steps() if self.remote is not None else []
-            except UserError as err:  # unreachable: whether to start afresh cannot be told
+                remote = [s for s in remote if before is None or s < before]
+                size = sum(s or 0 for s in self.remote.listing(f"step_{remote[-1]:08d}/").values()) if remote else 0
+            except RemoteUnavailable as err:  # unreachable: whether to start afresh cannot be told
                 return {"step": None, "where": None, "unreachable": str(err)}
-            remote = [s for s in remote if before is None or s < before]
-            return {"step": remote[-1], "where": "remote"} if remote else {"step": None, "where": None}
+            return {"step": remote[-1], "where": "remote", "bytes": size} if remote else {"step": None, "where": None}
 
         chosen = self.sync.share("resume step", choose)
         if chosen.get("unreachable"):  # every rank: so that every rank exits 75 alike
@@ -201,14 +208,19 @@ class CheckpointManager:
                                     f"(or holds only some ranks' files of) under {self.root}: give the nodes one "
                                     "shared run.dir, or set checkpoint.remote so that nodes fetch checkpoints from "
                                     "the store")
-                start = time.monotonic()
-                fetched = self.remote.download(step, share)
-                files, stored, size = self.remote.last_download
+                def progress(done: int, total: int) -> None:
+                    self.heartbeat(f"downloading step {step} ({done / 2**20:,.0f} of {total / 2**20:,.0f} MiB)",
+                                   allow=SETUP_ALLOWANCE_S)
+
+                fetched = self.remote.download(step, share, progress=progress)
+                files, stored, size, secs = self.remote.last_download
                 which = "all" if files == stored else f"{files} of the {stored}"
                 print(f"rank {self.rank}: no complete checkpoint of step {step} under {self.root}: downloaded "
-                      f"{fetched.name} from {self.remote.url} in {time.monotonic() - start:.1f} s for ranks "
-                      f"{list(group.ranks)}: {which} files, {size / 2**20:,.1f} MiB", flush=True)
-            self.sync.barrier("checkpoint downloaded")
+                      f"{fetched.name} from {self.remote.url} for ranks {list(group.ranks)}: {which} files, "
+                      f"{size / 2**20:,.1f} MiB in {secs:.1f} s ({size / 2**20 / max(secs, 1e-3):,.1f} MiB/s)",
+                      flush=True)
+            # a download that makes no progress ends at its leader's hang detector, which aborts this wait
+            self.sync.barrier("checkpoint downloaded", timeout_s=transfer_allowance(chosen.get("bytes", 0)))
         return self.step_dir(step)
 
     # -- writing ---------------------------------------------------------------------
@@ -282,7 +294,7 @@ class CheckpointManager:
         def lacks() -> bool:
             try:
                 return step not in self.remote.steps()
-            except UserError:  # unreachable now: the upload will retry
+            except RemoteUnavailable:  # unreachable now: the upload will retry
                 return True
 
         missing = self.sync.share("remote lacks the resumed step", lacks)

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from typing import Callable, TypeVar
 
 from pargo_dist.checkpoint.files import being_written
 from pargo_dist.checkpoint.pruning import COMPLETE, SHARE  # the same marker, as an object; a node's share
-from pargo_dist.errors import UserError
+from pargo_dist.errors import TryAgainLater, UserError
 from pargo_dist.runtime.cache import cache_dir
 
 # Keys are matched relative to the run's own prefix and anchored there: another run's checkpoints
@@ -47,6 +48,7 @@ _OWNED = (re.compile(r"^rank_(\d+)\.pt$"), re.compile(r"^(?:bf16_|fp16_)?zero_pp
           re.compile(r"^__(\d+)_\d+\.distcp$"))
 META = "meta.json"  # the run-level state (checkpoint.META): which layout saved the checkpoint
 _SKIP_DIRS = ("ds_universal",)  # made from ds/ on an elastic resume: a cache, not the checkpoint
+TRANSFER_THREADS = 8  # files in flight at once (S3: each in ranges of 64 MiB, 4 at a time)
 T = TypeVar("T")
 
 
@@ -56,8 +58,19 @@ def download_dir(url: str) -> Path:
     return cache_dir("remote") / re.sub(r"[^A-Za-z0-9._-]+", "_", url.rstrip("/"))
 
 
-class RemoteError(UserError):
-    """An object-store transfer that failed through every retry."""
+class RemoteError(Exception):
+    """An object-store request that failed: refused (RemoteRefused) or unreachable through every
+    retry (RemoteUnavailable)."""
+
+
+class RemoteRefused(RemoteError, UserError):
+    """A refusal no retry changes (a missing bucket, denied access): the recipe or the credentials
+    must change (exit 2)."""
+
+
+class RemoteUnavailable(RemoteError, TryAgainLater):
+    """The store did not answer through every retry, or changed under a transfer: a later attempt
+    may find it back (exit 75, requeue)."""
 
 
 def written_by(name: str) -> int | None:
@@ -136,8 +149,9 @@ def permanent(err: BaseException) -> bool:
 
 def retried(what: str, fn: Callable[[], T], attempts: int = 6, first_wait_s: float = 0.5) -> T:
     """fn(), retried with exponential backoff (0.5, 1, 2, 4, 8 s) through transient failures; the
-    last one is raised as a RemoteError naming `what` (never the credentials). A permanent
-    refusal (`permanent`: a missing bucket, denied access) is raised at once."""
+    last one is raised as RemoteUnavailable naming `what` (never the credentials): exit 75, for
+    a requeue. A permanent refusal (`permanent`: a missing bucket, denied access) is raised at
+    once, as RemoteRefused (exit 2)."""
     for attempt in range(attempts):
         try:
             return fn()
@@ -145,13 +159,40 @@ def retried(what: str, fn: Callable[[], T], attempts: int = 6, first_wait_s: flo
             raise
         except Exception as err:  # noqa: BLE001  the store's or the network's: retried
             if permanent(err):
-                raise RemoteError(f"{what} was refused: {type(err).__name__}: {err}. Check that the bucket in "
-                                  "checkpoint.remote exists and that the credentials may write to it") from err
+                raise RemoteRefused(f"{what} was refused: {type(err).__name__}: {err}. Check that the bucket in "
+                                    "checkpoint.remote exists and that the credentials may write to it") from err
             if attempt == attempts - 1:
-                raise RemoteError(f"{what} failed after {attempts} attempts: {type(err).__name__}: {err} (check the "
-                                  "object store's endpoint, e.g. S3_ENDPOINT_URL, and the network)") from err
+                raise RemoteUnavailable(f"{what} failed after {attempts} attempts: {type(err).__name__}: {err} "
+                                        "(check the object store's endpoint, e.g. S3_ENDPOINT_URL, and the "
+                                        "network)") from err
             time.sleep(first_wait_s * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def transfer_config():
+    """s3transfer's settings for one checkpoint file: ranges of 64 MiB, 4 at a time."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20, max_concurrency=4)
+
+
+def in_parallel(fn: Callable[[T], object], items: list[T]) -> None:
+    """fn(item) for every item, TRANSFER_THREADS at a time; the first failure is raised (after
+    its own retries), and what has not started yet is not started."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="checkpoint-transfer") as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            for future in futures:
+                future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 class RemoteCheckpoints:
@@ -184,9 +225,7 @@ class RemoteCheckpoints:
         training goes on and the uploads retry (pargo_dist/checkpoint/upload.py)."""
         try:
             self._uploader()
-        except RemoteError as err:
-            if isinstance(err.__cause__, Exception) and permanent(err.__cause__):
-                raise
+        except RemoteUnavailable:
             self._client = None
 
     def own_files(self, step_dir: Path, rank: int, world_size: int) -> list[Path]:
@@ -199,11 +238,24 @@ class RemoteCheckpoints:
                       and owner_of(p.name, world_size) == rank)
 
     def upload_files(self, step_dir: Path, rank: int, world_size: int) -> None:
-        """This rank's files of `step_dir` (`own_files`), each retried; raises RemoteError."""
+        """This rank's files of `step_dir` (`own_files`), each retried; raises RemoteError. On S3,
+        TRANSFER_THREADS files at a time through s3transfer (in ranges for large ones); other
+        stores one after the other through streaming's uploader."""
         uploader = self._uploader()
-        for path in self.own_files(step_dir, rank, world_size):
-            name = str(path.relative_to(self.local_root))
-            retried(f"uploading {self.url}/{name}", lambda name=name: uploader.upload_file(name))
+        names = [str(path.relative_to(self.local_root)) for path in self.own_files(step_dir, rank, world_size)]
+        client = getattr(uploader, "s3", None)
+        if client is None:
+            for name in names:
+                retried(f"uploading {self.url}/{name}", lambda name=name: uploader.upload_file(name))
+            return
+        parsed = urllib.parse.urlparse(self.url)
+        base = parsed.path.strip("/")
+
+        def one(name: str) -> None:
+            key = f"{base}/{name}" if base else name
+            retried(f"uploading {self.url}/{name}", lambda: client.upload_file(
+                str(self.local_root / name), parsed.netloc, key, Config=transfer_config()))
+        in_parallel(one, names)
 
     def upload_marker(self, step_dir: Path, keep_last: int) -> None:
         """Rank 0, once every rank's files are up: the COMPLETE object, then pruning to keep_last."""
@@ -248,46 +300,66 @@ class RemoteCheckpoints:
 
     # -- download ---------------------------------------------------------------------------
 
-    def download(self, step: int, share: NodeShare | None = None) -> Path:
+    def listing(self, prefix: str) -> dict[str, int | None]:
+        """This run's objects whose names (below the run's prefix) start with `prefix`: full key ->
+        size in bytes (S3; None where a store's client lists names only)."""
+        client = getattr(self._uploader(), "s3", None)
+        if client is None:
+            keys = retried(f"listing {self.url}/{prefix}", lambda: self._uploader().list_objects(prefix) or [])
+            return dict.fromkeys(keys)
+        parsed = urllib.parse.urlparse(self.url)
+        base = parsed.path.strip("/")
+
+        def list_all() -> dict[str, int | None]:
+            pages = client.get_paginator("list_objects_v2").paginate(Bucket=parsed.netloc,
+                                                                     Prefix=f"{base}/{prefix}" if base else prefix)
+            return {obj["Key"]: obj["Size"] for page in pages for obj in page.get("Contents", [])}
+        return retried(f"listing {self.url}/{prefix}", list_all)
+
+    def download(self, step: int, share: NodeShare | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> Path:
         """The checkpoint of `step` into local_root/step_<N>, marker last, through a directory of
         its own renamed into place (so nodes sharing a filesystem do not collide: the first one
         there wins). Returns the local step directory.
 
         `share`: the ranks of this filesystem. Where they load only their own files (see
         NodeShare), only those and the shared ones are fetched, and a SHARE file says which
-        ranks' files the directory holds; a later call that needs more fetches the whole."""
-        from streaming.base.storage import CloudDownloader
+        ranks' files the directory holds; a later call that needs more fetches the whole.
 
+        Files come down TRANSFER_THREADS at a time (S3: each through s3transfer, in ranges for
+        large ones), each retried; `progress(bytes done, bytes in all)` is called at most once a
+        second (the caller feeds its hang detector with it). An outage that outlasts the retries
+        raises RemoteUnavailable (exit 75: the requeued job downloads again); what a killed
+        attempt left is removed by the next one on this host (`remove_stale_staging`)."""
         target = self.local_root / f"step_{step:08d}"
         if (target / COMPLETE).is_file() and holds(target, share):
             return target
-        parsed = urllib.parse.urlparse(self.url)
-        keys = retried(f"listing {self.url}", lambda: self._uploader().list_objects(f"step_{step:08d}/") or [])
-        keys = [k for k in keys if _STEP_OBJECT.match(self._relative(k) or "")]
+        self.remove_stale_staging()
+        objects = {k: size for k, size in self.listing(f"step_{step:08d}/").items()
+                   if _STEP_OBJECT.match(self._relative(k) or "")}
+        names = {self._relative(k).split("/", 1)[1]: k for k in objects}
         staging = self.local_root / f".step_{step:08d}.{socket.gethostname()}.{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
-        names = [self._relative(k).split("/", 1)[1] for k in keys]
-        downloader = CloudDownloader.get(self.url)
-
-        def fetch(key: str, name: str) -> None:
-            remote = f"{parsed.scheme}://{parsed.netloc}/{key}"
-            local = staging / name
-            local.parent.mkdir(parents=True, exist_ok=True)
-            retried(f"downloading {remote}", lambda: downloader.download(remote, str(local), 600))
-
-        wanted = dict(zip(names, keys))
-        if share is not None and META in wanted:
-            fetch(wanted[META], META)
-            if share.only_own_files(json.loads((staging / META).read_text())):
-                wanted = {name: key for name, key in wanted.items() if share.wants(name)}
-        for name in sorted(wanted, key=lambda n: n == COMPLETE):
-            if not (staging / name).is_file():
-                fetch(wanted[name], name)
-        downloader.clean_up()
+        start = time.monotonic()
+        try:
+            fetch = self._fetcher(staging, objects, progress)
+            wanted = dict(names)
+            if share is not None and META in wanted:
+                fetch([(META, wanted[META])])
+                if share.only_own_files(json.loads((staging / META).read_text())):
+                    wanted = {name: key for name, key in wanted.items() if share.wants(name)}
+            fetch([(n, k) for n, k in wanted.items() if n != COMPLETE and not (staging / n).is_file()])
+            if COMPLETE in wanted:
+                fetch([(COMPLETE, wanted[COMPLETE])])  # last: a directory with it holds the rest
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         if not (staging / COMPLETE).is_file():
             shutil.rmtree(staging, ignore_errors=True)
-            raise RemoteError(f"{self.url}/step_{step:08d} has no {COMPLETE} object: not a finished checkpoint")
-        self.last_download = (len(wanted), len(names), sum((staging / n).stat().st_size for n in wanted))
+            raise RemoteUnavailable(f"{self.url}/step_{step:08d} has no {COMPLETE} object: the store changed under "
+                                    "the download (pruned or written again); a later attempt lists it again")
+        size = sum((staging / n).stat().st_size for n in wanted)
+        self.last_download = (len(wanted), len(names), size, time.monotonic() - start)
         if len(wanted) < len(names):
             (staging / SHARE).write_text(json.dumps({"ranks": sorted(share.ranks), "world_size": share.world_size}))
         if target.is_dir() and not ((target / COMPLETE).is_file() and holds(target, share)):
@@ -297,6 +369,55 @@ class RemoteCheckpoints:
         except OSError:  # another node got there first
             shutil.rmtree(staging, ignore_errors=True)
         return target
+
+    def _fetcher(self, staging: Path, sizes: dict[str, int | None], progress):
+        """A function that downloads [(name, key), ...] into `staging`, TRANSFER_THREADS at a time."""
+        parsed = urllib.parse.urlparse(self.url)
+        client = getattr(self._uploader(), "s3", None)
+        total = sum(s or 0 for s in sizes.values())
+        lock, state = threading.Lock(), {"done": 0, "said": 0.0}
+
+        def count(n: int) -> None:
+            with lock:
+                state["done"] += n
+                now = time.monotonic()
+                if progress is None or now - state["said"] < 1.0:
+                    return
+                state["said"] = now
+            progress(state["done"], total)
+
+        if client is not None:
+            def one(local: Path, key: str) -> None:
+                client.download_file(parsed.netloc, key, str(local), Config=transfer_config(), Callback=count)
+        else:
+            from streaming.base.storage import CloudDownloader
+
+            downloaders = threading.local()
+
+            def one(local: Path, key: str) -> None:
+                if not hasattr(downloaders, "it"):
+                    downloaders.it = CloudDownloader.get(self.url)
+                downloaders.it.download(f"{parsed.scheme}://{parsed.netloc}/{key}", str(local), 600)
+                count(local.stat().st_size)
+
+        def fetch_one(item: tuple[str, str]) -> None:
+            name, key = item
+            local = staging / name
+            local.parent.mkdir(parents=True, exist_ok=True)
+            retried(f"downloading {parsed.scheme}://{parsed.netloc}/{key}", lambda: one(local, key))
+
+        def fetch(items: list[tuple[str, str]]) -> None:
+            in_parallel(fetch_one, items)
+        return fetch
+
+    def remove_stale_staging(self) -> None:
+        """Remove the staging directories that killed downloads on this host left (their process
+        is gone); another host's, and a live process's, are left alone."""
+        host = socket.gethostname()
+        for path in self.local_root.glob(f".step_*.{host}.*"):
+            pid = path.name.rsplit(".", 1)[1]
+            if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(path, ignore_errors=True)
 
     def fetch_newest(self) -> Path | None:
         """The newest complete remote checkpoint, downloaded; None when the store has none."""

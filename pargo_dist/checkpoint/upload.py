@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from pargo_dist.checkpoint.object_store import RemoteCheckpoints, RemoteError
-from pargo_dist.runtime.store_sync import wait_until
+from pargo_dist.runtime.store_sync import StoreWaitTimedOut, add_to_count, wait_for_count
 
 _KEY = "pargo/upload"
 
@@ -81,13 +81,16 @@ class UploadMirror:
         if self.store is not None:
             if error is not None:
                 self.store.add(f"{_KEY}/{step}/failed", 1)
-            self.store.add(f"{_KEY}/{step}/done", 1)
+            add_to_count(self.store, f"{_KEY}/{step}/done", self.world_size)
         if self.rank != 0:
             return
         if error is None and self.store is not None:
-            wait_until(lambda: self.store.add(f"{_KEY}/{step}/done", 0) >= self.world_size)
-            if self.store.add(f"{_KEY}/{step}/failed", 0):
-                error = RemoteError(f"another rank could not upload its files of step {step}")
+            try:
+                wait_for_count(self.store, f"{_KEY}/{step}/done", self.world_size, f"every rank's upload of step {step}")
+                if self.store.add(f"{_KEY}/{step}/failed", 0):
+                    error = RemoteError(f"another rank could not upload its files of step {step}")
+            except StoreWaitTimedOut as err:
+                error = err
         if error is None:
             try:
                 self.remote.upload_marker(step_dir, self.keep_last)

@@ -61,15 +61,15 @@ def launch(nproc: int, train_args: list[str], nnodes: int = 1, node_rank: int = 
            grace: float = 600.0, announce: str | None = None, command: str = "train",
            restarts: RestartPolicy | None = None) -> int:
     """Run `pargo-dist <command> <train_args>` on nproc local ranks; returns the run's exit code.
-    After a failure, start every rank again as `restarts` allows (see RestartPolicy): a single
-    node takes a new rendezvous port; nodes of a multi-node run meet again at the same master,
+    After a failure, start every rank again as `restarts` allows (see RestartPolicy), at a
+    rendezvous of the new start's own (`start_master`); nodes of a multi-node run meet again,
     each launcher restarting its own ranks when they fail (a peer's death fails them too).
     Once the restarts are spent, under SLURM, it returns REQUEUE_EXIT instead of the failing
     code (RestartPolicy.requeue_instead): the job is requeued onto a fresh allocation."""
     policy = restarts or RestartPolicy()
-    fixed_master = master is not None
+    first_master, start = master, 0
     while True:
-        master = master if fixed_master else f"127.0.0.1:{free_port()}"
+        master = start_master(first_master, start)
         with tempfile.TemporaryDirectory(prefix="pargo-failures-") as failures:
             code, local, received = _run_ranks(nproc, train_args, nnodes, node_rank, master, grace, announce, command,
                                                failures)
@@ -87,9 +87,22 @@ def launch(nproc: int, train_args: list[str], nnodes: int = 1, node_rank: int = 
                 return REQUEUE_EXIT
             return code
         n = policy.note(failure)
+        start += 1
         print(f"pargo-dist launch: restart {n} of at most {policy.max_restarts} within {policy.window_s:g} s: every "
               "rank of this node starts again and resumes from the newest complete checkpoint", file=sys.stderr,
               flush=True)
+
+
+def start_master(master: str | None, start: int) -> str:
+    """Where start `start` (0, then 1 for the first in-job restart, ...) of the ranks meets: on one
+    node a fresh port each time; across nodes the given port plus `start`. Every start has a
+    store of its own, so no rank of a start can meet the previous start's store (its rank 0 may
+    still be leaving, still serving the old keys); the node launchers restart in step (a failure
+    anywhere fails every rank), so they count starts alike and meet at the same port."""
+    if master is None:
+        return f"127.0.0.1:{free_port()}"
+    host, _, port = master.rpartition(":")
+    return f"{host}:{int(port) + start}"
 
 
 def die_with_parent() -> None:
@@ -128,14 +141,20 @@ def _run_ranks(nproc: int, train_args: list[str], nnodes: int, node_rank: int, m
             failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0, REQUEUE_EXIT)]
             if failed:
                 first_failure = first_failure or time.monotonic()
-                # a rank that only lost its peer is not the cause: give the cause a moment to show
+                # a rank that only lost its peer is not the cause: give the cause a moment to show.
+                # A rank that asked for a requeue (exit 75: the store unreachable mid-download) is one.
                 causes = [(r, c) for r, c in failed if c != PEER_LOST_EXIT]
+                causes += [(r, c) for r, c in enumerate(codes) if c == REQUEUE_EXIT and not causes]
                 if causes or time.monotonic() - first_failure > PEER_GRACE_S:
                     local, code = (causes or failed)[0]
                     code = code if code > 0 else 128 - code  # killed by signal N: report 128+N, as shells do
                     print(f"pargo-dist launch: rank {node_rank * nproc + local} exited with {code} "
                           f"({EXIT_MEANINGS.get(code, 'see its error above')}); stopping the other ranks of this node",
                           file=sys.stderr, flush=True)
+                    if nnodes > 1 and codes[local] < 0:  # killed: it could not tell the other nodes' ranks,
+                        # which may wait on the store for this node's work (a rank that raised told them)
+                        _abort_peers(master, f"rank {node_rank * nproc + local} on {socket.gethostname()} exited "
+                                             f"with {code} ({EXIT_MEANINGS.get(code, 'see its log')})")
                     # the others wait in a collective that cannot finish
                     _stop(procs, grace=FAILED_RUN_GRACE_S, first_rank=node_rank * nproc)
                     return code, local, received
@@ -146,6 +165,24 @@ def _run_ranks(nproc: int, train_args: list[str], nnodes: int, node_rank: int, m
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _stop(procs, grace=grace if received else 10.0, first_rank=node_rank * nproc)
+
+
+def _abort_peers(master: str, reason: str) -> None:
+    """Wake the ranks of other nodes that wait on the store (pargo_dist/runtime/store_sync.py)
+    for a rank that could not say so itself (killed outright, or out of memory). Best effort,
+    a few seconds at most: the store lives in rank 0's process, which may be the one gone."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from pargo_dist.runtime.store_sync import NAMESPACE, abort_waits
+
+    host, _, port = master.partition(":")
+    try:
+        store = dist.TCPStore(host, int(port), is_master=False, timeout=datetime.timedelta(seconds=2))
+    except Exception:  # noqa: BLE001  no store: no waiter either
+        return
+    abort_waits(store, NAMESPACE, reason)
 
 
 def _stop(procs: list[subprocess.Popen], grace: float, first_rank: int = 0) -> None:
@@ -216,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nproc", type=int, default=1, help="ranks on this node (one per GPU)")
     ap.add_argument("--nnodes", type=int, default=1, help="nodes in the run")
     ap.add_argument("--node-rank", type=int, default=0, help="this node's index, 0..nnodes-1")
-    ap.add_argument("--master", help="host:port of node 0's rendezvous (multi-node)")
+    ap.add_argument("--master", help="host:port of node 0's rendezvous (multi-node); after an in-job restart the "
+                                     "nodes meet at port + 1, then port + 2, ... (a store of its own per start)")
     ap.add_argument("--slurm", action="store_true",
                     help="take nnodes, node rank and master from SLURM's variables (inside srun)")
     ap.add_argument("train_args", nargs=argparse.REMAINDER, help="-- recipe.yaml key=value ...")

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import traceback
 from pathlib import Path
 
 from pargo_dist.errors import TryAgainLater, UserError
+from pargo_dist.runtime.store_sync import PeerFailed, abort_default, linger
 
 REQUEUE_EXIT = 75  # the trainer's "saved, run me again" (EX_TEMPFAIL)
 HANG_EXIT = 124  # the hang detector's "no progress" (as timeout(1) reports a timeout)
@@ -39,7 +41,9 @@ _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote w
 
 
 def lost_a_peer(err: BaseException) -> bool:
-    return isinstance(err, RuntimeError) and any(text in str(err) for text in _PEER_GONE)
+    """Whether `err` only says that another rank went away (a collective's peer, or a wait on the
+    store that another rank aborted): not this rank's own failure."""
+    return isinstance(err, PeerFailed) or (isinstance(err, RuntimeError) and any(t in str(err) for t in _PEER_GONE))
 
 
 def record_failure(step: int, err: BaseException) -> None:
@@ -68,6 +72,11 @@ def leave_now(err: BaseException) -> None:
     A rank whose collective failed only because another rank died says so in one line and exits
     with PEER_LOST_EXIT, so that the launcher reports the rank that caused it, with its traceback."""
     rank = os.environ.get("RANK", "0")
+    if not lost_a_peer(err):  # every rank waiting on the store, on every node, stops now with this line
+        first = (str(err).splitlines() or [""])[0][:300]
+        abort_default(f"rank {rank} on {socket.gethostname()} failed: {type(err).__name__}: {first}")
+    elif isinstance(err, PeerFailed):
+        linger()  # (rank 0: the store stays until the others have read why)
     if isinstance(err, UserError):
         print(f"pargo-dist train: rank {rank}: error: {err}", file=sys.stderr)
         code = 2
@@ -76,6 +85,9 @@ def leave_now(err: BaseException) -> None:
         code = REQUEUE_EXIT
     elif isinstance(err, KeyboardInterrupt):
         code = 130
+    elif isinstance(err, PeerFailed):
+        print(f"pargo-dist train: rank {rank}: {err}", file=sys.stderr)
+        code = PEER_LOST_EXIT
     elif lost_a_peer(err):
         print(f"pargo-dist train: rank {rank}: a peer rank went away during a collective "
               f"({str(err).splitlines()[0][:200]})", file=sys.stderr)

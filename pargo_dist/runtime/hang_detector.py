@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import socket
 import sys
 import threading
 import time
 
 from pargo_dist.runtime.exits import HANG_EXIT
-
-SETUP_ALLOWANCE_S = 1800.0
+from pargo_dist.runtime.store_sync import SETUP_ALLOWANCE_S, abort_default  # noqa: F401  (re-exported)
 
 
 class HangWatchdog:
@@ -63,4 +63,6 @@ class HangWatchdog:
               file=sys.stderr, flush=True)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
+        abort_default(f"rank {self.rank} on {socket.gethostname()}: the hang detector fired after {idle:.0f} s "
+                      f"without progress while {self._what}")
         os._exit(HANG_EXIT)

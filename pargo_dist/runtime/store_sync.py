@@ -1,4 +1,4 @@
-"""Waiting for one rank's long work without a collective.
+"""Waiting for one rank's long work without a collective, and never for ever.
 
 Some work is done by one rank (or one per filesystem) while the others wait: downloading a
 checkpoint from the object store, converting a ZeRO checkpoint to the universal format for an
@@ -8,12 +8,25 @@ DeepSpeed's 30, `train.collective_timeout_s`), and raising that timeout for the 
 also delay the detection of a real hang in training by as much.
 
 So these waits go through the process group's key-value store (the TCPStore every rank already
-talks to) instead: a counter per barrier, polled with a growing interval (1 ms to 50 ms). Each
-poll is a quick request, so no store or collective timeout applies to the wait itself. A rank
-that dies while others wait ends the job through the launcher (it stops every rank when one
-fails); a rank that hangs is caught by its own hang watchdog (the worker beats it with an
-allowance for its work). Every rank calls the same sequence of `barrier`/`share`, as
-with collectives: each call gets the next key.
+talks to) instead. Every rank calls the same sequence of `barrier` / `share`, as with
+collectives: call n of the sequence has its own keys, `<namespace>/<n>/...`, and ends when its
+`done` key exists. A barrier's last arriver (the rank whose `add` makes the count whole) sets
+it; a share's source sets the value, then `done`. Waiting is one `store.wait` on that key: the
+store answers when the key is set, so a wait costs O(1) requests per rank, however long it
+lasts (polling rank 0's store every 50 ms from 1,000 ranks was 20,000 requests a second, served
+inside the process doing the long work: `benchmarks/store_waits.py`).
+
+A wait ends in one of three ways besides success:
+- its deadline passes (`timeout_s`, the set-up allowance by default): `StoreWaitTimedOut`,
+  naming the wait and how many ranks arrived;
+- another rank fails (`abort`, called by `runtime.exits.leave_now`, the hang detector, and a
+  node's launcher for a rank killed outright): it writes its one-line reason to the abort key
+  and sets the `done` key of the wait in progress and of the next one to ABORTED, which wakes
+  every waiter at once; each raises `PeerFailed` with that line (exit 3: not the cause);
+- the store itself is gone (rank 0, which hosts it, has ended): `PeerFailed` too.
+Each rank publishes the index of the wait it is in (`<namespace>/at`), so that an aborting
+process that is not in the sequence (the launcher) knows which keys to set, and looks at the
+abort key before it waits (an abort that came before the wait set none of its keys).
 
 `StoreSync.default()` uses the default process group's store (torch's private
 `distributed_c10d._get_default_store`, listed in docs/architecture.md); `LocalSync` is the
@@ -22,20 +35,33 @@ one-process stand-in (tests, single-rank tools).
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
-import time
 from typing import Any, Callable
 
-_MAX_POLL_S = 0.05  # a store request is a loopback-sized round trip: polling this often costs nothing
+NAMESPACE = "pargo"  # the default group's keys
+ABORTED = b"aborted"
+# How long set-up work may take (rendezvous, building a 70B model, a first shard download): the
+# default deadline of a wait here, and what the hang detector allows set-up beats.
+SETUP_ALLOWANCE_S = 1800.0
+SLOWEST_DISK_BPS = 20e6  # bytes a second that a filesystem or a store under load still gives
+
+
+def transfer_allowance(nbytes: float) -> float:
+    """How long work on `nbytes` of checkpoint (a download, a conversion) may take: the set-up
+    allowance, or longer for more than 36 GB at SLOWEST_DISK_BPS."""
+    return max(SETUP_ALLOWANCE_S, nbytes / SLOWEST_DISK_BPS)
 _DEFAULT = None  # (the group, its StoreSync)
 
 
-def wait_until(ready: Callable[[], bool]) -> None:
-    """Poll `ready` (a quick store request) with a growing interval, 1 ms to 50 ms, until true."""
-    wait = 0.001
-    while not ready():
-        time.sleep(wait)
-        wait = min(_MAX_POLL_S, wait * 2)
+class PeerFailed(RuntimeError):
+    """Another rank failed while this one waited on it (its reason is the message), or the store
+    went away with rank 0. Not this rank's fault: it leaves with PEER_LOST_EXIT."""
+
+
+class StoreWaitTimedOut(RuntimeError):
+    """A wait outlasted its deadline without any rank failing: a rank is stuck or far too slow."""
 
 
 class LocalSync:
@@ -43,22 +69,29 @@ class LocalSync:
 
     rank, world_size = 0, 1
 
-    def barrier(self, what: str) -> None:
+    def barrier(self, what: str, timeout_s: float | None = None) -> None:
         pass
 
-    def share(self, what: str, compute: Callable[[], Any], src: int = 0) -> Any:
+    def share(self, what: str, compute: Callable[[], Any], src: int = 0, timeout_s: float | None = None) -> Any:
         return compute()
 
     def leave_together(self, what: str) -> None:
         pass
 
+    def abort(self, reason: str) -> None:
+        pass
+
+
+def _seconds(value: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=max(0.001, value))
+
 
 class StoreSync:
-    """barrier / share over a c10d Store, by polling (see the module docstring)."""
+    """barrier / share over a c10d Store (see the module docstring)."""
 
-    def __init__(self, store, rank: int, world_size: int, namespace: str = "pargo"):
+    def __init__(self, store, rank: int, world_size: int, namespace: str = NAMESPACE):
         self.store, self.rank, self.world_size = store, rank, world_size
-        self._namespace = namespace
+        self.namespace = namespace
         self._calls = 0
 
     @classmethod
@@ -73,37 +106,155 @@ class StoreSync:
         global _DEFAULT
         # one per process group: every user shares its call counter, so that keys never repeat
         if _DEFAULT is None or _DEFAULT[0] is not dist.group.WORLD:
-            _DEFAULT = (dist.group.WORLD, cls(_get_default_store(), dist.get_rank(), dist.get_world_size()))
+            store = _get_default_store()
+            while isinstance(store, dist.PrefixStore):  # the TCPStore itself: a node's launcher, which
+                store = store.underlying_store          # knows only its address, aborts with these keys
+            _DEFAULT = (dist.group.WORLD, cls(store, dist.get_rank(), dist.get_world_size()))
         return _DEFAULT[1]
 
-    def _key(self, what: str) -> str:
+    # -- the sequence ---------------------------------------------------------------------
+
+    def _next(self) -> str:
         self._calls += 1
-        return f"{self._namespace}/{self._calls}/{what}"
+        return f"{self.namespace}/{self._calls}"
 
-    def barrier(self, what: str) -> None:
-        """Returns once every rank has called it. `what` names the wait (a key part, for debugging)."""
-        key = self._key(what)
-        self.store.add(key, 1)
-        wait_until(lambda: self.store.add(key, 0) >= self.world_size)
+    def barrier(self, what: str, timeout_s: float | None = None) -> None:
+        """Returns once every rank has called it. `what` names the wait in errors."""
+        key = self._next()
+        with self._store_of(what):
+            if self.store.add(f"{key}/arrived", 1) == self.world_size:
+                self.store.set(f"{key}/done", b"1")
+            self._wait(key, what, timeout_s)
 
-    def share(self, what: str, compute: Callable[[], Any], src: int = 0) -> Any:
+    def share(self, what: str, compute: Callable[[], Any], src: int = 0, timeout_s: float | None = None) -> Any:
         """`compute()` on rank `src`, its (JSON-able) value returned on every rank. An exception in
-        compute is raised on `src`; the others keep waiting until the launcher stops them."""
-        key = self._key(what)
+        compute is raised on `src`, whose leaving (runtime.exits.leave_now) aborts the others' wait."""
+        key = self._next()
         if self.rank == src:
             value = compute()
-            self.store.set(key, json.dumps(value))
+            with self._store_of(what):
+                self.store.set(f"{key}/value", json.dumps(value))
+                self.store.set(f"{key}/done", b"1")
             return value
-        wait_until(lambda: self.store.check([key]))
-        return json.loads(self.store.get(key))
+        with self._store_of(what):
+            self._wait(key, what, timeout_s)
+            return json.loads(self.store.get(f"{key}/value"))
 
     def leave_together(self, what: str, patience_s: float = 30.0) -> None:
         """Every rank is about to exit (all agreed on it, e.g. through `share`): rank 0, whose
         process hosts the store, leaves last, so that no rank meets a closed store on its way out
         and reports a lost peer instead of the reason. Rank 0 waits at most `patience_s`."""
-        key = self._key(what)
-        if self.rank != 0:
-            self.store.add(key, 1)
-            return
-        deadline = time.monotonic() + patience_s
-        wait_until(lambda: self.store.add(key, 0) >= self.world_size - 1 or time.monotonic() > deadline)
+        key = self._next()
+        with self._store_of(what):
+            if self.store.add(f"{key}/arrived", 1) == self.world_size:
+                self.store.set(f"{key}/done", b"1")
+            if self.rank == 0:
+                try:
+                    self._wait(key, what, patience_s)
+                except StoreWaitTimedOut:
+                    pass
+
+    @contextlib.contextmanager
+    def _store_of(self, what: str):
+        """A store that is gone (rank 0, which hosts it, has ended) is a peer's failure here."""
+        import torch.distributed as dist
+
+        try:
+            yield
+        except dist.DistNetworkError:
+            raise PeerFailed(f"the process group's store is gone while rank {self.rank} waited for {what}: "
+                             "rank 0, which hosts it, has ended (its own error is in its log)") from None
+
+    def _wait(self, key: str, what: str, timeout_s: float | None) -> None:
+        """One store.wait on `key/done` until the deadline (see the module docstring)."""
+        import torch.distributed as dist
+
+        timeout_s = SETUP_ALLOWANCE_S if timeout_s is None else timeout_s
+        try:
+            self.store.set(f"{self.namespace}/at", str(self._calls).encode())
+            if self.aborted() is None:  # (an abort before this wait began may have set no key of it)
+                self.store.wait([f"{key}/done"], _seconds(timeout_s))
+                if self.store.get(f"{key}/done") != ABORTED:
+                    return
+        except dist.DistStoreError:  # the deadline
+            reason = self.aborted()
+            if reason is None:
+                arrived = self.store.add(f"{key}/arrived", 0)
+                raise StoreWaitTimedOut(
+                    f"rank {self.rank} waited {timeout_s:g} s for {what} (store wait {self._calls}; "
+                    f"{arrived} of {self.world_size} ranks arrived, if it is a barrier): no rank failed, so one "
+                    "is stuck or far slower than its allowance") from None
+        reason = self.aborted() or "another rank failed"
+        add_to_count(self.store, f"{self.namespace}/abort/seen", self.world_size - 1)  # (see linger)
+        raise PeerFailed(f"rank {self.rank} stopped waiting for {what}: {reason}")
+
+    # -- failing --------------------------------------------------------------------------
+
+    def aborted(self) -> str | None:
+        """The reason another rank aborted the waits, or None."""
+        key = f"{self.namespace}/abort"
+        return self.store.get(key).decode(errors="replace") if self.store.check([key]) else None
+
+    def abort(self, reason: str) -> None:
+        """Wake every rank waiting in this sequence, now and at its next wait, with `reason` (see
+        the module docstring). Best effort: a store that is gone has no waiter left."""
+        abort_waits(self.store, self.namespace, reason, self._calls)
+
+
+def abort_waits(store, namespace: str, reason: str, at: int | None = None) -> None:
+    """Set the abort key (the first reason stays: it names the cause) and the `done` keys of the
+    wait in progress and the next one (the aborting process's own count `at`, or the index the
+    waiters published) to ABORTED."""
+    try:
+        if not store.check([f"{namespace}/abort"]):
+            store.set(f"{namespace}/abort", reason.encode())
+        published = int(store.get(f"{namespace}/at")) if store.check([f"{namespace}/at"]) else 0
+        for n in sorted({published, published + 1, *(() if at is None else (at, at + 1))} - {0}):
+            if not store.check([f"{namespace}/{n}/done"]):
+                store.set(f"{namespace}/{n}/done", ABORTED)
+    except Exception:  # noqa: BLE001  the store or its host is gone: nobody waits on it any more
+        pass
+
+
+def abort_default(reason: str) -> None:
+    """`abort` on this process's default StoreSync, if it made one (runtime.exits.leave_now and
+    the hang detector call it on their way out), then `linger`."""
+    if _DEFAULT is not None:
+        _DEFAULT[1].abort(reason)
+        linger()
+
+
+def linger(linger_s: float = 5.0) -> None:
+    """Rank 0 hosts the store and takes it along when it exits: after an abort it stays until
+    every other rank has read the reason (or `linger_s`), so that they print it rather than "the
+    store is gone". Other ranks, and a process without a group, return at once."""
+    if _DEFAULT is None or _DEFAULT[1].rank != 0:
+        return
+    sync = _DEFAULT[1]
+    try:
+        if sync.aborted() is not None:
+            wait_for_count(sync.store, f"{sync.namespace}/abort/seen", sync.world_size - 1, "the others to leave",
+                           timeout_s=linger_s)
+    except Exception:  # noqa: BLE001  a rank still at its own work: it learns it at its next wait
+        pass
+
+
+def wait_for_count(store, key: str, count: int, what: str, timeout_s: float = SETUP_ALLOWANCE_S) -> int:
+    """Wait until the counter `key` (counted with `add_to_count`) reaches `count`, for threads
+    outside the sequence (checkpoint uploads): one store.wait on `key/done`, which the adder that
+    completes the count sets. Returns the count; raises StoreWaitTimedOut after `timeout_s`."""
+    import torch.distributed as dist
+
+    try:
+        store.wait([f"{key}/done"], _seconds(timeout_s))
+    except dist.DistStoreError:
+        raise StoreWaitTimedOut(f"waited {timeout_s:g} s for {what}: {store.add(key, 0)} of {count}") from None
+    return store.add(key, 0)
+
+
+def add_to_count(store, key: str, count: int, n: int = 1) -> int:
+    """store.add(key, n), setting `key/done` when the counter reaches `count`."""
+    total = store.add(key, n)
+    if total >= count > total - n:
+        store.set(f"{key}/done", b"1")
+    return total

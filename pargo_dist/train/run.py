@@ -78,7 +78,7 @@ def build_trainer(cfg: Config, stop: StopSignal | None = None) -> Trainer:
     run_dir.mkdir(parents=True, exist_ok=True)
     sync = StoreSync.default()
     checkpoints = CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last, rank=rank, world_size=world,
-                                    sync=sync, remote=cfg.checkpoint.remote)
+                                    sync=sync, remote=cfg.checkpoint.remote, heartbeat=watchdog.beat)
     tokenizer = build.build_tokenizer(cfg)
     model = build.build_model(cfg, tokenizer, llm_weights=not backend.reads_pretrained_llm,
                               llm_dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32)

@@ -47,6 +47,7 @@ from pargo_dist.train.stragglers import StragglerWatch
 from pargo_dist.runtime.signals import StopSignal
 from pargo_dist.runtime.exits import REQUEUE_EXIT
 from pargo_dist.runtime.hang_detector import SETUP_ALLOWANCE_S, HangWatchdog
+from pargo_dist.runtime.store_sync import transfer_allowance
 
 
 class Trainer:
@@ -290,7 +291,7 @@ class Trainer:
             # an elastic resume converts the checkpoint on one rank per filesystem while the others
             # wait (no collective): allowed at 20 MB/s of checkpoint, at least the set-up allowance
             size = sum(f.stat().st_size for f in Path(self.resume_from).rglob("*") if f.is_file())
-            self.watchdog.beat("resuming from the checkpoint", allow=max(SETUP_ALLOWANCE_S, size / 20e6))
+            self.watchdog.beat("resuming from the checkpoint", allow=transfer_allowance(size))
             self.resume(self.resume_from)
         self._start_trackers()
         self.backend.train(True)

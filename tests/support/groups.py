@@ -10,7 +10,7 @@ function of the file names alone, so every group agrees on it without talking to
 from __future__ import annotations
 
 SECONDS = {
-    "test_slurm.py": 64, "test_megatron.py": 56, "test_remote_checkpoints.py": 54, "test_train.py": 42,
+    "test_slurm.py": 64, "test_nodes.py": 60, "test_megatron.py": 56, "test_remote_checkpoints.py": 54, "test_train.py": 42,
     "test_restart.py": 32, "test_moe.py": 24, "test_streaming.py": 21, "test_eval.py": 16, "test_pretrained.py": 15,
     "test_plan.py": 12, "test_package.py": 11, "test_compile.py": 10, "test_offload.py": 10, "test_recipes.py": 9,
     "test_checkpoint_elastic.py": 9, "test_trackers.py": 9, "test_convert.py": 7, "test_errors.py": 7,

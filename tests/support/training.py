@@ -137,22 +137,27 @@ def can_emulate_nodes() -> bool:
     return subprocess.run(own_shm(["true"]), capture_output=True).returncode == 0
 
 
-def run_nodes(recipe: Path, overrides: list[str], run_dirs: list[Path], extra_env: dict[str, str] | None = None,
-              timeout: float = 600) -> list[str]:
+def start_nodes(recipe: Path, overrides: list[str], run_dirs: list[Path], extra_env: dict[str, str] | None = None,
+                node_env: dict[int, dict[str, str]] | None = None) -> list[subprocess.Popen]:
     """One launcher per "node" (`python -m pargo_dist.launch --nnodes N --node-rank i`, one rank
     each), all on this machine, node i writing to run_dirs[i]: nodes with disks of their own when
     the directories differ, a shared filesystem when they are the same. Nodes after the first
-    get a /dev/shm of their own (`own_shm`). Returns each node's output; every launcher must
-    exit 0."""
+    get a /dev/shm of their own (`own_shm`). `node_env`: variables for one node only. Each
+    launcher is started in a process group of its own; their output is a pipe."""
     from pargo_dist.runtime.rank_env import free_port
 
     master = f"127.0.0.1:{free_port()}"
     cmds = [[sys.executable, "-m", "pargo_dist.launch", "--nproc", "1", "--nnodes", str(len(run_dirs)),
              "--node-rank", str(i), "--master", master, "--", str(recipe), *overrides, f"run.dir={run_dir}"]
             for i, run_dir in enumerate(run_dirs)]
-    procs = [forkserver.Popen(own_shm(cmd) if i else cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env={**env(), **(extra_env or {})}, start_new_session=True)
-             for i, cmd in enumerate(cmds)]
+    return [forkserver.Popen(own_shm(cmd) if i else cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env={**env(), **(extra_env or {}), **(node_env or {}).get(i, {})},
+                             start_new_session=True)
+            for i, cmd in enumerate(cmds)]
+
+
+def finish_nodes(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
+    """Each node's output once its launcher ended (all of them killed at `timeout`)."""
     deadline = time.monotonic() + timeout
     outs = []
     for proc in procs:
@@ -163,6 +168,14 @@ def run_nodes(recipe: Path, overrides: list[str], run_dirs: list[Path], extra_en
                 if other.poll() is None:
                     os.killpg(other.pid, signal.SIGKILL)
             outs.append(proc.communicate()[0])
+    return outs
+
+
+def run_nodes(recipe: Path, overrides: list[str], run_dirs: list[Path], extra_env: dict[str, str] | None = None,
+              timeout: float = 600) -> list[str]:
+    """`start_nodes`, then each node's output; every launcher must exit 0."""
+    procs = start_nodes(recipe, overrides, run_dirs, extra_env)
+    outs = finish_nodes(procs, timeout)
     for i, (proc, out) in enumerate(zip(procs, outs)):
         if proc.returncode != 0:
             raise AssertionError(f"node {i} exited {proc.returncode}:\n" + "\n".join(o[-3000:] for o in outs))

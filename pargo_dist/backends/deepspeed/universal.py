@@ -90,9 +90,11 @@ def universal_checkpoint(step_dir: Path, sync, say=print) -> Path:
     """Every rank: `step_dir/ds_universal`, converted by one rank per filesystem if it is not
     there yet, while the others wait on the store (`sync`: pargo_dist.runtime.store_sync)."""
     from pargo_dist.runtime.filesystems import filesystem_group
+    from pargo_dist.runtime.store_sync import transfer_allowance
 
     step_dir = Path(step_dir)
     out = step_dir / UNIVERSAL_DIR
+    size = sum(f.stat().st_size for f in (step_dir / DEEPSPEED_DIR).rglob("*") if f.is_file())
     group = filesystem_group(sync, step_dir)
     if group.leader and not out.is_dir():
         import time
@@ -102,7 +104,9 @@ def universal_checkpoint(step_dir: Path, sync, say=print) -> Path:
         convert_in_own_process(step_dir, workers)
         say(f"converted {step_dir / DEEPSPEED_DIR} to the universal format for this layout in "
             f"{time.monotonic() - start:.1f} s ({workers} worker(s); ranks {list(group.ranks)} share it)")
-    sync.barrier("universal conversion")
+    # the converting rank's own allowance (Trainer.run beats its hang detector with it); a failed
+    # conversion ends this wait at once (runtime.exits.leave_now aborts it)
+    sync.barrier("universal conversion", timeout_s=transfer_allowance(size))
     return out
 
 

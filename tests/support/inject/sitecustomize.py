@@ -69,6 +69,36 @@ if _slow and _rank is not None:
     _remote = pargo_dist.checkpoint.object_store.RemoteCheckpoints
     _remote.download = _slowed(_remote.download)
 
+# PARGO_TEST_SLOW_DOWNLOAD_FILE_S="SECONDS" makes a checkpoint download fetch one file at a time,
+# each SECONDS late, as a large checkpoint's files take minutes: a test can act mid-download (stop
+# the store, kill a node). PARGO_TEST_KILL_IN_DOWNLOAD="RANK:MARKER" makes that rank SIGKILL itself
+# once its download has fetched one file, once (the first to get there creates MARKER), as a node
+# that dies mid-download.
+_slow_file = float(os.environ.get("PARGO_TEST_SLOW_DOWNLOAD_FILE_S", "0") or 0)
+_kill_download = os.environ.get("PARGO_TEST_KILL_IN_DOWNLOAD", "")
+if (_slow_file or _kill_download.split(":")[0] == _rank) and _rank is not None:
+    import signal as _signal
+    import time as _time
+
+    import pargo_dist.checkpoint.object_store as _store
+
+    _fetcher = _store.RemoteCheckpoints._fetcher
+
+    def _one_by_one(self, *args, **kwargs):
+        fetch = _fetcher(self, *args, **kwargs)
+
+        def slowly(items):
+            for item in items:
+                _time.sleep(_slow_file)
+                fetch([item])
+                marker = ":".join(_kill_download.split(":")[1:])
+                if _kill_download.split(":")[0] == _rank and not os.path.exists(marker):
+                    open(marker, "w").close()
+                    os.kill(os.getpid(), _signal.SIGKILL)
+        return slowly
+
+    _store.RemoteCheckpoints._fetcher = _one_by_one
+
 # PARGO_TEST_FAST_RETRIES=1 makes object-store retries back off 10 ms instead of 0.5 s (an outage
 # that outlasts them costs a test seconds, not half a minute per checkpoint).
 if os.environ.get("PARGO_TEST_FAST_RETRIES") and _rank is not None:
