@@ -10,7 +10,7 @@ while this process does a fixed amount of work (pure-Python arithmetic: the GIL-
 download loop or a conversion does). Printed: store requests per second, the work's time against
 the same work with nobody waiting, and how long after the key was set every waiter had returned.
 
-    .venv/bin/python benchmarks/store_waits.py                  # 1,000 waiters, ~1 min on 2 cores
+    .venv/bin/python benchmarks/store_waits.py                  # 1,000 waiters, ~7 min on 2 cores (connecting)
     .venv/bin/python benchmarks/store_waits.py --waiters 200 --work 2e6
 """
 
