@@ -275,7 +275,7 @@ class CheckpointManager:
         # rank 0's filesystem holds the marker; others (nodes with disks of their own) keep the steps it kept
         kept = self.sync.share(f"step {step} marked", self.complete_steps)
         if self.rank != 0 and self.join_filesystem_group().leader:
-            self._prune_safely(lambda: prune_to(self.root, self._step_dirs(), kept))
+            self._prune_safely(lambda: prune_to(self.root, self._step_dirs(), kept, protect=self._uploading()))
         if self.uploads is not None:
             self.uploads.submit(step_dir, step)
 
@@ -346,8 +346,12 @@ class CheckpointManager:
     # -- pruning ---------------------------------------------------------------------
 
     def cleanup(self) -> None:
-        """Keep the newest `keep_last` complete checkpoints (pargo_dist/checkpoint/pruning.py)."""
-        prune(self.root, self.keep_last, self._step_dirs(), self.is_complete)
+        """Keep the newest `keep_last` complete checkpoints (pargo_dist/checkpoint/pruning.py), and
+        those whose upload is in flight or queued."""
+        prune(self.root, self.keep_last, self._step_dirs(), self.is_complete, protect=self._uploading())
+
+    def _uploading(self) -> set[int]:
+        return self.uploads.protected() if self.uploads is not None else set()
 
     def _delete(self, path: Path) -> None:
         delete_step_dir(self.root, path)

@@ -21,29 +21,31 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 SHARE = "SHARE"
 
 
-def prune(root: Path, keep_last: int, step_dirs: dict[int, Path], is_complete: Callable[[Path], bool]) -> None:
+def prune(root: Path, keep_last: int, step_dirs: dict[int, Path], is_complete: Callable[[Path], bool],
+          protect: set[int] = frozenset()) -> None:
     """Keep the newest `keep_last` complete checkpoints among `step_dirs` (step -> directory).
 
     Deletes older complete ones and every incomplete directory older than the newest
     complete one (leftovers of interrupted saves). An incomplete directory *newer* than
     the newest complete one is left alone: it may be a save in progress. The newest
-    complete checkpoint is never deleted, since keep_last >= 1.
+    complete checkpoint is never deleted, since keep_last >= 1; nor is a step in `protect`
+    (one whose upload to checkpoint.remote is in flight or queued: upload.UploadMirror).
     """
     complete = sorted(step for step, path in step_dirs.items() if is_complete(path))
     if not complete:
         return
     newest = complete[-1]
-    keep = set(complete[-keep_last:])
+    keep = set(complete[-keep_last:]) | set(protect)
     for step in sorted(step_dirs):
         if step < newest and step not in keep:
             delete_step_dir(root, step_dirs[step])
 
 
-def prune_to(root: Path, step_dirs: dict[int, Path], kept: list[int]) -> None:
+def prune_to(root: Path, step_dirs: dict[int, Path], kept: list[int], protect: set[int] = frozenset()) -> None:
     """A filesystem without the marker (a node with a disk of its own): keep the steps rank 0's
-    pruning kept (`kept`), and any newer directory (a save in progress)."""
+    pruning kept (`kept`), any newer directory (a save in progress), and `protect`."""
     for step, path in step_dirs.items():
-        if step < max(kept) and step not in kept:
+        if step < max(kept) and step not in kept and step not in protect:
             delete_step_dir(root, path)
 
 

@@ -1,0 +1,147 @@
+"""pargo_dist/checkpoint/upload.py in-process: two ranks' upload threads over one c10d HashStore,
+each with its own view of a store that a test can hold (a slow store) or break. Uploads never
+block a training step, the newest queued save wins, pruning keeps what is still to upload, any
+failure of a thread counts, and a step saved again starts its bookkeeping afresh."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+import pargo_dist.checkpoint.object_store as rc
+from pargo_dist.checkpoint.manager import CheckpointManager
+from pargo_dist.checkpoint.upload import UploadMirror
+
+FILES = ("meta.json", "rank_00000.pt", "rank_00001.pt", "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+         "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "COMPLETE")
+
+
+class Store:
+    """One rank's view of the object store: holds each upload until `gate` is set, raises `fail`
+    (an exception instance) while it is set; records what it got in `objects` (shared)."""
+
+    def __init__(self, objects: list[str]):
+        self.objects, self.fail = objects, None
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def upload_file(self, name):
+        self.gate.wait(timeout=60)
+        if self.fail is not None:
+            raise self.fail
+        self.objects.append(name)
+
+
+@pytest.fixture
+def ranks(tmp_path, monkeypatch):
+    """Two ranks' mirrors of one run (root: the checkpoints dir), their stores and what was said."""
+    monkeypatch.setattr(rc.time, "sleep", lambda s: None)  # (the retries' back-off)
+    root = tmp_path / "checkpoints"
+    objects: list[str] = []
+    stores, kv, said = [Store(objects), Store(objects)], dist.HashStore(), []
+    mirrors = []
+    for rank in (0, 1):
+        remote = rc.RemoteCheckpoints("s3://bucket/run", root)
+        monkeypatch.setattr(remote, "_uploader", lambda rank=rank: stores[rank])
+        monkeypatch.setattr(remote, "prune", lambda keep_last: None)
+        mirrors.append(UploadMirror(remote, rank, 2, kv, keep_last=3, say=said.append, timeout_s=30))
+    return root, mirrors, stores, objects, said
+
+
+def save(root: Path, step: int) -> Path:
+    step_dir = root / f"step_{step:08d}"
+    (step_dir / "ds").mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        (step_dir / name).write_text(f"{step}")
+    return step_dir
+
+
+def submit_all(mirrors, step_dir: Path, step: int) -> None:
+    """Both ranks' commits hand the step over; fails if a submit waits (on an upload in flight)."""
+    calls = [threading.Thread(target=m.submit, args=(step_dir, step)) for m in mirrors]
+    for c in calls:
+        c.start()
+    for c in calls:
+        c.join(timeout=5)
+    assert not any(c.is_alive() for c in calls), f"submit of step {step} waited for an upload"
+
+
+def finish(mirrors) -> None:
+    joins = [threading.Thread(target=m.wait) for m in mirrors]
+    for j in joins:
+        j.start()
+    for j in joins:
+        j.join(timeout=60)
+    assert not any(j.is_alive() for j in joins), "an upload thread never finished"
+
+
+def marked(objects: list[str]) -> list[int]:
+    return sorted(int(o.split("/")[0][5:]) for o in objects if o.endswith("/COMPLETE"))
+
+
+def test_a_slow_store_never_blocks_a_save_and_the_newest_queued_save_wins(ranks):
+    root, mirrors, stores, objects, _ = ranks
+    for store in stores:
+        store.gate.clear()  # the store answers nothing for now
+    submit_all(mirrors, save(root, 2), 2)
+    submit_all(mirrors, save(root, 4), 4)  # while step 2's upload hangs: queued, no wait
+    submit_all(mirrors, save(root, 6), 6)  # and step 4 is superseded
+    assert all(m.protected() == {2, 4, 6} for m in mirrors)
+    for store in stores:
+        store.gate.set()
+    finish(mirrors)
+    assert marked(objects) == [2, 6] and objects[-1] == "step_00000006/COMPLETE"
+    assert mirrors[0].uploaded == 6 and mirrors[0].missing() is None and mirrors[0].skipped == [4]
+    assert all(m.protected() == set() for m in mirrors)
+
+
+def test_pruning_keeps_a_step_until_its_upload_is_done(tmp_path, monkeypatch):
+    """keep_last=1: committing step 4 while step 2 is still uploading leaves step 2 on disk (it
+    used to be deleted before its upload was joined); the next commit prunes both."""
+    monkeypatch.setattr(rc.time, "sleep", lambda s: None)
+    store = Store([])
+    monkeypatch.setattr(rc.RemoteCheckpoints, "_uploader", lambda self: store)
+    monkeypatch.setattr(rc.RemoteCheckpoints, "prune", lambda self, keep_last: None)
+    manager = CheckpointManager(tmp_path / "run", keep_last=1, remote="s3://bucket/run")
+    store.gate.clear()
+    for step in (2, 4):
+        step_dir = manager.begin(step)
+        (step_dir / "meta.json").write_text('{"step": %d}' % step)
+        manager.commit(step_dir, step)
+    assert manager.complete_steps() == [2, 4]  # 2 is in flight, kept
+    store.gate.set()
+    manager.uploads.wait()
+    step_dir = manager.begin(6)
+    (step_dir / "meta.json").write_text('{"step": 6}')
+    manager.commit(step_dir, 6)
+    assert manager.complete_steps() == [6]  # nothing queued any more: keep_last applies
+    manager.uploads.wait()
+    assert marked(store.objects)[-1] == 6
+
+
+def test_any_exception_in_an_upload_thread_counts_as_its_ranks_failure(ranks):
+    """A bug on rank 1's thread (not a store error) is still counted: rank 0 does not wait for
+    ever, leaves the step without its marker and says why."""
+    root, mirrors, stores, objects, said = ranks
+    stores[1].fail = ValueError("a bug in the upload code")
+    submit_all(mirrors, save(root, 2), 2)
+    finish(mirrors)
+    assert marked(objects) == [] and mirrors[0].missing() == 2
+    assert "another rank could not upload its files of step 2" in said[-1]
+
+
+def test_a_step_saved_again_counts_afresh(ranks):
+    """After a rollback a step is saved again: its upload round has keys of its own, so the first
+    attempt's failure does not fail the second."""
+    root, mirrors, stores, objects, said = ranks
+    stores[1].fail = ConnectionError("Connection refused")
+    submit_all(mirrors, save(root, 4), 4)
+    finish(mirrors)
+    assert marked(objects) == [] and "step 4 is not in" in said[-1]
+    stores[1].fail = None
+    submit_all(mirrors, save(root, 4), 4)  # the rollback's save of the same step
+    finish(mirrors)
+    assert marked(objects) == [4] and "reachable again" in said[-1]
