@@ -218,6 +218,66 @@ def test_a_loss_spike_rolls_back_and_the_run_continues_as_if_its_samples_were_ne
     assert logged(tmp_path / "spike", "train/rollbacks") == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 1}
 
 
+def test_a_rollback_sticks_through_a_restart(tmp_path, monkeypatch):
+    """Three non-finite steps in a row (3-5; rollback_after_bad_steps=3) span the step-4 checkpoint.
+    The rollback goes back to step 2, retires the step-4 checkpoint (saved after the divergence
+    began) and saves step 2 again with the rollback in it. The run is then killed at once (before
+    any later checkpoint): the restart resumes from step 2, skipping the bad samples, with the
+    rollback counted (so train.max_rollbacks cannot be evaded by a restart), and its curve is that
+    of the run that was not killed. Before, the restart resumed from step 4, without either."""
+    data = batches(40)
+    bad = [data[b].sample_ids[0] for b in (4, 6, 8)]  # steps 3, 4 and 5
+    overrides = ("train.rollback_after_bad_steps=3", "checkpoint.every=2", "train.steps=8")
+
+    def poisoned(cfg, **kw):
+        t = trainer(cfg, loader=ListLoader(data), **kw)
+        for sample in bad:
+            t.backend.poison[sample] = float("nan")
+        return t
+
+    assert run(poisoned(recipe(tmp_path / "whole", *overrides))) == 0
+
+    class Killed(Exception):
+        pass
+
+    roll_back = Trainer._roll_back
+
+    def then_killed(self, verdict):
+        roll_back(self, verdict)
+        raise Killed  # as a SIGKILL right after the rollback would end the run
+
+    monkeypatch.setattr(Trainer, "_roll_back", then_killed)
+    cfg = recipe(tmp_path / "killed", *overrides)
+    with pytest.raises(Killed):
+        run(poisoned(cfg))
+    monkeypatch.setattr(Trainer, "_roll_back", roll_back)
+    ckpt = CheckpointManager(cfg.run.dir)
+    assert ckpt.complete_steps() == [2]  # step 4 retired
+    state = CheckpointManager.load_state(ckpt.step_dir(2))
+    assert state.rollbacks == 1 and set(bad) <= set(state.excluded_samples)
+    restarted = poisoned(cfg, resume=True)
+    assert run(restarted) == 0
+    assert restarted.state.rollbacks == 1 and set(bad) <= set(restarted.state.excluded_samples)
+    got, want = logged(tmp_path / "killed"), logged(tmp_path / "whole")
+    assert {s: v for s, v in got.items() if s > 2} == {s: v for s, v in want.items() if s > 2}
+
+
+def test_a_spike_skips_the_samples_of_the_ranks_whose_own_loss_spiked():
+    """At 1,000 ranks a spike's whole global batch is thousands of samples: only the ranks whose
+    own per-token loss is above the spike's threshold are blamed; the whole batch only where no
+    rank's own loss stands out, and for non-finite steps the ranks whose own loss was not finite."""
+    from pargo_dist.train.divergence import Verdict, blame
+
+    spike = Verdict("loss spike", (7,), spike_above=3.0)
+    ranks = [[(["a", "b"], True, 1.1)], [(["c", "d"], True, 9.5)], [(["e"], True, 0.9)]]
+    assert blame(spike, ranks) == ["c", "d"]
+    spread = [[(["a"], True, 2.9)], [(["c"], True, 2.8)]]  # the sum spiked, no rank's own loss did
+    assert blame(spike, spread) == ["a", "c"]
+    nan = Verdict("non-finite", (3, 4))
+    ranks = [[(["a"], True, 1.0), (["b"], True, 1.0)], [(["c"], False, float("nan")), (["d"], True, 1.0)]]
+    assert blame(nan, ranks) == ["c"]
+
+
 def test_one_non_finite_step_is_skipped_and_repeated_ones_roll_back_until_the_run_stops_naming_them(tmp_path):
     """rollback_after_bad_steps=2: a lone NaN step is only skipped (no update, counted). Two in a
     row roll back; with max_rollbacks=1 the next divergence stops the run with a Diverged error

@@ -497,3 +497,24 @@ def test_a_store_that_goes_away_mid_download_is_a_requeue_and_leaves_nothing(s3_
     monkeypatch.setattr(rc.RemoteCheckpoints, "_fetcher", fetcher)
     got = manager.resolve("auto")
     assert got == root / "step_00000002" and CheckpointManager.is_complete(got)
+
+
+def test_a_rollback_retires_the_steps_after_the_divergence_here_and_in_the_store(s3_server, tmp_path):
+    """CheckpointManager.retire(4) after steps 2, 4 and 6 are committed and uploaded: steps 4 and 6
+    leave the run's disk and the store, markers first, so that a requeue on new nodes (which
+    resumes from the store) cannot take them for the newest."""
+    from pargo_dist.checkpoint.manager import CheckpointManager
+
+    bucket = s3_server.make_bucket("ckpt-retire")
+    manager = CheckpointManager(tmp_path / "run", keep_last=5, remote=f"{bucket}/run")
+    for step in (2, 4, 6):
+        step_dir = manager.begin(step)
+        (step_dir / "meta.json").write_text('{"step": %d}' % step)
+        (step_dir / "rank_00000.pt").write_text("x")
+        manager.commit(step_dir, step)
+        manager.uploads.wait()  # (each uploaded: a save that came during an upload would be superseded)
+    assert sorted(remote_steps(s3_server, "ckpt-retire", "run")) == [2, 4, 6]
+    assert manager.retire(4) == [4, 6]
+    assert manager.complete_steps() == [2]
+    assert sorted(remote_steps(s3_server, "ckpt-retire", "run")) == [2]
+    assert manager.remote.steps() == [2]

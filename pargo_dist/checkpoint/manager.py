@@ -279,6 +279,25 @@ class CheckpointManager:
         if self.uploads is not None:
             self.uploads.submit(step_dir, step)
 
+    def retire(self, from_step: int) -> list[int]:
+        """Collective: the checkpoints of `from_step` and later (saved after a divergence began)
+        leave every filesystem and the store, so that no restart, requeue or pruning takes them
+        for the newest. Uploads in flight finish first (a rollback is rare; it may wait). Returns
+        the steps retired here."""
+        if self.uploads is not None:
+            self.uploads.wait()
+        doomed = sorted(s for s in self._step_dirs() if s >= from_step)
+        if self.join_filesystem_group().leader:
+            for step in doomed:
+                self._delete(self.step_dir(step))
+        if self.rank == 0 and self.remote is not None:
+            try:
+                self.remote.delete_from(from_step)
+            except RemoteUnavailable as err:  # said; a requeue would resume from a retired step there
+                self.say(f"checkpoint.remote: could not retire steps >= {from_step} from {self.remote.url} ({err})")
+        self.barrier(f"steps from {from_step} retired")
+        return doomed
+
     def _prune_safely(self, prune_now: Callable[[], object]) -> None:
         try:
             prune_now()

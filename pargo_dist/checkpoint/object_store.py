@@ -278,6 +278,12 @@ class RemoteCheckpoints:
         keys = self._keys() if keys is None else keys
         return sorted({int(m.group(1)) for k in keys for m in [_STEP.match(self._relative(k) or "")] if m})
 
+    def delete_from(self, from_step: int) -> None:
+        """Delete the checkpoints of `from_step` and later, markers first (a rollback retires
+        them). S3 only, as `prune`: other stores keep them, and resume never picks one whose
+        marker is gone."""
+        self._delete_keys(lambda step: step >= from_step, f"retiring steps >= {from_step} under {self.url}")
+
     def prune(self, keep_last: int) -> None:
         """Delete all but the newest `keep_last` complete checkpoints (and any upload left
         unfinished before them). S3 only: other stores keep every checkpoint."""
@@ -288,15 +294,23 @@ class RemoteCheckpoints:
         complete = self.steps(keys)
         if len(complete) <= keep_last:
             return
-        parsed = urllib.parse.urlparse(self.url)
         oldest_kept = complete[-keep_last]
+        self._delete_keys(lambda step: step < oldest_kept, f"deleting old checkpoints under {self.url}", keys)
+
+    def _delete_keys(self, doomed_step: Callable[[int], bool], what: str, keys: list[str] | None = None) -> None:
+        """Delete this run's objects whose step `doomed_step` picks, markers first (never a
+        complete-looking partial checkpoint). S3 only."""
+        client = getattr(self._uploader(), "s3", None)
+        if client is None:
+            return
+        keys = self._keys() if keys is None else keys
+        parsed = urllib.parse.urlparse(self.url)
         doomed = [k for k in keys for m in [_STEP_OBJECT.match(self._relative(k) or "")]
-                  if m and int(m.group(1)) < oldest_kept]
+                  if m and doomed_step(int(m.group(1)))]
         doomed.sort(key=lambda k: not k.endswith("/" + COMPLETE))  # markers first: never complete-but-partial
         for i in range(0, len(doomed), 1000):
             batch = [{"Key": k} for k in doomed[i:i + 1000]]
-            retried(f"deleting old checkpoints under {self.url}",
-                    lambda batch=batch: client.delete_objects(Bucket=parsed.netloc, Delete={"Objects": batch}))
+            retried(what, lambda batch=batch: client.delete_objects(Bucket=parsed.netloc, Delete={"Objects": batch}))
 
     # -- download ---------------------------------------------------------------------------
 

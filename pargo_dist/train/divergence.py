@@ -22,10 +22,28 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Verdict:
-    """Roll back: why, and the steps whose samples caused it (the first is the one to go back before)."""
+    """Roll back: why, and the steps whose samples caused it (the first is the one to go back
+    before). `spike_above`: for a loss spike, the per-token loss above which a rank's own batch
+    counts as the spike's cause (None: non-finite steps)."""
 
     reason: str
     steps: tuple[int, ...]
+    spike_above: float | None = None
+
+
+def blame(verdict: Verdict, ranks: list[list[tuple[list[str], bool, float]]]) -> list[str]:
+    """The sample ids a rollback skips. `ranks`: per rank, per step of the verdict, (its sample
+    ids, whether its own loss was finite, its own per-token loss). The ranks whose own loss was
+    not finite, or for a spike was itself above the spike's threshold, are the cause: the others'
+    samples were fine, and at 1,000 ranks skipping the whole global batch would drop thousands of
+    them for good. Only where no rank's own loss stands out (a spike of the sum alone) does the
+    whole batch go."""
+    if verdict.spike_above is None:
+        bad = [ids for rank in ranks for ids, finite, _ in rank if not finite]
+    else:
+        bad = [ids for rank in ranks for ids, finite, loss in rank if finite and loss > verdict.spike_above]
+    chosen = bad or [ids for rank in ranks for ids, _, _ in rank]
+    return list(dict.fromkeys(i for ids in chosen for i in ids))  # ranks of one replica read the same
 
 
 class DivergenceWatch:
@@ -65,7 +83,7 @@ class DivergenceWatch:
             if loss > self.spike_factor * mean:
                 return Verdict(f"loss {loss:.4g} at step {step} is {loss / mean:.1f} x the mean {mean:.4g} of the "
                                f"last {len(self.recent)} steps (train.loss_spike_factor={self.spike_factor:g})",
-                               (step,))
+                               (step,), spike_above=self.spike_factor * mean)
         self.recent.append((step, loss))
         return None
 

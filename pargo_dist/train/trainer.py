@@ -39,7 +39,7 @@ from pargo_dist.checkpoint.manager import CheckpointManager
 from pargo_dist.checkpoint.state import TrainState, capture_rng_state, restore_rng_state
 from pargo_dist.checkpoint.files import atomic_write
 from pargo_dist.config import Config, to_yaml
-from pargo_dist.train.divergence import DivergenceWatch, Verdict
+from pargo_dist.train.divergence import DivergenceWatch, Verdict, blame
 from pargo_dist.errors import Diverged, UserError
 from pargo_dist.models.flops import mfu, model_flops_per_sample, peak_flops_per_device
 from pargo_dist.observe.metrics import MetricsLogger, StepTimer, peak_memory_gib
@@ -66,8 +66,8 @@ class Trainer:
         self.watchdog = watchdog or HangWatchdog(0, self.rank)  # timeout 0: off
         self.stragglers = StragglerWatch(cfg.logging.straggler_factor, cfg.logging.every, self.rank)
         self.divergence = DivergenceWatch.from_config(cfg.train)
-        # step -> (this rank's ids, whether its own loss was finite: a bool tensor)
-        self._recent_samples: dict[int, tuple[list[str], torch.Tensor]] = {}
+        # step -> (this rank's ids, whether its own loss was finite, its own per-token loss: tensors)
+        self._recent_samples: dict[int, tuple[list[str], torch.Tensor, torch.Tensor]] = {}
         self.run_dir = checkpoints.run_dir
         self.streams = list(streams or ["data"])  # the datasets of a mixture, in order
         self.state = TrainState(step=0, world_size=self.world, stage=cfg.train.stage, backend=backend.name,
@@ -177,9 +177,10 @@ class Trainer:
             c / self.backend.replication for c in counts.tolist())
         # right-padded batches train with plain causal attention (Batch.causal_only: same loss)
         loss_sum = self.backend.train_batch([b.causal_only() for b in micro_batches], targets, self.state.step)
-        # which ranks' samples a divergence blames: kept as a tensor and read only when a divergence
-        # needs it (the step already waits for the device once, for the logged loss below)
+        # which ranks' samples a divergence blames: kept as tensors and read only when a divergence
+        # needs them (the step already waits for the device once, for the logged loss below)
         own_finite = torch.isfinite(loss_sum).all()
+        own_loss = loss_sum.detach().clone() / max(local[0], 1)
         dist.all_reduce(loss_sum)
         s = self.state
         s.samples_seen += int(samples)
@@ -188,7 +189,7 @@ class Trainer:
         for name, n in zip(self.streams, per_stream):
             s.stream_samples[name] += round(n)
         return {"loss": loss_sum.item() / max(targets, 1.0), "tokens": tokens, "samples": samples,
-                "images": images, "crops": crops, "own_finite": own_finite}
+                "images": images, "crops": crops, "own_finite": own_finite, "own_loss": own_loss}
 
     def _count_skipped_step(self, stats: dict[str, float]) -> None:
         """A step whose gradient norm was not finite (on any rank: the norm is global) was skipped
@@ -205,26 +206,25 @@ class Trainer:
     def _watch(self, micro: list[Batch], stats: dict[str, float]) -> Verdict | None:
         """Keep this step's sample ids (a rollback skips them) and ask the divergence watch."""
         step = self.state.step
-        self._recent_samples[step] = ([i for b in micro for i in b.sample_ids], stats["own_finite"])
+        self._recent_samples[step] = ([i for b in micro for i in b.sample_ids], stats["own_finite"], stats["own_loss"])
         for old in [s for s in self._recent_samples if s <= step - self.divergence.remembers]:
             del self._recent_samples[old]
         return self.divergence.observe(step, stats["loss"], self.backend.grad_norm())
 
-    def _culprits(self, steps: tuple[int, ...]) -> list[str]:
-        """Collective: the sample ids of the bad steps, from every rank: those of the ranks whose
-        own loss was not finite where there are any (the others' samples were fine), else all."""
-        mine = [(ids, bool(finite)) for ids, finite in (self._recent_samples.get(s, ([], True)) for s in steps)]
+    def _culprits(self, verdict: Verdict) -> list[str]:
+        """Collective: the sample ids the rollback skips, from every rank's own view of the bad
+        steps (divergence.blame: the ranks whose own loss was not finite, or spiked)."""
+        mine = [(ids, bool(finite), float(loss)) for ids, finite, loss in
+                (self._recent_samples.get(s, ([], True, 0.0)) for s in verdict.steps)]
         everyone: list = [None] * self.world
         dist.all_gather_object(everyone, mine)
-        bad = [ids for rank in everyone for ids, finite in rank if not finite]
-        chosen = bad or [ids for rank in everyone for ids, _ in rank]
-        return list(dict.fromkeys(i for ids in chosen for i in ids))  # ranks of one replica read the same
+        return blame(verdict, everyone)
 
     def _roll_back(self, verdict: Verdict) -> None:
         """Collective: back to the newest checkpoint from before the bad steps, skipping their
         samples by id from now on (kept in TrainState, so later checkpoints skip them too). The
         run's history counters (skipped steps, rollbacks) carry over the restored state."""
-        ids = self._culprits(verdict.steps)
+        ids = self._culprits(verdict)
         s, limit = self.state, self.cfg.train.max_rollbacks
         shown = ", ".join(ids[:16]) + (f" and {len(ids) - 16} more" if len(ids) > 16 else "")
         advice = (f"The samples of those steps: {shown}. Lower optim.lr or raise optim.warmup_steps, look at these "
@@ -244,13 +244,20 @@ class Trainer:
         self.resume(target)
         self.state.skipped_steps, self.state.rollbacks, self.state.excluded_samples = skipped_steps, rollbacks, excluded
         self.loader.exclude(ids)
+        # the checkpoints saved since the divergence began go (here and in the store), and the one
+        # rolled back to is saved again with the rollback in it: a restart or requeue from now on
+        # resumes there, skipping these samples, and counts this rollback against max_rollbacks
+        retired = self.ckpt.retire(verdict.steps[0])
+        self.save()
+        self._mark_saved(wait=True)
         self.divergence.rolled_back(self.state.step)
         self._recent_samples.clear()
         if self.rank == 0:
             atomic_write(self.run_dir / "excluded_samples.json", lambda f: f.write(json.dumps(excluded, indent=1)),
                          binary=False)
         self._say(f"rolled back to step {self.state.step} ({why}); skipping {len(ids)} sample(s) from now on: "
-                  f"{shown} (rollback {rollbacks} of at most {limit}; all in {self.run_dir / 'excluded_samples.json'})")
+                  f"{shown} (rollback {rollbacks} of at most {limit}; all in {self.run_dir / 'excluded_samples.json'})"
+                  + (f"; retired the checkpoints of steps {retired}" if retired else ""))
 
     def _scalars(self, stats: dict[str, float], perf: dict[str, float]) -> dict[str, float]:
         scalars = {"train/loss": stats["loss"], "data/skipped": float(self.state.skipped),
