@@ -42,13 +42,17 @@ def client(master) -> Counting:
 
 
 def run_ranks(world: int, body, master) -> list:
-    """body(rank, sync) on `world` threads; returns each rank's result or exception, and its client."""
+    """body(rank, sync) on `world` threads; returns each rank's result or exception, and its client.
+    Each call is a start of its own: keys under a namespace of its own."""
+    import uuid
+
     out: list = [None] * world
     clients = [client(master) for _ in range(world)]
+    namespace = f"start-{uuid.uuid4().hex}"
 
     def one(rank):
         try:
-            out[rank] = body(rank, StoreSync(clients[rank], rank, world))
+            out[rank] = body(rank, StoreSync(clients[rank], rank, world, namespace=namespace))
         except BaseException as err:  # noqa: BLE001  returned to the test
             out[rank] = err
     threads = [threading.Thread(target=one, args=(r,)) for r in range(world)]
@@ -152,3 +156,38 @@ def test_a_store_whose_host_is_gone_ends_the_wait():
     t.join(timeout=20)
     assert said and "store is gone" in said[0] and "rank 0's save" in said[0], said
     assert time.monotonic() - start < 5
+
+
+def test_rank_0_decides_the_filesystem_groups_from_every_ranks_view(store, tmp_path):
+    """Four ranks, ranks 0-1 on one run directory and 2-3 on another. Rank 1's listing lags (NFS
+    caches directory listings): it does not see rank 0's probe. Alone it would have taken itself
+    for a filesystem of its own and led it too (two ranks deleting and downloading one step);
+    rank 0 decides from every rank's view: {0, 1} and {2, 3}, one leader each. A rank that cannot
+    see its own probe is a named error, on rank 0, which aborts the others' wait."""
+    from pargo_dist.runtime.filesystems import FilesystemContradiction, filesystem_group
+
+    dirs = [tmp_path / "a", tmp_path / "a", tmp_path / "b", tmp_path / "b"]
+
+    def lagging(blind: dict[int, set[int]]):
+        def listing(rank):
+            return lambda d, pattern: [p.name for p in d.glob(pattern)
+                                       if int(p.name.rsplit(".", 1)[1]) not in blind.get(rank, set())]
+        return listing
+
+    listing = lagging({1: {0}})
+    out, _ = run_ranks(4, lambda rank, sync: filesystem_group(sync, dirs[rank], listing(rank)), store)
+    assert [g.ranks for g in out] == [(0, 1), (0, 1), (2, 3), (2, 3)]
+    assert [g.leader for g in out] == [True, False, True, False]
+
+    listing = lagging({3: {3}})
+
+    def blind_rank(rank, sync):
+        try:
+            return filesystem_group(sync, dirs[rank], listing(rank))
+        except FilesystemContradiction as err:
+            sync.abort(f"rank {rank} failed: {err}")  # what runtime.exits.leave_now does
+            return err
+
+    out, _ = run_ranks(4, blind_rank, store)
+    assert isinstance(out[0], FilesystemContradiction) and "rank(s) [3] could not see the probe" in str(out[0])
+    assert all(isinstance(o, PeerFailed) and "could not see the probe" in str(o) for o in out[1:]), out

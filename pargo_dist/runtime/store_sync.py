@@ -10,8 +10,8 @@ also delay the detection of a real hang in training by as much.
 So these waits go through the process group's key-value store (the TCPStore every rank already
 talks to) instead. Every rank calls the same sequence of `barrier` / `share`, as with
 collectives: call n of the sequence has its own keys, `<namespace>/<n>/...`, and ends when its
-`done` key exists. A barrier's last arriver (the rank whose `add` makes the count whole) sets
-it; a share's source sets the value, then `done`. Waiting is one `store.wait` on that key: the
+`done` key exists. A barrier's (or a gather's) last arriver (the rank whose `add` makes the count
+whole) sets it; a share's source sets the value, then `done`. Waiting is one `store.wait` on that key: the
 store answers when the key is set, so a wait costs O(1) requests per rank, however long it
 lasts (polling rank 0's store every 50 ms from 1,000 ranks was 20,000 requests a second, served
 inside the process doing the long work: `benchmarks/store_waits.py`).
@@ -74,6 +74,9 @@ class LocalSync:
 
     def share(self, what: str, compute: Callable[[], Any], src: int = 0, timeout_s: float | None = None) -> Any:
         return compute()
+
+    def gather(self, what: str, value: Any, dst: int = 0, timeout_s: float | None = None) -> list[Any] | None:
+        return [value]
 
     def leave_together(self, what: str) -> None:
         pass
@@ -139,6 +142,20 @@ class StoreSync:
         with self._store_of(what):
             self._wait(key, what, timeout_s)
             return json.loads(self.store.get(f"{key}/value"))
+
+    def gather(self, what: str, value: Any, dst: int = 0, timeout_s: float | None = None) -> list[Any] | None:
+        """Every rank's (JSON-able) `value`, in rank order, on rank `dst` (None on the others, which
+        do not wait). Rank `dst` reads the N values once: O(N) requests on one rank, O(1) on each
+        other (rank 0 deciding from everyone's view: runtime/filesystems.py)."""
+        key = self._next()
+        with self._store_of(what):
+            self.store.set(f"{key}/value/{self.rank}", json.dumps(value))
+            if self.store.add(f"{key}/arrived", 1) == self.world_size:
+                self.store.set(f"{key}/done", b"1")
+            if self.rank != dst:
+                return None
+            self._wait(key, what, timeout_s)
+            return [json.loads(self.store.get(f"{key}/value/{r}")) for r in range(self.world_size)]
 
     def leave_together(self, what: str, patience_s: float = 30.0) -> None:
         """Every rank is about to exit (all agreed on it, e.g. through `share`): rank 0, whose
