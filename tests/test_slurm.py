@@ -138,6 +138,34 @@ def test_spent_in_job_restarts_requeue_under_slurm_only_after_faults(monkeypatch
 
 # -- pargo-dist submit -----------------------------------------------------------------------
 
+@pytest.mark.parametrize("error,hardware", [
+    ("RuntimeError: CUDA error: uncorrectable ECC error encountered", True),
+    ("RuntimeError: NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error", True),
+    ("RuntimeError: CUDA error: no CUDA-capable device is detected", True),
+    ("ValueError: shapes (4, 8) and (16,) do not match", False),
+    ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", False),
+])
+def test_the_same_error_twice_ends_a_bug_but_requeues_a_machine_fault(monkeypatch, error, hardware):
+    """The same error at the same step twice: our code's (a traceback that repeats is a bug, or a
+    batch too large: the run ends with it) or the machine's (a GPU with failing memory, a lost
+    device, NCCL's system errors fail there again: restarted while restarts are left, then, under
+    SLURM, requeued onto other nodes). docs/slurm.md has the table."""
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    monkeypatch.setenv("SLURM_JOB_ID", "81234")
+    policy = restart_policy(SimpleNamespace(run=SimpleNamespace(max_restarts=2, restart_window_s=600.0)))
+    failure = {"step": 5, "error": error}
+    assert policy.refuse(1, failure) is None
+    policy.note(failure)
+    again = policy.refuse(1, dict(failure))
+    if not hardware:
+        assert again == f"the same failure again at step 5 ({error})" and not policy.requeue_instead(1, failure)
+        return
+    assert again is None  # restarted again
+    policy.note(failure)
+    assert "2 restart(s) within" in policy.refuse(1, failure) and policy.requeue_instead(1, failure)
+
+
 def test_submit_dry_run_writes_the_sbatch_script(tmp_path, data_dir, capsys, monkeypatch):
     recipe = write_recipe(tmp_path / "r.yaml", Path("runs/x"), data_dir)
     monkeypatch.chdir(tmp_path)

@@ -10,6 +10,22 @@ from dataclasses import dataclass, field
 
 NO_RESTART_EXITS = {2: "a bad recipe, argument or input, or a run that diverged", 130: "interrupted"}
 
+# What a failing rank's error says when the machine is at fault, not the code or the recipe: the
+# same error at the same step again is then no proof of a bug (a GPU with failing memory fails
+# there again), and a requeue onto other nodes is the cure. Matched case-insensitively against the
+# one line the rank recorded (runtime.exits.record_failure): CUDA's and NCCL's own texts.
+HARDWARE = ("ecc error", "uncorrectable ecc", "cudaerroreccuncorrectable", "no cuda-capable device",
+            "cuda-capable device(s) is/are busy or unavailable", "cudaerrordevicesunavailable", "gpu is lost",
+            "fallen off the bus", "xid", "cuda error: unspecified launch failure", "cuda error: unknown error",
+            "cuda driver initialization failed", "nccl error", "unhandled system error", "unhandled cuda error",
+            "nvlink", "infiniband", "ibv_", "hardware error")
+
+
+def looks_like_hardware(failure: dict | None) -> bool:
+    """Whether a recorded failure's error reads as the machine's fault (HARDWARE)."""
+    error = (failure or {}).get("error", "").lower()
+    return any(text in error for text in HARDWARE)
+
 
 @dataclass
 class RestartPolicy:
@@ -38,10 +54,12 @@ class RestartPolicy:
 
     def not_a_fault(self, code: int, failure: dict | None) -> str | None:
         """Why exit `code` is not a fault that starting again can cure (a bad input, an
-        interruption, the same failure at the same step again), or None."""
+        interruption, the same failure at the same step again: a bug), or None. An error that
+        reads as the machine's fault (`looks_like_hardware`) is a fault however often it repeats:
+        restarted while restarts are left, then requeued onto other nodes."""
         if code in NO_RESTART_EXITS:
             return NO_RESTART_EXITS[code]
-        if failure is not None and self.last is not None and \
+        if failure is not None and self.last is not None and not looks_like_hardware(failure) and \
                 (failure["step"], failure["error"]) == (self.last["step"], self.last["error"]):
             return f"the same failure again at step {failure['step']} ({failure['error']})"
         return None
