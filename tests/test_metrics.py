@@ -118,3 +118,20 @@ def test_other_ranks_write_nothing(tmp_path, capsys):
 def test_read_scalars_of_an_empty_dir(tmp_path):
     assert read_scalars(tmp_path) == {} and read_texts(tmp_path) == {}
     assert math.isfinite(peak_memory_gib())
+
+
+def test_the_straggler_check_takes_each_ranks_others_median_from_one_sort():
+    """What each rank is compared with: the median of every other rank's time, computed from one
+    sort (O(N log N)) and equal to taking the median of the others for each rank in turn, for odd
+    and even rank counts, ties and 2 ranks (where it is the other rank's time)."""
+    import random
+    import statistics
+
+    from pargo_dist.train.stragglers import medians_of_the_others
+
+    rng = random.Random(5)
+    for n in (2, 3, 4, 7, 8, 64, 1001):
+        times = [round(rng.uniform(0.0, 2.0), 2) for _ in range(n)]  # rounded: ties too
+        want = [statistics.median(times[:r] + times[r + 1:]) for r in range(n)]
+        assert medians_of_the_others(times) == want, n
+    assert medians_of_the_others([0.1, 0.9]) == [0.9, 0.1]

@@ -254,3 +254,25 @@ def test_node_memory_is_capped_by_the_cgroup_limit(tmp_path):
     assert node_memory_bytes(tmp_path) == physical
     (tmp_path / "memory" / "memory.limit_in_bytes").write_text(f"{3 * 2**29}\n")
     assert node_memory_bytes(tmp_path) == min(physical, 3 * 2**29)
+
+
+def test_node_memory_reads_the_limit_on_an_ancestor_cgroup(tmp_path):
+    """SLURM's cgroup v2 plugin puts a job's --mem on the job's group (and its step's), above the
+    task's own group, whose memory.max says "max": the limit is read up the hierarchy (v1 alike)."""
+    from pargo_dist.runtime.node_memory import node_memory_bytes
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    job = tmp_path / "system.slice" / "slurmstepd.scope" / "job_1234"
+    task = job / "step_0" / "user" / "task_0"
+    task.mkdir(parents=True)
+    for group in (task, task.parent, task.parent.parent):
+        (group / "memory.max").write_text("max\n")
+    (job / "memory.max").write_text(f"{2**31}\n")
+    proc = tmp_path / "proc_self_cgroup"
+    proc.write_text("0::/system.slice/slurmstepd.scope/job_1234/step_0/user/task_0\n")
+    assert node_memory_bytes(tmp_path, proc) == min(physical, 2**31)
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "slurm" / "uid_0" / "job_9" / "step_0").mkdir(parents=True)
+    (v1 / "memory" / "slurm" / "uid_0" / "job_9" / "memory.limit_in_bytes").write_text(f"{2**30}\n")
+    proc.write_text("5:memory:/slurm/uid_0/job_9/step_0\n")
+    assert node_memory_bytes(v1, proc) == min(physical, 2**30)

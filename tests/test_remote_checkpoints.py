@@ -518,3 +518,39 @@ def test_a_rollback_retires_the_steps_after_the_divergence_here_and_in_the_store
     assert manager.complete_steps() == [2]
     assert sorted(remote_steps(s3_server, "ckpt-retire", "run")) == [2]
     assert manager.remote.steps() == [2]
+
+
+def test_export_and_eval_from_a_url_download_once_per_node(s3_server, tmp_path, monkeypatch):
+    """`pargo-dist eval s3://... --nproc N`: every rank resolves the URL at once; the ranks of a
+    node take turns on a lock in the cache, the first downloads, the others find it there."""
+    import pargo_dist.checkpoint.object_store as rc
+    from pargo_dist.checkpoint.manager import resolve_checkpoint
+
+    monkeypatch.setenv("PARGO_DIST_CACHE", str(tmp_path / "cache"))
+    bucket = s3_server.make_bucket("ckpt-once")
+    client = s3_server.client()
+    for name in ("meta.json", "config.yaml", "rank_00000.pt", "COMPLETE"):
+        client.put_object(Bucket="ckpt-once", Key=f"run/step_00000003/{name}", Body=b"{}")
+    fetched: list[str] = []
+    fetcher = rc.RemoteCheckpoints._fetcher
+
+    def counting(self, *args, **kwargs):
+        fetch = fetcher(self, *args, **kwargs)
+
+        def counted(items):
+            fetched.extend(name for name, _ in items)
+            return fetch(items)
+        return counted
+
+    monkeypatch.setattr(rc.RemoteCheckpoints, "_fetcher", counting)
+    got: list = [None] * 4
+
+    def rank(r: int) -> None:
+        got[r] = resolve_checkpoint(f"{bucket}/run")
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(set(got)) == 1 and got[0].name == "step_00000003" and (got[0] / "COMPLETE").is_file()
+    assert sorted(fetched) == sorted(["meta.json", "config.yaml", "rank_00000.pt", "COMPLETE"]), fetched

@@ -145,3 +145,46 @@ def test_a_step_saved_again_counts_afresh(ranks):
     submit_all(mirrors, save(root, 4), 4)  # the rollback's save of the same step
     finish(mirrors)
     assert marked(objects) == [4] and "reachable again" in said[-1]
+
+
+def test_a_commit_walks_the_step_directory_once_per_filesystem(tmp_path, monkeypatch):
+    """Two ranks on one filesystem commit a checkpoint with checkpoint.remote: the step directory
+    is walked once (rank 0's flush, whose listing serves both ranks' uploads), not once more by
+    every rank's upload: on Lustre, 8 ranks a node walking a checkpoint of thousands of files at
+    every save is metadata load for nothing."""
+    import datetime
+    import os as os_module
+    import pathlib
+
+    from pargo_dist.runtime.store_sync import StoreSync
+
+    monkeypatch.setattr(rc.time, "sleep", lambda s: None)
+    objects: list[str] = []
+    store = Store(objects)
+    monkeypatch.setattr(rc.RemoteCheckpoints, "_uploader", lambda self: store)
+    monkeypatch.setattr(rc.RemoteCheckpoints, "prune", lambda self, keep_last: None)
+    walks: list[str] = []
+    walk, rglob = os_module.walk, pathlib.Path.rglob
+    monkeypatch.setattr(os_module, "walk", lambda top, *a, **k: (walks.append(str(top)), walk(top, *a, **k))[1])
+    monkeypatch.setattr(pathlib.Path, "rglob", lambda self, *a, **k: (walks.append(str(self)), rglob(self, *a, **k))[1])
+    master = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=30), wait_for_workers=False)
+    managers = [CheckpointManager(tmp_path / "run", rank=r, world_size=2, remote="s3://bucket/run",
+                                  sync=StoreSync(dist.TCPStore("127.0.0.1", master.port, 1, False), r, 2))
+                for r in (0, 1)]
+
+    def commit(m):
+        step_dir = m.begin(2)
+        (step_dir / f"rank_{m.rank:05d}.pt").write_text("x")
+        if m.rank == 0:
+            (step_dir / "meta.json").write_text('{"step": 2}')
+        m.commit(step_dir, 2)
+        m.uploads.wait()
+    threads = [threading.Thread(target=commit, args=(m,)) for m in managers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    step_walks = [w for w in walks if "step_00000002" in w]
+    assert len(step_walks) == 1, step_walks
+    assert sorted(objects) == ["step_00000002/COMPLETE", "step_00000002/meta.json", "step_00000002/rank_00000.pt",
+                               "step_00000002/rank_00001.pt"]

@@ -65,12 +65,14 @@ def read_json(path: Path) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
-def fsync_tree(step_dir: Path) -> None:
-    """fsync every file and directory under `step_dir`, whoever wrote them.
+def fsync_tree(step_dir: Path) -> list[str]:
+    """fsync every file and directory under `step_dir`, whoever wrote them; returns the files'
+    paths relative to `step_dir` (the walk is done: its listing serves the uploads too).
 
     On a local disk the page cache is shared, so one rank can flush the other ranks'
     files; on network filesystems the writers' close() already pushed their data.
     """
+    found = []
     for dirpath, _, filenames in os.walk(step_dir):
         for name in filenames:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
@@ -78,4 +80,6 @@ def fsync_tree(step_dir: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            found.append(os.path.relpath(os.path.join(dirpath, name), step_dir))
         fsync_dir(Path(dirpath))
+    return found

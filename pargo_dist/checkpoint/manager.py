@@ -267,8 +267,9 @@ class CheckpointManager:
         """
         step_dir = Path(step_dir)
         self.barrier(f"step {step} written")
+        listing = None  # the step's files, from the one walk of each filesystem (for the uploads)
         if self.rank == 0:
-            fsync_tree(step_dir)
+            listing = fsync_tree(step_dir)
             marker = {"step": step, "time": time.time(), "world_size": self.world_size}
             write_text(step_dir / COMPLETE, json.dumps(marker))
             self._prune_safely(self.cleanup)
@@ -277,7 +278,20 @@ class CheckpointManager:
         if self.rank != 0 and self.join_filesystem_group().leader:
             self._prune_safely(lambda: prune_to(self.root, self._step_dirs(), kept, protect=self._uploading()))
         if self.uploads is not None:
-            self.uploads.submit(step_dir, step)
+            # one walk of the step directory per filesystem, by its leader, for every rank's upload
+            group = self.join_filesystem_group()
+            if group.leader and listing is None:
+                listing = [str(p.relative_to(step_dir)) for p in step_dir.rglob("*") if p.is_file()]
+            elif not group.leader:
+                listing = None
+            files = self.sync.exchange(f"files of step {step}", listing, src=min(group.ranks))
+            self.uploads.submit(step_dir, step, files=files)
+
+    def size_of(self, step_dir: Path) -> int:
+        """Collective: a checkpoint's bytes, from one walk (rank 0's): what the waits on work over
+        it are allowed (store_sync.transfer_allowance)."""
+        return self.sync.share(f"size of {Path(step_dir).name}",
+                               lambda: sum(p.stat().st_size for p in Path(step_dir).rglob("*") if p.is_file()))
 
     def retire(self, from_step: int) -> list[int]:
         """Collective: the checkpoints of `from_step` and later (saved after a divergence began)
@@ -386,11 +400,18 @@ def run_dir_of(step_dir: Path) -> Path:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint dir, a run dir (its newest complete checkpoint), or a run's checkpoint.remote
-    URL (s3://...: its newest complete checkpoint, downloaded to a cache dir first)."""
+    URL (s3://...: its newest complete checkpoint, downloaded to a cache dir first, once per node:
+    the ranks of `pargo-dist eval --nproc N` take turns on a lock in the cache, and those after
+    the first find it there)."""
     if "://" in str(path):
+        from filelock import FileLock
+
         from pargo_dist.checkpoint.object_store import RemoteCheckpoints, download_dir
 
-        fetched = RemoteCheckpoints(str(path), download_dir(str(path)) / "checkpoints").fetch_newest()
+        cache = download_dir(str(path))
+        cache.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(cache / ".download.lock")):
+            fetched = RemoteCheckpoints(str(path), cache / "checkpoints").fetch_newest()
         if fetched is None:
             raise UserError(f"{path} holds no complete checkpoint (no step_*/COMPLETE object)")
         return fetched

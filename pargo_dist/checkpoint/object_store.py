@@ -228,21 +228,23 @@ class RemoteCheckpoints:
         except RemoteUnavailable:
             self._client = None
 
-    def own_files(self, step_dir: Path, rank: int, world_size: int) -> list[Path]:
+    def own_files(self, step_dir: Path, rank: int, world_size: int, files: list[str] | None = None) -> list[Path]:
         """The files of `step_dir` that `rank` uploads: those it wrote (rank 0: and the shared
-        ones), without the COMPLETE marker, files still being written, and caches."""
+        ones), without the COMPLETE marker, files still being written, and caches. `files`: the
+        directory's files as its filesystem's leader listed them (else it is walked here)."""
         step_dir = Path(step_dir)
-        return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name not in (COMPLETE, SHARE)
+        found = (step_dir / f for f in files) if files is not None else (p for p in step_dir.rglob("*") if p.is_file())
+        return sorted(p for p in found if p.name not in (COMPLETE, SHARE)
                       and not being_written(p.name)
                       and not any(part.startswith(_SKIP_DIRS) for part in p.relative_to(step_dir).parts)
                       and owner_of(p.name, world_size) == rank)
 
-    def upload_files(self, step_dir: Path, rank: int, world_size: int) -> None:
+    def upload_files(self, step_dir: Path, rank: int, world_size: int, files: list[str] | None = None) -> None:
         """This rank's files of `step_dir` (`own_files`), each retried; raises RemoteError. On S3,
         TRANSFER_THREADS files at a time through s3transfer (in ranges for large ones); other
         stores one after the other through streaming's uploader."""
         uploader = self._uploader()
-        names = [str(path.relative_to(self.local_root)) for path in self.own_files(step_dir, rank, world_size)]
+        names = [str(path.relative_to(self.local_root)) for path in self.own_files(step_dir, rank, world_size, files)]
         client = getattr(uploader, "s3", None)
         if client is None:
             for name in names:

@@ -43,7 +43,7 @@ class UploadMirror:
         self.remote, self.rank, self.world_size, self.store = remote, rank, world_size, store
         self.keep_last, self.say, self.timeout_s = keep_last, say, timeout_s
         self._changed = threading.Condition()
-        self._queued: list[tuple[int, Path]] = []  # submitted, not yet uploaded or skipped
+        self._queued: list[tuple[int, Path, list[str] | None]] = []  # submitted, not yet uploaded or skipped
         self._in_flight: int | None = None
         self._thread: threading.Thread | None = None
         self._round = 0
@@ -54,10 +54,12 @@ class UploadMirror:
 
     # -- the training thread's side ----------------------------------------------------------
 
-    def submit(self, step_dir: Path, step: int) -> None:
-        """Upload checkpoint `step` (committed locally) in the background; returns at once."""
+    def submit(self, step_dir: Path, step: int, files: list[str] | None = None) -> None:
+        """Upload checkpoint `step` (committed locally) in the background; returns at once.
+        `files`: the step directory's files, as its filesystem's leader listed them (else this
+        rank walks the directory itself)."""
         with self._changed:
-            self._queued.append((step, Path(step_dir)))
+            self._queued.append((step, Path(step_dir), files))
             self.newest = step
             self._changed.notify_all()
             if self._thread is None:
@@ -67,7 +69,7 @@ class UploadMirror:
     def protected(self) -> set[int]:
         """The steps local pruning must keep: the one being uploaded and those queued."""
         with self._changed:
-            return {s for s, _ in self._queued} | ({self._in_flight} if self._in_flight is not None else set())
+            return {s for s, _, _ in self._queued} | ({self._in_flight} if self._in_flight is not None else set())
 
     def wait(self) -> None:
         """Until every submitted step is uploaded or superseded (the end of a run, a signal)."""
@@ -103,27 +105,27 @@ class UploadMirror:
             self._round += 1
             self._one_round(self._round)
 
-    def _take(self, step: int | None) -> tuple[int, Path] | None:
+    def _take(self, step: int | None) -> tuple[int, Path, list[str] | None] | None:
         """Out of the queue: `step` (the round's, named by rank 0), or the newest (rank 0's pick);
         what is older is skipped. None when `step` never arrives (a rank that did not save it)."""
         with self._changed:
             if step is not None:
-                self._changed.wait_for(lambda: any(s >= step for s, _ in self._queued), timeout=self.timeout_s)
-            chosen = next(((s, d) for s, d in self._queued if s == step), None) if step is not None \
+                self._changed.wait_for(lambda: any(s >= step for s, _, _ in self._queued), timeout=self.timeout_s)
+            chosen = next((item for item in self._queued if item[0] == step), None) if step is not None \
                 else self._queued[-1]
             if chosen is None:
                 return None
-            self.skipped += [s for s, _ in self._queued if s < chosen[0]]
-            self._queued = [(s, d) for s, d in self._queued if s > chosen[0]]
+            self.skipped += [s for s, _, _ in self._queued if s < chosen[0]]
+            self._queued = [item for item in self._queued if item[0] > chosen[0]]
             self._in_flight = chosen[0]
             return chosen
 
     def _one_round(self, r: int) -> None:
         key = f"{_KEY}/{r}"
-        step = step_dir = error = None
+        step = step_dir = files = error = None
         try:
             if self.rank == 0 or self.store is None:
-                step, step_dir = self._take(None)
+                step, step_dir, files = self._take(None)
                 if self.store is not None:
                     self.store.set(f"{key}/step", str(step).encode())
             else:
@@ -132,8 +134,8 @@ class UploadMirror:
                 taken = self._take(step)
                 if taken is None:
                     raise RuntimeError(f"rank {self.rank} has no checkpoint of step {step} to upload")
-                step_dir = taken[1]
-            self.remote.upload_files(step_dir, self.rank, self.world_size)
+                step_dir, files = taken[1], taken[2]
+            self.remote.upload_files(step_dir, self.rank, self.world_size, files=files)
         except BaseException as err:  # noqa: BLE001  any failure of this thread is this rank's failure
             error = err
         try:

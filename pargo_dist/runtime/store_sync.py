@@ -78,6 +78,9 @@ class LocalSync:
     def gather(self, what: str, value: Any, dst: int = 0, timeout_s: float | None = None) -> list[Any] | None:
         return [value]
 
+    def exchange(self, what: str, value: Any, src: int, timeout_s: float | None = None) -> Any:
+        return value
+
     def leave_together(self, what: str) -> None:
         pass
 
@@ -156,6 +159,19 @@ class StoreSync:
                 return None
             self._wait(key, what, timeout_s)
             return [json.loads(self.store.get(f"{key}/value/{r}")) for r in range(self.world_size)]
+
+    def exchange(self, what: str, value: Any, src: int, timeout_s: float | None = None) -> Any:
+        """Collective: the ranks that pass a `value` (not None) publish it; every rank gets that of
+        rank `src` (e.g. its filesystem's leader: one value per group, each read by its own
+        members, at O(1) requests per rank)."""
+        key = self._next()
+        with self._store_of(what):
+            if value is not None:
+                self.store.set(f"{key}/value/{self.rank}", json.dumps(value))
+            if self.store.add(f"{key}/arrived", 1) == self.world_size:
+                self.store.set(f"{key}/done", b"1")
+            self._wait(key, what, timeout_s)
+            return json.loads(self.store.get(f"{key}/value/{src}"))
 
     def leave_together(self, what: str, patience_s: float = 30.0) -> None:
         """Every rank is about to exit (all agreed on it, e.g. through `share`): rank 0, whose

@@ -297,7 +297,7 @@ class Trainer:
         if self.resume_from is not None:
             # an elastic resume converts the checkpoint on one rank per filesystem while the others
             # wait (no collective): allowed at 20 MB/s of checkpoint, at least the set-up allowance
-            size = sum(f.stat().st_size for f in Path(self.resume_from).rglob("*") if f.is_file())
+            size = self.ckpt.size_of(self.resume_from)  # (one walk, rank 0's)
             self.watchdog.beat("resuming from the checkpoint", allow=transfer_allowance(size))
             self.resume(self.resume_from)
         self._start_trackers()

@@ -94,7 +94,8 @@ def universal_checkpoint(step_dir: Path, sync, say=print) -> Path:
 
     step_dir = Path(step_dir)
     out = step_dir / UNIVERSAL_DIR
-    size = sum(f.stat().st_size for f in (step_dir / DEEPSPEED_DIR).rglob("*") if f.is_file())
+    size = sync.share("size of the ZeRO checkpoint",  # one walk (rank 0's), for every rank's allowance
+                      lambda: sum(f.stat().st_size for f in (step_dir / DEEPSPEED_DIR).rglob("*") if f.is_file()))
     group = filesystem_group(sync, step_dir)
     if group.leader and not out.is_dir():
         import time
