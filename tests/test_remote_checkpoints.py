@@ -12,7 +12,6 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -314,92 +313,6 @@ def test_nodes_without_a_shared_disk_resume_from_the_store_once_per_filesystem_p
     assert sorted(got) == [5, 6]
     for step in got:  # ZeRO-2 after ZeRO-3: the same math in another float order
         assert got[step] == pytest.approx(ref[step], rel=1e-5), (step, ref, got)
-
-
-class FlakyStore:
-    """One rank's view of the object store (RemoteCheckpoints' upload side): refuses everything while
-    `down`; holds each upload until `gate` is set; records what it got in `objects` (shared)."""
-
-    def __init__(self, objects: list[str]):
-        self.down, self.objects = False, objects
-        self.gate = threading.Event()
-        self.gate.set()
-
-    def upload_file(self, name):
-        self.gate.wait(timeout=60)
-        if self.down:
-            raise ConnectionError("Connection refused")
-        self.objects.append(name)
-
-
-def test_an_outage_is_retried_at_the_next_save_and_the_marker_waits_for_every_rank(tmp_path, monkeypatch):
-    """Two ranks' upload threads (in-process, over one c10d HashStore), uploading at once as in a
-    run: while the store is down a step is left without its COMPLETE object and said on the
-    progress line; rank 0 marks a step only after every rank's files are up: it waits while rank 1
-    is still uploading, and a rank whose files failed keeps it from marking the step; once the
-    store is back, the next save uploads whole."""
-    import torch.distributed as dist
-
-    import pargo_dist.checkpoint.object_store as rc
-
-    monkeypatch.setattr(rc.time, "sleep", lambda s: None)  # (the retries' back-off)
-    root = tmp_path / "checkpoints"
-    objects: list[str] = []
-    stores, kv = [FlakyStore(objects), FlakyStore(objects)], dist.HashStore()
-    said = []
-    mirrors = []
-    for rank in (0, 1):
-        remote = rc.RemoteCheckpoints("s3://bucket/run", root)
-        monkeypatch.setattr(remote, "_uploader", lambda rank=rank: stores[rank])
-        monkeypatch.setattr(remote, "prune", lambda keep_last: None)
-        mirrors.append(UploadMirror(remote, rank, 2, kv, keep_last=3, say=said.append))
-
-    def save(step: int) -> Path:
-        step_dir = root / f"step_{step:08d}"
-        (step_dir / "ds").mkdir(parents=True)
-        for name in ("meta.json", "rank_00000.pt", "rank_00001.pt", "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                     "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "COMPLETE"):
-            (step_dir / name).write_text("x")
-        for mirror in mirrors:
-            mirror.submit(step_dir, step)
-        return step_dir
-
-    def finish() -> None:
-        for mirror in mirrors:
-            mirror.wait()
-
-    stores[0].down = stores[1].down = True
-    save(2)
-    finish()
-    assert not any(n.endswith("COMPLETE") for n in objects) and mirrors[0].missing() == 2
-    assert mirrors[0].behind() == "remote: step 2 not uploaded, retried at the next save"
-    assert mirrors[1].behind() is None  # rank 0 speaks for the run
-    assert "Training goes on" in said[-1] and "exits 75" in said[-1]
-
-    # rank 0's files go up at once; rank 1's upload is still in flight: rank 0 waits for it
-    stores[0].down = False
-    stores[1].gate.clear()
-    save(4)
-    mine = {"step_00000004/" + n for n in ("meta.json", "rank_00000.pt", "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt")}
-    deadline = time.monotonic() + 30
-    while not mine <= set(objects) and time.monotonic() < deadline:
-        threading.Event().wait(0.01)
-    threading.Event().wait(0.3)  # time enough for rank 0 to mark the step, had it not waited
-    assert mine <= set(objects) and "step_00000004/COMPLETE" not in objects and mirrors[0].busy()
-    stores[1].gate.set()  # ...and then rank 1's files fail: no marker
-    finish()
-    assert "step_00000004/COMPLETE" not in objects and mirrors[0].missing() == 4
-    assert "step_00000004/rank_00001.pt" not in objects
-
-    stores[1].down = False
-    save(6)
-    finish()
-    assert mirrors[0].missing() is None and mirrors[0].behind() is None
-    assert {n for n in objects if n.startswith("step_00000006/")} == {
-        "step_00000006/" + n for n in ("meta.json", "rank_00000.pt", "rank_00001.pt", "COMPLETE",
-                                        "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                                        "ds/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt")}
-    assert objects[-1] == "step_00000006/COMPLETE" and "reachable again" in said[-1]
 
 
 def test_a_run_that_ends_during_an_outage_exits_75_and_its_requeue_uploads_it(s3_server, tmp_path, data_dir):

@@ -6,6 +6,7 @@ failure of a thread counts, and a step saved again starts its bookkeeping afresh
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,45 @@ def test_a_slow_store_never_blocks_a_save_and_the_newest_queued_save_wins(ranks)
     assert marked(objects) == [2, 6] and objects[-1] == "step_00000006/COMPLETE"
     assert mirrors[0].uploaded == 6 and mirrors[0].missing() is None and mirrors[0].skipped == [4]
     assert all(m.protected() == set() for m in mirrors)
+
+
+def test_an_outage_is_retried_at_the_next_save_and_the_marker_waits_for_every_rank(ranks):
+    """Two ranks' upload threads, uploading at once as in a run: while the store is down a step is
+    left without its COMPLETE object and said on the progress line; rank 0 marks a step only
+    after every rank's files are up: it waits while rank 1 is still uploading, and a rank whose
+    files failed keeps it from marking the step; once the store is back, the next save uploads
+    whole."""
+    root, mirrors, stores, objects, said = ranks
+    down = ConnectionError("Connection refused")
+    stores[0].fail = stores[1].fail = down
+    submit_all(mirrors, save(root, 2), 2)
+    finish(mirrors)
+    assert marked(objects) == [] and mirrors[0].missing() == 2
+    assert mirrors[0].behind() == "remote: step 2 not uploaded, retried at the next save"
+    assert mirrors[1].behind() is None  # rank 0 speaks for the run
+    assert "Training goes on" in said[-1] and "exits 75" in said[-1]
+
+    # rank 0's files go up at once; rank 1's upload is still in flight: rank 0 waits for it
+    stores[0].fail = None
+    stores[1].gate.clear()
+    submit_all(mirrors, save(root, 4), 4)
+    mine = {"step_00000004/" + n for n in ("meta.json", "rank_00000.pt", "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt")}
+    deadline = time.monotonic() + 30
+    while not mine <= set(objects) and time.monotonic() < deadline:
+        threading.Event().wait(0.01)  # (time.sleep is the retries' no-op here)
+    threading.Event().wait(0.3)  # time enough for rank 0 to mark the step, had it not waited
+    assert mine <= set(objects) and "step_00000004/COMPLETE" not in objects and mirrors[0].busy()
+    stores[1].gate.set()  # ...and then rank 1's files fail: no marker
+    finish(mirrors)
+    assert "step_00000004/COMPLETE" not in objects and mirrors[0].missing() == 4
+    assert "step_00000004/rank_00001.pt" not in objects
+
+    stores[1].fail = None
+    submit_all(mirrors, save(root, 6), 6)
+    finish(mirrors)
+    assert mirrors[0].missing() is None and mirrors[0].behind() is None
+    assert {n for n in objects if n.startswith("step_00000006/")} == {"step_00000006/" + n for n in FILES}
+    assert objects[-1] == "step_00000006/COMPLETE" and "reachable again" in said[-1]
 
 
 def test_pruning_keeps_a_step_until_its_upload_is_done(tmp_path, monkeypatch):
