@@ -24,6 +24,7 @@ train.hang_timeout_s).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pargo_dist.errors import TryAgainLater, UserError
@@ -97,8 +98,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.recipe and "=" in args.recipe:  # no recipe named: the first word is an override
         args.overrides.insert(0, args.recipe)
         args.recipe = None
+    if args.torchrun:
+        return _train_under_torchrun(args)
     ranks = int(os.environ.get("WORLD_SIZE", args.nproc)) if "LOCAL_RANK" in os.environ else args.nproc
     cfg = prepare_training(args.recipe, args.overrides, ranks)  # fails here, before any rank starts
+    from pargo_dist.runtime import torchrun
+
+    if torchrun.under_torchrun():
+        refused = _torchrun_attempt(cfg)
+        if refused is not None:
+            return refused
     if "LOCAL_RANK" not in os.environ and args.nproc > 1:
         from pargo_dist.launch.node import launch
         from pargo_dist.launch.restarts import restart_policy
@@ -110,6 +119,53 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pargo_dist.train.run import train
 
     return train(cfg)
+
+
+def _train_under_torchrun(args: argparse.Namespace) -> int:
+    """`train --torchrun`: this node's ranks under torchrun's agent (pargo_dist/launch/torchrun.py)."""
+    from pargo_dist.config import DEFAULT_RECIPE
+    from pargo_dist.launch.node import prepare_training
+    from pargo_dist.launch.torchrun import run_under_torchrun
+
+    if "LOCAL_RANK" in os.environ:
+        raise UserError("--torchrun starts torchrun, which starts the ranks: a rank cannot (drop --torchrun "
+                        "from the command torchrun runs)")
+    nproc = int(os.environ.get("PET_NPROC_PER_NODE") or args.nproc)
+    nnodes = int(os.environ.get("PET_NNODES", "1").split(":")[-1])
+    cfg = prepare_training(args.recipe, args.overrides, nproc * nnodes)  # fails here, before torchrun starts
+    return run_under_torchrun(nproc, [args.recipe or str(DEFAULT_RECIPE), *args.overrides], cfg.run.max_restarts)
+
+
+def _torchrun_attempt(cfg) -> int | None:
+    """In a rank started by torchrun: record this attempt's ending where the next attempt (and
+    `train --torchrun`) reads it; and do not train when our restart policy would not have
+    restarted after an earlier attempt (a bad input, the same failure at the same step again):
+    returns that attempt's code to exit with, spending torchrun's restart in seconds."""
+    from pargo_dist.launch.restarts import replay
+    from pargo_dist.runtime import torchrun
+    from pargo_dist.runtime.exits import FAILURE_DIR_ENV, attempt_outcome
+
+    here = torchrun.records_dir()
+    here.mkdir(parents=True, exist_ok=True)
+    os.environ[FAILURE_DIR_ENV] = str(here)
+    first = os.environ.get("RANK") == "0"
+    n = torchrun.attempt()
+    if first and n == 0:
+        print(f"pargo-dist train: under torchrun, whose agent restarts the ranks (--max-restarts "
+              f"{torchrun.max_restarts()}); run.max_restarts={cfg.run.max_restarts} is not used by a second launcher",
+              flush=True)
+    if n == 0:
+        return None
+    code, why = replay([attempt_outcome(torchrun.records_dir(k)) for k in range(n)], torchrun.max_restarts())
+    if why is None:
+        if first:
+            print(f"pargo-dist train: torchrun's restart {n} of at most {torchrun.max_restarts()}: resuming from "
+                  "the newest complete checkpoint", flush=True)
+        return None
+    if os.environ.get("LOCAL_RANK") == "0":
+        print(f"pargo-dist train: not training in torchrun's attempt {n}: {why}; exiting {code}",
+              file=sys.stderr, flush=True)
+    return code
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -220,6 +276,11 @@ def _train_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", nargs="?", help="recipe YAML (default: the embedded tiny-cpu recipe)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     train.add_argument("--nproc", type=int, default=1, help="ranks on this machine (one per GPU)")
+    train.add_argument("--torchrun", action="store_true",
+                       help="start this node's ranks with torchrun's elastic agent instead of our launcher (what a "
+                       "Kubernetes pod runs: torchrun's options from PET_* variables, --standalone without them; "
+                       "its --max-restarts from run.max_restarts) and exit with our codes, not torchrun's 1 "
+                       "(docs/kubernetes.md)")
     train.set_defaults(func=cmd_train)
     return train
 
@@ -346,15 +407,26 @@ def main(argv: list[str] | None = None) -> int:
     args = command_parser(name).parse_intermixed_args(argv[1:])  # flags and key=value overrides in any order
     args.command, args.argv = name, argv[1:]  # argv: what a launcher passes on to its ranks (`eval --nproc`)
     try:
-        return args.func(args)
+        code = args.func(args)
     except UserError as err:  # something the user can fix: one line. Anything else keeps its traceback.
         print(f"pargo-dist {name}: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
     except TryAgainLater as err:  # outside the job (an unreachable store): requeue
         from pargo_dist.runtime.exits import REQUEUE_EXIT
 
         print(f"pargo-dist {name}: {err}; exiting with {REQUEUE_EXIT} for requeue", file=sys.stderr)
-        return REQUEUE_EXIT
+        code = REQUEUE_EXIT
+    except BaseException:  # a one-rank run's error, with its traceback
+        if name == "train" and "LOCAL_RANK" in os.environ:
+            from pargo_dist.runtime.exits import record_exit
+
+            record_exit(1)
+        raise
+    if name == "train" and "LOCAL_RANK" in os.environ:  # a rank: how it ended, for its launcher
+        from pargo_dist.runtime.exits import record_exit
+
+        record_exit(code)
+    return code
 
 
 if __name__ == "__main__":

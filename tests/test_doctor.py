@@ -8,6 +8,7 @@ LLM directory written by transformers (bf16 safetensors shards), read through it
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import boto3
 import pytest
@@ -110,3 +111,36 @@ def test_weights_whose_config_is_not_the_recipes_fail_naming_the_key(tmp_path, c
     code, out = doctor(capsys, recipe, f"model.llm.path={llm}")
     assert code == 1 and f"1 of the {len(shards)} weight files its index names are missing" in row(out, "model.llm")
     assert "the download is incomplete: download the model again" in out
+
+
+def test_in_a_kubernetes_pod_under_torchrun_a_run_dir_that_dies_with_the_pod_fails(
+        tmp_path, data_dir, capsys, monkeypatch):
+    """In a pod (KUBERNETES_SERVICE_HOST) with the PET_* variables Kubeflow sets, the engine row
+    names torchrun and its rendezvous; a run.dir on the container's overlay filesystem without
+    checkpoint.remote is a FAIL with both fixes, and plain torchrun's 30 s of grace a warning.
+    The mount table is this machine's, with the root made an overlay as in a container."""
+    from pargo_dist.launch import doctor as doctor_module
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("overlay / overlay rw,relatime 0 0\n" + "".join(
+        line + "\n" for line in doctor_module.MOUNTS.read_text().splitlines() if line.split()[1] != "/"))
+    monkeypatch.setattr(doctor_module, "MOUNTS", mounts)
+    for key, value in {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "PET_NNODES": "4", "PET_NODE_RANK": "2",
+                       "PET_MASTER_ADDR": "job-node-0-0.job", "PET_MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    run_dir = tmp_path / "run"
+    points = [line.split()[1] for line in mounts.read_text().splitlines()]
+    if any(str(run_dir).startswith(point.rstrip("/") + "/") for point in points if point != "/"):
+        run_dir = Path("/var/tmp/pargo-doctor-test-run")  # (a /tmp mounted apart): a path on the root itself
+    recipe = write_recipe(tmp_path / "recipe.yaml", run_dir, data_dir)
+    code, out = doctor(capsys, recipe)
+    assert code == 1, out
+    assert "torchrun, node 2 of 4, rendezvous at job-node-0-0.job:29500" in out
+    assert "on the container's own filesystem (overlay) and checkpoint.remote is unset" in out
+    assert "checkpoint.remote=s3://bucket/prefix" in out and "--pvc NAME" in out
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT is unset" in out
+    assert row(out, "slurm").split()[1] == "ok"  # not needed in a pod
+    code, out = doctor(capsys, recipe, "checkpoint.remote=s3://bucket/runs")  # checkpoints outlive the pod
+    assert "overlay" not in out

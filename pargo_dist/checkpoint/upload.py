@@ -36,11 +36,14 @@ _KEY = "pargo/upload"
 class UploadMirror:
     """This rank's side of the uploads of one run (see the module docstring). `store`: the
     process group's c10d store (None with one rank); `say`: prints on rank 0; `timeout_s`: how
-    long a round may wait for the other ranks (their uploads of one step)."""
+    long a round may wait for the other ranks (their uploads of one step); `key`: where its
+    bookkeeping lives in the store (within the start's namespace under torchrun, whose store
+    outlives a start)."""
 
     def __init__(self, remote: RemoteCheckpoints, rank: int, world_size: int, store, keep_last: int,
-                 say: Callable[[str], None] = print, timeout_s: float = SETUP_ALLOWANCE_S):
+                 say: Callable[[str], None] = print, timeout_s: float = SETUP_ALLOWANCE_S, key: str = _KEY):
         self.remote, self.rank, self.world_size, self.store = remote, rank, world_size, store
+        self.key = key
         self.keep_last, self.say, self.timeout_s = keep_last, say, timeout_s
         self._changed = threading.Condition()
         self._queued: list[tuple[int, Path, list[str] | None]] = []  # submitted, not yet uploaded or skipped
@@ -121,7 +124,7 @@ class UploadMirror:
             return chosen
 
     def _one_round(self, r: int) -> None:
-        key = f"{_KEY}/{r}"
+        key = f"{self.key}/{r}"
         step = step_dir = files = error = None
         try:
             if self.rank == 0 or self.store is None:

@@ -21,7 +21,11 @@ fail or go wrong; the fix is printed under the table). Exit 0 without a FAIL, 1 
              width and the layer count that config says
 - disk       free space at run.dir for checkpoint.keep_last + 1 checkpoints of the planner's size
              (the one being written included)
-- slurm      sbatch, squeue, scontrol on PATH (for `pargo-dist submit`)
+- engine     what starts the ranks here: SLURM, torchrun (Kubeflow's PET_* variables or its own),
+             Kubernetes; in a pod, whether checkpoints outlive it (checkpoint.remote, or a run.dir
+             that is not the container's own overlay filesystem) and whether torchrun gives the
+             ranks time to save after SIGTERM (TORCH_ELASTIC_SHUTDOWN_TIMEOUT)
+- slurm      sbatch, squeue, scontrol on PATH (for `pargo-dist submit`; not needed in a pod)
 """
 
 from __future__ import annotations
@@ -274,7 +278,64 @@ def _size(n: float) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
-def check_slurm() -> list[Check]:
+MOUNTS = Path("/proc/mounts")
+
+
+def _filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding `path` (the longest matching mount point of MOUNTS)."""
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    best, kind = "", "unknown"
+    try:
+        for line in MOUNTS.read_text().splitlines():
+            fields = line.split()
+            point = fields[1].replace("\\040", " ")
+            if len(fields) > 2 and (str(path) == point or str(path).startswith(point.rstrip("/") + "/")) \
+                    and len(point) >= len(best):
+                best, kind = point, fields[2]
+    except OSError:
+        pass
+    return kind
+
+
+def check_engine(cfg, env=os.environ) -> list[Check]:
+    """What starts the ranks on this node, and in a Kubernetes pod what a pod's end would lose."""
+    from pargo_dist.launch.torchrun import GRACE_S
+
+    if "SLURM_JOB_ID" in env:
+        return [Check("engine", OK, f"SLURM job {env['SLURM_JOB_ID']}: one launcher per node, run.max_restarts "
+                      "in-job restarts, then requeue (docs/slurm.md)")]
+    pod = "KUBERNETES_SERVICE_HOST" in env
+    if "PET_NNODES" in env or "TORCHELASTIC_RUN_ID" in env:
+        where = f"{env.get('PET_MASTER_ADDR', env.get('MASTER_ADDR', '?'))}:" \
+                f"{env.get('PET_MASTER_PORT', env.get('MASTER_PORT', '?'))}"
+        engine = f"torchrun, node {env.get('PET_NODE_RANK', env.get('GROUP_RANK', '?'))} of " \
+                 f"{env.get('PET_NNODES', '?')}, rendezvous at {where}: its agent restarts the ranks " \
+                 "(`pargo-dist train --torchrun` keeps our exit codes)"
+    elif pod:
+        engine = "a Kubernetes pod without torchrun's PET_* variables (pargo-dist submit --k8s writes manifests " \
+                 "that set them)"
+    else:
+        return [Check("engine", OK, "no scheduler: `pargo-dist train --nproc N` starts the ranks")]
+    checks = [Check("engine", OK, engine)]
+    if pod:
+        fs = _filesystem_type(Path(cfg.run.dir))
+        if not cfg.checkpoint.remote and fs == "overlay":
+            checks.append(Check("engine", FAIL, f"run.dir {cfg.run.dir} is on the container's own filesystem "
+                                "(overlay) and checkpoint.remote is unset: every checkpoint is lost with the pod",
+                                fix="set checkpoint.remote=s3://bucket/prefix, or mount a ReadWriteMany volume "
+                                "and put run.dir on it (pargo-dist submit --k8s ... --pvc NAME)"))
+        if "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in env:
+            checks.append(Check("engine", WARN, "TORCH_ELASTIC_SHUTDOWN_TIMEOUT is unset: plain torchrun kills the "
+                                f"ranks 30 s after SIGTERM (`train --torchrun` gives {GRACE_S} s); set it to the "
+                                "pod's terminationGracePeriodSeconds less 30"))
+    return checks
+
+
+def check_slurm(env=os.environ) -> list[Check]:
+    if "KUBERNETES_SERVICE_HOST" in env:
+        return [Check("slurm", OK, "not needed in a Kubernetes pod")]
     missing = [c for c in ("sbatch", "squeue", "scontrol") if shutil.which(c) is None]
     if missing:
         return [Check("slurm", WARN, f"{', '.join(missing)} not on PATH: `pargo-dist submit` needs them "
@@ -290,7 +351,7 @@ def diagnose(cfg, gpus: int | None = None) -> list[Check]:
 
     shapes = functools.cache(lambda: shapes_of(cfg))  # the recipe's model traced once, if a check needs it
     return [*check_gpus(cfg, gpus, shapes), *check_versions(), *check_shm(cfg), *check_data(cfg),
-            *check_weights(cfg), *check_disk(cfg, shapes), *check_slurm()]
+            *check_weights(cfg), *check_disk(cfg, shapes), *check_engine(cfg), *check_slurm()]
 
 
 def format_table(checks: list[Check]) -> str:

@@ -91,3 +91,28 @@ def restart_policy(cfg) -> RestartPolicy:
     """The recipe's restart policy; under SLURM (SLURM_JOB_ID set) spent restarts requeue the job."""
     return RestartPolicy(max_restarts=cfg.run.max_restarts, window_s=cfg.run.restart_window_s,
                          requeue_when_spent="SLURM_JOB_ID" in os.environ)
+
+
+def replay(outcomes: list[tuple[int | None, dict | None]], max_restarts: int) -> tuple[int, str | None]:
+    """Under torchrun, whose agent restarts every failure: what our policy says of the attempts so
+    far, in order (each `runtime.exits.attempt_outcome` of one node: its cause's code, None when
+    killed, and failure record). Returns (the code to end with, why) at the first attempt our
+    launcher would not have restarted after (a bad input, an interruption, the same failure
+    again at the same step); else (the last attempt's code, None), where a fault after
+    max_restarts >= 1 restarts ends with REQUEUE_EXIT, as SLURM's spent restarts do
+    (RestartPolicy.requeue_instead): the job controller recreates the job elsewhere."""
+    from pargo_dist.runtime.exits import REQUEUE_EXIT
+
+    policy = RestartPolicy(max_restarts=max_restarts, requeue_when_spent=True)
+    code = 0
+    for code, failure in outcomes:
+        code = 137 if code is None else code
+        if code in (0, REQUEUE_EXIT):
+            continue
+        why = policy.not_a_fault(code, failure)
+        if why:
+            return code, why
+        policy.last = failure
+    if code not in (0, REQUEUE_EXIT) and max_restarts >= 1:
+        return REQUEUE_EXIT, None
+    return code, None

@@ -8,6 +8,14 @@ by the job (`<run.dir>/slurm-<job id>`): a requeued job keeps its id, so it resu
 run, and two submissions of one recipe never write into each other's checkpoints. To go on
 from an earlier job's checkpoints, pass that directory as --run-dir. Logs go to
 `<run.dir>/logs/<job name>-<job id>.out`, appended across requeues.
+
+Kubernetes (Kubeflow Trainer v2's TrainJob, or the training-operator v1's PyTorchJob): --k8s
+writes the manifests instead, to stdout or --out, and applies nothing; pargo_dist/launch/kubernetes.py
+says what the pods run and how each exit code retries or fails the job.
+
+    pargo-dist submit recipes/my-stage1.yaml --nodes 4 --gpus-per-node 8 --k8s trainjob --image REGISTRY/pargo:TAG \\
+        --pvc runs-rwx --secret s3-creds --out job.yaml
+    kubectl apply -f job.yaml                          # kubectl delete -f job.yaml removes it all
 """
 
 from __future__ import annotations
@@ -157,16 +165,82 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--signal-lead", type=int, default=300,
                     help="seconds before the time limit at which ranks save and the job requeues (default 300)")
     ap.add_argument("--max-requeues", type=int, default=10, help="stop requeuing after this many (default 10)")
-    ap.add_argument("--run-dir", help="default: <run.dir>/slurm-<job id>; an earlier job's dir resumes it")
+    ap.add_argument("--run-dir",
+                    help="default: <run.dir>/slurm-<job id> (--k8s: /runs/<job name>); an earlier job's dir resumes it")
     ap.add_argument("--log-dir", help="default: <run.dir>/logs")
     ap.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                     help="extra #SBATCH line, e.g. --sbatch-arg=--qos=high (repeatable)")
     ap.add_argument("--export", action="append", default=[], metavar="KEY=VALUE",
                     help="environment for every rank, e.g. --export NCCL_IB_HCA=mlx5 (repeatable)")
     ap.add_argument("--dry-run", action="store_true", help="print the sbatch script, submit nothing")
+    k8s = ap.add_argument_group("Kubernetes (--k8s: write manifests, then `kubectl apply -f FILE`)")
+    k8s.add_argument("--k8s", choices=["trainjob", "pytorchjob"],
+                     help="write manifests instead of submitting to SLURM: trainjob (Kubeflow Trainer v2: "
+                          "TrainingRuntime + TrainJob) or pytorchjob (training-operator v1), each with a ConfigMap "
+                          "holding the recipe")
+    k8s.add_argument("--image", help="container image with pargo-dist installed (required with --k8s)")
+    k8s.add_argument("--namespace", default="default", help="namespace of every object (default: default)")
+    k8s.add_argument("--secret", metavar="NAME",
+                     help="Secret whose keys become the ranks' environment (AWS_ACCESS_KEY_ID, "
+                          "AWS_SECRET_ACCESS_KEY, S3_ENDPOINT_URL for checkpoint.remote and s3:// data)")
+    k8s.add_argument("--pvc", metavar="NAME",
+                     help="ReadWriteMany PersistentVolumeClaim mounted at /runs (run dir default /runs/<job name>); "
+                          "without it the run dir dies with its pod and checkpoint.remote must be set")
+    k8s.add_argument("--grace", type=int, default=600,
+                     help="seconds from SIGTERM to SIGKILL (terminationGracePeriodSeconds); the ranks get 30 s "
+                          "less to save (default 600)")
+    k8s.add_argument("--shm-size", help="size of the memory-backed /dev/shm (default: 16Gi per GPU, 1Gi for CPU ranks)")
+    k8s.add_argument("--max-job-restarts", type=int, default=10,
+                     help="times the whole job is recreated after a retriable exit (75, 124, a killed pod); "
+                          "evictions do not count with trainjob (default 10)")
+    k8s.add_argument("--out", metavar="FILE", help="write the manifests here (default: stdout)")
+
+
+# flags that mean something to one of the two paths only: (dest, flag, the default that says "not given")
+SLURM_ONLY = (("cpus_per_task", "--cpus-per-task", None), ("time", "--time", "24:00:00"),
+              ("partition", "--partition", None), ("account", "--account", None),
+              ("signal_lead", "--signal-lead", 300), ("max_requeues", "--max-requeues", 10),
+              ("log_dir", "--log-dir", None), ("sbatch_arg", "--sbatch-arg", []))
+K8S_ONLY = (("image", "--image", None), ("namespace", "--namespace", "default"), ("secret", "--secret", None),
+            ("pvc", "--pvc", None), ("grace", "--grace", 600), ("shm_size", "--shm-size", None),
+            ("max_job_restarts", "--max-job-restarts", 10), ("out", "--out", None))
+
+
+def _refuse_other_flags(args: argparse.Namespace) -> None:
+    """A SLURM flag on a Kubernetes submission (or the reverse) would be dropped without a word."""
+    if args.k8s:
+        given = [flag for dest, flag, default in SLURM_ONLY if getattr(args, dest) != default]
+        if given:
+            raise UserError(f"{', '.join(given)}: SLURM only, not used with --k8s (--max-job-restarts is "
+                            "the job's retry budget there)")
+    else:
+        given = [flag for dest, flag, default in K8S_ONLY if getattr(args, dest) != default]
+        if given:
+            raise UserError(f"{', '.join(given)}: for Kubernetes manifests only; add --k8s trainjob (or pytorchjob)")
+
+
+def run_k8s(args: argparse.Namespace) -> int:
+    """Write the manifests (stdout or --out); the recipe is validated first, nothing is applied."""
+    from pargo_dist.launch.kubernetes import KubeSpec, render
+
+    spec = KubeSpec(recipe=args.recipe, kind=args.k8s, image=args.image, overrides=args.overrides, nodes=args.nodes,
+                    gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node, job_name=args.job_name,
+                    namespace=args.namespace, secret=args.secret, pvc=args.pvc, run_dir=args.run_dir,
+                    grace=args.grace, shm_size=args.shm_size, max_job_restarts=args.max_job_restarts,
+                    exports=args.export)
+    text = render(spec)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}; start the job with: kubectl apply -f {args.out}", flush=True)
+    else:
+        print(text, end="")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    _refuse_other_flags(args)
+    if args.k8s:
+        return run_k8s(args)
     spec = JobSpec(recipe=args.recipe, overrides=args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                    nproc_per_node=args.nproc_per_node, cpus_per_task=args.cpus_per_task, time=args.time,
                    partition=args.partition, account=args.account, job_name=args.job_name,

@@ -64,6 +64,44 @@ def record_failure(step: int, err: BaseException) -> None:
         pass
 
 
+def record_exit(code: int) -> None:
+    """How this rank ended (its exit code), beside its failure record, where the launcher says
+    (FAILURE_DIR_ENV). torchrun reports only "a worker failed" (exit 1), so our `--torchrun`
+    wrapper, and a rank restarted by torchrun, read the ranks' own codes from these files
+    (`attempt_outcome`)."""
+    where = os.environ.get(FAILURE_DIR_ENV)
+    if not where:
+        return
+    path = Path(where) / f"exit_{int(os.environ.get('RANK', '0')):05d}"
+    try:
+        path.with_suffix(".tmp").write_text(str(code))
+        os.replace(path.with_suffix(".tmp"), path)
+    except OSError:
+        pass
+
+
+def attempt_outcome(where: Path) -> tuple[int | None, dict | None]:
+    """What one start of a node's ranks ended with, from their records (`record_exit`,
+    `record_failure`): the code of the rank that caused it (the lowest rank whose code is neither
+    0, 75 nor PEER_LOST_EXIT), else 75 if every rank that recorded asked for a requeue, else
+    PEER_LOST_EXIT if one lost a peer (the cause is on another node); None when no rank recorded
+    (killed: out of memory, SIGKILL). With the cause's failure record, if it wrote one."""
+    codes = {}
+    for path in sorted(where.glob("exit_*")):
+        try:
+            codes[int(path.name.split("_")[1])] = int(path.read_text())
+        except (OSError, ValueError):
+            continue
+    causes = [rank for rank, code in sorted(codes.items()) if code not in (0, REQUEUE_EXIT, PEER_LOST_EXIT)]
+    if causes:
+        return codes[causes[0]], recorded_failure(where, causes[0])
+    if codes and all(code == REQUEUE_EXIT for code in codes.values()):
+        return REQUEUE_EXIT, None
+    if PEER_LOST_EXIT in codes.values():
+        return PEER_LOST_EXIT, recorded_failure(where, None)
+    return (0 if codes else None), recorded_failure(where, None)
+
+
 def leave_now(err: BaseException) -> None:
     """A rank that raises must not wait in a collective (the teardown barrier, the next step's
     all-reduce) that its peers will never join: print why and end this process now. The
@@ -96,6 +134,7 @@ def leave_now(err: BaseException) -> None:
         print(f"pargo-dist train: rank {rank} failed:", file=sys.stderr)
         traceback.print_exception(err, file=sys.stderr)
         code = 1
+    record_exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 
-from pargo_dist.runtime.exits import HANG_EXIT
+from pargo_dist.runtime.exits import HANG_EXIT, record_exit
 from pargo_dist.runtime.store_sync import SETUP_ALLOWANCE_S, abort_default  # noqa: F401  (re-exported)
 
 
@@ -65,4 +65,5 @@ class HangWatchdog:
         sys.stderr.flush()
         abort_default(f"rank {self.rank} on {socket.gethostname()}: the hang detector fired after {idle:.0f} s "
                       f"without progress while {self._what}")
+        record_exit(HANG_EXIT)
         os._exit(HANG_EXIT)

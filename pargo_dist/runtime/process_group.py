@@ -15,6 +15,7 @@ import os
 
 import torch.distributed as dist
 
+from pargo_dist.runtime import torchrun
 from pargo_dist.runtime.hang_detector import SETUP_ALLOWANCE_S
 
 
@@ -23,11 +24,19 @@ def join_process_group(backend: str) -> None:
     `init_process_group("env://")` makes it, but with the set-up allowance as its timeout: for the
     rendezvous (the store, gloo's and NCCL's connections to every peer) and for the collectives
     of the set-up, which wait on ranks that build and read at the pace of their node.
-    `set_collective_timeout` then gives training its own."""
+    `set_collective_timeout` then gives training its own.
+
+    Under torchrun, MASTER_ADDR:MASTER_PORT is its agent's store, which every attempt of the job
+    shares: every rank joins it as a client, and this attempt's keys get a prefix of their own
+    (runtime/torchrun.py says why)."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     setup = datetime.timedelta(seconds=SETUP_ALLOWANCE_S)
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=rank == 0,
-                          timeout=setup, wait_for_workers=False)
+    if torchrun.uses_agent_store():
+        store = dist.PrefixStore(torchrun.start_prefix(), dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=setup))
+    else:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=rank == 0,
+                              timeout=setup, wait_for_workers=False)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=setup)
 
 

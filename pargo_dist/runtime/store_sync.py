@@ -115,7 +115,7 @@ class StoreSync:
             store = _get_default_store()
             while isinstance(store, dist.PrefixStore):  # the TCPStore itself: a node's launcher, which
                 store = store.underlying_store          # knows only its address, aborts with these keys
-            _DEFAULT = (dist.group.WORLD, cls(store, dist.get_rank(), dist.get_world_size()))
+            _DEFAULT = (dist.group.WORLD, cls(store, dist.get_rank(), dist.get_world_size(), start_namespace()))
         return _DEFAULT[1]
 
     # -- the sequence ---------------------------------------------------------------------
@@ -232,6 +232,14 @@ class StoreSync:
         """Wake every rank waiting in this sequence, now and at its next wait, with `reason` (see
         the module docstring). Best effort: a store that is gone has no waiter left."""
         abort_waits(self.store, self.namespace, reason, self._calls)
+
+
+def start_namespace() -> str:
+    """The keys of this start's waits: NAMESPACE, or under torchrun, whose agent keeps one store
+    for every attempt, NAMESPACE within the attempt's prefix (runtime/torchrun.py)."""
+    from pargo_dist.runtime import torchrun
+
+    return f"{torchrun.start_prefix()}/{NAMESPACE}" if torchrun.uses_agent_store() else NAMESPACE
 
 
 def abort_waits(store, namespace: str, reason: str, at: int | None = None) -> None:
