@@ -2,7 +2,7 @@
 and tests/support/run_groups.py, which runs the groups at once.
 
 A file's cost is its seconds in a full run (`benchmarks/suite_durations.py` on a `--durations=0`
-log, 2026-12-07); a file not listed counts 3 s. Whole files, not tests: a module's fixtures (the
+log, 2026-12-07; test_torchrun.py from its own run, 2026-12-08); a file not listed counts 3 s. Whole files, not tests: a module's fixtures (the
 SLURM cluster, a megatron run shared by its tests) are built once, in one group. The split is a
 function of the file names alone, so every group agrees on it without talking to the others.
 """
@@ -10,7 +10,7 @@ function of the file names alone, so every group agrees on it without talking to
 from __future__ import annotations
 
 SECONDS = {
-    "test_slurm.py": 64, "test_nodes.py": 60, "test_megatron.py": 56, "test_remote_checkpoints.py": 54, "test_train.py": 42,
+    "test_torchrun.py": 90, "test_slurm.py": 64, "test_nodes.py": 60, "test_megatron.py": 56, "test_remote_checkpoints.py": 54, "test_train.py": 42,
     "test_restart.py": 32, "test_moe.py": 24, "test_streaming.py": 21, "test_eval.py": 16, "test_pretrained.py": 15,
     "test_plan.py": 12, "test_package.py": 11, "test_compile.py": 10, "test_offload.py": 10, "test_recipes.py": 9,
     "test_checkpoint_elastic.py": 9, "test_trackers.py": 9, "test_convert.py": 7, "test_errors.py": 7,
