@@ -26,10 +26,12 @@ SECRET = "s3cret-that-must-never-be-printed"
 
 
 def remote_steps(s3, bucket: str, prefix: str) -> dict[int, set[str]]:
-    """step -> the file names under <prefix>/step_<N>/ (COMPLETE included)."""
+    """step -> the file names under <prefix>/step_<N>/ (COMPLETE included; not the run's tb/)."""
     out: dict[int, set[str]] = {}
     for key in s3.list_keys(bucket, prefix + "/"):
         step_dir, name = key[len(prefix) + 1:].split("/", 1)
+        if not step_dir.startswith("step_"):
+            continue
         out.setdefault(int(step_dir.split("_")[1]), set()).add(name)
     return out
 
@@ -60,7 +62,11 @@ def test_uploads_survive_an_outage_keep_the_newest_and_print_no_secret(s3_server
 
 
 def test_a_requeued_job_on_a_new_node_resumes_from_the_store_and_export_reads_it(s3_server, tmp_path, data_dir,
-                                                                              reference):
+                                                                              reference, monkeypatch):
+    """Killed after the step-4 checkpoint is in the store, the run's directory deleted (a new node,
+    a new pod): the rerun downloads step 4, resumes on the uninterrupted curve, and export reads
+    the store. The run's TensorBoard curves went up with each checkpoint: TensorBoard's own reader,
+    pointed at the store, finds every step, 1-4 from the lost disk and 5-6 from the rerun."""
     bucket = s3_server.make_bucket("ckpt-resume")
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path / "recipe.yaml", run_dir, data_dir)
@@ -81,6 +87,15 @@ def test_a_requeued_job_on_a_new_node_resumes_from_the_store_and_export_reads_it
     assert sorted(got) == [5, 6]
     for step in got:
         assert got[step] == pytest.approx(ref[step], rel=1e-6, abs=1e-7), (step, ref, got)
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    # TensorBoard's S3 reader takes S3_ENDPOINT when it is imported (the command line: S3_ENDPOINT=... tensorboard)
+    monkeypatch.setattr(gfile.get_filesystem("s3://b/k"), "_s3_endpoint", s3_server.endpoint)
+    curves = EventMultiplexer().AddRunsFromDirectory(f"{bucket}/run/tb").Reload()
+    from_store = {e.step: e.value for run in curves.Runs() for e in curves.Scalars(run, "train/loss")}
+    assert sorted(from_store) == list(range(1, 7)), sorted(from_store)
+    assert all(from_store[step] == pytest.approx(ref[step], rel=1e-6) for step in from_store)
 
     os.environ["PARGO_DIST_CACHE"] = str(tmp_path / "cache")
     try:

@@ -228,3 +228,28 @@ def test_a_commit_walks_the_step_directory_once_per_filesystem(tmp_path, monkeyp
     assert len(step_walks) == 1, step_walks
     assert sorted(objects) == ["step_00000002/COMPLETE", "step_00000002/meta.json", "step_00000002/rank_00000.pt",
                                "step_00000002/rank_00001.pt"]
+
+
+def test_an_upload_waiting_on_a_real_store_never_holds_up_the_training_threads_store_calls(tmp_path, monkeypatch):
+    """Over a real TCPStore (the ranks' own): rank 1's upload thread waits for rank 0 to name the
+    round, for as long as rank 0's upload of an older step takes. A TCPStore client runs one
+    request at a time, so with one client for both threads rank 1's training thread could not
+    even arrive at the next save's barrier while rank 0's training thread waited there, and rank
+    0's upload thread could not name the round: a deadlock that an outage during an upload made
+    (1 run in 3 on 2 loaded cores). The upload thread has a connection of its own
+    (store_sync.own_connection): the training thread's store calls return at once."""
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", server.port, is_master=False)
+    root = tmp_path / "checkpoints"
+    remote = rc.RemoteCheckpoints("s3://bucket/run", root)
+    monkeypatch.setattr(remote, "_uploader", lambda: Store([]))
+    mirror = UploadMirror(remote, 1, 2, client, keep_last=3, say=print, timeout_s=6)
+    mirror.submit(save(root, 2), 2)  # rank 0 never names the round: the thread waits up to 6 s
+    time.sleep(0.5)
+    began = time.monotonic()
+    client.add("pargo/1/arrived", 1)  # what the training thread's next barrier does first
+    took = time.monotonic() - began
+    for r in (1, 2, 3):  # rank 0 names the round (whichever the thread is in): it uploads and ends
+        client.set(f"pargo/upload/{r}/step", b"2")
+    mirror.wait()
+    assert took < 2.0, f"the training thread's store call waited {took:.1f} s for the upload thread's wait"

@@ -84,7 +84,8 @@ class CheckpointManager:
             if rank == 0:
                 self.remote.check()  # a missing bucket ends the run now, with exit 2
             self.uploads = UploadMirror(self.remote, rank, world_size, getattr(self.sync, "store", None), keep_last,
-                                        say=self.say, key=f"{getattr(self.sync, 'namespace', 'pargo')}/upload")
+                                        say=self.say, key=f"{getattr(self.sync, 'namespace', 'pargo')}/upload",
+                                        logs=self.run_dir / "tb" if rank == 0 else None)
 
     def barrier(self, what: str = "checkpoint") -> None:
         self.sync.barrier(what)

@@ -265,6 +265,27 @@ class RemoteCheckpoints:
         retried(f"uploading {self.url}/{name}", lambda: self._uploader().upload_file(name))
         self.prune(keep_last)
 
+    def upload_logs(self, log_dir: Path, sent: dict[str, int]) -> int:
+        """The run's TensorBoard event files (`log_dir`: run.dir/tb) under `<url>/tb/`, each one
+        that grew since the last call (`sent`: name -> size uploaded, updated here): a run whose
+        pods or nodes keep no disk keeps its curves beside its checkpoints, and TensorBoard reads
+        them from there (`tensorboard --logdir s3://.../tb`; docs/kubernetes.md). S3 only, as
+        pruning; returns how many files went up."""
+        client = getattr(self._uploader(), "s3", None)
+        if client is None or not Path(log_dir).is_dir():
+            return 0
+        parsed = urllib.parse.urlparse(self.url)
+        base = parsed.path.strip("/")
+        grown = [(path, path.stat().st_size) for path in sorted(Path(log_dir).rglob("*")) if path.is_file()]
+        grown = [(path, size) for path, size in grown if sent.get(str(path.relative_to(log_dir))) != size]
+        for path, size in grown:
+            name = f"tb/{path.relative_to(log_dir)}"
+            key = f"{base}/{name}" if base else name
+            retried(f"uploading {self.url}/{name}", lambda path=path, key=key: client.upload_file(
+                str(path), parsed.netloc, key, Config=transfer_config()))
+            sent[str(path.relative_to(log_dir))] = size
+        return len(grown)
+
     def _keys(self) -> list[str]:
         return retried(f"listing {self.url}", lambda: self._uploader().list_objects() or [])
 

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Callable
 
 from pargo_dist.checkpoint.object_store import RemoteCheckpoints, RemoteError
-from pargo_dist.runtime.store_sync import SETUP_ALLOWANCE_S, StoreWaitTimedOut, add_to_count, wait_for_count
+from pargo_dist.runtime.store_sync import (SETUP_ALLOWANCE_S, StoreWaitTimedOut, add_to_count, own_connection,
+                                          wait_for_count)
 
 _KEY = "pargo/upload"
 
@@ -38,12 +39,16 @@ class UploadMirror:
     process group's c10d store (None with one rank); `say`: prints on rank 0; `timeout_s`: how
     long a round may wait for the other ranks (their uploads of one step); `key`: where its
     bookkeeping lives in the store (within the start's namespace under torchrun, whose store
-    outlives a start)."""
+    outlives a start); `logs`: rank 0's TensorBoard directory, uploaded after each checkpoint
+    (RemoteCheckpoints.upload_logs)."""
 
     def __init__(self, remote: RemoteCheckpoints, rank: int, world_size: int, store, keep_last: int,
-                 say: Callable[[str], None] = print, timeout_s: float = SETUP_ALLOWANCE_S, key: str = _KEY):
-        self.remote, self.rank, self.world_size, self.store = remote, rank, world_size, store
-        self.key = key
+                 say: Callable[[str], None] = print, timeout_s: float = SETUP_ALLOWANCE_S, key: str = _KEY,
+                 logs: Path | None = None):
+        # (a connection of the upload thread's own: its waits must never hold up the training thread's)
+        self.remote, self.rank, self.world_size, self.store = remote, rank, world_size, own_connection(store)
+        self.key, self.logs = key, logs
+        self._logs_sent: dict[str, int] = {}
         self.keep_last, self.say, self.timeout_s = keep_last, say, timeout_s
         self._changed = threading.Condition()
         self._queued: list[tuple[int, Path, list[str] | None]] = []  # submitted, not yet uploaded or skipped
@@ -172,6 +177,12 @@ class UploadMirror:
             if self.failure is not None:
                 self.say(f"checkpoint.remote: {self.remote.url} is reachable again: step {step} uploaded")
             self.uploaded, self.failure = step, None
+            if self.logs is not None:
+                try:
+                    self.remote.upload_logs(self.logs, self._logs_sent)
+                except Exception as err:  # noqa: BLE001  the curves wait for the next checkpoint; training goes on
+                    self.say(f"checkpoint.remote: the TensorBoard files are not in {self.remote.url}/tb ({err}); "
+                             "the next checkpoint's upload tries again")
         else:
             self.failure = f"{type(error).__name__}: {error}" if not isinstance(error, RemoteError) else str(error)
             self.say(f"checkpoint.remote: step {step} is not in {self.remote.url} ({self.failure}). Training goes "

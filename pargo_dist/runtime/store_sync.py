@@ -234,6 +234,19 @@ class StoreSync:
         abort_waits(self.store, self.namespace, reason, self._calls)
 
 
+def own_connection(store):
+    """A client of `store`'s server of its own, for a thread that waits on the store (the uploads):
+    a TCPStore client runs one request at a time, so one thread's long `store.wait` would hold up
+    every other store call of the process, the training thread's barriers included, until it
+    returns; two ranks can then each wait for what the other's blocked thread would set. Other
+    stores (and None) are returned as they are."""
+    import torch.distributed as dist
+
+    if not isinstance(store, dist.TCPStore):
+        return store
+    return dist.TCPStore(store.host, store.port, is_master=False, timeout=store.timeout)
+
+
 def start_namespace() -> str:
     """The keys of this start's waits: NAMESPACE, or under torchrun, whose agent keeps one store
     for every attempt, NAMESPACE within the attempt's prefix (runtime/torchrun.py)."""

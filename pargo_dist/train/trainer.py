@@ -338,6 +338,7 @@ class Trainer:
             self._mark_saved(wait=False, all_written=written)
             if stopping or self._due(cfg.checkpoint.every, last):
                 self.watchdog.beat(f"saving the checkpoint of step {self.state.step}")
+                self.metrics.flush()  # the curves up to this step on disk (and in checkpoint.remote) with it
                 step_dir = self.save()
                 self._say(f"saving checkpoint {step_dir} in the background" if self.background_saves
                           else f"saved checkpoint {step_dir}")
