@@ -265,7 +265,8 @@ def test_every_rank_uploads_the_shards_it_wrote_in_bf16_too(tmp_path, monkeypatc
 
 def forget_steps(s3, bucket: str, prefix: str, steps: list[int]) -> None:
     """Delete those checkpoints from the store: as if the job had died before uploading them."""
-    keys = [k for k in s3.list_keys(bucket, prefix + "/") if int(k[len(prefix) + 1:].split("/")[0][5:]) in steps]
+    keys = [k for k in s3.list_keys(bucket, prefix + "/")
+            if k[len(prefix) + 1:].startswith("step_") and int(k[len(prefix) + 1:].split("/")[0][5:]) in steps]
     s3.client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys]})
 
 
