@@ -168,6 +168,13 @@ class UploadMirror:
                     error = RemoteError(f"another rank could not upload its files of step {step}")
             except StoreWaitTimedOut as err:
                 error = err
+        if error is None and self.logs is not None:
+            # before the marker: a checkpoint in the store comes with the curves up to its step
+            try:
+                self.remote.upload_logs(self.logs, self._logs_sent)
+            except Exception as err:  # noqa: BLE001  the curves wait for the next checkpoint; training goes on
+                self.say(f"checkpoint.remote: the TensorBoard files are not in {self.remote.url}/tb ({err}); "
+                         "the next checkpoint's upload tries again")
         if error is None:
             try:
                 self.remote.upload_marker(step_dir, self.keep_last)
@@ -177,12 +184,6 @@ class UploadMirror:
             if self.failure is not None:
                 self.say(f"checkpoint.remote: {self.remote.url} is reachable again: step {step} uploaded")
             self.uploaded, self.failure = step, None
-            if self.logs is not None:
-                try:
-                    self.remote.upload_logs(self.logs, self._logs_sent)
-                except Exception as err:  # noqa: BLE001  the curves wait for the next checkpoint; training goes on
-                    self.say(f"checkpoint.remote: the TensorBoard files are not in {self.remote.url}/tb ({err}); "
-                             "the next checkpoint's upload tries again")
         else:
             self.failure = f"{type(error).__name__}: {error}" if not isinstance(error, RemoteError) else str(error)
             self.say(f"checkpoint.remote: step {step} is not in {self.remote.url} ({self.failure}). Training goes "
