@@ -68,6 +68,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from pargo_dist.errors import UserError
+from pargo_dist.launch.job_spec import exported, ranks_per_node
 
 KINDS = ("trainjob", "pytorchjob")
 RECIPE_DIR = "/etc/pargo"  # the ConfigMap's mount; the pods' recipe is RECIPE_DIR/recipe.yaml
@@ -112,11 +113,7 @@ class KubeSpec:
     exports: list[str] = field(default_factory=list)  # KEY=VALUE for every rank
 
     def ranks_per_node(self) -> int:
-        n = self.nproc_per_node or self.gpus_per_node
-        if n < 1:
-            raise UserError("say how many ranks run in each pod: --gpus-per-node G (one rank per GPU) or, for CPU "
-                            "ranks, --nproc-per-node N")
-        return n
+        return ranks_per_node(self.nproc_per_node, self.gpus_per_node, where="in each pod")
 
 
 @dataclass
@@ -192,10 +189,7 @@ def check(spec: KubeSpec) -> _Job:
         raise UserError(f"--max-job-restarts must be >= 0, not {spec.max_job_restarts}")
     if spec.shm_size is not None and not QUANTITY.match(spec.shm_size):
         raise UserError(f"--shm-size {spec.shm_size!r}: expected a Kubernetes quantity such as 16Gi or 512Mi")
-    for item in spec.exports:
-        key, eq, _ = item.partition("=")
-        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise UserError(f"--export {item!r}: expected KEY=VALUE")
+    for key, _ in exported(spec.exports):
         if key in SET_BY_OPERATOR:
             raise UserError(f"--export {key}: the operator sets it for each pod (from --nodes, --nproc-per-node "
                             "and the pod's index)")
@@ -226,9 +220,7 @@ def _env(job: _Job) -> list[dict]:
     env = {"PET_MAX_RESTARTS": str(job.max_restarts),
            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(spec.grace - SAVE_MARGIN_S),
            "OMP_NUM_THREADS": str(OMP_THREADS_GPU if spec.gpus_per_node else 1)}
-    for item in spec.exports:  # after the defaults: an --export of the same name replaces one
-        key, _, value = item.partition("=")
-        env[key] = value
+    env.update(exported(spec.exports))  # after the defaults: an --export of the same name replaces one
     return [{"name": key, "value": value} for key, value in env.items()]
 
 

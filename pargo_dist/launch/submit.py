@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pargo_dist.errors import UserError
+from pargo_dist.launch.job_spec import exported, ranks_per_node
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "slurm" / "train.sbatch"
@@ -57,11 +58,7 @@ class JobSpec:
     exports: list[str] = field(default_factory=list)  # KEY=VALUE set for every rank (NCCL_*, HF_HOME, ...)
 
     def ranks_per_node(self) -> int:
-        n = self.nproc_per_node or self.gpus_per_node
-        if n < 1:
-            raise UserError("say how many ranks run on each node: --gpus-per-node G (one rank per GPU) or, "
-                             "for CPU ranks, --nproc-per-node N")
-        return n
+        return ranks_per_node(self.nproc_per_node, self.gpus_per_node)
 
 
 def _quote_dir(path: str) -> str:
@@ -105,12 +102,7 @@ def render(spec: JobSpec, workdir: Path | None = None, python: str | None = None
     if spec.account:
         lines.append(f"--account={spec.account}")
     lines += spec.sbatch_args
-    exports = []
-    for item in spec.exports:
-        key, eq, value = item.partition("=")
-        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise UserError(f"--export {item!r}: expected KEY=VALUE")
-        exports.append(f"export {key}={shlex.quote(value)}")
+    exports = [f"export {key}={shlex.quote(value)}" for key, value in exported(spec.exports)]
     train_args = [shlex.quote(str(Path(spec.recipe).resolve())), *map(shlex.quote, spec.overrides),
                   _quote_dir(f"run.dir={run_dir}")]
     values = {

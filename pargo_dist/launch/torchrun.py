@@ -82,9 +82,7 @@ def run_under_torchrun(nproc: int, train_args: list[str], max_restarts: int) -> 
         previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
         release_signals()
         try:
-            torchrun_code = proc.wait()
-            while proc.poll() is None:  # (interrupted by a signal: wait again)
-                torchrun_code = proc.wait()
+            torchrun_code = proc.wait()  # (a signal runs `forward` and the wait goes on)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
